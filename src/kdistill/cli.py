@@ -1,0 +1,196 @@
+"""The `kdistill` command line. Each command calls the Python API function of the same name."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+from kdistill import __version__
+from kdistill.errors import KdistillError, RecipeError
+
+EXAMPLES = """examples:
+  kdistill run recipes/mnist_quick.yaml
+  kdistill run mnist_hinton --set train.epochs=5 --output-dir runs/try
+  kdistill validate recipes/mnist_hinton.yaml
+  kdistill report runs/mnist_quick
+  kdistill eval runs/mnist_quick/distill/seed0
+"""
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="a recipe YAML file, or the name of a shipped recipe (see `kdistill recipes`)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set train.epochs=3 (repeatable; values parsed as YAML)",
+    )
+
+
+def _add_data_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data-dir",
+        help="folder holding the datasets (default: $KDISTILL_DATA, else ~/.cache/kdistill/data)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdistill",
+        description="Distill a large trained model (teacher) into a small one (student), "
+        "and compare teacher, student alone and distilled student on quality and cost.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"kdistill {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run a recipe's stages and write the results table")
+    _add_recipe_args(p)
+    p.add_argument("--output-dir", help="run folder (default: output.dir, else runs/<name>)")
+    _add_data_dir(p)
+    p.add_argument("--resume", action="store_true", help="continue an unfinished run from its last checkpoints")
+    p.add_argument("--overwrite", action="store_true", help="replace what the output folder holds")
+    p.add_argument("--quiet", action="store_true", help="log lines only, no progress bars")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+
+    p = sub.add_parser("validate", help="check a recipe without running it")
+    _add_recipe_args(p)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+
+    p = sub.add_parser("eval", help="measure saved weights on a dataset's test split")
+    p.add_argument("checkpoint", help="a stage folder (runs/X/distill/seed0), a run folder or a .safetensors file")
+    p.add_argument(
+        "--data",
+        help="SOURCE[:PATH], e.g. mnist or image_folder:my_images (default: the data it was trained on)",
+    )
+    p.add_argument("--model", help="model zoo name or package.module:factory, when no model.json is beside the weights")
+    _add_data_dir(p)
+    p.add_argument("--json", action="store_true", help="print the measurements as JSON")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+
+    p = sub.add_parser("cache", help="run the recipe's trained teacher once and store its logits")
+    _add_recipe_args(p)
+    p.add_argument("--output-dir", help="run folder holding the teacher (default: output.dir, else runs/<name>)")
+    _add_data_dir(p)
+    p.add_argument("--overwrite", action="store_true", help="rebuild an existing cache")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+
+    p = sub.add_parser("recipes", help="list the shipped recipes")
+    p.add_argument("--losses", action="store_true", help="list the loss functions a recipe may name")
+
+    p = sub.add_parser("report", help="rebuild results.json, results.md and plots from a run folder")
+    p.add_argument("run_dir", help="a run folder")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(stderr=True)
+    try:
+        return _dispatch(args, console)
+    except KdistillError as exc:
+        if args.debug:
+            raise
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/]: checkpoints written so far are kept; use --resume")
+        return 130
+
+
+def _dispatch(args: argparse.Namespace, console: Console) -> int:
+    import kdistill
+
+    if args.command == "run":
+        from kdistill.report import print_table
+
+        recipe = kdistill.load_recipe(args.recipe, args.overrides)
+        results = kdistill.distill(
+            recipe,
+            output_dir=args.output_dir,
+            data_dir=args.data_dir,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            quiet=args.quiet,
+        )
+        if results:
+            print_table(results, Console())
+        return 0
+    if args.command == "validate":
+        recipe = kdistill.load_recipe(args.recipe, args.overrides)
+        stages = ", ".join(recipe.stages)
+        console.print(f"{args.recipe}: valid recipe {recipe.name!r} (stages: {stages}; seeds: {recipe.seeds})")
+        return 0
+    if args.command == "eval":
+        from kdistill.pipeline import evaluate_checkpoint
+        from kdistill.recipe import DataConfig, ModelSpec
+
+        data = None
+        if args.data:
+            source, _, path = args.data.partition(":")
+            try:
+                data = DataConfig(source=source, path=path or None, val_fraction=0.0)  # type: ignore[arg-type]
+            except Exception as exc:
+                raise RecipeError(f"--data {args.data}: {exc}") from None
+        model = ModelSpec(name=args.model) if args.model else None
+        result = evaluate_checkpoint(args.checkpoint, data=data, data_dir=args.data_dir, model=model)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            test, cost = result["test"], result["cost"]
+            print(
+                f"{result['checkpoint']}: test accuracy {100 * test['accuracy']:.2f}% "
+                f"({test['errors']} errors), NLL {test['nll']:.4f}, ECE {test['ece']:.4f}; "
+                f"{cost['params']:,} params, {cost['flops']:,} FLOPs/sample, "
+                f"{cost['latency_ms']:.2f} ms per batch of {cost['batch_size']}"
+            )
+        return 0
+    if args.command == "cache":
+        from kdistill.pipeline import cache_teacher
+
+        recipe = kdistill.load_recipe(args.recipe, args.overrides)
+        if recipe.teacher is None:
+            raise RecipeError(f"{args.recipe}: the recipe has no teacher section to cache")
+        info = cache_teacher(
+            recipe, output_dir=args.output_dir, data_dir=args.data_dir, overwrite=args.overwrite
+        )
+        verb = "is up to date" if info["reused"] else "written"
+        console.print(f"teacher cache {info['folder']} {verb}")
+        return 0
+    if args.command == "recipes":
+        if args.losses:
+            from kdistill.losses.objective import LOSSES
+
+            for name, fn in sorted(LOSSES.items()):
+                first = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+                print(f"{name:18s} {first}")
+            return 0
+        from kdistill.recipes import describe, shipped
+
+        for name, path in shipped().items():
+            print(f"{name:24s} {describe(path)}")
+        return 0
+    if args.command == "report":
+        from kdistill.report import print_table, write_report
+
+        results = write_report(Path(args.run_dir))
+        print_table(results, Console())
+        console.print(f"wrote {Path(args.run_dir) / 'results.md'}")
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

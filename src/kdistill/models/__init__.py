@@ -1,0 +1,101 @@
+"""Model zoo and user models.
+
+A model is named by a zoo name (`mlp`, `lenet5`) or by `package.module:factory`.
+Zoo builders receive `input_shape` and `num_classes` from the data; a user factory
+receives them too when its signature accepts them and the recipe does not set them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdistill.errors import ModelError
+from kdistill.models.cnn import lenet5
+from kdistill.models.mlp import mlp
+from kdistill.recipe import ModelSpec
+
+ZOO: dict[str, Callable[..., nn.Module]] = {
+    "mlp": mlp,
+    "lenet5": lenet5,
+}
+
+
+def _import_factory(name: str, where: str) -> Callable[..., nn.Module]:
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelError(
+            f"{where}: cannot import module {module_name!r} for model {name!r} ({exc}); "
+            "make sure it is installed or on PYTHONPATH"
+        ) from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        found = [n for n in dir(module) if not n.startswith("_")]
+        hint = difflib.get_close_matches(attr, found, n=3)
+        raise ModelError(
+            f"{where}: module {module_name!r} has no callable {attr!r}"
+            + (f"; close names: {', '.join(hint)}" if hint else "")
+        )
+    return factory
+
+
+def build_model(
+    spec: ModelSpec, *, input_shape: tuple[int, ...], num_classes: int, where: str = "model"
+) -> nn.Module:
+    """Build a model and check, with one dry forward pass, that it outputs num_classes logits."""
+    if ":" in spec.name:
+        factory = _import_factory(spec.name, where)
+    elif spec.name in ZOO:
+        factory = ZOO[spec.name]
+    else:
+        hint = difflib.get_close_matches(spec.name, ZOO, n=1)
+        raise ModelError(
+            f"{where}.name: unknown model {spec.name!r}"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            + f"; the zoo has {', '.join(sorted(ZOO))}, or name your own as 'package.module:factory'"
+        )
+    params = inspect.signature(factory).parameters
+    kwargs: dict[str, Any] = dict(spec.args)
+    for key, value in (("input_shape", input_shape), ("num_classes", num_classes)):
+        if key in params and key not in kwargs:
+            kwargs[key] = value
+    try:
+        model = factory(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"{where}: cannot build {spec.name!r} with args {spec.args}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"{where}: {spec.name!r} returned {type(model).__name__}, not a torch Module")
+    check_output(model, input_shape=input_shape, num_classes=num_classes, where=where)
+    return model
+
+
+def check_output(
+    model: nn.Module, *, input_shape: tuple[int, ...], num_classes: int, where: str
+) -> None:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            out = model(torch.zeros(2, *input_shape))
+    except Exception as exc:  # the user's model: any failure is reported with context
+        raise ModelError(
+            f"{where}: a dry forward pass on a batch of shape (2, {', '.join(map(str, input_shape))}) "
+            f"failed: {type(exc).__name__}: {exc}"
+        ) from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.shape != (2, num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(
+            f"{where}: the model outputs {shape} for a batch of 2, but the data has "
+            f"{num_classes} classes, so it must output (2, {num_classes}); set the model's "
+            "number of classes to match the data"
+        )

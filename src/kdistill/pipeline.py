@@ -1,0 +1,474 @@
+"""Stages of a run: teacher, baseline, distill; and the other commands' entry points.
+
+`run` is what `kdistill run` and `kdistill.distill()` call. It reads like the
+recipe: set up the run folder and data, get a teacher (train it or load it),
+then for each seed train the student alone (baseline) and with the teacher
+(distill), measure each once on test, and build the report from the files.
+
+Run folder:
+    recipe.yaml  run.json  results.json  results.md  plots/
+    teacher/seed0/   baseline/seed<k>/   distill/seed<k>/    each with
+        model.safetensors  model.json  best.safetensors  eval.json  metrics.jsonl  checkpoints/
+    cache/teacher-seed<k>/   teacher logits, when teacher.cache is on
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+from rich.console import Console
+from torch import nn
+
+from kdistill import __version__
+from kdistill.cache import open_cache, write_cache
+from kdistill.checkpoint import atomic_write_json, atomic_write_text, file_sha256, load_weights, save_weights
+from kdistill.data import DataBundle, build as build_data
+from kdistill.errors import CheckpointError, RunDirError
+from kdistill.evaluate import cost, predict, quality
+from kdistill.losses.objective import Objective, takes
+from kdistill.models import build_model
+from kdistill.recipe import DataConfig, LossTerm, ModelSpec, Recipe
+from kdistill.report import write_report
+from kdistill.teachers import CachedTeacher, LiveTeacher
+from kdistill.train import TeacherSignal, fit
+
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+@dataclass
+class Context:
+    recipe: Recipe
+    run_dir: Path
+    data: DataBundle
+    accelerator: Accelerator
+    resume: bool
+    quiet: bool
+    console: Console
+    teacher_test: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def run(
+    recipe: Recipe,
+    *,
+    output_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Run the recipe's stages and return the results (the content of results.json)."""
+    console = console or Console(stderr=True)
+    accelerator = Accelerator(mixed_precision=MIXED_PRECISION[recipe.train.precision])
+    run_dir = Path(output_dir or recipe.output.dir or Path("runs") / recipe.name)
+    if accelerator.is_main_process:
+        _claim_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    accelerator.wait_for_everyone()
+    data = build_data(recipe.data, data_dir)
+    ctx = Context(recipe, run_dir, data, accelerator, resume, quiet, console)
+    if ctx.is_main:
+        atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        _write_status(run_dir, "running")
+        console.log(
+            f"run {recipe.name} → {run_dir} | data: {len(data.train)} train, {len(data.val)} val, "
+            f"{len(data.test)} test, {data.num_classes} classes | {accelerator.num_processes} process(es) "
+            f"on {accelerator.device}"
+        )
+    try:
+        teachers: dict[int, nn.Module] = {}
+        if recipe.teacher is not None and ({"teacher", "distill"} & set(recipe.stages)):
+            teacher_seeds = recipe.seeds if recipe.teacher.every_seed else recipe.seeds[:1]
+            for seed in teacher_seeds:
+                teachers[seed] = _teacher_stage(ctx, seed)
+        for seed in recipe.seeds:
+            teacher = teachers.get(seed) or next(iter(teachers.values()), None)
+            if "baseline" in recipe.stages:
+                _student_stage(ctx, "baseline", seed, teacher=teacher)
+            if "distill" in recipe.stages:
+                assert teacher is not None  # guaranteed by the recipe's validation
+                _student_stage(ctx, "distill", seed, teacher=teacher)
+        accelerator.wait_for_everyone()
+        results: dict[str, Any] = {}
+        if ctx.is_main:
+            results = write_report(run_dir)
+            _write_status(run_dir, "finished")
+        return results
+    except BaseException as exc:
+        if ctx.is_main:
+            _write_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+
+
+# ----------------------------------------------------------------------- stages
+
+
+def _teacher_stage(ctx: Context, seed: int) -> nn.Module:
+    recipe = ctx.recipe
+    assert recipe.teacher is not None
+    stage_dir = ctx.run_dir / "teacher" / f"seed{seed}"
+    torch.manual_seed(seed)
+    model = build_model(
+        recipe.teacher.model,
+        input_shape=ctx.data.input_shape,
+        num_classes=ctx.data.num_classes,
+        where="teacher.model",
+    )
+    if recipe.teacher.checkpoint is not None:
+        load_weights(model, resolve_weights(recipe.teacher.checkpoint))
+        if "teacher" in recipe.stages and not (stage_dir / "eval.json").exists():
+            _finish_stage(ctx, "teacher", seed, model, recipe.teacher.model, None, train_seconds=0.0)
+        return model
+    if (stage_dir / "eval.json").exists() and (stage_dir / "model.safetensors").exists():
+        load_weights(model, stage_dir / "model.safetensors")
+        if ctx.is_main:
+            ctx.console.log(f"teacher seed {seed}: already trained in {stage_dir}, reusing it")
+        return model
+    objective = Objective(recipe.teacher.objective or [LossTerm(loss="cross_entropy")])
+    result = fit(
+        model,
+        data=ctx.data,
+        objective=objective,
+        teacher=None,
+        settings=recipe.teacher_train(),
+        seed=seed,
+        out_dir=stage_dir,
+        accelerator=ctx.accelerator,
+        resume=ctx.resume,
+        label=f"teacher seed {seed}",
+        quiet=ctx.quiet,
+        tensorboard=recipe.output.tensorboard,
+        console=ctx.console,
+    )
+    model = ctx.accelerator.unwrap_model(model)
+    _finish_stage(ctx, "teacher", seed, model, recipe.teacher.model, None, train_seconds=result.seconds)
+    ctx.accelerator.free_memory()
+    return model
+
+
+def _student_stage(ctx: Context, stage: str, seed: int, *, teacher: nn.Module | None) -> None:
+    recipe = ctx.recipe
+    assert recipe.student is not None
+    stage_dir = ctx.run_dir / stage / f"seed{seed}"
+    if (stage_dir / "eval.json").exists():
+        if ctx.is_main:
+            ctx.console.log(f"{stage} seed {seed}: finished earlier in {stage_dir}, skipping")
+        return
+    torch.manual_seed(seed)  # baseline and distill start from the same weights for a seed
+    model = build_model(
+        recipe.student.model,
+        input_shape=ctx.data.input_shape,
+        num_classes=ctx.data.num_classes,
+        where="student.model",
+    )
+    signal: TeacherSignal | None = None
+    if stage == "distill":
+        objective = Objective(recipe.objective)
+        assert teacher is not None and recipe.teacher is not None
+        signal = _teacher_signal(ctx, teacher, seed) if objective.needs_teacher else None
+    else:
+        objective = Objective(baseline_terms(recipe.objective))
+    result = fit(
+        model,
+        data=ctx.data,
+        objective=objective,
+        teacher=signal,
+        settings=recipe.train,
+        seed=seed,
+        out_dir=stage_dir,
+        accelerator=ctx.accelerator,
+        resume=ctx.resume,
+        label=f"{stage} seed {seed}",
+        quiet=ctx.quiet,
+        tensorboard=recipe.output.tensorboard,
+        console=ctx.console,
+    )
+    model = ctx.accelerator.unwrap_model(model)
+    _finish_stage(ctx, stage, seed, model, recipe.student.model, teacher, train_seconds=result.seconds)
+    ctx.accelerator.free_memory()
+
+
+def baseline_terms(objective: list[LossTerm]) -> list[LossTerm]:
+    """The student-alone objective: the distill objective's terms that need no teacher
+    (for example cross-entropy with its label smoothing), at weight 1; plain
+    cross-entropy when there are none."""
+    own = [
+        term.model_copy(update={"weight": 1.0})
+        for term in objective
+        if not takes(term.loss, "teacher_logits")
+    ]
+    return own or [LossTerm(loss="cross_entropy")]
+
+
+def _teacher_signal(ctx: Context, teacher: nn.Module, seed: int) -> TeacherSignal:
+    recipe = ctx.recipe
+    assert recipe.teacher is not None
+    device = ctx.accelerator.device
+    if not recipe.teacher.cache:
+        live = copy.deepcopy(teacher)
+        return LiveTeacher(live, precision=recipe.teacher.precision or "fp32").to(device)
+    weights = ctx.run_dir / "teacher" / f"seed{seed if recipe.teacher.every_seed else recipe.seeds[0]}"
+    teacher_sha = _teacher_sha256(ctx, weights / "model.safetensors", teacher)
+    folder = ctx.run_dir / "cache" / f"teacher-seed{seed if recipe.teacher.every_seed else recipe.seeds[0]}"
+    if ctx.is_main and not folder.exists():
+        manifest = write_cache(
+            folder,
+            teacher,
+            ctx.data,
+            teacher_sha256=teacher_sha,
+            dtype=recipe.teacher.cache_dtype,
+            batch_size=recipe.train.eval_batch_size,
+            device=device,
+        )
+        ctx.console.log(f"teacher logits cached in {folder} ({manifest['seconds']:.1f}s)")
+    ctx.accelerator.wait_for_everyone()
+    return CachedTeacher(open_cache(folder, teacher_sha256=teacher_sha, bundle=ctx.data)).to(device)
+
+
+def _teacher_sha256(ctx: Context, weights: Path, teacher: nn.Module) -> str:
+    recipe = ctx.recipe
+    assert recipe.teacher is not None
+    if recipe.teacher.checkpoint is not None:
+        return file_sha256(resolve_weights(recipe.teacher.checkpoint))
+    if not weights.exists():  # teacher loaded elsewhere; hash its weights as saved now
+        raise CheckpointError(f"teacher weights {weights} are missing; cannot fingerprint the cache")
+    return file_sha256(weights)
+
+
+def _finish_stage(
+    ctx: Context,
+    stage: str,
+    seed: int,
+    model: nn.Module,
+    spec: ModelSpec,
+    teacher: nn.Module | None,
+    *,
+    train_seconds: float,
+) -> None:
+    """Measure the last and best-on-validation weights on test once; write eval.json."""
+    stage_dir = ctx.run_dir / stage / f"seed{seed}"
+    data, device = ctx.data, ctx.accelerator.device
+    batch = ctx.recipe.train.eval_batch_size
+    teacher_test = _teacher_logits(ctx, teacher, seed) if teacher is not None else None
+
+    def measure(weights: nn.Module) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for split_name, split, reference in (("test", data.test, teacher_test), ("val", data.val, None)):
+            if len(split):
+                logits = predict(weights, split.x, to_input=data.to_input, batch_size=batch, device=device)
+                out[split_name] = quality(logits, split.y, teacher_logits=reference)
+        return out
+
+    evaluation: dict[str, Any] = {"stage": stage, "seed": seed}
+    evaluation.update(measure(model))
+    best_path = stage_dir / "best.safetensors"
+    evaluation["best"] = None
+    metrics = _read_metrics(stage_dir / "metrics.jsonl")
+    evaluation["epochs"] = max((m["epoch"] for m in metrics), default=0)
+    if best_path.exists():
+        best_model = copy.deepcopy(model)
+        load_weights(best_model, best_path)
+        best_epoch = max(
+            (m for m in metrics if "val_accuracy" in m),
+            key=lambda m: (m["val_accuracy"], -m["epoch"]),
+            default={"epoch": None},
+        )["epoch"]
+        evaluation["best"] = {"epoch": best_epoch, **measure(best_model)}
+    evaluation["train_seconds"] = round(train_seconds, 3)
+    if ctx.is_main:
+        evaluation["cost"] = cost(model, input_shape=data.input_shape, device=device)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        save_weights(model, stage_dir / "model.safetensors")
+        atomic_write_json(
+            stage_dir / "model.json",
+            {
+                "model": spec.model_dump(mode="json"),
+                "num_classes": data.num_classes,
+                "class_names": data.class_names,
+                "input_shape": list(data.input_shape),
+                "data": ctx.recipe.data.model_dump(mode="json"),
+                "kdistill": __version__,
+            },
+        )
+        atomic_write_json(stage_dir / "eval.json", evaluation)
+        test = evaluation.get("test", {})
+        ctx.console.log(
+            f"{stage} seed {seed}: test accuracy {100 * test.get('accuracy', float('nan')):.2f}% "
+            f"({test.get('errors', '?')} errors), {train_seconds:.0f}s"
+        )
+    ctx.accelerator.wait_for_everyone()
+
+
+def _teacher_logits(ctx: Context, teacher: nn.Module, seed: int) -> torch.Tensor:
+    """The teacher's test logits, computed once per teacher, for student agreement."""
+    if id(teacher) not in ctx.teacher_test:
+        ctx.teacher_test[id(teacher)] = predict(
+            teacher,
+            ctx.data.test.x,
+            to_input=ctx.data.to_input,
+            batch_size=ctx.recipe.train.eval_batch_size,
+            device=ctx.accelerator.device,
+        )
+    return ctx.teacher_test[id(teacher)]
+
+
+# --------------------------------------------------------------- run folder state
+
+
+def _claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    status_path = run_dir / "run.json"
+    if run_dir.exists() and any(run_dir.iterdir()):
+        status = _read_status(status_path)
+        if overwrite:
+            for child in run_dir.iterdir():
+                if child.is_dir():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        elif status is None:
+            raise RunDirError(
+                f"output folder {run_dir} is not empty and holds no kdistill run; choose another "
+                "--output-dir, or pass --overwrite to clear it"
+            )
+        elif status.get("status") == "finished" and not resume:
+            raise RunDirError(
+                f"output folder {run_dir} already holds a finished run "
+                f"({status.get('finished', 'earlier')}); pass --overwrite to replace it, "
+                "--resume to add missing stages, or choose another --output-dir. "
+                f"`kdistill report {run_dir}` rebuilds its report"
+            )
+        elif status.get("status") != "finished" and not resume:
+            raise RunDirError(
+                f"output folder {run_dir} holds an unfinished run (status {status.get('status')}); "
+                "pass --resume to continue it from its last checkpoint, or --overwrite to start over"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _read_status(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return {"status": "unknown"}
+
+
+def _write_status(run_dir: Path, status: str, error: str | None = None) -> None:
+    path = run_dir / "run.json"
+    record = _read_status(path) or {"started": _now()}
+    record.update(status=status, kdistill=__version__, argv=sys.argv)
+    record["finished" if status == "finished" else "updated"] = _now()
+    if error:
+        record["error"] = error
+    atomic_write_json(path, record)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------- other entry points
+
+
+def resolve_weights(path_text: str | Path) -> Path:
+    """A weights file, a stage folder (holding model.safetensors) or a run folder (its teacher)."""
+    path = Path(path_text)
+    candidates = [path, path / "model.safetensors", path / "teacher" / "seed0" / "model.safetensors"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise CheckpointError(
+        f"no weights found at {path}: looked for {', '.join(str(c) for c in candidates)}. "
+        "Point to a .safetensors file, a stage folder or a finished run folder"
+    )
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    *,
+    data: DataConfig | None = None,
+    data_dir: str | Path | None = None,
+    model: ModelSpec | None = None,
+) -> dict[str, Any]:
+    """Measure saved weights on a dataset's test split: quality and cost."""
+    weights = resolve_weights(checkpoint)
+    info_path = weights.with_name("model.json")
+    info = json.loads(info_path.read_text()) if info_path.exists() else None
+    if model is None and info is None:
+        raise CheckpointError(
+            f"{weights} has no model.json beside it, so its architecture is unknown; pass --model NAME"
+        )
+    spec = model or ModelSpec.model_validate(info["model"])  # type: ignore[index]
+    data_cfg = data or (DataConfig.model_validate(info["data"]) if info else None)
+    if data_cfg is None:
+        raise CheckpointError("say which data to evaluate on: --data SOURCE[:PATH]")
+    bundle = build_data(data_cfg, data_dir)
+    net = build_model(spec, input_shape=bundle.input_shape, num_classes=bundle.num_classes, where="model")
+    load_weights(net, weights)
+    start = time.perf_counter()
+    logits = predict(net, bundle.test.x, to_input=bundle.to_input, batch_size=1000, device="cpu")
+    return {
+        "checkpoint": str(weights),
+        "test": quality(logits, bundle.test.y),
+        "cost": cost(net, input_shape=bundle.input_shape, device="cpu"),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def cache_teacher(
+    recipe: Recipe,
+    *,
+    output_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Run the recipe's trained teacher once over the training split and store its logits."""
+    assert recipe.teacher is not None
+    run_dir = Path(output_dir or recipe.output.dir or Path("runs") / recipe.name)
+    seed = recipe.seeds[0]
+    weights = (
+        resolve_weights(recipe.teacher.checkpoint)
+        if recipe.teacher.checkpoint
+        else run_dir / "teacher" / f"seed{seed}" / "model.safetensors"
+    )
+    if not weights.is_file():
+        raise CheckpointError(
+            f"no trained teacher at {weights}; run the teacher stage first "
+            f"(kdistill run RECIPE --set stages=[teacher]) or set teacher.checkpoint"
+        )
+    bundle = build_data(recipe.data, data_dir)
+    model = build_model(
+        recipe.teacher.model, input_shape=bundle.input_shape, num_classes=bundle.num_classes, where="teacher.model"
+    )
+    load_weights(model, weights)
+    folder = run_dir / "cache" / f"teacher-seed{seed}"
+    sha = file_sha256(weights)
+    if folder.exists() and not overwrite:
+        open_cache(folder, teacher_sha256=sha, bundle=bundle)  # refuses a stale one
+        return {"folder": str(folder), "reused": True}
+    manifest = write_cache(folder, model, bundle, teacher_sha256=sha, dtype=recipe.teacher.cache_dtype)
+    return {"folder": str(folder), "reused": False, **manifest}
+
+
+__all__ = ["baseline_terms", "cache_teacher", "evaluate_checkpoint", "resolve_weights", "run", "save_weights"]

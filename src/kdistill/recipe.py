@@ -1,0 +1,474 @@
+"""The recipe: one typed schema for YAML files, `--set` overrides and the Python API.
+
+A recipe names the data, the teacher, the student, the objective and the training
+settings. `load_recipe` reads YAML with `safe_load`, applies `key=value`
+overrides, validates everything with pydantic (`extra="forbid"`), and raises one
+`RecipeError` that lists every problem with its YAML path, the bad value, what is
+allowed, and a "did you mean" for misspelt keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from kdistill.errors import RecipeError
+
+StageName = Literal["teacher", "baseline", "distill"]
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class AugmentConfig(Strict):
+    """Random input augmentation, applied per batch during training only."""
+
+    jitter: int = Field(0, ge=0, le=8, description="max shift in pixels (Hinton's ±2)")
+
+
+class DataConfig(Strict):
+    source: Literal["mnist", "image_folder", "npz", "csv"] = Field(
+        description="mnist: the original idx files; image_folder: train/<class>/*.png; "
+        "npz: arrays x, y; csv: numeric feature columns plus a label column"
+    )
+    path: str | None = Field(
+        None,
+        description="user data: a folder (image_folder) or a file/folder holding "
+        "train and test files (npz, csv); relative paths resolve against the data folder",
+    )
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="validation carved from train")
+    split_seed: int = Field(0, description="seed of the train/validation split")
+    label_column: str = Field("label", description="csv only: the label column")
+    limit_train: int | None = Field(
+        None, gt=0, description="use only the first N training samples (quick runs)"
+    )
+    limit_test: int | None = Field(None, gt=0, description="use only the first N test samples")
+
+
+# ------------------------------------------------------------------------- models
+
+
+class ModelSpec(Strict):
+    """A zoo name (`mlp`, `lenet5`) or `package.module:factory`, with keyword arguments."""
+
+    name: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------- schedules
+
+
+class Schedule(Strict):
+    """A value that changes with training progress p in [0, 1] (or by step/epoch milestones).
+
+    constant: start.  linear: start + (end - start) p.  exponential: start (end/start)^p.
+    cosine: end + (start - end)(1 + cos(pi p))/2.  step: start * gamma^(number of
+    milestones passed), milestones given as fractions of training in (0, 1).
+    """
+
+    kind: Literal["constant", "linear", "exponential", "cosine", "step"] = "constant"
+    start: float
+    end: float | None = None
+    gamma: float = Field(0.1, gt=0)
+    milestones: list[float] = Field(default_factory=list)
+    warmup: float = Field(
+        0.0, ge=0, lt=1, description="fraction of training spent ramping 0 -> start first"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Schedule:
+        if self.kind in ("linear", "exponential", "cosine") and self.end is None:
+            raise ValueError(f"a '{self.kind}' schedule needs 'end' as well as 'start'")
+        if self.kind == "exponential" and (self.start <= 0 or (self.end or 0) <= 0):
+            raise ValueError("an 'exponential' schedule needs start > 0 and end > 0")
+        if any(not 0 < m < 1 for m in self.milestones):
+            raise ValueError("milestones are fractions of training, each in (0, 1)")
+        return self
+
+    def bounds(self) -> tuple[float, float]:
+        """Smallest and largest value the schedule takes."""
+        values = [self.start] if self.end is None else [self.start, self.end]
+        if self.kind == "step":
+            values.append(self.start * self.gamma ** len(self.milestones))
+        if self.warmup > 0:
+            values.append(0.0)
+        return min(values), max(values)
+
+
+ScheduleOrNumber = float | Schedule
+
+
+def as_schedule(value: ScheduleOrNumber) -> Schedule:
+    return value if isinstance(value, Schedule) else Schedule(kind="constant", start=value)
+
+
+# ---------------------------------------------------------------------- objective
+
+
+class LossTerm(Strict):
+    """One weighted term of the objective.
+
+    `loss` names a function in `kdistill.losses` (see `kdistill recipes --losses`);
+    `params` are its keyword arguments, checked against its signature.
+    """
+
+    loss: str
+    weight: ScheduleOrNumber = 1.0
+    temperature: ScheduleOrNumber | None = Field(
+        None, description="for losses that take one; a number or a schedule"
+    )
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> LossTerm:
+        from kdistill.losses.objective import check_term  # the loss table lives there
+
+        check_term(self)
+        return self
+
+
+# ----------------------------------------------------------------------- training
+
+
+class OptimizerConfig(Strict):
+    name: Literal["sgd", "adamw", "adam"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class LRScheduleConfig(Strict):
+    name: Literal["constant", "cosine", "step", "onecycle", "linear"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    milestones: list[int] = Field(default_factory=list, description="step: epochs")
+    gamma: float = Field(0.1, gt=0)
+    min_lr: float = Field(0.0, ge=0)
+
+
+class EarlyStoppingConfig(Strict):
+    patience: int = Field(5, ge=1, description="epochs without validation improvement")
+    min_delta: float = Field(0.0, ge=0)
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1, description="samples per optimizer step, all processes")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    lr_schedule: LRScheduleConfig = Field(default_factory=LRScheduleConfig)
+    grad_clip: float | None = Field(None, gt=0, description="max global gradient norm")
+    precision: Precision = "fp32"
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    early_stopping: EarlyStoppingConfig | None = None
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="also checkpoint every N optimizer steps (end of epoch always)"
+    )
+    eval_batch_size: int = Field(1000, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of grad_accum "
+                f"({self.grad_accum}): each optimizer step sees batch_size samples"
+            )
+        return self
+
+
+class TeacherConfig(Strict):
+    model: ModelSpec
+    checkpoint: str | None = Field(
+        None, description="load these weights instead of training (safetensors or run folder)"
+    )
+    train: TrainConfig | None = Field(
+        None, description="teacher training settings; keys not given inherit from `train`"
+    )
+    objective: list[LossTerm] | None = Field(
+        None, description="teacher loss; default hard-label cross-entropy"
+    )
+    precision: Precision | None = Field(
+        None, description="dtype the frozen teacher runs in during distillation"
+    )
+    cache: bool = Field(False, description="compute teacher logits once and read them from disk")
+    cache_dtype: Literal["float16", "float32"] = "float32"
+    every_seed: bool = Field(False, description="train one teacher per seed instead of one")
+
+
+class StudentConfig(Strict):
+    model: ModelSpec
+
+
+class OutputConfig(Strict):
+    dir: str | None = Field(None, description="run folder; default runs/<recipe name>")
+    tensorboard: bool = False
+    plots: bool = True
+
+
+class Recipe(Strict):
+    name: str
+    description: str = ""
+    data: DataConfig
+    teacher: TeacherConfig | None = None
+    student: StudentConfig | None = None
+    objective: list[LossTerm] = Field(
+        default_factory=lambda: [LossTerm(loss="cross_entropy")],
+        description="loss terms of the distill stage",
+    )
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    stages: list[StageName] = Field(default_factory=lambda: ["teacher", "baseline", "distill"])
+    seeds: Annotated[list[int], Field(min_length=1)] = Field(default_factory=lambda: [0])
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @field_validator("stages")
+    @classmethod
+    def _stages_unique(cls, stages: list[str]) -> list[str]:
+        if len(set(stages)) != len(stages):
+            raise ValueError(f"each stage may appear once; got {stages}")
+        if not stages:
+            raise ValueError("name at least one stage: teacher, baseline, distill")
+        return stages
+
+    @model_validator(mode="after")
+    def _check(self) -> Recipe:
+        needs_teacher = "teacher" in self.stages or "distill" in self.stages
+        if needs_teacher and self.teacher is None:
+            raise ValueError("stages 'teacher' and 'distill' need a 'teacher' section")
+        if {"baseline", "distill"} & set(self.stages) and self.student is None:
+            raise ValueError("stages 'baseline' and 'distill' need a 'student' section")
+        if (
+            "distill" in self.stages
+            and "teacher" not in self.stages
+            and self.teacher is not None
+            and self.teacher.checkpoint is None
+        ):
+            raise ValueError(
+                "the distill stage needs a trained teacher: add 'teacher' to stages "
+                "or set teacher.checkpoint"
+            )
+        if (
+            self.teacher is not None
+            and self.teacher.train is not None
+            and self.teacher.train.precision != self.train.precision
+        ):
+            raise ValueError(
+                f"teacher.train.precision ({self.teacher.train.precision}) differs from "
+                f"train.precision ({self.train.precision}); one run trains in one precision. "
+                "Use teacher.precision to run the frozen teacher in another dtype"
+            )
+        if self.teacher is not None and self.teacher.cache:
+            if self.train.augment.jitter:
+                raise ValueError(
+                    "teacher.cache is true but train.augment randomly changes the student's "
+                    "inputs each epoch, so cached teacher outputs would not match them; "
+                    "set teacher.cache: false (live teacher) or remove train.augment"
+                )
+        return self
+
+    def teacher_train(self) -> TrainConfig:
+        assert self.teacher is not None
+        return self.teacher.train or self.train
+
+
+# ----------------------------------------------------------------- loading, errors
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _inherit_teacher_train(raw: dict[str, Any]) -> dict[str, Any]:
+    """`teacher.train` lists only what differs from `train`; fill in the rest."""
+    teacher = raw.get("teacher")
+    if isinstance(teacher, dict) and isinstance(teacher.get("train"), dict):
+        base = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+        raw = copy.deepcopy(raw)
+        raw["teacher"]["train"] = _deep_merge(base, teacher["train"])
+    return raw
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.epochs=3` -> (["train", "epochs"], 3); the value is parsed as YAML."""
+    if "=" not in text:
+        raise RecipeError(
+            f"--set expects key=value (for example train.epochs=3); got {text!r}"
+        )
+    key, _, value = text.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise RecipeError(f"--set key {key!r} has an empty part; use dotted names like a.b.c")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"--set {key}: the value {value!r} is not valid YAML ({exc})") from None
+    return parts, parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node: Any = raw
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    where = ".".join(parts[: i + 1])
+                    raise RecipeError(f"--set {text}: {where} is not an index of the list")
+                node = node[int(part)]
+            else:
+                node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                where = ".".join(parts[: i + 1])
+                raise RecipeError(f"--set {text}: {where} holds a value, not a section")
+        last = parts[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise RecipeError(f"--set {text}: {last} is not an index of the list")
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return raw
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at `loc`, to suggest near-miss keys."""
+    model: Any = Recipe
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return None
+        model = _first_model(field.annotation)
+        if model is None:
+            return None
+    return model if hasattr(model, "model_fields") else None
+
+
+def _first_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _first_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("float", "Schedule", "function-after[_check(), Schedule]"):
+            continue  # union branch names pydantic adds; not YAML keys
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _explain(error: dict[str, Any]) -> str:
+    loc = tuple(error["loc"])
+    where = _format_loc(loc)
+    if error["type"] == "extra_forbidden":
+        owner = _model_at(loc)
+        key = str(loc[-1])
+        allowed = sorted(owner.model_fields) if owner else []
+        hint = difflib.get_close_matches(key, allowed, n=1)
+        msg = f"{where}: unknown key {key!r}"
+        if hint:
+            msg += f" (did you mean {hint[0]!r}?)"
+        if allowed:
+            msg += f"; allowed here: {', '.join(allowed)}"
+        return msg
+    if error["type"] == "missing":
+        return f"{where}: required but missing"
+    value = error.get("input")
+    shown = repr(value) if not isinstance(value, dict) else "a section"
+    text = error["msg"].removeprefix("Value error, ")
+    return f"{where}: {text} (got {shown})"
+
+
+def _dedupe_union_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A number-or-schedule field reports both branches; keep the schedule branch for
+    sections and the number branch for scalars."""
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for err in errors:
+        loc = tuple(err["loc"])
+        if "float" in loc and isinstance(err.get("input"), dict):
+            continue
+        if any(isinstance(p, str) and p.startswith(("Schedule", "function-after")) for p in loc):
+            if not isinstance(err.get("input"), dict) and err["type"] != "extra_forbidden":
+                if not isinstance(err.get("input"), (int, float)) or err["type"] == "missing":
+                    continue
+        key = _format_loc(loc) + "|" + err["msg"]
+        if key not in seen:
+            seen.add(key)
+            out.append(err)
+    return out
+
+
+def validate_recipe(raw: Any, *, source: str = "recipe") -> Recipe:
+    """Validate a plain dict (parsed YAML) into a Recipe; collect all errors, raise once."""
+    if not isinstance(raw, dict):
+        raise RecipeError(
+            f"{source}: a recipe is a YAML mapping (name:, data:, teacher:, ...); "
+            f"got {type(raw).__name__}"
+        )
+    raw = _inherit_teacher_train(raw)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_explain(e) for e in _dedupe_union_errors(exc.errors())]
+        noun = "problem" if len(lines) == 1 else "problems"
+        raise RecipeError(
+            f"{source}: {len(lines)} {noun} in the recipe:\n  - "
+            + "\n  - ".join(lines)
+            + "\nFix these entries and run `kdistill validate` again."
+        ) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(
+            f"recipe file {path} does not exist; `kdistill recipes` lists the shipped ones"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if raw is None:
+        raise RecipeError(f"{path}: the file is empty; a recipe needs at least name and data")
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file."""
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    return validate_recipe(raw, source=str(path))
