@@ -9,7 +9,9 @@ from kdistill.evaluate import cost, predict, quality
 
 # Four samples, two classes, probabilities chosen so every number is checkable by hand.
 PROBS = torch.tensor([[0.95, 0.05], [0.15, 0.85], [0.75, 0.25], [0.35, 0.65]])
-LABELS = torch.tensor([0, 1, 1, 0])  # first two right (conf 0.95, 0.85), last two wrong (0.75, 0.65)
+LABELS = torch.tensor(
+    [0, 1, 1, 0]
+)  # first two right (conf 0.95, 0.85), last two wrong (0.75, 0.65)
 LOGITS = PROBS.log()
 
 
@@ -19,7 +21,9 @@ def naive_ece(logits: torch.Tensor, labels: torch.Tensor, n_bins: int) -> float:
     for b in range(n_bins):
         lo, hi = b / n_bins, (b + 1) / n_bins
         members = [
-            i for i in range(len(labels)) if lo < probs[i].max() <= hi or (b == 0 and probs[i].max() == 0)
+            i
+            for i in range(len(labels))
+            if lo < probs[i].max() <= hi or (b == 0 and probs[i].max() == 0)
         ]
         if members:
             acc = sum(float(probs[i].argmax() == labels[i]) for i in members) / len(members)
@@ -42,7 +46,8 @@ def test_quality_hand_computed():
 def test_quality_ece_bins():
     # One bin: |accuracy - mean confidence| = |0.5 - 0.8|
     assert quality(LOGITS, LABELS, n_bins=1)["ece"] == pytest.approx(0.3)
-    # Five bins: (0.8, 1] holds the right ones (acc 1, conf 0.9), (0.6, 0.8] the wrong (acc 0, conf 0.7)
+    # Five bins: (0.8, 1] holds the right ones (accuracy 1, confidence 0.9),
+    # (0.6, 0.8] the wrong ones (accuracy 0, confidence 0.7).
     assert quality(LOGITS, LABELS, n_bins=5)["ece"] == pytest.approx(0.5 * 0.1 + 0.5 * 0.7)
 
 
@@ -125,7 +130,9 @@ def test_predict_mapping_input_and_logits_attribute():
 
 def test_predict_empty_is_clear_error():
     with pytest.raises(DataError, match="0 samples"):
-        predict(nn.Linear(2, 2), torch.empty(0, 2), to_input=lambda b: b, batch_size=4, device="cpu")
+        predict(
+            nn.Linear(2, 2), torch.empty(0, 2), to_input=lambda b: b, batch_size=4, device="cpu"
+        )
 
 
 def test_cost_linear():

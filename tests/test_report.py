@@ -7,7 +7,7 @@ import pytest
 from rich.console import Console
 
 from kdistill.errors import RunDirError
-from kdistill.report import collect, print_table, write_report
+from kdistill.report import _read_curves, collect, print_table, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 N_TEST = 10_000
@@ -158,8 +158,7 @@ def test_no_validation_split(tmp_path):
     for stage, seeds in RUN.items():
         for seed in seeds:
             write_stage(run, stage, seed, best=False)
-    report = write_report(run)
-    results = report["results"]
+    results = write_report(run)
     assert all(stage["best"] is None for stage in results["stages"].values())
     assert results["gap_recovered"] == pytest.approx(0.7)
     assert results["gap_recovered_best"] is None
@@ -167,26 +166,27 @@ def test_no_validation_split(tmp_path):
 
 
 def test_write_report_files(run_dir):
-    report = write_report(run_dir)
-    assert report["notes"] == []
-    assert set(report["files"]) == {
+    results = write_report(run_dir)
+    assert results["report"]["notes"] == []
+    assert set(results["report"]["files"]) == {
         "results.json",
         "results.md",
         "plots/curves.png",
         "plots/quality_vs_params.png",
     }
     on_disk = json.loads((run_dir / "results.json").read_text())
-    assert on_disk == report["results"] == collect(run_dir)
+    assert on_disk == collect(run_dir)
+    assert {**on_disk, "report": results["report"]} == results
 
     md = (run_dir / "results.md").read_text()
     assert md.startswith("# Results: mlp_from_mlp_mnist")
-    assert "| teacher | 1 | 99.00 % | 100 | 0.0500 | 1.00 % | — | 2.00 M | 4.00 M |" in md
-    assert "| baseline | 2 | 96.50 % ± 0.71 % | 350 ± 70.7 |" in md
-    assert "| distill | 2 | 98.25 % ± 0.35 % | 175 ± 35.4 |" in md
+    assert "| teacher | 1 | 99.00 | 100 | 0.0500 | 1.00 | — | 2.00 M | 4.00 M |" in md
+    assert "| baseline | 2 | 96.50 ± 0.71 | 350 ± 70.7 | 0.0500 | 1.00 | 96.50 |" in md
+    assert "| distill | 2 | 98.25 ± 0.35 | 175 ± 35.4 |" in md
     assert "| 50.00 K | 100.00 K | 1.50 | 0.20 | 2m 05s |" in md  # distill cost, train time
     assert "Gap recovered by distillation: 70.0 %" in md
     assert "measured on the test set once" in md
-    assert "| distill | 2 | 2, 2 |" in md
+    assert "| distill | 2 | 2, 2 | 98.70 ± 0.71 | 98.50 ± 0.71 | 150 ± 70.7 |" in md
     assert "Gap recovered by distillation: 75.0 %" in md
 
     for name in ("curves.png", "quality_vs_params.png"):
@@ -206,7 +206,7 @@ def test_write_report_twice_is_identical(run_dir):
 def test_plots_skipped_without_matplotlib(run_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
-    report = write_report(run_dir)
+    report = write_report(run_dir)["report"]
     assert report["files"] == ["results.json", "results.md"]
     assert any("matplotlib is not installed" in note for note in report["notes"])
     assert (run_dir / "results.json").is_file()
@@ -216,7 +216,7 @@ def test_plots_skipped_without_matplotlib(run_dir, monkeypatch):
 def test_damaged_metrics_line_is_skipped_with_note(run_dir):
     with (run_dir / "distill" / "seed1" / "metrics.jsonl").open("a") as f:
         f.write('{"stage": "distill", "epo')  # cut short by a crash
-    report = write_report(run_dir)
+    report = write_report(run_dir)["report"]
     assert "plots/curves.png" in report["files"]
     assert any("1 unreadable line" in note for note in report["notes"])
 
@@ -235,7 +235,7 @@ def test_run_folder_without_eval_files(tmp_path):
 
 def test_damaged_eval_json(run_dir):
     (run_dir / "distill" / "seed1" / "eval.json").write_text('{"stage": ')
-    with pytest.raises(RunDirError, match="distill/seed1/eval.json"):
+    with pytest.raises(RunDirError, match=r"distill/seed1/eval\.json"):
         collect(run_dir)
 
 
@@ -250,7 +250,26 @@ def test_eval_json_in_wrong_folder(run_dir):
 
 def test_print_table(run_dir):
     console = Console(record=True, width=300)
-    print_table(collect(run_dir), console)
+    print_table(write_report(run_dir), console)  # as the CLI does
     text = console.export_text()
-    for expected in ("test accuracy", "FLOPs/sample", "98.25 % ± 0.35 %", "70.0 %", "75.0 %"):
+    for expected in ("test accuracy %", "FLOPs/sample", "98.25 ± 0.35", "70.0 %", "75.0 %"):
         assert expected in text
+
+
+def test_curves_from_trainer_lines(tmp_path):
+    """The trainer writes one train line per epoch that carries val_accuracy."""
+    run = tmp_path / "run"
+    write_stage(run, "distill", 0)
+    lines = [
+        {"epoch": e, "step": 10 * e, "split": "train", "loss": 1 / e, "lr": 0.1,
+         "seconds": e, "val_accuracy": 0.9 + e / 100, "val_nll": 0.3}
+        for e in (1, 2)
+    ]  # fmt: skip
+    (run / "distill" / "seed0" / "metrics.jsonl").write_text(
+        "".join(json.dumps(line) + "\n" for line in lines)
+    )
+    curves, skipped = _read_curves(run, collect(run))
+    assert skipped == 0
+    assert curves["distill seed0"]["val_accuracy"] == [(1, 0.91), (2, 0.92)]
+    assert curves["distill seed0"]["train_loss"] == [(1, 1.0), (2, 0.5)]
+    assert "plots/curves.png" in write_report(run)["report"]["files"]

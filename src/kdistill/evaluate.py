@@ -125,7 +125,6 @@ def quality(
 
     # Bin b holds confidences in (b / n_bins, (b + 1) / n_bins]; the first bin also holds 0.
     bins = (torch.ceil(confidence * n_bins).long() - 1).clamp(0, n_bins - 1)  # (N,)
-    count = torch.bincount(bins, minlength=n_bins).double()
     correct_sum = torch.bincount(bins, weights=correct.double(), minlength=n_bins)
     confidence_sum = torch.bincount(bins, weights=confidence, minlength=n_bins)
     ece = (correct_sum - confidence_sum).abs().sum() / n  # sum_b |B_b|/N * |acc_b - conf_b|

@@ -408,9 +408,10 @@ def _explain(error: dict[str, Any]) -> str:
     if error["type"] == "missing":
         return f"{where}: required but missing"
     value = error.get("input")
-    shown = repr(value) if not isinstance(value, dict) else "a section"
     text = error["msg"].removeprefix("Value error, ")
-    return f"{where}: {text} (got {shown})"
+    if isinstance(value, (dict, list)):  # a whole section: the message says what is wrong
+        return f"{where}: {text}"
+    return f"{where}: {text} (got {value!r})"
 
 
 def _dedupe_union_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:

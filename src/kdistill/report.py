@@ -34,11 +34,11 @@ SEED_DIR = re.compile(r"seed(\d+)")
 COLUMNS = (
     "stage",
     "seeds",
-    "test accuracy",
+    "test accuracy %",
     "test errors",
     "NLL",
-    "ECE",
-    "agreement",
+    "ECE %",
+    "agreement %",
     "params",
     "FLOPs/sample",
     "latency ms/batch",
@@ -49,12 +49,12 @@ BEST_COLUMNS = (
     "stage",
     "seeds",
     "best epoch",
-    "val accuracy",
-    "test accuracy",
+    "val accuracy %",
+    "test accuracy %",
     "test errors",
     "NLL",
-    "ECE",
-    "agreement",
+    "ECE %",
+    "agreement %",
 )
 BEST_SENTENCE = (
     "Each seed's checkpoint with the best validation accuracy, measured on the test "
@@ -254,8 +254,9 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
     interrupted report never leaves a half-written file. Plots are skipped, with a
     note, when matplotlib is not installed or there is nothing to plot.
 
-    Returns `{"results": <the collect() dict, as in results.json>, "files": [paths
+    Returns the collect() dict, as in results.json, plus `report`: `{"files": [paths
     written, relative to the run folder], "notes": [why something was skipped]}`.
+    The result can go straight to `print_table`.
     """
     run_dir = Path(run_dir)
     results = collect(run_dir)
@@ -265,7 +266,7 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
     _write_atomic(run_dir / "results.md", lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
     files = ["results.json", "results.md"]
     plots, notes = _write_plots(run_dir, results)
-    return {"results": results, "files": files + plots, "notes": notes}
+    return {**results, "report": {"files": files + plots, "notes": notes}}
 
 
 def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
@@ -428,7 +429,7 @@ def _pm(section: dict[str, Any], name: str, fmt: Callable[[Any], str], n: int) -
 
 
 def _percent(fraction: float) -> str:
-    return f"{fraction * 100:.2f} %"
+    return f"{fraction * 100:.2f}"  # the column header carries the %
 
 
 def _count(value: float) -> str:
@@ -498,7 +499,11 @@ Curve = dict[str, list[tuple[float, float]]]
 
 
 def _read_curves(run_dir: Path, results: dict[str, Any]) -> tuple[dict[str, Curve], int]:
-    """Per "stage seed<k>": train loss (mean per epoch) and val accuracy vs epoch."""
+    """Per "stage seed<k>": train loss (mean per epoch) and val accuracy vs epoch.
+
+    Val accuracy comes from `split: "val"` lines (`accuracy`) or from train lines
+    that carry `val_accuracy`, as the trainer's end-of-epoch lines do.
+    """
     curves: dict[str, Curve] = {}
     skipped = 0
     for name, stage in results["stages"].items():
@@ -516,6 +521,8 @@ def _read_curves(run_dir: Path, results: dict[str, Any]) -> tuple[dict[str, Curv
                     epoch = record["epoch"]
                     if record["split"] == "train":
                         train.setdefault(epoch, []).append(float(record["loss"]))
+                        if "val_accuracy" in record:  # the end-of-epoch line carries val too
+                            val[epoch] = float(record["val_accuracy"])
                     elif record["split"] == "val":
                         val[epoch] = float(record["accuracy"])  # the epoch's last val line
                 except (json.JSONDecodeError, KeyError, TypeError, ValueError):

@@ -28,12 +28,24 @@ from kdistill.recipe import DataConfig
 MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 DOWNLOAD_TIMEOUT_S = 10.0
 
-# sha256 of the original files (the same values torchvision and TFDS publish)
+# the original files: name -> (sha256, as torchvision and TFDS publish it; size in bytes)
 FILES = {
-    "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
-    "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
-    "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
-    "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+    "train-images-idx3-ubyte.gz": (
+        "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+        9_912_422,
+    ),
+    "train-labels-idx1-ubyte.gz": (
+        "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+        28_881,
+    ),
+    "t10k-images-idx3-ubyte.gz": (
+        "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+        1_648_877,
+    ),
+    "t10k-labels-idx1-ubyte.gz": (
+        "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+        4_542,
+    ),
 }
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
 ROWS = COLS = 28
@@ -55,7 +67,7 @@ def load(cfg: DataConfig, data_root: Path) -> LoadedSource:
         _labels(folder / "t10k-labels-idx1-ubyte.gz", contents, 10000),
     )
     # after the header checks, which say more about a damaged file than a checksum does
-    for name, expected in FILES.items():
+    for name, (expected, _) in FILES.items():
         found = hashlib.sha256(contents[name]).hexdigest()
         if found != expected:
             raise DataError(
@@ -67,7 +79,7 @@ def load(cfg: DataConfig, data_root: Path) -> LoadedSource:
         test=test,
         class_names=CLASS_NAMES,
         source_files=[folder / name for name in FILES],
-        content_digest=digest_files(FILES.items()),
+        content_digest=digest_files((name, sha256) for name, (sha256, _) in FILES.items()),
         train_origin=folder / "train-labels-idx1-ubyte.gz",
         test_origin=folder / "t10k-labels-idx1-ubyte.gz",
     )
@@ -86,12 +98,15 @@ def _labels(path: Path, contents: dict[str, bytes], count: int) -> torch.Tensor:
 def _idx_payload(path: Path, compressed: bytes, magic: int, shape: tuple[int, ...]) -> np.ndarray:
     """The uint8 payload of an idx file, after checking its header against `shape`."""
     fix = "Delete the file and run again to download it afresh, or replace it with the original."
+    original = f"the original has {FILES[path.name][1]:,} bytes"
+    if not compressed:
+        raise DataError(f"{path}: expected a gzip file, found an empty file ({original}). {fix}")
     try:
         raw = gzip.decompress(compressed)
     except (EOFError, OSError, zlib.error) as exc:
         raise DataError(
-            f"{path}: not a complete gzip file ({len(compressed):,} bytes; the original has "
-            f"{_original_size(path.name)}): {exc}. {fix}"
+            f"{path}: expected a complete gzip file, found {len(compressed):,} bytes that "
+            f"do not decompress ({exc}; {original}). {fix}"
         ) from None
     header_len = 4 * (1 + len(shape))
     if len(raw) < header_len:
@@ -120,16 +135,6 @@ def _idx_payload(path: Path, compressed: bytes, magic: int, shape: tuple[int, ..
     return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(shape)
 
 
-def _original_size(name: str) -> str:
-    sizes = {
-        "train-images-idx3-ubyte.gz": 9912422,
-        "train-labels-idx1-ubyte.gz": 28881,
-        "t10k-images-idx3-ubyte.gz": 1648877,
-        "t10k-labels-idx1-ubyte.gz": 4542,
-    }
-    return f"{sizes[name]:,} bytes"
-
-
 def _fetch_url(url: str, timeout: float) -> bytes:
     """The network call, on its own so tests can replace it."""
     with urllib.request.urlopen(url, timeout=timeout) as response:
@@ -141,16 +146,13 @@ def _download_missing(folder: Path, missing: list[str]) -> None:
         try:
             data = _fetch_url(MIRROR + name, DOWNLOAD_TIMEOUT_S)
         except (OSError, http.client.HTTPException) as exc:  # URLError and timeouts are OSErrors
-            raise DataError(_not_found_message(folder, missing, f"download failed: {exc}")) from None
+            reason = f"download failed: {exc}"
+            raise DataError(_not_found_message(folder, missing, reason)) from None
         found = hashlib.sha256(data).hexdigest()
-        if found != FILES[name]:
-            raise DataError(
-                _not_found_message(
-                    folder,
-                    missing,
-                    f"the download of {MIRROR + name} has sha256 {found}, not {FILES[name]}",
-                )
-            )
+        expected = FILES[name][0]
+        if found != expected:
+            reason = f"the download of {MIRROR + name} has sha256 {found}, not {expected}"
+            raise DataError(_not_found_message(folder, missing, reason))
         try:
             _write_atomically(folder / name, data)
         except OSError as exc:

@@ -1,0 +1,200 @@
+"""Your own arrays: `npz` (train.npz, test.npz) and `csv` (train.csv, test.csv) folders.
+
+npz: each file holds `x` (N, ...) and `y` (N,) integer labels. 2-D `x` is tabular
+(N, F) and read as float32; 3-D or 4-D uint8 `x` is images, (N, H, W) -> (N, 1, H, W),
+(N, H, W, C) -> (N, C, H, W). Classes are "0" .. "C-1" with C = max label + 1.
+
+csv: a header row, numeric feature columns and the label column (`label_column`).
+Integer labels give classes "0" .. "C-1" with C = max label + 1; any other labels
+are class names, sorted, and numbered in that order.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdistill.data.bundle import LoadedSource, Split
+from kdistill.data.paths import digest_files, require_file, resolve_user_path
+from kdistill.errors import DataError
+from kdistill.recipe import DataConfig
+
+NPZ_LAYOUT = "train.npz and test.npz, each with arrays x (N, ...) and y (N,)"
+CSV_LAYOUT = "train.csv and test.csv, each with a header row, feature columns and a label column"
+
+
+# ----------------------------------------------------------------------------- npz
+
+
+def load_npz(cfg: DataConfig, data_root: Path) -> LoadedSource:
+    folder = resolve_user_path(cfg.path, data_root, source="npz", layout=NPZ_LAYOUT)
+    files = [require_file(folder, name, source="npz") for name in ("train.npz", "test.npz")]
+    (train_x, train_y), (test_x, test_y) = (_read_npz(path) for path in files)
+    if train_x.shape[1:] != test_x.shape[1:]:
+        raise DataError(
+            f"{folder}: x in train.npz has samples of shape {tuple(train_x.shape[1:])} but "
+            f"x in test.npz {tuple(test_x.shape[1:])}; both must describe the same inputs"
+        )
+    num_classes = int(max(train_y.max(initial=0), test_y.max(initial=0))) + 1
+    return LoadedSource(
+        train=Split(torch.from_numpy(train_x), torch.from_numpy(train_y)),
+        test=Split(torch.from_numpy(test_x), torch.from_numpy(test_y)),
+        class_names=[str(c) for c in range(num_classes)],
+        source_files=files,
+        content_digest=digest_files((p.name, _sha256(p)) for p in files),
+        train_origin=files[0],
+        test_origin=files[1],
+    )
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """x as (N, F) float32 or (N, C, H, W) uint8, and y as (N,) int64."""
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            found = sorted(arrays.files)
+            if "x" not in found or "y" not in found:
+                raise DataError(
+                    f"{path}: expected arrays named 'x' and 'y', found {found}; save with "
+                    "np.savez(path, x=features_or_images, y=labels)"
+                )
+            x, y = arrays["x"], arrays["y"]
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: cannot read it as an .npz file ({exc})") from None
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(
+            f"{path}: y must be a 1-D array of integer class labels; found {y.dtype} with "
+            f"shape {y.shape}"
+        )
+    if x.shape[0] != y.shape[0]:
+        raise DataError(f"{path}: x has {x.shape[0]} samples but y has {y.shape[0]} labels")
+    return _as_inputs(path, x), y.astype(np.int64)
+
+
+def _as_inputs(path: Path, x: np.ndarray) -> np.ndarray:
+    numeric = np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_
+    if x.ndim == 2 and numeric:
+        return x.astype(np.float32)  # (N, F)
+    if x.ndim in (3, 4) and x.dtype == np.uint8:
+        if x.ndim == 3:
+            return x[:, None]  # (N, H, W) -> (N, 1, H, W)
+        if x.shape[1] in (1, 3):
+            return x
+        if x.shape[3] in (1, 3):
+            return np.ascontiguousarray(x.transpose(0, 3, 1, 2))  # (N, H, W, C) -> (N, C, H, W)
+        raise DataError(
+            f"{path}: x has shape {x.shape}, which is neither (N, C, H, W) nor (N, H, W, C) "
+            "with C = 1 or 3 channels"
+        )
+    raise DataError(
+        f"{path}: x is {x.dtype} with shape {x.shape}; expected (N, F) numeric features, or "
+        "uint8 images (N, H, W), (N, C, H, W) or (N, H, W, C) with pixels 0-255. Float "
+        "images: convert with (x * 255).round().astype(np.uint8), or flatten to (N, F)"
+    )
+
+
+# ----------------------------------------------------------------------------- csv
+
+
+def load_csv(cfg: DataConfig, data_root: Path) -> LoadedSource:
+    folder = resolve_user_path(cfg.path, data_root, source="csv", layout=CSV_LAYOUT)
+    files = [require_file(folder, name, source="csv") for name in ("train.csv", "test.csv")]
+    (train_x, train_labels, columns), (test_x, test_labels, test_columns) = (
+        _read_csv(path, cfg.label_column) for path in files
+    )
+    if sorted(test_columns) != sorted(columns):
+        raise DataError(
+            f"{folder}: train.csv and test.csv must have the same feature columns; only in "
+            f"train.csv: {sorted(set(columns) - set(test_columns)) or 'none'}; only in "
+            f"test.csv: {sorted(set(test_columns) - set(columns)) or 'none'}"
+        )
+    test_x = test_x[:, [test_columns.index(c) for c in columns]]  # train's column order
+    class_names, (train_y, test_y) = _encode_labels([train_labels, test_labels])
+    # the label column decides what is read, so it is part of the content
+    digests = [(p.name, _sha256(p)) for p in files] + [("label_column", cfg.label_column)]
+    return LoadedSource(
+        train=Split(torch.from_numpy(train_x), train_y),
+        test=Split(torch.from_numpy(test_x), test_y),
+        class_names=class_names,
+        source_files=files,
+        content_digest=digest_files(digests),
+        train_origin=files[0],
+        test_origin=files[1],
+    )
+
+
+def _read_csv(path: Path, label_column: str) -> tuple[np.ndarray, list[str], list[str]]:
+    """Features (N, F) float32, the label strings, and the feature column names."""
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"{path} is empty; expected a header row, then one row per sample")
+        header = [name.strip() for name in header]
+        if label_column not in header:
+            raise DataError(
+                f"{path}: no label column {label_column!r}; the columns are {header}. Set "
+                "data.label_column to the column that holds the labels."
+            )
+        rows = []
+        for row in reader:
+            if not row:
+                continue  # a trailing blank line
+            if len(row) != len(header):
+                raise DataError(
+                    f"{path}, line {reader.line_num}: {len(row)} values, but the header has "
+                    f"{len(header)} columns"
+                )
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path} has a header but no rows")
+    label_at = header.index(label_column)
+    columns = [name for i, name in enumerate(header) if i != label_at]
+    labels = [row[label_at].strip() for row in rows]
+    cells = [[v for i, v in enumerate(row) if i != label_at] for row in rows]
+    try:
+        x = np.array(cells, dtype=np.float32).reshape(len(rows), len(columns))
+    except ValueError:
+        raise DataError(_first_non_numeric(path, cells, columns)) from None
+    return x, labels, columns
+
+
+def _first_non_numeric(path: Path, cells: list[list[str]], columns: list[str]) -> str:
+    for r, row in enumerate(cells):
+        for c, value in enumerate(row):
+            try:
+                float(value)
+            except ValueError:
+                # line 1 is the header; assumes one line per row, which holds unless a value
+                # has a quoted line break, and then the row number still names the sample
+                return (
+                    f"{path}, row {r + 1} (line {r + 2}), column {columns[c]!r}: {value!r} is "
+                    "not a number; feature columns must be numeric (encode categories as "
+                    "numbers, fill in missing values)"
+                )
+    raise AssertionError("a value failed to convert but none is non-numeric")
+
+
+def _encode_labels(parts: list[list[str]]) -> tuple[list[str], list[torch.Tensor]]:
+    """Integer labels keep their values; otherwise labels are names, numbered in sorted order."""
+    every = [label for part in parts for label in part]
+    try:
+        numbers = [int(label) for label in every]
+    except ValueError:
+        names = sorted(set(every))
+        index = {name: i for i, name in enumerate(names)}
+        return names, [torch.tensor([index[v] for v in part], dtype=torch.int64) for part in parts]
+    num_classes = max(numbers) + 1 if numbers else 0
+    encoded, start = [], 0
+    for part in parts:
+        encoded.append(torch.tensor(numbers[start : start + len(part)], dtype=torch.int64))
+        start += len(part)
+    return [str(c) for c in range(num_classes)], encoded
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -1,0 +1,148 @@
+"""Recipe schema: every shipped recipe validates; bad input fails with paths and hints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdistill.errors import RecipeError
+from kdistill.recipe import apply_overrides, load_recipe, validate_recipe
+from kdistill.recipes import shipped
+from kdistill.schedules import schedule_value
+
+MINIMAL = {
+    "name": "t",
+    "data": {"source": "mnist"},
+    "teacher": {"model": {"name": "mlp"}},
+    "student": {"model": {"name": "mlp", "args": {"hidden": [16]}}},
+    "objective": [{"loss": "kd", "temperature": 4}],
+}
+
+
+def _error(raw: dict) -> str:
+    with pytest.raises(RecipeError) as info:
+        validate_recipe(raw, source="r.yaml")
+    return str(info.value)
+
+
+@pytest.mark.parametrize("path", sorted(shipped().values()), ids=lambda p: p.stem)
+def test_every_shipped_recipe_validates(path: Path) -> None:
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem
+    assert recipe.description
+
+
+def test_minimal_recipe_has_defaults() -> None:
+    recipe = validate_recipe(MINIMAL)
+    assert recipe.stages == ["teacher", "baseline", "distill"]
+    assert recipe.seeds == [0]
+    assert recipe.teacher_train() == recipe.train
+
+
+def test_unknown_key_names_path_and_suggests() -> None:
+    raw = {**MINIMAL, "train": {"epoch": 3}}
+    message = _error(raw)
+    assert "train: unknown key 'epoch'" in message or "train.epoch" in message
+    assert "did you mean 'epochs'" in message
+
+
+def test_all_errors_reported_at_once() -> None:
+    raw = {**MINIMAL, "train": {"epochs": "three", "batch_size": -1}, "seeds": []}
+    message = _error(raw)
+    assert "3 problems" in message
+    assert "train.epochs" in message and "train.batch_size" in message and "seeds" in message
+
+
+def test_negative_temperature_rejected() -> None:
+    raw = {**MINIMAL, "objective": [{"loss": "kd", "temperature": -2}]}
+    message = _error(raw)
+    assert "objective[0]" in message and "temperature" in message and "(0, inf)" in message
+
+
+def test_weight_schedule_leaving_range_rejected() -> None:
+    raw = {
+        **MINIMAL,
+        "objective": [{"loss": "kd", "weight": {"kind": "linear", "start": 1, "end": -0.5}}],
+    }
+    message = _error(raw)
+    assert "weight" in message and "[0, inf)" in message and "-0.5" in message
+
+
+def test_unknown_loss_and_param_suggest() -> None:
+    assert "did you mean 'kd'" in _error({**MINIMAL, "objective": [{"loss": "kdd"}]})
+    message = _error({**MINIMAL, "objective": [{"loss": "dkd", "params": {"alhpa": 1}}]})
+    assert "did you mean 'alpha'" in message
+
+
+def test_loss_parameter_value_checked_by_the_loss() -> None:
+    message = _error({**MINIMAL, "objective": [{"loss": "jsd", "params": {"beta": 2}}]})
+    assert "beta" in message
+
+
+def test_cache_with_augmentation_rejected() -> None:
+    raw = {**MINIMAL, "teacher": {"model": {"name": "mlp"}, "cache": True}}
+    raw["train"] = {"augment": {"jitter": 2}}
+    assert "cache" in _error(raw) and "augment" in _error(raw)
+
+
+def test_teacher_train_inherits_from_train() -> None:
+    raw = {**MINIMAL, "train": {"epochs": 7, "batch_size": 64}}
+    raw["teacher"] = {"model": {"name": "mlp"}, "train": {"epochs": 20}}
+    recipe = validate_recipe(raw)
+    assert recipe.teacher_train().epochs == 20
+    assert recipe.teacher_train().batch_size == 64
+
+
+def test_overrides_go_through_validation(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    assert load_recipe(path, ["train.epochs=3"]).train.epochs == 3
+    assert load_recipe(path, ["objective.0.temperature=2"]).objective[0].temperature == 2
+    with pytest.raises(RecipeError, match="train.epochs"):
+        load_recipe(path, ["train.epochs=-1"])
+    with pytest.raises(RecipeError, match="key=value"):
+        load_recipe(path, ["train.epochs"])
+    with pytest.raises(RecipeError, match="did you mean 'epochs'"):
+        load_recipe(path, ["train.epoch=3"])
+
+
+def test_apply_overrides_does_not_mutate() -> None:
+    raw = {"a": {"b": 1}}
+    assert apply_overrides(raw, ["a.b=2"]) == {"a": {"b": 2}}
+    assert raw == {"a": {"b": 1}}
+
+
+def test_missing_and_empty_files(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+    (tmp_path / "empty.yaml").write_text("")
+    with pytest.raises(RecipeError, match="empty"):
+        load_recipe(tmp_path / "empty.yaml")
+    (tmp_path / "bad.yaml").write_text("name: [unclosed")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(tmp_path / "bad.yaml")
+
+
+def test_distill_without_teacher_source_rejected() -> None:
+    raw = {**MINIMAL, "stages": ["distill"]}
+    assert "teacher.checkpoint" in _error(raw)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "progress", "expected"),
+    [
+        (3.0, 0.5, 3.0),
+        ({"kind": "linear", "start": 0, "end": 1}, 0.25, 0.25),
+        ({"kind": "exponential", "start": 20, "end": 1}, 0.5, 20 * (1 / 20) ** 0.5),
+        ({"kind": "cosine", "start": 1, "end": 0}, 0.5, 0.5),
+        ({"kind": "step", "start": 1, "gamma": 0.5, "milestones": [0.5, 0.75]}, 0.8, 0.25),
+        ({"kind": "constant", "start": 2, "warmup": 0.5}, 0.25, 1.0),
+    ],
+)
+def test_schedule_values(schedule: object, progress: float, expected: float) -> None:
+    from kdistill.recipe import Schedule
+
+    value = schedule if isinstance(schedule, float) else Schedule.model_validate(schedule)
+    assert schedule_value(value, progress) == pytest.approx(expected)
