@@ -33,8 +33,8 @@ SOURCES: dict[str, Callable[[DataConfig, Path], LoadedSource]] = {
 
 def build(cfg: DataConfig, data_dir: str | Path | None = None) -> DataBundle:
     """Load `cfg.source` from the data folder (see `resolve_data_root`) into a DataBundle."""
-    root, searched = resolve_data_root(data_dir)
-    loaded = SOURCES[cfg.source](cfg, root if root is not None else searched[0])
+    _, searched = resolve_data_root(data_dir)
+    loaded = SOURCES[cfg.source](cfg, searched[0])  # may not exist yet: MNIST downloads into it
     num_classes = len(loaded.class_names)
     for split, origin in ((loaded.train, loaded.train_origin), (loaded.test, loaded.test_origin)):
         _check_labels(split, num_classes, origin)

@@ -70,8 +70,10 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
             f"{path}: y must be a 1-D array of integer class labels; found {y.dtype} with "
             f"shape {y.shape}"
         )
-    if x.shape[0] != y.shape[0]:
-        raise DataError(f"{path}: x has {x.shape[0]} samples but y has {y.shape[0]} labels")
+    if x.ndim == 0 or x.shape[0] != y.shape[0]:
+        raise DataError(
+            f"{path}: x (shape {x.shape}) must have one sample per label in y ({y.shape[0]})"
+        )
     return _as_inputs(path, x), y.astype(np.int64)
 
 
@@ -154,6 +156,8 @@ def _read_csv(path: Path, label_column: str) -> tuple[np.ndarray, list[str], lis
         raise DataError(f"{path} has a header but no rows")
     label_at = header.index(label_column)
     columns = [name for i, name in enumerate(header) if i != label_at]
+    if not columns:
+        raise DataError(f"{path}: no feature columns besides the label column {label_column!r}")
     labels = [row[label_at].strip() for row in rows]
     cells = [[v for i, v in enumerate(row) if i != label_at] for row in rows]
     try:

@@ -77,7 +77,7 @@ def load(cfg: DataConfig, data_root: Path) -> LoadedSource:
     return LoadedSource(
         train=train,
         test=test,
-        class_names=CLASS_NAMES,
+        class_names=list(CLASS_NAMES),
         source_files=[folder / name for name in FILES],
         content_digest=digest_files((name, sha256) for name, (sha256, _) in FILES.items()),
         train_origin=folder / "train-labels-idx1-ubyte.gz",
