@@ -79,12 +79,15 @@ def train_epoch(
             with torch.inference_mode():
                 t_logits = teacher(xb)
             t_logits = t_logits.clone()
-            kd = F.kl_div(
-                F.log_softmax(logits / temperature, -1),
-                F.log_softmax(t_logits / temperature, -1),
-                log_target=True,
-                reduction="batchmean",
-            ) * temperature**2
+            kd = (
+                F.kl_div(
+                    F.log_softmax(logits / temperature, -1),
+                    F.log_softmax(t_logits / temperature, -1),
+                    log_target=True,
+                    reduction="batchmean",
+                )
+                * temperature**2
+            )
             loss = (1 - alpha) * loss + alpha * kd
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -110,16 +113,30 @@ def main() -> None:
     xtr, ytr, xte, yte = load_mnist(Path(args.data_dir))
     results = {}
     teacher = None
-    for name, hidden, kd in (("teacher", [1200, 1200], False), ("student", [800, 800], False), ("distilled", [800, 800], True)):
+    for name, hidden, kd in (
+        ("teacher", [1200, 1200], False),
+        ("student", [800, 800], False),
+        ("distilled", [800, 800], True),
+    ):
         torch.manual_seed(0)
-        model = mlp(hidden, *( (0.5, 0.2) if name == "teacher" else (0.0, 0.0)))
+        model = mlp(hidden, *((0.5, 0.2) if name == "teacher" else (0.0, 0.0)))
         opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
         steps = args.epochs * (len(xtr) // args.batch_size)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s, steps=steps: 0.5 * (1 + math.cos(math.pi * s / steps))
+        )
         start = time.perf_counter()
         for epoch in range(args.epochs):
-            train_epoch(model, opt, sched, xtr, ytr, batch_size=args.batch_size, epoch=epoch,
-                        teacher=teacher.eval() if kd and teacher is not None else None)
+            train_epoch(
+                model,
+                opt,
+                sched,
+                xtr,
+                ytr,
+                batch_size=args.batch_size,
+                epoch=epoch,
+                teacher=teacher.eval() if kd and teacher is not None else None,
+            )
         results[name] = (errors(model, xte, yte), time.perf_counter() - start)
         print(name, results[name], flush=True)
         if name == "teacher":

@@ -100,7 +100,7 @@ def test_overrides_go_through_validation(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(MINIMAL))
     assert load_recipe(path, ["train.epochs=3"]).train.epochs == 3
     assert load_recipe(path, ["objective.0.temperature=2"]).objective[0].temperature == 2
-    with pytest.raises(RecipeError, match="train.epochs"):
+    with pytest.raises(RecipeError, match=r"train\.epochs"):
         load_recipe(path, ["train.epochs=-1"])
     with pytest.raises(RecipeError, match="key=value"):
         load_recipe(path, ["train.epochs"])

@@ -79,7 +79,9 @@ def open_cache(
     try:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as exc:
-        raise CacheError(f"teacher cache manifest {manifest_path} is corrupt ({exc}); {rebuild}") from None
+        raise CacheError(
+            f"teacher cache manifest {manifest_path} is corrupt ({exc}); {rebuild}"
+        ) from None
     problems = []
     if manifest.get("teacher_sha256") != teacher_sha256:
         problems.append(

@@ -106,7 +106,9 @@ def save_training_state(
 
 
 def latest_training_state(folder: Path) -> Path | None:
-    complete = sorted(p for p in folder.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    complete = sorted(
+        p for p in folder.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
+    )
     return complete[-1] if complete else None
 
 

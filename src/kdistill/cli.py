@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 
 from kdistill import __version__
 from kdistill.errors import KdistillError, RecipeError
@@ -24,7 +25,10 @@ EXAMPLES = """examples:
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="a recipe YAML file, or the name of a shipped recipe (see `kdistill recipes`)")
+    p.add_argument(
+        "recipe",
+        help="a recipe YAML file, or the name of a shipped recipe (see `kdistill recipes`)",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -58,39 +62,64 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--output-dir", help="run folder (default: output.dir, else runs/<name>)")
     _add_data_dir(p)
-    p.add_argument("--resume", action="store_true", help="continue an unfinished run from its last checkpoints")
+    p.add_argument(
+        "--resume", action="store_true", help="continue an unfinished run from its last checkpoints"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace what the output folder holds")
     p.add_argument("--quiet", action="store_true", help="log lines only, no progress bars")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    p.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors"
+    )
 
     p = sub.add_parser("validate", help="check a recipe without running it")
     _add_recipe_args(p)
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    p.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors"
+    )
 
     p = sub.add_parser("eval", help="measure saved weights on a dataset's test split")
-    p.add_argument("checkpoint", help="a stage folder (runs/X/distill/seed0), a run folder or a .safetensors file")
+    p.add_argument(
+        "checkpoint",
+        help="a stage folder (runs/X/distill/seed0), a run folder or a .safetensors file",
+    )
     p.add_argument(
         "--data",
         help="SOURCE[:PATH], e.g. mnist or image_folder:my_images (default: the data it was trained on)",
     )
-    p.add_argument("--model", help="model zoo name or package.module:factory, when no model.json is beside the weights")
+    p.add_argument(
+        "--model",
+        help="model zoo name or package.module:factory, when no model.json is beside the weights",
+    )
     _add_data_dir(p)
     p.add_argument("--json", action="store_true", help="print the measurements as JSON")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    p.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors"
+    )
 
     p = sub.add_parser("cache", help="run the recipe's trained teacher once and store its logits")
     _add_recipe_args(p)
-    p.add_argument("--output-dir", help="run folder holding the teacher (default: output.dir, else runs/<name>)")
+    p.add_argument(
+        "--output-dir",
+        help="run folder holding the teacher (default: output.dir, else runs/<name>)",
+    )
     _add_data_dir(p)
     p.add_argument("--overwrite", action="store_true", help="rebuild an existing cache")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    p.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors"
+    )
 
     p = sub.add_parser("recipes", help="list the shipped recipes")
-    p.add_argument("--losses", action="store_true", help="list the loss functions a recipe may name")
+    p.add_argument(
+        "--losses", action="store_true", help="list the loss functions a recipe may name"
+    )
 
-    p = sub.add_parser("report", help="rebuild results.json, results.md and plots from a run folder")
+    p = sub.add_parser(
+        "report", help="rebuild results.json, results.md and plots from a run folder"
+    )
     p.add_argument("run_dir", help="a run folder")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    p.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors"
+    )
     return parser
 
 
@@ -102,7 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KdistillError as exc:
         if args.debug:
             raise
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # Text, not markup: messages hold paths and lists like [teacher] that rich would eat
+        message = Text("error: ", style="bold red") + Text(str(exc))
+        console.print(message, highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]: checkpoints written so far are kept; use --resume")
@@ -130,7 +161,9 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     if args.command == "validate":
         recipe = kdistill.load_recipe(args.recipe, args.overrides)
         stages = ", ".join(recipe.stages)
-        console.print(f"{args.recipe}: valid recipe {recipe.name!r} (stages: {stages}; seeds: {recipe.seeds})")
+        console.print(
+            f"{args.recipe}: valid recipe {recipe.name!r} (stages: {stages}; seeds: {recipe.seeds})"
+        )
         return 0
     if args.command == "eval":
         from kdistill.pipeline import evaluate_checkpoint
@@ -144,7 +177,9 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
             except Exception as exc:
                 raise RecipeError(f"--data {args.data}: {exc}") from None
         model = ModelSpec(name=args.model) if args.model else None
-        result = evaluate_checkpoint(args.checkpoint, data=data, data_dir=args.data_dir, model=model)
+        result = evaluate_checkpoint(
+            args.checkpoint, data=data, data_dir=args.data_dir, model=model
+        )
         if args.json:
             print(json.dumps(result, indent=2))
         else:

@@ -250,9 +250,9 @@ def _floating_dtype(model: nn.Module) -> torch.dtype:
 
 def _check_model_device(model: nn.Module, device: torch.device) -> None:
     for p in model.parameters():
-        if p.device.type != device.type or (
-            device.index is not None and p.device.index != device.index
-        ):
+        # CPU tensors carry no index, while Accelerate names the CPU "cpu:0": same device.
+        index_differs = device.type != "cpu" and device.index is not None
+        if p.device.type != device.type or (index_differs and p.device.index != device.index):
             raise ValueError(
                 f"The model's parameters are on {p.device}, but measurement was asked on "
                 f"{device}. Move the model first: model.to({str(device)!r})."

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import json
+import os
 import shutil
 import sys
 import time
@@ -32,8 +33,15 @@ from torch import nn
 
 from kdistill import __version__
 from kdistill.cache import open_cache, write_cache
-from kdistill.checkpoint import atomic_write_json, atomic_write_text, file_sha256, load_weights, save_weights
-from kdistill.data import DataBundle, build as build_data
+from kdistill.checkpoint import (
+    atomic_write_json,
+    atomic_write_text,
+    file_sha256,
+    load_weights,
+    save_weights,
+)
+from kdistill.data import DataBundle
+from kdistill.data import build as build_data
 from kdistill.errors import CheckpointError, RunDirError
 from kdistill.evaluate import cost, predict, quality
 from kdistill.losses.objective import Objective, takes
@@ -74,7 +82,7 @@ def run(
 ) -> dict[str, Any]:
     """Run the recipe's stages and return the results (the content of results.json)."""
     console = console or Console(stderr=True)
-    accelerator = Accelerator(mixed_precision=MIXED_PRECISION[recipe.train.precision])
+    accelerator = make_accelerator(recipe.train.precision)
     run_dir = Path(output_dir or recipe.output.dir or Path("runs") / recipe.name)
     if accelerator.is_main_process:
         _claim_run_dir(run_dir, resume=resume, overwrite=overwrite)
@@ -82,7 +90,9 @@ def run(
     data = build_data(recipe.data, data_dir)
     ctx = Context(recipe, run_dir, data, accelerator, resume, quiet, console)
     if ctx.is_main:
-        atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        atomic_write_text(
+            run_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+        )
         _write_status(run_dir, "running")
         console.log(
             f"run {recipe.name} → {run_dir} | data: {len(data.train)} train, {len(data.val)} val, "
@@ -90,6 +100,7 @@ def run(
             f"on {accelerator.device}"
         )
     try:
+        _check_models(recipe, data)
         teachers: dict[int, nn.Module] = {}
         if recipe.teacher is not None and ({"teacher", "distill"} & set(recipe.stages)):
             teacher_seeds = recipe.seeds if recipe.teacher.every_seed else recipe.seeds[:1]
@@ -114,7 +125,31 @@ def run(
         raise
 
 
+def make_accelerator(precision: str) -> Accelerator:
+    """One Accelerator per process. Launched as several processes on a machine without
+    a GPU (`accelerate launch --num_processes 2`, torchrun), Accelerate only forms a
+    gloo process group when told to use the CPU, so say so."""
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(
+        mixed_precision=MIXED_PRECISION[precision],
+        cpu=several and not torch.cuda.is_available(),
+    )
+
+
 # ----------------------------------------------------------------------- stages
+
+
+def _check_models(recipe: Recipe, data: DataBundle) -> None:
+    """Build every model the stages need once, so a student that does not fit the data
+    fails now and not after the teacher has trained for hours. Each stage seeds its own
+    build, so this does not change any weights."""
+    specs: list[tuple[ModelSpec, str]] = []
+    if recipe.teacher is not None and {"teacher", "distill"} & set(recipe.stages):
+        specs.append((recipe.teacher.model, "teacher.model"))
+    if recipe.student is not None and {"baseline", "distill"} & set(recipe.stages):
+        specs.append((recipe.student.model, "student.model"))
+    for spec, where in specs:
+        build_model(spec, input_shape=data.input_shape, num_classes=data.num_classes, where=where)
 
 
 def _teacher_stage(ctx: Context, seed: int) -> nn.Module:
@@ -129,9 +164,14 @@ def _teacher_stage(ctx: Context, seed: int) -> nn.Module:
         where="teacher.model",
     )
     if recipe.teacher.checkpoint is not None:
-        load_weights(model, resolve_weights(recipe.teacher.checkpoint))
+        try:
+            load_weights(model, resolve_weights(recipe.teacher.checkpoint))
+        except CheckpointError as exc:
+            raise CheckpointError(f"teacher.checkpoint: {exc}") from None
         if "teacher" in recipe.stages and not (stage_dir / "eval.json").exists():
-            _finish_stage(ctx, "teacher", seed, model, recipe.teacher.model, None, train_seconds=0.0)
+            _finish_stage(
+                ctx, "teacher", seed, model, recipe.teacher.model, None, train_seconds=0.0
+            )
         return model
     if (stage_dir / "eval.json").exists() and (stage_dir / "model.safetensors").exists():
         load_weights(model, stage_dir / "model.safetensors")
@@ -155,7 +195,9 @@ def _teacher_stage(ctx: Context, seed: int) -> nn.Module:
         console=ctx.console,
     )
     model = ctx.accelerator.unwrap_model(model)
-    _finish_stage(ctx, "teacher", seed, model, recipe.teacher.model, None, train_seconds=result.seconds)
+    _finish_stage(
+        ctx, "teacher", seed, model, recipe.teacher.model, None, train_seconds=result.seconds
+    )
     ctx.accelerator.free_memory()
     return model
 
@@ -198,7 +240,9 @@ def _student_stage(ctx: Context, stage: str, seed: int, *, teacher: nn.Module | 
         console=ctx.console,
     )
     model = ctx.accelerator.unwrap_model(model)
-    _finish_stage(ctx, stage, seed, model, recipe.student.model, teacher, train_seconds=result.seconds)
+    _finish_stage(
+        ctx, stage, seed, model, recipe.student.model, teacher, train_seconds=result.seconds
+    )
     ctx.accelerator.free_memory()
 
 
@@ -221,9 +265,15 @@ def _teacher_signal(ctx: Context, teacher: nn.Module, seed: int) -> TeacherSigna
     if not recipe.teacher.cache:
         live = copy.deepcopy(teacher)
         return LiveTeacher(live, precision=recipe.teacher.precision or "fp32").to(device)
-    weights = ctx.run_dir / "teacher" / f"seed{seed if recipe.teacher.every_seed else recipe.seeds[0]}"
+    weights = (
+        ctx.run_dir / "teacher" / f"seed{seed if recipe.teacher.every_seed else recipe.seeds[0]}"
+    )
     teacher_sha = _teacher_sha256(ctx, weights / "model.safetensors", teacher)
-    folder = ctx.run_dir / "cache" / f"teacher-seed{seed if recipe.teacher.every_seed else recipe.seeds[0]}"
+    folder = (
+        ctx.run_dir
+        / "cache"
+        / f"teacher-seed{seed if recipe.teacher.every_seed else recipe.seeds[0]}"
+    )
     if ctx.is_main and not folder.exists():
         manifest = write_cache(
             folder,
@@ -245,7 +295,9 @@ def _teacher_sha256(ctx: Context, weights: Path, teacher: nn.Module) -> str:
     if recipe.teacher.checkpoint is not None:
         return file_sha256(resolve_weights(recipe.teacher.checkpoint))
     if not weights.exists():  # teacher loaded elsewhere; hash its weights as saved now
-        raise CheckpointError(f"teacher weights {weights} are missing; cannot fingerprint the cache")
+        raise CheckpointError(
+            f"teacher weights {weights} are missing; cannot fingerprint the cache"
+        )
     return file_sha256(weights)
 
 
@@ -267,9 +319,14 @@ def _finish_stage(
 
     def measure(weights: nn.Module) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for split_name, split, reference in (("test", data.test, teacher_test), ("val", data.val, None)):
+        for split_name, split, reference in (
+            ("test", data.test, teacher_test),
+            ("val", data.val, None),
+        ):
             if len(split):
-                logits = predict(weights, split.x, to_input=data.to_input, batch_size=batch, device=device)
+                logits = predict(
+                    weights, split.x, to_input=data.to_input, batch_size=batch, device=device
+                )
                 out[split_name] = quality(logits, split.y, teacher_logits=reference)
         return out
 
@@ -373,6 +430,10 @@ def _write_status(run_dir: Path, status: str, error: str | None = None) -> None:
     record = _read_status(path) or {"started": _now()}
     record.update(status=status, kdistill=__version__, argv=sys.argv)
     record["finished" if status == "finished" else "updated"] = _now()
+    # a record describes the latest attempt: no "finished" while failed, no stale error
+    if status != "finished":
+        record.pop("finished", None)
+    record.pop("error", None)
     if error:
         record["error"] = error
     atomic_write_json(path, record)
@@ -385,7 +446,9 @@ def _now() -> str:
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [
+        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
 
 
 # ------------------------------------------------------------- other entry points
@@ -394,7 +457,11 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
 def resolve_weights(path_text: str | Path) -> Path:
     """A weights file, a stage folder (holding model.safetensors) or a run folder (its teacher)."""
     path = Path(path_text)
-    candidates = [path, path / "model.safetensors", path / "teacher" / "seed0" / "model.safetensors"]
+    candidates = [
+        path,
+        path / "model.safetensors",
+        path / "teacher" / "seed0" / "model.safetensors",
+    ]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
@@ -424,7 +491,9 @@ def evaluate_checkpoint(
     if data_cfg is None:
         raise CheckpointError("say which data to evaluate on: --data SOURCE[:PATH]")
     bundle = build_data(data_cfg, data_dir)
-    net = build_model(spec, input_shape=bundle.input_shape, num_classes=bundle.num_classes, where="model")
+    net = build_model(
+        spec, input_shape=bundle.input_shape, num_classes=bundle.num_classes, where="model"
+    )
     load_weights(net, weights)
     start = time.perf_counter()
     logits = predict(net, bundle.test.x, to_input=bundle.to_input, batch_size=1000, device="cpu")
@@ -459,7 +528,10 @@ def cache_teacher(
         )
     bundle = build_data(recipe.data, data_dir)
     model = build_model(
-        recipe.teacher.model, input_shape=bundle.input_shape, num_classes=bundle.num_classes, where="teacher.model"
+        recipe.teacher.model,
+        input_shape=bundle.input_shape,
+        num_classes=bundle.num_classes,
+        where="teacher.model",
     )
     load_weights(model, weights)
     folder = run_dir / "cache" / f"teacher-seed{seed}"
@@ -467,8 +539,17 @@ def cache_teacher(
     if folder.exists() and not overwrite:
         open_cache(folder, teacher_sha256=sha, bundle=bundle)  # refuses a stale one
         return {"folder": str(folder), "reused": True}
-    manifest = write_cache(folder, model, bundle, teacher_sha256=sha, dtype=recipe.teacher.cache_dtype)
+    manifest = write_cache(
+        folder, model, bundle, teacher_sha256=sha, dtype=recipe.teacher.cache_dtype
+    )
     return {"folder": str(folder), "reused": False, **manifest}
 
 
-__all__ = ["baseline_terms", "cache_teacher", "evaluate_checkpoint", "resolve_weights", "run", "save_weights"]
+__all__ = [
+    "baseline_terms",
+    "cache_teacher",
+    "evaluate_checkpoint",
+    "resolve_weights",
+    "run",
+    "save_weights",
+]

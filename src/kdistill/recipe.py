@@ -274,13 +274,12 @@ class Recipe(Strict):
                 f"train.precision ({self.train.precision}); one run trains in one precision. "
                 "Use teacher.precision to run the frozen teacher in another dtype"
             )
-        if self.teacher is not None and self.teacher.cache:
-            if self.train.augment.jitter:
-                raise ValueError(
-                    "teacher.cache is true but train.augment randomly changes the student's "
-                    "inputs each epoch, so cached teacher outputs would not match them; "
-                    "set teacher.cache: false (live teacher) or remove train.augment"
-                )
+        if self.teacher is not None and self.teacher.cache and self.train.augment.jitter:
+            raise ValueError(
+                "teacher.cache is true but train.augment randomly changes the student's "
+                "inputs each epoch, so cached teacher outputs would not match them; "
+                "set teacher.cache: false (live teacher) or remove train.augment"
+            )
         return self
 
     def teacher_train(self) -> TrainConfig:
@@ -314,9 +313,7 @@ def _inherit_teacher_train(raw: dict[str, Any]) -> dict[str, Any]:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`train.epochs=3` -> (["train", "epochs"], 3); the value is parsed as YAML."""
     if "=" not in text:
-        raise RecipeError(
-            f"--set expects key=value (for example train.epochs=3); got {text!r}"
-        )
+        raise RecipeError(f"--set expects key=value (for example train.epochs=3); got {text!r}")
     key, _, value = text.partition("=")
     parts = key.strip().split(".")
     if not all(parts):
@@ -423,15 +420,51 @@ def _dedupe_union_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
         loc = tuple(err["loc"])
         if "float" in loc and isinstance(err.get("input"), dict):
             continue
-        if any(isinstance(p, str) and p.startswith(("Schedule", "function-after")) for p in loc):
-            if not isinstance(err.get("input"), dict) and err["type"] != "extra_forbidden":
-                if not isinstance(err.get("input"), (int, float)) or err["type"] == "missing":
-                    continue
+        in_schedule_branch = any(
+            isinstance(p, str) and p.startswith(("Schedule", "function-after")) for p in loc
+        )
+        value = err.get("input")
+        if (
+            in_schedule_branch
+            and not isinstance(value, dict)
+            and err["type"] != "extra_forbidden"
+            and (not isinstance(value, (int, float)) or err["type"] == "missing")
+        ):
+            continue
         key = _format_loc(loc) + "|" + err["msg"]
         if key not in seen:
             seen.add(key)
             out.append(err)
     return out
+
+
+def _user_wrote(raw: dict[str, Any], loc: tuple[Any, ...]) -> bool:
+    """Whether the recipe as written (before inheritance) has a value at `loc`."""
+    node: Any = raw
+    for part in loc:
+        if isinstance(node, dict):
+            found = part in node
+        else:
+            found = isinstance(node, list) and isinstance(part, int) and part < len(node)
+        if not found:
+            return False
+        node = node[part]
+    return True
+
+
+def _drop_inherited(errors: list[dict[str, Any]], written: dict[str, Any]) -> list[dict[str, Any]]:
+    """A bad `train.x` is copied into `teacher.train.x` by inheritance; report it once,
+    where the user wrote it."""
+    return [
+        err
+        for err in errors
+        if not (
+            tuple(err["loc"][:2]) == ("teacher", "train")
+            and len(err["loc"]) > 2
+            and isinstance(written.get("teacher"), dict)
+            and not _user_wrote(written["teacher"].get("train") or {}, tuple(err["loc"][2:]))
+        )
+    ]
 
 
 def validate_recipe(raw: Any, *, source: str = "recipe") -> Recipe:
@@ -441,11 +474,13 @@ def validate_recipe(raw: Any, *, source: str = "recipe") -> Recipe:
             f"{source}: a recipe is a YAML mapping (name:, data:, teacher:, ...); "
             f"got {type(raw).__name__}"
         )
+    written = raw
     raw = _inherit_teacher_train(raw)
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        lines = [_explain(e) for e in _dedupe_union_errors(exc.errors())]
+        errors = _drop_inherited(_dedupe_union_errors(exc.errors()), written)
+        lines = [_explain(e) for e in errors]
         noun = "problem" if len(lines) == 1 else "problems"
         raise RecipeError(
             f"{source}: {len(lines)} {noun} in the recipe:\n  - "

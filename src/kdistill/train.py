@@ -219,7 +219,9 @@ def fit(
             bar.update(task, completed=state["global_step"])
         while state["epoch"] < settings.epochs and not stopped_early:
             epoch = state["epoch"]
-            order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed * 1009 + epoch))
+            order = torch.randperm(
+                n_train, generator=torch.Generator().manual_seed(seed * 1009 + epoch)
+            )
             model.train()
             tick = time.perf_counter()
             for step in range(state["step_in_epoch"], steps_per_epoch):
@@ -266,7 +268,10 @@ def fit(
                         info=f"epoch {epoch + 1}/{settings.epochs}  loss {step_loss / len(share):.4f}"
                         f"  {rate:,.0f} samples/s",
                     )
-                if settings.checkpoint_every and state["global_step"] % settings.checkpoint_every == 0:
+                if (
+                    settings.checkpoint_every
+                    and state["global_step"] % settings.checkpoint_every == 0
+                ):
                     checkpoint()
 
             # end of epoch: validation, metrics, best weights, early stopping, checkpoint
@@ -297,7 +302,10 @@ def fit(
                         save_weights(accelerator.unwrap_model(model), out_dir / "best.safetensors")
                 else:
                     state["bad_epochs"] += 1
-                if settings.early_stopping and state["bad_epochs"] >= settings.early_stopping.patience:
+                if (
+                    settings.early_stopping
+                    and state["bad_epochs"] >= settings.early_stopping.patience
+                ):
                     stopped_early = True
             if is_main:
                 with open(metrics_path, "a", encoding="utf-8") as f:
@@ -336,12 +344,15 @@ def _non_finite(
     label: str, value: float, epoch: int, step: int, ckpt_dir: Path, terms: dict[str, torch.Tensor]
 ) -> None:
     last = latest_training_state(ckpt_dir)
-    where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+    where = f"the last checkpoint before it is {last}" if last else "no checkpoint was written yet"
     parts = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+    # Resuming from a checkpoint restores its optimizer, learning rate included, so a
+    # lower lr only takes effect when the stage starts afresh.
     raise TrainingError(
         f"{label}: the loss became {value} at epoch {epoch + 1}, step {step + 1} ({parts}); "
         f"training stopped and {where}. Lower train.optimizer.lr or set train.grad_clip, "
-        "then run again with --resume"
+        f"delete {ckpt_dir.parent} (its checkpoints keep the old learning rate), then run "
+        "again with --resume to keep the stages that finished"
     )
 
 

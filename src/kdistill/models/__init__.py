@@ -70,9 +70,13 @@ def build_model(
     try:
         model = factory(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise ModelError(f"{where}: cannot build {spec.name!r} with args {spec.args}: {exc}") from None
+        raise ModelError(
+            f"{where}: cannot build {spec.name!r} with args {spec.args}: {exc}"
+        ) from None
     if not isinstance(model, nn.Module):
-        raise ModelError(f"{where}: {spec.name!r} returned {type(model).__name__}, not a torch Module")
+        raise ModelError(
+            f"{where}: {spec.name!r} returned {type(model).__name__}, not a torch Module"
+        )
     check_output(model, input_shape=input_shape, num_classes=num_classes, where=where)
     return model
 

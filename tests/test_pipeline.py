@@ -1,0 +1,99 @@
+"""End to end: a tiny recipe on real MNIST writes every file the report promises."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import kdistill
+from kdistill.cli import main
+from kdistill.pipeline import baseline_terms
+from kdistill.recipe import LossTerm
+
+
+def test_distill_writes_run_folder(tiny: dict, tmp_path: Path) -> None:
+    tiny["seeds"] = [0, 1]
+    tiny["teacher"]["cache"] = True
+    results = kdistill.distill(tiny, output_dir=tmp_path / "run", quiet=True)
+    run = tmp_path / "run"
+    for stage, seeds in (("teacher", [0]), ("baseline", [0, 1]), ("distill", [0, 1])):
+        for seed in seeds:
+            folder = run / stage / f"seed{seed}"
+            for name in (
+                "model.safetensors",
+                "model.json",
+                "eval.json",
+                "metrics.jsonl",
+                "best.safetensors",
+            ):
+                assert (folder / name).is_file(), folder / name
+            lines = (folder / "metrics.jsonl").read_text().splitlines()
+            assert len(lines) == 2 and all("val_accuracy" in json.loads(x) for x in lines)
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["stages"].keys() == {"teacher", "baseline", "distill"}
+    for stage in saved["stages"].values():
+        for key in ("accuracy", "accuracy_std", "errors"):
+            assert key in stage["test"]
+        for key in ("params", "flops", "latency_ms", "size_bytes"):
+            assert stage["cost"][key] > 0
+        assert stage["train_seconds"] > 0
+    assert (
+        saved["stages"]["distill"]["cost"]["params"] < saved["stages"]["teacher"]["cost"]["params"]
+    )
+    assert "gap_recovered" in saved
+    assert results["stages"]["teacher"]["test"]["accuracy"] > 0.8  # a real model, not chance
+    assert (run / "results.md").read_text().count("distill") >= 1
+    assert (run / "plots" / "curves.png").is_file()
+    manifest = json.loads((run / "cache" / "teacher-seed0" / "manifest.json").read_text())
+    assert manifest["shape"] == [2000, 10]  # limit_train applies after the val split
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+    resolved = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert resolved["seeds"] == [0, 1]
+
+
+def test_cli_run_then_report_and_eval(
+    tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "tiny.yaml"
+    tiny["stages"] = ["teacher", "baseline"]
+    path.write_text(yaml.safe_dump(tiny))
+    run = tmp_path / "run"
+    assert (
+        main(["run", str(path), "--output-dir", str(run), "--quiet", "--set", "train.epochs=1"])
+        == 0
+    )
+    assert json.loads((run / "baseline" / "seed0" / "eval.json").read_text())["epochs"] == 1
+    before = (run / "results.json").read_text()
+    (run / "results.json").unlink()
+    assert main(["report", str(run)]) == 0
+    assert (run / "results.json").read_text() == before
+    capsys.readouterr()
+    assert main(["eval", str(run / "baseline" / "seed0"), "--json"]) == 0
+    measured = json.loads(capsys.readouterr().out)
+    assert measured["test"]["accuracy"] == pytest.approx(
+        json.loads((run / "baseline" / "seed0" / "eval.json").read_text())["test"]["accuracy"]
+    )
+
+
+def test_baseline_keeps_teacher_free_terms() -> None:
+    terms = [
+        LossTerm(loss="cross_entropy", weight=0.1, params={"label_smoothing": 0.1}),
+        LossTerm(loss="kd", weight=0.9, temperature=4),
+    ]
+    kept = baseline_terms(terms)
+    assert [t.loss for t in kept] == ["cross_entropy"]
+    assert kept[0].weight == 1.0 and kept[0].params == {"label_smoothing": 0.1}
+    assert [t.loss for t in baseline_terms(terms[1:])] == ["cross_entropy"]
+
+
+def test_cli_lists_recipes_and_losses(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "mnist_hinton" in out and "mnist_quick" in out
+    assert main(["recipes", "--losses"]) == 0
+    out = capsys.readouterr().out
+    for name in ("kd", "dkd", "dist", "jsd", "skew_kl", "tvd", "bce_kd"):
+        assert f"\n{name} " in "\n" + out
