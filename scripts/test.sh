@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Install kdistill with its development tools into .venv, then lint and run every test.
+source "$(dirname "$0")/setup.sh"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/pytest -q "$@"
