@@ -173,7 +173,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         if args.data:
             source, _, path = args.data.partition(":")
             try:
-                data = DataConfig(source=source, path=path or None, val_fraction=0.0)  # type: ignore[arg-type]
+                data = DataConfig(source=source, path=path or None, val_fraction=0.0)
             except Exception as exc:
                 raise RecipeError(f"--data {args.data}: {exc}") from None
         model = ModelSpec(name=args.model) if args.model else None

@@ -234,7 +234,7 @@ class Recipe(Strict):
         description="loss terms of the distill stage",
     )
     train: TrainConfig = Field(default_factory=TrainConfig)
-    stages: list[StageName] = Field(default_factory=lambda: ["teacher", "baseline", "distill"])
+    stages: list[StageName] = Field(default=["teacher", "baseline", "distill"])
     seeds: Annotated[list[int], Field(min_length=1)] = Field(default_factory=lambda: [0])
     output: OutputConfig = Field(default_factory=OutputConfig)
 
@@ -304,7 +304,8 @@ def _inherit_teacher_train(raw: dict[str, Any]) -> dict[str, Any]:
     """`teacher.train` lists only what differs from `train`; fill in the rest."""
     teacher = raw.get("teacher")
     if isinstance(teacher, dict) and isinstance(teacher.get("train"), dict):
-        base = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+        given = raw.get("train")
+        base: dict[str, Any] = given if isinstance(given, dict) else {}
         raw = copy.deepcopy(raw)
         raw["teacher"]["train"] = _deep_merge(base, teacher["train"])
     return raw
@@ -479,7 +480,8 @@ def validate_recipe(raw: Any, *, source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        errors = _drop_inherited(_dedupe_union_errors(exc.errors()), written)
+        details: list[dict[str, Any]] = [dict(e) for e in exc.errors()]
+        errors = _drop_inherited(_dedupe_union_errors(details), written)
         lines = [_explain(e) for e in errors]
         noun = "problem" if len(lines) == 1 else "problems"
         raise RecipeError(

@@ -155,6 +155,8 @@ def fit(
     total_steps = settings.epochs * steps_per_epoch
     if objective.needs_teacher and teacher is None:
         raise TrainingError(f"{label}: the objective needs a teacher, but none was given")
+    if not objective.needs_teacher:
+        teacher = None  # never run a teacher whose output no term reads
 
     optimizer = make_optimizer(model, settings.optimizer)
     scheduler = _scheduler(optimizer, settings.lr_schedule, total_steps, steps_per_epoch)
@@ -238,7 +240,7 @@ def fit(
                             xb = jitter(xb, max_shift, augment_rng)
                         x = data.to_input(xb).to(device, non_blocking=True)
                         y = train_y[idx].to(device, non_blocking=True)
-                        teacher_logits = teacher(x, idx) if objective.needs_teacher else None
+                        teacher_logits = teacher(x, idx) if teacher is not None else None
                         with accelerator.autocast():
                             logits = model(x)
                         total, parts = objective(
