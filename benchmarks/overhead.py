@@ -29,11 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import handwritten
 import torch
 from accelerate import Accelerator
 
-import handwritten
 from kdistill.cache import open_cache, write_cache
+from kdistill.checkpoint import file_sha256, save_weights
 from kdistill.data import build
 from kdistill.losses.objective import Objective
 from kdistill.models import build_model
@@ -50,7 +51,9 @@ TERMS = [
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--json", type=Path, help="also write the raw timings here")
@@ -65,11 +68,11 @@ def main() -> None:
     settings = TrainConfig(epochs=1, batch_size=128, optimizer={"name": "sgd", "lr": 0.01})
     work = Path(tempfile.mkdtemp(prefix="kdistill-bench-"))
     weights = work / "teacher.safetensors"
-    from kdistill.checkpoint import file_sha256, save_weights
-
     save_weights(teacher, weights)
     write_cache(work / "cache", teacher, data, teacher_sha256=file_sha256(weights))
-    cached = CachedTeacher(open_cache(work / "cache", teacher_sha256=file_sha256(weights), bundle=data))
+    cached = CachedTeacher(
+        open_cache(work / "cache", teacher_sha256=file_sha256(weights), bundle=data)
+    )
     live = LiveTeacher(teacher)
 
     def student() -> torch.nn.Module:
@@ -87,7 +90,9 @@ def main() -> None:
         model = student()
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         steps = len(data.train) // 128
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))
+        )
         start = time.perf_counter()
         handwritten.train_epoch(model, opt, sched, data.train.x, data.train.y, batch_size=128, epoch=0,
                                 teacher=teacher, temperature=20.0, alpha=0.9)  # fmt: skip
@@ -101,13 +106,16 @@ def main() -> None:
         "kdistill_alone": lambda: run_fit("alone", alone, None),
     }
     times: dict[str, list[float]] = {k: [] for k in variants}
-    for name, fn in variants.items():  # warm-up round, not counted
+    for fn in variants.values():  # warm-up round, not counted
         fn()
     for r in range(args.repeats):
         order = list(variants) if r % 2 == 0 else list(reversed(variants))
         for name in order:
             times[name].append(variants[name]())
-        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
+        print(
+            f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()),
+            flush=True,
+        )
     medians = {k: statistics.median(v) for k, v in times.items()}
     ratios = {
         "kdistill_live/handwritten_live": medians["kdistill_live"] / medians["handwritten_live"],
@@ -116,14 +124,20 @@ def main() -> None:
     }
     # per-round ratios too: each pair was measured back to back
     paired = [a / b for a, b in zip(times["kdistill_live"], times["handwritten_live"])]
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
     for k, v in medians.items():
         print(f"median {k:18s} {v:7.2f} s/epoch")
     for k, v in ratios.items():
         print(f"ratio  {k:32s} {v:.3f}")
-    print(f"paired kdistill_live/handwritten_live per round: {', '.join(f'{p:.3f}' for p in paired)}")
+    print(
+        f"paired kdistill_live/handwritten_live per round: {', '.join(f'{p:.3f}' for p in paired)}"
+    )
     if args.json:
-        args.json.write_text(json.dumps({"times": times, "medians": medians, "ratios": ratios}, indent=2))
+        args.json.write_text(
+            json.dumps({"times": times, "medians": medians, "ratios": ratios}, indent=2)
+        )
 
 
 if __name__ == "__main__":

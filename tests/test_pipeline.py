@@ -97,3 +97,27 @@ def test_cli_lists_recipes_and_losses(capsys: pytest.CaptureFixture[str]) -> Non
     out = capsys.readouterr().out
     for name in ("kd", "dkd", "dist", "jsd", "skew_kl", "tvd", "bce_kd"):
         assert f"\n{name} " in "\n" + out
+
+
+def test_cache_command_then_distill_reads_it(
+    tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tiny["teacher"]["cache"] = True
+    tiny["stages"] = ["teacher"]
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny))
+    run = tmp_path / "run"
+    assert main(["run", str(path), "--output-dir", str(run), "--quiet"]) == 0
+    assert main(["cache", str(path), "--output-dir", str(run)]) == 0
+    cache = run / "cache" / "teacher-seed0"
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["shape"] == [2000, 10] and manifest["split"] == "train"
+    written = (cache / "logits.npy").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["cache", str(path), "--output-dir", str(run)]) == 0
+    assert "up to date" in capsys.readouterr().err
+    # the distill stage reads the cache the command wrote instead of rebuilding it
+    assert main(["run", str(path), "--output-dir", str(run), "--resume", "--quiet",
+                 "--set", "stages=[teacher,distill]"]) == 0  # fmt: skip
+    assert (cache / "logits.npy").stat().st_mtime_ns == written
+    assert (run / "distill" / "seed0" / "eval.json").is_file()

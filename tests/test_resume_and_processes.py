@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from safetensors.torch import load_file
-
 from conftest import tiny_recipe
+from safetensors.torch import load_file
 
 
 def _recipe(tmp_path: Path, dropout: float = 0.2, **train: object) -> Path:
@@ -40,13 +39,17 @@ def _kdistill(*args: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_gives_same_weights(tmp_path: Path, shared_data: Path) -> None:
+def test_sigkill_mid_epoch_then_resume_gives_same_weights(
+    tmp_path: Path, shared_data: Path
+) -> None:
     env = {**os.environ, "KDISTILL_DATA": str(shared_data)}
     recipe = _recipe(tmp_path, checkpoint_every=10)
     steps_per_epoch = 6000 // 50
 
     straight = _kdistill("run", str(recipe), "--output-dir", str(tmp_path / "straight"), env=env)
-    assert straight.wait(timeout=600) == 0, straight.stderr.read().decode() if straight.stderr else ""
+    assert straight.wait(timeout=600) == 0, (
+        straight.stderr.read().decode() if straight.stderr else ""
+    )
 
     killed_dir = tmp_path / "killed"
     proc = _kdistill("run", str(recipe), "--output-dir", str(killed_dir), env=env)
@@ -98,7 +101,9 @@ def test_two_processes_match_one(tmp_path: Path, shared_data: Path) -> None:
     assert two.returncode == 0, two.stderr.decode()[-3000:]
     assert "2 process(es)" in " ".join(two.stderr.decode().split())  # really two ranks
     acc = [
-        json.loads((tmp_path / name / "baseline" / "seed0" / "eval.json").read_text())["test"]["accuracy"]
+        json.loads((tmp_path / name / "baseline" / "seed0" / "eval.json").read_text())["test"][
+            "accuracy"
+        ]
         for name in ("one", "two")
     ]
     assert abs(acc[0] - acc[1]) <= 0.003, acc
