@@ -225,8 +225,8 @@ def fit(
                 n_train, generator=torch.Generator().manual_seed(seed * 1009 + epoch)
             )
             model.train()
-            tick = time.perf_counter()
-            for step in range(state["step_in_epoch"], steps_per_epoch):
+            tick, first = time.perf_counter(), state["step_in_epoch"]
+            for step in range(first, steps_per_epoch):
                 share = order[step * batch : (step + 1) * batch][rank::world]
                 micro_batches = share.chunk(grad_accum)
                 progress = state["global_step"] / total_steps
@@ -263,12 +263,13 @@ def fit(
                 state["running"][0] += step_loss
                 state["running"][1] += len(share)
                 if bar is not None and task is not None:
-                    rate = (step + 1 - 0) * batch / max(time.perf_counter() - tick, 1e-9)
+                    rate = (step + 1 - first) * batch / max(time.perf_counter() - tick, 1e-9)
+                    shown = "  ".join(f"{k} {float(v) / len(share):.4f}" for k, v in terms.items())
                     bar.update(
                         task,
                         advance=1,
                         info=f"epoch {epoch + 1}/{settings.epochs}  loss {step_loss / len(share):.4f}"
-                        f"  {rate:,.0f} samples/s",
+                        f" ({shown})  {rate:,.0f} samples/s",
                     )
                 if (
                     settings.checkpoint_every

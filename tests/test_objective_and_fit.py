@@ -1,0 +1,100 @@
+"""The objective's arithmetic, teacher precision, and fit's split-invariance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from kdistill.data import build
+from kdistill.losses import cross_entropy, kd_loss
+from kdistill.losses.objective import LossInputs, Objective
+from kdistill.models import build_model
+from kdistill.recipe import DataConfig, LossTerm, ModelSpec, Schedule, TrainConfig
+from kdistill.teachers import LiveTeacher
+from kdistill.train import fit, lr_factor
+
+
+def _inputs() -> LossInputs:
+    g = torch.Generator().manual_seed(0)
+    return LossInputs(
+        student_logits=torch.randn(6, 5, generator=g),
+        labels=torch.randint(0, 5, (6,), generator=g),
+        teacher_logits=torch.randn(6, 5, generator=g),
+    )
+
+
+def test_objective_is_weighted_sum_with_schedules() -> None:
+    objective = Objective(
+        [
+            LossTerm(loss="cross_entropy", weight=0.3),
+            LossTerm(
+                loss="kd",
+                weight=Schedule(kind="linear", start=0.0, end=1.0),
+                temperature=Schedule(kind="exponential", start=8.0, end=2.0),
+            ),
+        ]
+    )
+    inputs = _inputs()
+    total, parts = objective(inputs, progress=0.5)
+    temperature = 8.0 * (2.0 / 8.0) ** 0.5
+    ce = cross_entropy(inputs.student_logits, inputs.labels, reduction="sum")
+    kd = kd_loss(
+        inputs.student_logits, inputs.teacher_logits, temperature=temperature, reduction="sum"
+    )
+    assert total.item() == pytest.approx((0.3 * ce + 0.5 * kd).item(), rel=1e-6)
+    assert parts["kd"].item() == pytest.approx(kd.item(), rel=1e-6)
+    assert objective.weights(0.0)["kd"] == 0.0 and objective.weights(1.0)["kd"] == 1.0
+    assert objective.needs_teacher and objective.needs_labels
+
+
+def test_repeated_losses_get_distinct_names() -> None:
+    objective = Objective(
+        [LossTerm(loss="kd", temperature=1.0), LossTerm(loss="kd", temperature=4.0)]
+    )
+    assert objective.names == ["kd", "kd_2"]
+
+
+def test_live_teacher_in_bfloat16_returns_float32_close_to_fp32() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    x = torch.randn(4, 8)
+    reference = model(x).detach()
+    teacher = LiveTeacher(model, precision="bf16")
+    out = teacher(x, torch.arange(4))
+    assert out.dtype == torch.float32 and not out.requires_grad
+    assert torch.allclose(out, reference, atol=0.1)
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in model.parameters())
+
+
+def test_lr_factor_warmup_and_shapes() -> None:
+    from kdistill.recipe import LRScheduleConfig
+
+    cosine = LRScheduleConfig(name="cosine", warmup_steps=10)
+    assert lr_factor(cosine, 0, 110, 11) == pytest.approx(0.1)
+    assert lr_factor(cosine, 10, 110, 11) == pytest.approx(1.0)
+    assert lr_factor(cosine, 110, 110, 11) == pytest.approx(0.0, abs=1e-12)
+    step = LRScheduleConfig(name="step", milestones=[2, 4], gamma=0.5)
+    assert lr_factor(step, 5 * 11, 110, 11) == pytest.approx(0.25)
+    onecycle = LRScheduleConfig(name="onecycle")
+    values = [lr_factor(onecycle, s, 100, 10) for s in range(100)]
+    assert max(values) == pytest.approx(1.0, abs=0.05) and values[-1] < 0.01
+
+
+def test_grad_accumulation_gives_the_same_weights(shared_data: Path, tmp_path: Path) -> None:
+    data = build(DataConfig(source="mnist", limit_train=640, limit_test=100), shared_data)
+    spec = ModelSpec(name="mlp", args={"hidden": [32]})
+    objective = Objective([LossTerm(loss="cross_entropy")])
+    accelerator = Accelerator(cpu=True)
+    weights = []
+    for accum in (1, 4):
+        torch.manual_seed(0)
+        model = build_model(spec, input_shape=data.input_shape, num_classes=data.num_classes)
+        settings = TrainConfig(epochs=2, batch_size=64, grad_accum=accum, optimizer={"lr": 0.1})
+        fit(model, data=data, objective=objective, teacher=None, settings=settings, seed=0,
+            out_dir=tmp_path / str(accum), accelerator=accelerator, quiet=True)  # fmt: skip
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+    worst = max(float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[0])
+    assert worst < 1e-5, worst
