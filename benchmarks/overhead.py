@@ -57,6 +57,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--json", type=Path, help="also write the raw timings here")
+    parser.add_argument(
+        "--only", nargs="+", help="time only these variants (more rounds in the same time)"
+    )
     args = parser.parse_args()
 
     data = build(DataConfig(source="mnist", val_fraction=0.1), args.data_dir)
@@ -105,6 +108,8 @@ def main() -> None:
         "kdistill_cached": lambda: run_fit("cached", distill, cached),
         "kdistill_alone": lambda: run_fit("alone", alone, None),
     }
+    if args.only:
+        variants = {k: v for k, v in variants.items() if k in args.only}
     times: dict[str, list[float]] = {k: [] for k in variants}
     for fn in variants.values():  # warm-up round, not counted
         fn()
@@ -117,13 +122,18 @@ def main() -> None:
             flush=True,
         )
     medians = {k: statistics.median(v) for k, v in times.items()}
-    ratios = {
-        "kdistill_live/handwritten_live": medians["kdistill_live"] / medians["handwritten_live"],
-        "kdistill_cached/kdistill_alone": medians["kdistill_cached"] / medians["kdistill_alone"],
-        "kdistill_live/kdistill_cached": medians["kdistill_live"] / medians["kdistill_cached"],
-    }
+    pairs = [
+        ("kdistill_live", "handwritten_live"),
+        ("kdistill_cached", "kdistill_alone"),
+        ("kdistill_live", "kdistill_cached"),
+    ]
+    ratios = {f"{a}/{b}": medians[a] / medians[b] for a, b in pairs if a in times and b in times}
     # per-round ratios too: each pair was measured back to back
-    paired = [a / b for a, b in zip(times["kdistill_live"], times["handwritten_live"])]
+    paired = {
+        f"{a}/{b}": [x / y for x, y in zip(times[a], times[b])]
+        for a, b in pairs[:2]
+        if a in times and b in times
+    }
     print(
         f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     )
@@ -131,12 +141,14 @@ def main() -> None:
         print(f"median {k:18s} {v:7.2f} s/epoch")
     for k, v in ratios.items():
         print(f"ratio  {k:32s} {v:.3f}")
-    print(
-        f"paired kdistill_live/handwritten_live per round: {', '.join(f'{p:.3f}' for p in paired)}"
-    )
+    for name, values in paired.items():
+        shown = ", ".join(f"{p:.3f}" for p in values)
+        print(f"paired {name} per round: {shown}; median {statistics.median(values):.3f}")
     if args.json:
         args.json.write_text(
-            json.dumps({"times": times, "medians": medians, "ratios": ratios}, indent=2)
+            json.dumps(
+                {"times": times, "medians": medians, "ratios": ratios, "paired": paired}, indent=2
+            )
         )
 
 

@@ -11,6 +11,7 @@ accumulation steps or processes.
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import math
 from collections.abc import Callable
@@ -30,6 +31,7 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = dict(LOGIT_LOSSES)
 _SUPPLIED = {"student_logits", "teacher_logits", "labels", "temperature", "reduction"}
 
 
+@functools.cache
 def _signature(name: str) -> inspect.Signature:
     return inspect.signature(LOSSES[name])
 
@@ -111,6 +113,12 @@ class Objective:
             raise LossInputError("an objective needs at least one loss term")
         self.terms = terms
         self.names = self._unique_names(terms)
+        # resolved once: __call__ runs every step
+        self._weights = [as_schedule(t.weight) for t in terms]
+        self._temperatures = [
+            None if t.temperature is None else as_schedule(t.temperature) for t in terms
+        ]
+        self._reads = [(takes(t.loss, "teacher_logits"), takes(t.loss, "labels")) for t in terms]
         self.needs_teacher = any(takes(t.loss, "teacher_logits") for t in terms)
         self.needs_labels = any(takes(t.loss, "labels") for t in terms)
 
@@ -125,24 +133,26 @@ class Objective:
         return names
 
     def weights(self, progress: float) -> dict[str, float]:
-        return {n: schedule_value(t.weight, progress) for n, t in zip(self.names, self.terms)}
+        return {n: schedule_value(w, progress) for n, w in zip(self.names, self._weights)}
 
     def __call__(
         self, inputs: LossInputs, progress: float
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total = inputs.student_logits.new_zeros((), dtype=torch.float32)
         parts: dict[str, torch.Tensor] = {}
-        for name, term in zip(self.names, self.terms):
-            weight = schedule_value(term.weight, progress)
+        for name, term, weight_schedule, temperature, (reads_teacher, reads_labels) in zip(
+            self.names, self.terms, self._weights, self._temperatures, self._reads
+        ):
+            weight = schedule_value(weight_schedule, progress)
             kwargs: dict[str, object] = dict(term.params)
-            if takes(term.loss, "teacher_logits"):
+            if reads_teacher:
                 if inputs.teacher_logits is None:
                     raise LossInputError(f"loss {term.loss!r} needs a teacher; none was given")
                 kwargs["teacher_logits"] = inputs.teacher_logits
-            if takes(term.loss, "labels"):
+            if reads_labels:
                 kwargs["labels"] = inputs.labels
-            if term.temperature is not None:
-                kwargs["temperature"] = schedule_value(term.temperature, progress)
+            if temperature is not None:
+                kwargs["temperature"] = schedule_value(temperature, progress)
             value = LOSSES[term.loss](inputs.student_logits, reduction="sum", **kwargs)
             parts[name] = value.detach()
             if weight != 0.0:
