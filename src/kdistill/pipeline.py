@@ -46,7 +46,7 @@ from kdistill.errors import CheckpointError, RunDirError
 from kdistill.evaluate import cost, predict, quality
 from kdistill.losses.objective import Objective, takes
 from kdistill.models import build_model
-from kdistill.recipe import DataConfig, LossTerm, ModelSpec, Recipe
+from kdistill.recipe import DataConfig, LossTerm, ModelSpec, Recipe, TrainConfig
 from kdistill.report import write_report
 from kdistill.teachers import CachedTeacher, LiveTeacher
 from kdistill.train import TeacherSignal, fit
@@ -179,27 +179,10 @@ def _teacher_stage(ctx: Context, seed: int) -> nn.Module:
             ctx.console.log(f"teacher seed {seed}: already trained in {stage_dir}, reusing it")
         return model
     objective = Objective(recipe.teacher.objective or [LossTerm(loss="cross_entropy")])
-    result = fit(
-        model,
-        data=ctx.data,
-        objective=objective,
-        teacher=None,
-        settings=recipe.teacher_train(),
-        seed=seed,
-        out_dir=stage_dir,
-        accelerator=ctx.accelerator,
-        resume=ctx.resume,
-        label=f"teacher seed {seed}",
-        quiet=ctx.quiet,
-        tensorboard=recipe.output.tensorboard,
-        console=ctx.console,
-    )
-    model = ctx.accelerator.unwrap_model(model)
-    _finish_stage(
-        ctx, "teacher", seed, model, recipe.teacher.model, None, train_seconds=result.seconds
-    )
-    ctx.accelerator.free_memory()
-    return model
+    return _train_and_finish(
+        ctx, "teacher", seed, model, recipe.teacher.model, objective, None,
+        settings=recipe.teacher_train(), teacher=None,
+    )  # fmt: skip
 
 
 def _student_stage(ctx: Context, stage: str, seed: int, *, teacher: nn.Module | None) -> None:
@@ -224,26 +207,44 @@ def _student_stage(ctx: Context, stage: str, seed: int, *, teacher: nn.Module | 
         signal = _teacher_signal(ctx, teacher, seed) if objective.needs_teacher else None
     else:
         objective = Objective(baseline_terms(recipe.objective))
+    _train_and_finish(
+        ctx, stage, seed, model, recipe.student.model, objective, signal,
+        settings=recipe.train, teacher=teacher,
+    )  # fmt: skip
+
+
+def _train_and_finish(
+    ctx: Context,
+    stage: str,
+    seed: int,
+    model: nn.Module,
+    spec: ModelSpec,
+    objective: Objective,
+    signal: TeacherSignal | None,
+    *,
+    settings: TrainConfig,
+    teacher: nn.Module | None,
+) -> nn.Module:
+    """Train one stage into <run>/<stage>/seed<k>/, then measure and record it."""
     result = fit(
         model,
         data=ctx.data,
         objective=objective,
         teacher=signal,
-        settings=recipe.train,
+        settings=settings,
         seed=seed,
-        out_dir=stage_dir,
+        out_dir=ctx.run_dir / stage / f"seed{seed}",
         accelerator=ctx.accelerator,
         resume=ctx.resume,
         label=f"{stage} seed {seed}",
         quiet=ctx.quiet,
-        tensorboard=recipe.output.tensorboard,
+        tensorboard=ctx.recipe.output.tensorboard,
         console=ctx.console,
     )
     model = ctx.accelerator.unwrap_model(model)
-    _finish_stage(
-        ctx, stage, seed, model, recipe.student.model, teacher, train_seconds=result.seconds
-    )
+    _finish_stage(ctx, stage, seed, model, spec, teacher, train_seconds=result.seconds)
     ctx.accelerator.free_memory()
+    return model
 
 
 def baseline_terms(objective: list[LossTerm]) -> list[LossTerm]:
