@@ -108,6 +108,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors"
     )
 
+    p = sub.add_parser(
+        "inspect", help="print a model's modules with output shapes, to pick layers to tap"
+    )
+    p.add_argument(
+        "model",
+        help="a zoo name (resnet20), package.module:factory, or a recipe (.yaml) with --role",
+    )
+    p.add_argument(
+        "--role",
+        choices=["teacher", "student", "assistant"],
+        default="student",
+        help="with a recipe: which model to show (default: student)",
+    )
+    p.add_argument(
+        "--input-shape",
+        default="3,32,32",
+        help="one sample's shape, comma-separated (default 3,32,32; a recipe's data decides)",
+    )
+    p.add_argument("--num-classes", type=int, default=10, help="classes (default 10)")
+    p.add_argument(
+        "--arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a keyword argument of the model factory (YAML value), repeatable",
+    )
+    p.add_argument("--depth", type=int, default=None, help="show modules this deep at most")
+    _add_data_dir(p)
+    p.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors"
+    )
+
     p = sub.add_parser("recipes", help="list the shipped recipes")
     p.add_argument(
         "--losses", action="store_true", help="list the loss functions a recipe may name"
@@ -203,6 +235,9 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         verb = "is up to date" if info["reused"] else "written"
         console.print(f"teacher cache {info['folder']} {verb}")
         return 0
+    if args.command == "inspect":
+        print(_inspect(args))
+        return 0
     if args.command == "recipes":
         if args.losses:
             from kdistill.losses.objective import LOSSES
@@ -224,6 +259,49 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         console.print(f"wrote {Path(args.run_dir) / 'results.md'}")
         return 0
     raise AssertionError(args.command)
+
+
+def _inspect(args: argparse.Namespace) -> str:
+    import torch
+    import yaml
+
+    from kdistill.models import build_model
+    from kdistill.recipe import ModelSpec
+    from kdistill.taps import module_tree
+
+    if args.model.endswith((".yaml", ".yml")):
+        from kdistill.data import build as build_data
+
+        from kdistill.recipe import load_recipe
+
+        recipe = load_recipe(args.model)
+        section = getattr(recipe, args.role)
+        if section is None:
+            raise RecipeError(f"{args.model}: the recipe has no {args.role} section")
+        spec = section.model
+        data = build_data(recipe.data.model_copy(update={"limit_test": 1}), args.data_dir)
+        input_shape, num_classes = data.input_shape, data.num_classes
+        sample = data.to_input(data.train.x[:2])
+    else:
+        options = {}
+        for item in args.arg:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise RecipeError(f"--arg {item!r}: write KEY=VALUE, for example --arg width=2")
+            options[key] = yaml.safe_load(value)
+        spec = ModelSpec(name=args.model, args=options)
+        try:
+            input_shape = tuple(int(n) for n in args.input_shape.split(","))
+        except ValueError:
+            raise RecipeError(
+                f"--input-shape {args.input_shape!r}: write sizes separated by commas, e.g. 3,32,32"
+            ) from None
+        num_classes = args.num_classes
+        sample = torch.randn(2, *input_shape)
+    model = build_model(spec, input_shape=input_shape, num_classes=num_classes, where="model")
+    model.eval()
+    header = f"{spec.name}: input {tuple(input_shape)}, {num_classes} classes"
+    return header + "\n" + module_tree(model, sample, max_depth=args.depth)
 
 
 if __name__ == "__main__":

@@ -44,11 +44,11 @@ from kdistill.data import DataBundle
 from kdistill.data import build as build_data
 from kdistill.errors import CheckpointError, RunDirError
 from kdistill.evaluate import cost, predict, quality
-from kdistill.losses.objective import Objective, takes
+from kdistill.losses.objective import Objective, reads_teacher
 from kdistill.models import build_model
 from kdistill.recipe import DataConfig, LossTerm, ModelSpec, Recipe, TrainConfig
 from kdistill.report import write_report
-from kdistill.teachers import CachedTeacher, LiveTeacher
+from kdistill.teachers import CachedTeacher, EnsembleTeacher, LiveTeacher, combine_members
 from kdistill.train import TeacherSignal, fit
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -101,18 +101,23 @@ def run(
         )
     try:
         _check_models(recipe, data)
-        teachers: dict[int, nn.Module] = {}
-        if recipe.teacher is not None and ({"teacher", "distill"} & set(recipe.stages)):
+        stages = set(recipe.stages)
+        guides: dict[int, Guide] = {}
+        if recipe.teacher is not None and ({"teacher", "assistant", "distill"} & stages):
             teacher_seeds = recipe.seeds if recipe.teacher.every_seed else recipe.seeds[:1]
             for seed in teacher_seeds:
-                teachers[seed] = _teacher_stage(ctx, seed)
+                guides[seed] = _teacher_stage(ctx, seed)
+                if "assistant" in stages:
+                    guides[seed] = _student_stage(ctx, "assistant", seed, guide=guides[seed])
         for seed in recipe.seeds:
-            teacher = teachers.get(seed) or next(iter(teachers.values()), None)
-            if "baseline" in recipe.stages:
-                _student_stage(ctx, "baseline", seed, teacher=teacher)
-            if "distill" in recipe.stages:
-                assert teacher is not None  # guaranteed by the recipe's validation
-                _student_stage(ctx, "distill", seed, teacher=teacher)
+            guide = guides.get(seed) or next(iter(guides.values()), None)
+            if "baseline" in stages:
+                _student_stage(ctx, "baseline", seed, guide=guide)
+            if "distill" in stages:
+                assert guide is not None  # guaranteed by the recipe's validation
+                for generation in range(1, recipe.generations + 1):
+                    stage = "distill" if generation == 1 else f"distill_gen{generation}"
+                    guide = _student_stage(ctx, stage, seed, guide=guide)
         accelerator.wait_for_everyone()
         results: dict[str, Any] = {}
         if ctx.is_main:
@@ -144,73 +149,128 @@ def _check_models(recipe: Recipe, data: DataBundle) -> None:
     fails now and not after the teacher has trained for hours. Each stage seeds its own
     build, so this does not change any weights."""
     specs: list[tuple[ModelSpec, str]] = []
-    if recipe.teacher is not None and {"teacher", "distill"} & set(recipe.stages):
+    if recipe.teacher is not None and {"teacher", "assistant", "distill"} & set(recipe.stages):
         specs.append((recipe.teacher.model, "teacher.model"))
+        specs += [(m.model, f"teacher.members.{m.name}.model") for m in recipe.teacher.members]
+    if recipe.assistant is not None and "assistant" in recipe.stages:
+        specs.append((recipe.assistant.model, "assistant.model"))
     if recipe.student is not None and {"baseline", "distill"} & set(recipe.stages):
         specs.append((recipe.student.model, "student.model"))
     for spec, where in specs:
         build_model(spec, input_shape=data.input_shape, num_classes=data.num_classes, where=where)
 
 
-def _teacher_stage(ctx: Context, seed: int) -> nn.Module:
+@dataclass
+class Guide:
+    """The teacher of a stage: its live models by member name ("main" first) and where
+    the main model's weights live (<run>/<stage>/seed<seed>), which fingerprints a cache."""
+
+    models: dict[str, nn.Module]
+    stage: str
+    seed: int
+    checkpoint: Path | None = None  # teacher.checkpoint, when the weights came from there
+
+
+def _teacher_stage(ctx: Context, seed: int) -> Guide:
     recipe = ctx.recipe
     assert recipe.teacher is not None
-    stage_dir = ctx.run_dir / "teacher" / f"seed{seed}"
+    checkpoint = resolve_weights(recipe.teacher.checkpoint) if recipe.teacher.checkpoint else None
+    models = {"main": _one_teacher(ctx, seed, "teacher", recipe.teacher.model, checkpoint)}
+    for member in recipe.teacher.members:
+        weights = resolve_weights(member.checkpoint) if member.checkpoint else None
+        models[member.name] = _one_teacher(
+            ctx, seed, f"teacher_{member.name}", member.model, weights
+        )
+    return Guide(models, "teacher", seed, checkpoint)
+
+
+def _one_teacher(
+    ctx: Context, seed: int, stage: str, spec: ModelSpec, checkpoint: Path | None
+) -> nn.Module:
+    """Load a teacher from its checkpoint, reuse one trained earlier, or train it."""
+    recipe = ctx.recipe
+    assert recipe.teacher is not None
+    stage_dir = ctx.run_dir / stage / f"seed{seed}"
+    where = "teacher.model" if stage == "teacher" else f"teacher.members.{stage[8:]}.model"
     torch.manual_seed(seed)
     model = build_model(
-        recipe.teacher.model,
-        input_shape=ctx.data.input_shape,
-        num_classes=ctx.data.num_classes,
-        where="teacher.model",
+        spec, input_shape=ctx.data.input_shape, num_classes=ctx.data.num_classes, where=where
     )
-    if recipe.teacher.checkpoint is not None:
+    if checkpoint is not None:
         try:
-            load_weights(model, resolve_weights(recipe.teacher.checkpoint))
+            load_weights(model, checkpoint)
         except CheckpointError as exc:
-            raise CheckpointError(f"teacher.checkpoint: {exc}") from None
+            hint = ""
+            if stage != "teacher":
+                hint = (
+                    f"; every teacher of an ensemble must predict the data's "
+                    f"{ctx.data.num_classes} classes"
+                )
+            raise CheckpointError(
+                f"{where.replace('.model', '.checkpoint')}: {exc}{hint}"
+            ) from None
         if "teacher" in recipe.stages and not (stage_dir / "eval.json").exists():
-            _finish_stage(
-                ctx, "teacher", seed, model, recipe.teacher.model, None, train_seconds=0.0
-            )
+            _finish_stage(ctx, stage, seed, model, spec, None, train_seconds=0.0)
         return model
     if (stage_dir / "eval.json").exists() and (stage_dir / "model.safetensors").exists():
         load_weights(model, stage_dir / "model.safetensors")
         if ctx.is_main:
-            ctx.console.log(f"teacher seed {seed}: already trained in {stage_dir}, reusing it")
+            ctx.console.log(f"{stage} seed {seed}: already trained in {stage_dir}, reusing it")
         return model
     objective = Objective(recipe.teacher.objective or [LossTerm(loss="cross_entropy")])
     return _train_and_finish(
-        ctx, "teacher", seed, model, recipe.teacher.model, objective, None,
-        settings=recipe.teacher_train(), teacher=None,
+        ctx, stage, seed, model, spec, objective, None,
+        settings=recipe.teacher_train(), guide=None,
     )  # fmt: skip
 
 
-def _student_stage(ctx: Context, stage: str, seed: int, *, teacher: nn.Module | None) -> None:
+def _student_stage(ctx: Context, stage: str, seed: int, *, guide: Guide | None) -> Guide:
+    """Train a student-side model (baseline, assistant, distill, distill_gen<g>) and
+    return it as the guide of the next stage in a chain."""
     recipe = ctx.recipe
-    assert recipe.student is not None
+    if stage == "assistant":
+        assert recipe.assistant is not None
+        spec, where = recipe.assistant.model, "assistant.model"
+    else:
+        assert recipe.student is not None
+        spec, where = recipe.student.model, "student.model"
     stage_dir = ctx.run_dir / stage / f"seed{seed}"
-    if (stage_dir / "eval.json").exists():
-        if ctx.is_main:
-            ctx.console.log(f"{stage} seed {seed}: finished earlier in {stage_dir}, skipping")
-        return
     torch.manual_seed(seed)  # baseline and distill start from the same weights for a seed
     model = build_model(
-        recipe.student.model,
-        input_shape=ctx.data.input_shape,
-        num_classes=ctx.data.num_classes,
-        where="student.model",
+        spec, input_shape=ctx.data.input_shape, num_classes=ctx.data.num_classes, where=where
     )
+    if (stage_dir / "eval.json").exists() and (stage_dir / "model.safetensors").exists():
+        if ctx.is_main:
+            ctx.console.log(f"{stage} seed {seed}: finished earlier in {stage_dir}, skipping")
+        load_weights(model, stage_dir / "model.safetensors")
+        return Guide({"main": model}, stage, seed)
     signal: TeacherSignal | None = None
-    if stage == "distill":
-        objective = Objective(recipe.objective)
-        assert teacher is not None and recipe.teacher is not None
-        signal = _teacher_signal(ctx, teacher, seed) if objective.needs_teacher else None
-    else:
+    extras: nn.Module | None = None
+    if stage == "baseline":  # the guide only measures agreement
         objective = Objective(baseline_terms(recipe.objective))
-    _train_and_finish(
-        ctx, stage, seed, model, recipe.student.model, objective, signal,
-        settings=recipe.train, teacher=teacher,
-    )  # fmt: skip
+    else:
+        assert guide is not None and recipe.teacher is not None
+        objective = Objective(recipe.objective)
+        if objective.needs_teacher:
+            signal = _teacher_signal(ctx, guide)
+        if objective.feature_terms:
+            assert signal is not None
+            sample = ctx.data.to_input(ctx.data.train.x[:8]).to(ctx.accelerator.device)
+            extras = objective.bind(
+                model.to(ctx.accelerator.device),
+                signal.models,
+                sample=sample,
+                num_train=len(ctx.data.train),
+                seed=seed,
+            )
+    try:
+        _train_and_finish(
+            ctx, stage, seed, model, spec, objective, signal,
+            settings=recipe.train, guide=guide, extras=extras,
+        )  # fmt: skip
+    finally:
+        objective.unbind()
+    return Guide({"main": model}, stage, seed)
 
 
 def _train_and_finish(
@@ -223,7 +283,8 @@ def _train_and_finish(
     signal: TeacherSignal | None,
     *,
     settings: TrainConfig,
-    teacher: nn.Module | None,
+    guide: Guide | None,
+    extras: nn.Module | None = None,
 ) -> nn.Module:
     """Train one stage into <run>/<stage>/seed<k>/, then measure and record it."""
     result = fit(
@@ -240,9 +301,10 @@ def _train_and_finish(
         quiet=ctx.quiet,
         tensorboard=ctx.recipe.output.tensorboard,
         console=ctx.console,
+        extras=extras,
     )
     model = ctx.accelerator.unwrap_model(model)
-    _finish_stage(ctx, stage, seed, model, spec, teacher, train_seconds=result.seconds)
+    _finish_stage(ctx, stage, seed, model, spec, guide, train_seconds=result.seconds)
     ctx.accelerator.free_memory()
     return model
 
@@ -251,30 +313,34 @@ def baseline_terms(objective: list[LossTerm]) -> list[LossTerm]:
     """The student-alone objective: the distill objective's terms that need no teacher
     (for example cross-entropy with its label smoothing), at weight 1; plain
     cross-entropy when there are none."""
-    own = [
-        term.model_copy(update={"weight": 1.0})
-        for term in objective
-        if not takes(term.loss, "teacher_logits")
-    ]
+    own = [term.model_copy(update={"weight": 1.0}) for term in objective if not reads_teacher(term)]
     return own or [LossTerm(loss="cross_entropy")]
 
 
-def _teacher_signal(ctx: Context, teacher: nn.Module, seed: int) -> TeacherSignal:
+def _teacher_signal(ctx: Context, guide: Guide) -> TeacherSignal:
     recipe = ctx.recipe
     assert recipe.teacher is not None
     device = ctx.accelerator.device
+    precision = recipe.teacher.precision or "fp32"
+    if len(guide.models) > 1:
+        return EnsembleTeacher(
+            {name: copy.deepcopy(m) for name, m in guide.models.items()},
+            combine=recipe.teacher.combine,
+            weights=recipe.teacher.weights,
+            precision=precision,
+        ).to(device)
+    teacher = guide.models["main"]
     if not recipe.teacher.cache:
-        live = copy.deepcopy(teacher)
-        return LiveTeacher(live, precision=recipe.teacher.precision or "fp32").to(device)
+        return LiveTeacher(copy.deepcopy(teacher), precision=precision).to(device)
     weights = (
-        ctx.run_dir / "teacher" / f"seed{seed if recipe.teacher.every_seed else recipe.seeds[0]}"
+        guide.checkpoint or ctx.run_dir / guide.stage / f"seed{guide.seed}" / "model.safetensors"
     )
-    teacher_sha = _teacher_sha256(ctx, weights / "model.safetensors", teacher)
-    folder = (
-        ctx.run_dir
-        / "cache"
-        / f"teacher-seed{seed if recipe.teacher.every_seed else recipe.seeds[0]}"
-    )
+    if not weights.exists():
+        raise CheckpointError(
+            f"teacher weights {weights} are missing; cannot fingerprint the cache"
+        )
+    teacher_sha = file_sha256(weights)
+    folder = ctx.run_dir / "cache" / f"{guide.stage}-seed{guide.seed}"
     if ctx.is_main and not folder.exists():
         manifest = write_cache(
             folder,
@@ -290,25 +356,13 @@ def _teacher_signal(ctx: Context, teacher: nn.Module, seed: int) -> TeacherSigna
     return CachedTeacher(open_cache(folder, teacher_sha256=teacher_sha, bundle=ctx.data)).to(device)
 
 
-def _teacher_sha256(ctx: Context, weights: Path, teacher: nn.Module) -> str:
-    recipe = ctx.recipe
-    assert recipe.teacher is not None
-    if recipe.teacher.checkpoint is not None:
-        return file_sha256(resolve_weights(recipe.teacher.checkpoint))
-    if not weights.exists():  # teacher loaded elsewhere; hash its weights as saved now
-        raise CheckpointError(
-            f"teacher weights {weights} are missing; cannot fingerprint the cache"
-        )
-    return file_sha256(weights)
-
-
 def _finish_stage(
     ctx: Context,
     stage: str,
     seed: int,
     model: nn.Module,
     spec: ModelSpec,
-    teacher: nn.Module | None,
+    guide: Guide | None,
     *,
     train_seconds: float,
 ) -> None:
@@ -316,7 +370,7 @@ def _finish_stage(
     stage_dir = ctx.run_dir / stage / f"seed{seed}"
     data, device = ctx.data, ctx.accelerator.device
     batch = ctx.recipe.train.eval_batch_size
-    teacher_test = _teacher_logits(ctx, teacher, seed) if teacher is not None else None
+    teacher_test = _teacher_logits(ctx, guide) if guide is not None else None
 
     def measure(weights: nn.Module) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -371,17 +425,32 @@ def _finish_stage(
     ctx.accelerator.wait_for_everyone()
 
 
-def _teacher_logits(ctx: Context, teacher: nn.Module, seed: int) -> torch.Tensor:
-    """The teacher's test logits, computed once per teacher, for student agreement."""
-    if id(teacher) not in ctx.teacher_test:
-        ctx.teacher_test[id(teacher)] = predict(
-            teacher,
-            ctx.data.test.x,
-            to_input=ctx.data.to_input,
-            batch_size=ctx.recipe.train.eval_batch_size,
-            device=ctx.accelerator.device,
-        )
-    return ctx.teacher_test[id(teacher)]
+def _teacher_logits(ctx: Context, guide: Guide) -> torch.Tensor:
+    """The guide's test logits (combined, for an ensemble), computed once per model, for
+    student agreement."""
+    member_logits = []
+    for model in guide.models.values():
+        if id(model) not in ctx.teacher_test:
+            ctx.teacher_test[id(model)] = predict(
+                model,
+                ctx.data.test.x,
+                to_input=ctx.data.to_input,
+                batch_size=ctx.recipe.train.eval_batch_size,
+                device=ctx.accelerator.device,
+            )
+        member_logits.append(ctx.teacher_test[id(model)])
+    if len(member_logits) == 1:
+        return member_logits[0]
+    assert ctx.recipe.teacher is not None
+    weights = ctx.recipe.teacher.weights
+    fixed = None if weights == "confidence" else torch.ones(len(member_logits))
+    if isinstance(weights, list):
+        fixed = torch.tensor(weights) / sum(weights)
+    elif fixed is not None:
+        fixed = fixed / len(member_logits)
+    return combine_members(
+        torch.stack(member_logits), combine=ctx.recipe.teacher.combine, weights=fixed
+    )
 
 
 # --------------------------------------------------------------- run folder state

@@ -26,7 +26,7 @@ from pydantic import (
 
 from kdistill.errors import RecipeError
 
-StageName = Literal["teacher", "baseline", "distill"]
+StageName = Literal["teacher", "assistant", "baseline", "distill"]
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
@@ -41,6 +41,15 @@ class AugmentConfig(Strict):
     """Random input augmentation, applied per batch during training only."""
 
     jitter: int = Field(0, ge=0, le=8, description="max shift in pixels (Hinton's ±2)")
+    crop: int = Field(
+        0, ge=0, le=16, description="random crop after zero padding by this many pixels (CIFAR: 4)"
+    )
+    flip: bool = Field(False, description="random horizontal flip with probability 0.5")
+
+    @property
+    def random(self) -> bool:
+        """Whether the inputs change from epoch to epoch."""
+        return bool(self.jitter or self.crop or self.flip)
 
 
 class DataConfig(Strict):
@@ -122,11 +131,26 @@ def as_schedule(value: ScheduleOrNumber) -> Schedule:
 # ---------------------------------------------------------------------- objective
 
 
+class TapSpec(Strict):
+    """A tensor read from a module of a model by forward hook, without changing the model."""
+
+    path: str = Field(description="dotted module path, as in model.named_modules()")
+    read: Literal["output", "input"] = "output"
+
+
+TapRef = str | TapSpec
+
+
 class LossTerm(Strict):
     """One weighted term of the objective.
 
     `loss` names a function in `kdistill.losses` (see `kdistill recipes --losses`);
     `params` are its keyword arguments, checked against its signature.
+
+    Feature losses (hint, attention, similarity, ...) read intermediate tensors:
+    `student` and `teacher` name module paths (one each, or lists of equal length
+    paired in order, or with `layer_map: uniform` lists of any lengths). A projector
+    is added where shapes differ.
     """
 
     loss: str
@@ -135,6 +159,31 @@ class LossTerm(Strict):
         None, description="for losses that take one; a number or a schedule"
     )
     params: dict[str, Any] = Field(default_factory=dict)
+    student: TapRef | list[TapRef] | None = Field(
+        None, description="feature losses: student module path(s)"
+    )
+    teacher: TapRef | list[TapRef] | None = Field(
+        None, description="feature losses: teacher module path(s)"
+    )
+    layer_map: Literal["pairs", "uniform"] = Field(
+        "pairs",
+        description="pairs: i-th student path with i-th teacher path; uniform: student layer i "
+        "with teacher layer round((i+1) L_t / L_s) - 1",
+    )
+    projector: Literal["auto", "linear", "conv1x1", "mlp", "none"] = Field(
+        "auto", description="how student features are mapped to the teacher's shape"
+    )
+    member: str | None = Field(
+        None,
+        description="ensemble teachers: the member whose features this term reads (default "
+        "main); stages that learn from one model (assistant, later generations) read that one",
+    )
+
+    def student_taps(self) -> list[TapSpec]:
+        return _taps(self.student)
+
+    def teacher_taps(self) -> list[TapSpec]:
+        return _taps(self.teacher)
 
     @model_validator(mode="after")
     def _check(self) -> LossTerm:
@@ -142,6 +191,11 @@ class LossTerm(Strict):
 
         check_term(self)
         return self
+
+
+def _taps(value: TapRef | list[TapRef] | None) -> list[TapSpec]:
+    items = [] if value is None else value if isinstance(value, list) else [value]
+    return [TapSpec(path=item) if isinstance(item, str) else item for item in items]
 
 
 # ----------------------------------------------------------------------- training
@@ -211,9 +265,54 @@ class TeacherConfig(Strict):
     cache: bool = Field(False, description="compute teacher logits once and read them from disk")
     cache_dtype: Literal["float16", "float32"] = "float32"
     every_seed: bool = Field(False, description="train one teacher per seed instead of one")
+    members: list[MemberConfig] = Field(
+        default_factory=list,
+        description="more teachers: the ensemble is this teacher (member 'main') plus these",
+    )
+    combine: Literal["logits", "probs"] = Field(
+        "logits", description="ensemble: average logits, or probabilities (as log-probabilities)"
+    )
+    weights: list[float] | Literal["equal", "confidence"] = Field(
+        "equal",
+        description="ensemble: fixed weights (main first), equal, or per-sample from each "
+        "member's confidence (softmax over members of minus the prediction entropy)",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TeacherConfig:
+        names = ["main"] + [m.name for m in self.members]
+        if len(set(names)) != len(names):
+            raise ValueError(f"teacher member names must be unique (and not 'main'); got {names}")
+        if isinstance(self.weights, list):
+            if len(self.weights) != len(names):
+                raise ValueError(
+                    f"teacher.weights has {len(self.weights)} values for {len(names)} teachers "
+                    f"({', '.join(names)}); give one weight per teacher, main first"
+                )
+            if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+                raise ValueError("teacher.weights must be non-negative with a positive sum")
+        return self
+
+    def member_names(self) -> list[str]:
+        return ["main"] + [m.name for m in self.members]
+
+
+class MemberConfig(Strict):
+    """One more teacher of an ensemble; trained by the teacher stage unless it has a checkpoint."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    model: ModelSpec
+    checkpoint: str | None = None
 
 
 class StudentConfig(Strict):
+    model: ModelSpec
+
+
+class AssistantConfig(Strict):
+    """A teacher assistant (Mirzadeh et al. 2020): distilled from the teacher with the
+    recipe's objective, then the student is distilled from it."""
+
     model: ModelSpec
 
 
@@ -236,6 +335,14 @@ class Recipe(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     stages: list[StageName] = Field(default=["teacher", "baseline", "distill"])
     seeds: Annotated[list[int], Field(min_length=1)] = Field(default_factory=lambda: [0])
+    assistant: AssistantConfig | None = None
+    generations: int = Field(
+        1,
+        ge=1,
+        le=10,
+        description="born-again networks: distill generation g from generation g-1 "
+        "(generation 1 from the teacher); results as distill, distill_gen2, ...",
+    )
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @field_validator("stages")
@@ -274,12 +381,30 @@ class Recipe(Strict):
                 f"train.precision ({self.train.precision}); one run trains in one precision. "
                 "Use teacher.precision to run the frozen teacher in another dtype"
             )
-        if self.teacher is not None and self.teacher.cache and self.train.augment.jitter:
+        if self.teacher is not None and self.teacher.cache and self.train.augment.random:
             raise ValueError(
                 "teacher.cache is true but train.augment randomly changes the student's "
                 "inputs each epoch, so cached teacher outputs would not match them; "
                 "set teacher.cache: false (live teacher) or remove train.augment"
             )
+        features = [t for t in self.objective if t.student is not None]
+        if self.teacher is not None and self.teacher.cache and features:
+            raise ValueError(
+                f"teacher.cache stores logits only, but loss {features[0].loss!r} reads teacher "
+                "features; set teacher.cache: false"
+            )
+        if "assistant" in self.stages:
+            if self.assistant is None:
+                raise ValueError("the 'assistant' stage needs an 'assistant' section (model)")
+            if self.teacher is None:
+                raise ValueError("the 'assistant' stage needs a 'teacher' section")
+        members = self.teacher.member_names() if self.teacher is not None else ["main"]
+        for term in self.objective:
+            if term.member is not None and term.member not in members:
+                raise ValueError(
+                    f"loss {term.loss!r} reads features of teacher member {term.member!r}, "
+                    f"but the teachers are: {', '.join(members)}"
+                )
         return self
 
     def teacher_train(self) -> TrainConfig:

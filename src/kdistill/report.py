@@ -27,7 +27,7 @@ from kdistill.errors import RunDirError
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-STAGE_ORDER = ("teacher", "baseline", "distill")
+STAGE_ORDER = ("teacher", "assistant", "baseline", "distill")
 SECTIONS = ("test", "val")
 SEED_DIR = re.compile(r"seed(\d+)")
 
@@ -155,9 +155,13 @@ def _recipe_name(run_dir: Path) -> str | None:
     return str(name) if name is not None else None
 
 
-def _stage_key(stage: str) -> tuple[int, str]:
-    order = STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
-    return order, stage
+def _stage_key(stage: str) -> tuple[int, int, str]:
+    """teacher, teacher_<member>..., assistant, baseline, distill, distill_gen2, ..., others."""
+    base, _, rest = stage.partition("_")
+    if base in STAGE_ORDER:
+        generation = int(rest[3:]) if rest.startswith("gen") and rest[3:].isdigit() else 0
+        return STAGE_ORDER.index(base), generation if rest else -1, stage
+    return len(STAGE_ORDER), 0, stage
 
 
 def _aggregate_stage(items: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:

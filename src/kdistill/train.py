@@ -40,7 +40,7 @@ from kdistill.checkpoint import (
     save_weights,
 )
 from kdistill.data import DataBundle
-from kdistill.data.augment import jitter
+from kdistill.data.augment import jitter, random_crop, random_flip
 from kdistill.errors import TrainingError
 from kdistill.evaluate import predict, quality
 from kdistill.losses.objective import LossInputs, Objective
@@ -49,6 +49,23 @@ from kdistill.recipe import LRScheduleConfig, OptimizerConfig, TrainConfig
 
 class TeacherSignal(Protocol):
     def __call__(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor: ...
+
+
+class Trainee(nn.Module):
+    """The student plus what trains with it and is dropped on export (projectors, CRD
+    heads and memory). Checkpoints hold both; exported weights hold the student only."""
+
+    def __init__(self, student: nn.Module, extras: nn.Module) -> None:
+        super().__init__()
+        self.student = student
+        self.extras = extras
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.student(*args, **kwargs)
+
+
+def student_of(model: nn.Module) -> nn.Module:
+    return model.student if isinstance(model, Trainee) else model
 
 
 @dataclass
@@ -139,8 +156,13 @@ def fit(
     quiet: bool = False,
     tensorboard: bool = False,
     console: Console | None = None,
+    extras: nn.Module | None = None,
 ) -> FitResult:
-    """Train `model` in place; write metrics.jsonl, checkpoints/, best.safetensors in out_dir."""
+    """Train `model` in place; write metrics.jsonl, checkpoints/, best.safetensors in out_dir.
+
+    `extras` (projectors, loss modules with parameters or buffers) train with the
+    model and are saved in its checkpoints, but not in best.safetensors.
+    """
     console = console or Console(stderr=True)
     rank, world = accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
@@ -158,6 +180,8 @@ def fit(
     if not objective.needs_teacher:
         teacher = None  # never run a teacher whose output no term reads
 
+    if extras is not None and len(list(extras.children())):
+        model = Trainee(model, extras)
     optimizer = make_optimizer(model, settings.optimizer)
     scheduler = _scheduler(optimizer, settings.lr_schedule, total_steps, steps_per_epoch)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -193,7 +217,12 @@ def fit(
 
     writer = _tensorboard_writer(out_dir) if tensorboard and is_main else None
     grad_accum = settings.grad_accum
-    max_shift = settings.augment.jitter
+    augment = settings.augment
+    if augment.random and not data.is_image:
+        raise TrainingError(
+            f"{label}: train.augment (jitter, crop, flip) works on images; "
+            f"this dataset's samples have shape {tuple(data.input_shape)}. Remove train.augment"
+        )
     stopped_early = False
     train_x, train_y = data.train.x, data.train.y
     started = time.perf_counter() - state["seconds"]
@@ -236,15 +265,19 @@ def fit(
                     last = i == len(micro_batches) - 1
                     with contextlib.nullcontext() if last else accelerator.no_sync(model):
                         xb = train_x[idx]
-                        if max_shift:
-                            xb = jitter(xb, max_shift, augment_rng)
+                        if augment.jitter:
+                            xb = jitter(xb, augment.jitter, augment_rng)
+                        if augment.crop:
+                            xb = random_crop(xb, augment.crop, augment_rng)
+                        if augment.flip:
+                            xb = random_flip(xb, augment_rng)
                         x = data.to_input(xb).to(device, non_blocking=True)
                         y = train_y[idx].to(device, non_blocking=True)
                         teacher_logits = teacher(x, idx) if teacher is not None else None
                         with accelerator.autocast():
                             logits = model(x)
                         total, parts = objective(
-                            LossInputs(logits.float(), y, teacher_logits), progress
+                            LossInputs(logits.float(), y, teacher_logits, indices=idx), progress
                         )
                         # sum over this micro-batch / global samples; DDP averages over processes
                         accelerator.backward(total * (world / batch))
@@ -289,7 +322,7 @@ def fit(
             }
             if len(data.val):
                 logits = predict(
-                    accelerator.unwrap_model(model),
+                    student_of(accelerator.unwrap_model(model)),
                     data.val.x,
                     to_input=data.to_input,
                     batch_size=settings.eval_batch_size,
@@ -302,7 +335,10 @@ def fit(
                 ):
                     state.update(best_val=val["accuracy"], best_epoch=epoch + 1, bad_epochs=0)
                     if is_main:
-                        save_weights(accelerator.unwrap_model(model), out_dir / "best.safetensors")
+                        save_weights(
+                            student_of(accelerator.unwrap_model(model)),
+                            out_dir / "best.safetensors",
+                        )
                 else:
                     state["bad_epochs"] += 1
                 if (

@@ -1,6 +1,7 @@
 """Model zoo and user models.
 
-A model is named by a zoo name (`mlp`, `lenet5`) or by `package.module:factory`.
+A model is named by a zoo name (`mlp`, `resnet20`), by `package.module:factory`, or
+by `path/to/file.py:factory` (a user's own file, relative to the working folder).
 Zoo builders receive `input_shape` and `num_classes` from the data; a user factory
 receives them too when its signature accepts them and the recipe does not set them.
 """
@@ -9,14 +10,36 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import inspect
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from kdistill.errors import ModelError
+from kdistill.models.cifar import (
+    cnn_student,
+    cnn_teacher,
+    mobilenetv2,
+    resnet8,
+    resnet8x4,
+    resnet14,
+    resnet20,
+    resnet32,
+    resnet32x4,
+    resnet44,
+    resnet56,
+    resnet110,
+    shufflenetv2,
+    vgg8,
+    vgg13,
+    wrn_16_2,
+    wrn_40_2,
+)
 from kdistill.models.cnn import lenet5
 from kdistill.models.mlp import mlp
 from kdistill.recipe import ModelSpec
@@ -24,13 +47,34 @@ from kdistill.recipe import ModelSpec
 ZOO: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp,
     "lenet5": lenet5,
+    # CIFAR-style models of the KD literature (RepDistiller / CRD), see models/cifar.py
+    "resnet8": resnet8,
+    "resnet14": resnet14,
+    "resnet20": resnet20,
+    "resnet32": resnet32,
+    "resnet44": resnet44,
+    "resnet56": resnet56,
+    "resnet110": resnet110,
+    "resnet8x4": resnet8x4,
+    "resnet32x4": resnet32x4,
+    "wrn_16_2": wrn_16_2,
+    "wrn_40_2": wrn_40_2,
+    "vgg8": vgg8,
+    "vgg13": vgg13,
+    "mobilenetv2": mobilenetv2,
+    "shufflenetv2": shufflenetv2,
+    "cnn_teacher": cnn_teacher,
+    "cnn_student": cnn_student,
 }
 
 
 def _import_factory(name: str, where: str) -> Callable[..., nn.Module]:
-    module_name, _, attr = name.partition(":")
+    module_name, _, attr = name.rpartition(":")
     try:
-        module = importlib.import_module(module_name)
+        if module_name.endswith(".py"):
+            module = _import_file(Path(module_name), where)
+        else:
+            module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ModelError(
             f"{where}: cannot import module {module_name!r} for model {name!r} ({exc}); "
@@ -45,6 +89,28 @@ def _import_factory(name: str, where: str) -> Callable[..., nn.Module]:
             + (f"; close names: {', '.join(hint)}" if hint else "")
         )
     return factory
+
+
+def _import_file(path: Path, where: str) -> Any:
+    """Import a user's model file (`path/to/models.py:factory`), relative to the working folder."""
+    if not path.is_file():
+        raise ModelError(
+            f"{where}: no model file {path} (resolved from {Path.cwd()}); "
+            "give a path to an existing .py file, or package.module:factory"
+        )
+    module_name = f"kdistill_user_{path.stem}_{abs(hash(str(path.resolve())))}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[module_name]
+        raise ModelError(f"{where}: importing {path} failed: {type(exc).__name__}: {exc}") from None
+    return module
 
 
 def build_model(

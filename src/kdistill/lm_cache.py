@@ -1,0 +1,655 @@
+"""Offline top-k teacher cache for language-model distillation.
+
+The teacher runs once over the packed training sequences. For every position it
+keeps the k most likely next tokens and their log-probabilities at the
+distillation temperature, log_softmax(z / T), and the probability mass of all
+other tokens (the tail). Training then reads these instead of running the teacher.
+
+Folder layout:
+    manifest.json               the spec (teacher, tokenizer, dataset, k, temperature,
+                                seq_len, num_sequences, vocab_size), the encoding and
+                                one entry per shard: file, sequence range, bytes, sha256
+    shard-0000000000.bin        sequences [0, shard_size)
+    shard-0000000256.bin        ...
+
+A shard of n sequences of T positions is three little-endian arrays back to back:
+    tail_mass  (n, T)     float32   1 - sum of the top-k probabilities, computed in
+                                    float64 from the log-probs as given (before rounding)
+    logprobs   (n, T, k)  float16   the top-k log-probabilities, in the order given
+    ids        (n, T, k)  uint8, uint16 or 3-byte uint24: the narrowest that holds
+                                    vocab_size - 1
+
+Size: 4 + k · (2 + id bytes) bytes per token. With uint16 ids (vocab ≤ 65,536):
+260 B at k=64 and 516 B at k=128, against 100,514 B for dense float16 logits of a
+50,257-token vocabulary (0.26% and 0.51%). The ids are most of it (2 of every
+4 bytes per entry); DistillKit's ~300 B at k=128 packs ids into 17 bits and
+approximates most log-probs with a fitted curve, which this format does not do.
+
+Precision: float16 rounds log p to a relative 2^-11, so each stored probability
+is within a factor exp(±2^-11 · |log p|) of the teacher's and the summed absolute
+error over the top k is at most about 2^-11 · sum_j p_j |log p_j| (≈ 3e-4 on
+typical distributions). A one-byte log-prob code would save a quarter of the
+bytes at k=128 (ids stay) for ~6× that error, so it is not offered.
+
+Crash safety: each shard is written to `<name>.tmp`, fsynced, renamed, and only
+then recorded in the manifest (rewritten atomically). A killed job leaves at
+worst a stray .tmp file and unrecorded sequences; `TopKCacheWriter(...,
+resume=True)` verifies the recorded shards and continues after the last one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kdistill.checkpoint import atomic_write_json, file_sha256
+from kdistill.errors import CacheError
+
+FORMAT = "kdistill-topk-cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LOGPROB_DTYPE = "float16"
+TAIL_DTYPE = "float32"
+_ID_DTYPES = {1: "uint8", 2: "uint16", 3: "uint24"}
+_MAX_VOCAB = 1 << 24
+# log-probs a little above 0 or top-k masses a little above 1 are float rounding
+_LOGPROB_SLACK = 1e-4
+_MASS_SLACK = 1e-3
+
+TopKBatch = tuple[int, Tensor, Tensor]  # (first sequence index, ids (n, T, k), logprobs (n, T, k))
+
+
+@dataclass(frozen=True)
+class TopKCacheSpec:
+    """What a top-k cache holds; the reader refuses a cache whose spec differs.
+
+    teacher: fingerprint of the teacher (e.g. sha256 of its weights).
+    tokenizer: `tokenizer_fingerprint` of the tokenizer shared by teacher and student.
+    dataset: `dataset_fingerprint` of the packed sequences the teacher read.
+    k: entries kept per position. temperature: T in log_softmax(z / T).
+    seq_len: positions per sequence. num_sequences: sequences in the dataset.
+    vocab_size: the teacher's output size; ids are below it.
+    """
+
+    teacher: str
+    tokenizer: str
+    dataset: str
+    k: int
+    temperature: float
+    seq_len: int
+    num_sequences: int
+    vocab_size: int
+
+    def __post_init__(self) -> None:
+        problems = [
+            f"{name} must be a non-empty string, got {getattr(self, name)!r}"
+            for name in ("teacher", "tokenizer", "dataset")
+            if not isinstance(getattr(self, name), str) or not getattr(self, name)
+        ]
+        for name in ("k", "seq_len", "num_sequences", "vocab_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.vocab_size, int) and self.vocab_size > _MAX_VOCAB:
+            problems.append(
+                f"vocab_size must be at most 2^24 = {_MAX_VOCAB}, got {self.vocab_size}"
+            )
+        if (
+            isinstance(self.k, int)
+            and isinstance(self.vocab_size, int)
+            and self.k > self.vocab_size
+        ):
+            problems.append(f"k ({self.k}) cannot exceed vocab_size ({self.vocab_size})")
+        temperature = self.temperature
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not math.isfinite(temperature)
+            or temperature <= 0
+        ):
+            problems.append(f"temperature must be a finite number > 0, got {temperature!r}")
+        if problems:
+            raise CacheError("invalid top-k cache spec: " + "; ".join(problems))
+
+    @property
+    def id_bytes(self) -> int:
+        return 1 if self.vocab_size <= 1 << 8 else 2 if self.vocab_size <= 1 << 16 else 3
+
+
+def bytes_per_token(manifest: dict[str, Any]) -> int:
+    """Bytes the cache described by `manifest` stores per token (per position)."""
+    id_bytes = {name: size for size, name in _ID_DTYPES.items()}[manifest["encoding"]["ids"]]
+    return _bytes_per_token(manifest["k"], id_bytes)
+
+
+def dense_bytes_per_token(vocab_size: int, dtype: torch.dtype = torch.float16) -> int:
+    """Bytes per token of a dense cache of all `vocab_size` logits in `dtype`."""
+    return vocab_size * torch.empty((), dtype=dtype).element_size()
+
+
+def _bytes_per_token(k: int, id_bytes: int) -> int:
+    return 4 + k * (2 + id_bytes)
+
+
+def teacher_topk(logits: Tensor, *, k: int, temperature: float) -> tuple[Tensor, Tensor]:
+    """The k most likely tokens and their log-probabilities log_softmax(z / T), largest first.
+
+    logits: (..., V) in any float dtype. Returns ids (..., k) int64 and logprobs (..., k)
+    float32 (float64 for float64 logits). The top k of z and of z / T are the same
+    tokens, so only one full-size temporary, for the log-sum-exp, is allocated.
+    """
+    if not 1 <= k <= logits.shape[-1]:
+        raise CacheError(
+            f"k must be in [1, {logits.shape[-1]}] for {logits.shape[-1]} logits; got {k}"
+        )
+    if not temperature > 0:
+        raise CacheError(f"temperature must be > 0; got {temperature}")
+    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    values, ids = logits.topk(k, dim=-1)  # (..., k)
+    log_normaliser = torch.logsumexp(logits.to(compute) / temperature, dim=-1, keepdim=True)
+    return ids, values.to(compute) / temperature - log_normaliser
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+class TopKCacheWriter:
+    """Writes a top-k cache shard by shard; `resume=True` continues a killed job.
+
+    Give batches in sequence order with `add(start, ids, logprobs)`; sequences
+    before `next_sequence` (already stored) are skipped, so after a resume the
+    teacher can start at `next_sequence` or replay from 0. Every
+    `shard_size_sequences` sequences become one shard on disk; `close()` (or
+    leaving a `with` block) writes the rest and returns the manifest.
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        spec: TopKCacheSpec,
+        *,
+        shard_size_sequences: int = 256,
+        resume: bool = False,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        if (
+            isinstance(shard_size_sequences, bool)
+            or not isinstance(shard_size_sequences, int)
+            or shard_size_sequences < 1
+        ):
+            raise CacheError(
+                f"shard_size_sequences must be a positive integer; got {shard_size_sequences!r}"
+            )
+        self.folder = Path(folder)
+        self.spec = spec
+        self.shard_size_sequences = shard_size_sequences
+        self._buffer: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._buffered = 0
+        self._closed = False
+        if (self.folder / MANIFEST).exists():
+            if not resume:
+                raise CacheError(
+                    f"{self.folder} already holds a top-k cache; pass resume=True to continue "
+                    "it, or delete the folder to build it afresh"
+                )
+            self.manifest = self._resumed_manifest()
+        else:
+            self._prepare_empty_folder()
+            self.manifest = _new_manifest(spec)
+        self.manifest["shard_size_sequences"] = shard_size_sequences
+        if extra is not None:
+            self.manifest["extra"] = extra
+        self._save_manifest()
+
+    @property
+    def next_sequence(self) -> int:
+        """The first sequence not yet given to `add` (stored or buffered)."""
+        return self.manifest["sequences_written"] + self._buffered
+
+    def add(self, start: int, ids: Tensor, logprobs: Tensor) -> None:
+        """Store the top-k ids (n, T, k) and log-probs (n, T, k) of sequences start .. start+n-1."""
+        if self._closed:
+            raise CacheError(f"the top-k cache writer for {self.folder} is closed")
+        spec = self.spec
+        ids, logprobs = ids.detach().cpu(), logprobs.detach().cpu()
+        expected = f"(n, seq_len={spec.seq_len}, k={spec.k})"
+        problems = []
+        if ids.dim() != 3 or ids.shape[1:] != (spec.seq_len, spec.k):
+            problems.append(f"ids have shape {tuple(ids.shape)}, expected {expected}")
+        if logprobs.shape != ids.shape:
+            problems.append(
+                f"logprobs have shape {tuple(logprobs.shape)}, expected ids' shape {tuple(ids.shape)}"
+            )
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            problems.append(f"ids must be an integer tensor, got {ids.dtype}")
+        if not logprobs.dtype.is_floating_point:
+            problems.append(f"logprobs must be a float tensor, got {logprobs.dtype}")
+        if start > self.next_sequence:
+            problems.append(
+                f"the batch starts at sequence {start} but the cache continues at "
+                f"{self.next_sequence}; give batches in order without gaps"
+            )
+        if problems:
+            raise CacheError(
+                f"cannot add a batch to the top-k cache {self.folder}: " + "; ".join(problems)
+            )
+        skip = self.next_sequence - start  # rows already stored (a replay after resume)
+        ids, logprobs = ids[max(skip, 0) :], logprobs[max(skip, 0) :]
+        start = max(start, self.next_sequence)
+        if len(ids) == 0:
+            return
+        if start + len(ids) > spec.num_sequences:
+            raise CacheError(
+                f"the batch covers sequences {start} .. {start + len(ids) - 1}, but the dataset "
+                f"has {spec.num_sequences} sequences (0 .. {spec.num_sequences - 1})"
+            )
+        self._check_values(start, ids, logprobs)
+        logprobs64 = logprobs.double()
+        tail = (1 - logprobs64.exp().sum(-1)).clamp(0, 1)  # (n, T)
+        self._buffer.append(
+            (
+                tail.numpy().astype("<f4"),
+                logprobs64.numpy().astype("<f2"),
+                _encode_ids(ids.numpy(), spec.id_bytes),
+            )
+        )
+        self._buffered += len(ids)
+        while self._buffered >= self.shard_size_sequences:
+            self._flush(self.shard_size_sequences)
+
+    def close(self) -> dict[str, Any]:
+        """Write the buffered sequences as a last shard; returns the manifest. A cache closed
+        before all `num_sequences` were added stays incomplete (resume it later)."""
+        if not self._closed:
+            if self._buffered:
+                self._flush(self._buffered)
+            self._closed = True
+        return self.manifest
+
+    def __enter__(self) -> TopKCacheWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()  # the buffered sequences are valid even when the teacher failed
+
+    # -- internals
+
+    def _check_values(self, start: int, ids: Tensor, logprobs: Tensor) -> None:
+        spec, problems = self.spec, []
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= spec.vocab_size:
+            bad = low if low < 0 else high
+            problems.append(f"token id {bad} is outside [0, {spec.vocab_size}) (vocab_size)")
+        if torch.isnan(logprobs).any():
+            problems.append("logprobs contain NaN")
+        elif logprobs.max() > _LOGPROB_SLACK:
+            problems.append(f"logprobs reach {float(logprobs.max()):.4g} > 0")
+        else:
+            mass = logprobs.double().exp().sum(-1)  # (n, T)
+            if mass.max() > 1 + _MASS_SLACK:
+                row, position = (int(i) for i in divmod(int(mass.argmax()), spec.seq_len))
+                problems.append(
+                    f"the top-k probabilities of sequence {start + row}, position {position} "
+                    f"sum to {float(mass.max()):.4g} > 1"
+                )
+        if problems:
+            raise CacheError(
+                f"cannot add sequences {start} .. {start + len(ids) - 1} to the top-k cache "
+                f"{self.folder}: {'; '.join(problems)}. Pass the teacher's log-probabilities "
+                "log_softmax(logits / T) of its top k tokens (see teacher_topk), not raw logits"
+            )
+
+    def _flush(self, count: int) -> None:
+        tail, logprobs, ids = (np.concatenate(parts) for parts in zip(*self._buffer))
+        start = self.manifest["sequences_written"]
+        self._write_shard(start, [tail[:count], logprobs[:count], ids[:count]])
+        rest = len(tail) - count
+        self._buffer = [(tail[count:], logprobs[count:], ids[count:])] if rest else []
+        self._buffered = rest
+
+    def _write_shard(self, start: int, arrays: list[np.ndarray]) -> None:
+        stop = start + len(arrays[0])
+        name = f"shard-{start:010d}.bin"
+        final = self.folder / name
+        tmp = final.with_name(name + ".tmp")
+        digest, size = hashlib.sha256(), 0
+        with open(tmp, "wb") as f:
+            for array in arrays:
+                data = np.ascontiguousarray(array).tobytes()
+                digest.update(data)
+                f.write(data)
+                size += len(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        _fsync_folder(self.folder)
+        self.manifest["shards"].append(
+            {
+                "file": name,
+                "start": start,
+                "stop": stop,
+                "bytes": size,
+                "sha256": digest.hexdigest(),
+            }
+        )
+        self.manifest["sequences_written"] = stop
+        self.manifest["complete"] = stop == self.spec.num_sequences
+        self._save_manifest()
+
+    def _save_manifest(self) -> None:
+        atomic_write_json(self.folder / MANIFEST, self.manifest)
+
+    def _prepare_empty_folder(self) -> None:
+        """Create the folder, or clear what a job killed before its first manifest left."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        entries = list(self.folder.iterdir())
+        foreign = [p.name for p in entries if not _is_cache_file(p.name)]
+        if foreign:
+            raise CacheError(
+                f"{self.folder} is not empty and holds no top-k cache manifest (found "
+                f"{sorted(foreign)[:5]}); give an empty or new folder for the cache"
+            )
+        for path in entries:
+            path.unlink()
+
+    def _resumed_manifest(self) -> dict[str, Any]:
+        manifest = _read_manifest(self.folder)
+        mismatches = _spec_mismatches(manifest, self.spec)
+        if mismatches:
+            raise CacheError(
+                f"cannot resume the top-k cache {self.folder}: it was started with other "
+                f"settings ({'; '.join(mismatches)}). Delete the folder to build it afresh"
+            )
+        # keep the recorded shards up to the first one that is missing or damaged
+        kept, next_start = [], 0
+        for shard in manifest["shards"]:
+            if shard["start"] != next_start or _shard_problem(
+                self.folder, shard, self.spec, full=True
+            ):
+                break
+            kept.append(shard)
+            next_start = shard["stop"]
+        keep_files = {shard["file"] for shard in kept} | {MANIFEST}
+        for path in self.folder.iterdir():
+            if path.name not in keep_files and _is_cache_file(path.name):
+                path.unlink()
+        manifest["shards"] = kept
+        manifest["sequences_written"] = next_start
+        manifest["complete"] = next_start == self.spec.num_sequences
+        return manifest
+
+
+def write_topk_cache(
+    folder: str | Path,
+    spec: TopKCacheSpec,
+    batches: Callable[[int], Iterable[TopKBatch]] | Iterable[TopKBatch],
+    *,
+    shard_size_sequences: int = 256,
+    resume: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write a whole cache; returns the manifest.
+
+    batches: (start, ids (n, T, k), logprobs (n, T, k)) in sequence order, or a
+    function of the first sequence still missing that yields them from there, so a
+    resumed job does not run the teacher on sequences already stored.
+    """
+    with TopKCacheWriter(
+        folder, spec, shard_size_sequences=shard_size_sequences, resume=resume, extra=extra
+    ) as writer:
+        source = batches(writer.next_sequence) if callable(batches) else batches
+        for start, ids, logprobs in source:
+            writer.add(start, ids, logprobs)
+    return writer.manifest
+
+
+# ----------------------------------------------------------------------------- reader
+
+
+class TopKCache:
+    """A verified top-k cache, read through memory maps (pages load on demand)."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any], spec: TopKCacheSpec) -> None:
+        self.folder = folder
+        self.manifest = manifest
+        self.spec = spec
+        self._starts = np.array([s["start"] for s in manifest["shards"]], dtype=np.int64)
+        self._maps: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return self.spec.num_sequences
+
+    def get(self, sequence_indices: Sequence[int] | Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
+        """ids (n, T, k) int64 and logprobs (n, T, k) float32 of the given sequences."""
+        index, shard_of = self._locate(sequence_indices)
+        n, spec = len(index), self.spec
+        ids = np.empty((n, spec.seq_len, spec.k), dtype=np.int64)
+        logprobs = np.empty((n, spec.seq_len, spec.k), dtype=np.float32)
+        for shard in np.unique(shard_of):
+            rows = shard_of == shard
+            local = index[rows] - self._starts[shard]
+            _, shard_logprobs, shard_ids = self._arrays(int(shard))
+            logprobs[rows] = shard_logprobs[local]
+            ids[rows] = _decode_ids(shard_ids[local], spec.id_bytes)
+        return torch.from_numpy(ids), torch.from_numpy(logprobs)
+
+    def tail_mass(self, sequence_indices: Sequence[int] | Tensor | np.ndarray) -> Tensor:
+        """(n, T) float32: the probability the teacher gives all tokens outside its top k."""
+        index, shard_of = self._locate(sequence_indices)
+        tail = np.empty((len(index), self.spec.seq_len), dtype=np.float32)
+        for shard in np.unique(shard_of):
+            rows = shard_of == shard
+            tail[rows] = self._arrays(int(shard))[0][index[rows] - self._starts[shard]]
+        return torch.from_numpy(tail)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # memory maps would be pickled as copies of the data (DataLoader workers); reopen instead
+        return {**self.__dict__, "_maps": {}}
+
+    def _locate(
+        self, sequence_indices: Sequence[int] | Tensor | np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(sequence_indices, Tensor):
+            sequence_indices = sequence_indices.cpu().numpy()
+        index = np.asarray(sequence_indices).reshape(-1)
+        if index.size and not np.issubdtype(index.dtype, np.integer):
+            raise IndexError(f"sequence indices must be integers; got {index.dtype}")
+        index = index.astype(np.int64)
+        if index.size and (index.min() < 0 or index.max() >= len(self)):
+            bad = int(index.min()) if index.min() < 0 else int(index.max())
+            raise IndexError(f"sequence {bad} is outside the cache's [0, {len(self)})")
+        return index, np.searchsorted(self._starts, index, side="right") - 1
+
+    def _arrays(self, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if shard not in self._maps:
+            entry = self.manifest["shards"][shard]
+            n, spec = entry["stop"] - entry["start"], self.spec
+            path = self.folder / entry["file"]
+            positions = n * spec.seq_len
+            tail = np.memmap(path, dtype="<f4", mode="r", shape=(n, spec.seq_len))
+            logprobs = np.memmap(
+                path, dtype="<f2", mode="r", offset=4 * positions, shape=(n, spec.seq_len, spec.k)
+            )
+            id_dtype = {1: "u1", 2: "<u2", 3: "u1"}[spec.id_bytes]
+            id_shape = (n, spec.seq_len, spec.k) + ((3,) if spec.id_bytes == 3 else ())
+            ids = np.memmap(
+                path, dtype=id_dtype, mode="r", offset=(4 + 2 * spec.k) * positions, shape=id_shape
+            )
+            self._maps[shard] = (tail, logprobs, ids)
+        return self._maps[shard]
+
+
+def open_topk_cache(
+    folder: str | Path, *, expect: TopKCacheSpec, verify: Literal["size", "full"] = "full"
+) -> TopKCache:
+    """Open a top-k cache after checking that it is the one this run needs.
+
+    Refuses (CacheError) a cache whose spec differs from `expect` (every differing
+    field is named), one that holds fewer sequences than the dataset (the job
+    stopped early: resume it), and a shard that is missing or has the wrong size.
+    verify="full" also checks every shard's sha256, reading the whole cache once
+    (about 1 s per GB); "size" only looks at file sizes, for caches too large to
+    read in full at every start.
+    """
+    folder = Path(folder)
+    if verify not in ("size", "full"):
+        raise CacheError(f"verify must be 'size' or 'full'; got {verify!r}")
+    manifest = _read_manifest(folder)
+    rebuild = f"Delete {folder} (or re-run `kdistill cache`) to rebuild it"
+    mismatches = _spec_mismatches(manifest, expect)
+    if mismatches:
+        raise CacheError(
+            f"top-k teacher cache {folder} is stale: {'; '.join(mismatches)}. {rebuild}"
+        )
+    if manifest.get("encoding") != _encoding(expect):
+        raise CacheError(
+            f"top-k teacher cache {folder} uses the encoding {manifest.get('encoding')}, this "
+            f"version of kdistill reads {_encoding(expect)}. {rebuild}"
+        )
+    written, shards = 0, manifest["shards"]
+    for shard in shards:
+        if shard["start"] != written:
+            raise CacheError(
+                f"top-k teacher cache {folder}: the manifest's shards do not follow each other "
+                f"(shard {shard['file']} starts at sequence {shard['start']}, expected {written}). "
+                f"{rebuild}"
+            )
+        written = shard["stop"]
+    if written < expect.num_sequences:
+        raise CacheError(
+            f"top-k teacher cache {folder} is incomplete: it holds {written} of "
+            f"{expect.num_sequences} sequences (the cache job stopped early). Resume the cache "
+            "job (`kdistill cache` continues from the last complete shard; in Python "
+            "TopKCacheWriter(..., resume=True)) to add the rest"
+        )
+    for shard in shards:
+        problem = _shard_problem(folder, shard, expect, full=verify == "full")
+        if problem:
+            raise CacheError(f"top-k teacher cache {folder}: {problem}. {rebuild}")
+    return TopKCache(folder, manifest, expect)
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def _encoding(spec: TopKCacheSpec) -> dict[str, str]:
+    return {
+        "tail_mass": TAIL_DTYPE,
+        "logprobs": LOGPROB_DTYPE,
+        "ids": _ID_DTYPES[spec.id_bytes],
+        "byte_order": "little",
+        "shard_layout": "tail_mass (n, T), logprobs (n, T, k), ids (n, T, k), back to back",
+    }
+
+
+def _new_manifest(spec: TopKCacheSpec) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        **asdict(spec),
+        "encoding": _encoding(spec),
+        "bytes_per_token": _bytes_per_token(spec.k, spec.id_bytes),
+        "sequences_written": 0,
+        "complete": False,
+        "shards": [],
+    }
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST
+    rebuild = f"delete {folder} (or re-run `kdistill cache`) to rebuild it"
+    if not path.is_file():
+        raise CacheError(
+            f"no top-k teacher cache at {folder} ({MANIFEST} is missing); build it with "
+            "`kdistill cache` (a job killed before its first manifest left nothing to resume)"
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CacheError(f"top-k cache manifest {path} is corrupt ({exc}); {rebuild}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CacheError(f"{path} is not a kdistill top-k cache manifest; {rebuild}")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise CacheError(
+            f"{path} has format version {manifest.get('version')}; this kdistill reads version "
+            f"{FORMAT_VERSION}; {rebuild}"
+        )
+    return manifest
+
+
+def _spec_mismatches(manifest: dict[str, Any], expect: TopKCacheSpec) -> list[str]:
+    found = []
+    for field in fields(TopKCacheSpec):
+        expected, stored = getattr(expect, field.name), manifest.get(field.name)
+        if stored != expected:
+            found.append(f"{field.name}: expected {_short(expected)}, found {_short(stored)}")
+    return found
+
+
+def _short(value: object) -> str:
+    """Fingerprints shortened to 12 hex digits; other values as they are."""
+    if isinstance(value, str) and len(value) > 16:
+        return value[:12] + "…"
+    return repr(value)
+
+
+def _shard_problem(folder: Path, shard: dict[str, Any], spec: TopKCacheSpec, *, full: bool) -> str:
+    path = folder / shard["file"]
+    sequences = shard["stop"] - shard["start"]
+    per_sequence = spec.seq_len * _bytes_per_token(spec.k, spec.id_bytes)
+    expected = sequences * per_sequence
+    if not path.is_file():
+        return f"shard {path} is missing"
+    size = path.stat().st_size
+    if size != expected or shard["bytes"] != expected:
+        return (
+            f"shard {path} has {size} bytes, expected {expected} ({sequences} sequences × "
+            f"{per_sequence} bytes): it is truncated or damaged"
+        )
+    if full and file_sha256(path) != shard["sha256"]:
+        return f"shard {path} does not match its sha256: the file was changed or damaged"
+    return ""
+
+
+def _encode_ids(ids: np.ndarray, id_bytes: int) -> np.ndarray:
+    """(n, T, k) ids as stored: uint8 / uint16 (n, T, k), or (n, T, k, 3) bytes for uint24."""
+    if id_bytes == 1:
+        return ids.astype("u1")
+    if id_bytes == 2:
+        return ids.astype("<u2")
+    return ids.astype("<u4").view(np.uint8).reshape(*ids.shape, 4)[..., :3]
+
+
+def _decode_ids(stored: np.ndarray, id_bytes: int) -> np.ndarray:
+    if id_bytes < 3:
+        return stored.astype(np.int64)
+    wide = stored.astype(np.int64)
+    return wide[..., 0] | (wide[..., 1] << 8) | (wide[..., 2] << 16)
+
+
+def _is_cache_file(name: str) -> bool:
+    return name.startswith("shard-") or name.endswith(".tmp")
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)

@@ -1,0 +1,410 @@
+"""lm_cache: the offline top-k teacher cache: round trip, sizes, resume after a kill,
+and the refusals (stale spec, truncated or corrupted shard, incomplete cache)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kdistill.errors import CacheError
+from kdistill.lm_cache import (
+    TopKCacheSpec,
+    TopKCacheWriter,
+    bytes_per_token,
+    dense_bytes_per_token,
+    open_topk_cache,
+    teacher_topk,
+    write_topk_cache,
+)
+
+N, T, K, V = 10, 6, 4, 300
+
+
+def make_spec(**changes: object) -> TopKCacheSpec:
+    spec = TopKCacheSpec(
+        teacher="a" * 64,
+        tokenizer="b" * 64,
+        dataset="c" * 64,
+        k=K,
+        temperature=2.0,
+        seq_len=T,
+        num_sequences=N,
+        vocab_size=V,
+    )
+    return dataclasses.replace(spec, **changes)
+
+
+def teacher_outputs(spec: TopKCacheSpec, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k ids and log-probs of random teacher logits, (N, T, k) each."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = 3 * torch.randn(spec.num_sequences, spec.seq_len, spec.vocab_size, generator=generator)
+    return teacher_topk(logits, k=spec.k, temperature=spec.temperature)
+
+
+def batches(ids: torch.Tensor, logprobs: torch.Tensor, sizes: list[int], start: int = 0):
+    for size in sizes:
+        yield start, ids[start : start + size], logprobs[start : start + size]
+        start += size
+
+
+def manifest_ids(spec: TopKCacheSpec) -> str:
+    return {1: "uint8", 2: "uint16", 3: "uint24"}[spec.id_bytes]
+
+
+@pytest.fixture
+def written(tmp_path: Path) -> tuple[Path, TopKCacheSpec, torch.Tensor, torch.Tensor]:
+    """A complete cache of N sequences in shards of 3 (3, 3, 3, 1), from uneven batches."""
+    spec = make_spec()
+    ids, logprobs = teacher_outputs(spec)
+    folder = tmp_path / "cache"
+    write_topk_cache(folder, spec, batches(ids, logprobs, [4, 1, 5]), shard_size_sequences=3)
+    return folder, spec, ids, logprobs
+
+
+# ----------------------------------------------------------------------------- math and sizes
+
+
+def test_teacher_topk_matches_full_log_softmax() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 50, dtype=torch.float64)
+    ids, logprobs = teacher_topk(logits, k=7, temperature=1.5)
+    full = torch.log_softmax(logits / 1.5, dim=-1)
+    order = full.argsort(dim=-1, descending=True)[..., :7]
+    assert torch.equal(ids, order)
+    assert torch.allclose(logprobs, full.gather(-1, order), atol=1e-12, rtol=0)
+    assert logprobs.dtype == torch.float64
+    half_ids, half_logprobs = teacher_topk(logits.half(), k=7, temperature=1.5)
+    assert half_logprobs.dtype == torch.float32 and half_ids.shape == (3, 5, 7)
+    with pytest.raises(CacheError, match=r"k must be in \[1, 50\]"):
+        teacher_topk(logits, k=51, temperature=1.0)
+
+
+def test_bytes_per_token_and_dense_comparison(written) -> None:
+    folder, _, _, _ = written
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert bytes_per_token(manifest) == 4 + K * (2 + 2)  # V = 300 needs uint16 ids
+    total = sum(p.stat().st_size for p in folder.glob("shard-*.bin"))
+    assert total == N * T * bytes_per_token(manifest)
+
+    def sized(k: int, vocab: int) -> int:
+        spec = make_spec(k=k, vocab_size=vocab)
+        return bytes_per_token({"k": k, "encoding": {"ids": manifest_ids(spec)}})
+
+    assert dense_bytes_per_token(50257) == 100_514
+    assert dense_bytes_per_token(50257, torch.float32) == 201_028
+    assert sized(64, 50257) == 260 and sized(128, 50257) == 516
+    assert sized(64, 50257) / dense_bytes_per_token(50257) < 0.01
+    assert sized(64, 256) == 4 + 64 * 3 and sized(64, 1 << 17) == 4 + 64 * 5
+
+
+# ----------------------------------------------------------------------------- round trip
+
+
+def test_round_trip(written) -> None:
+    folder, spec, ids, logprobs = written
+    cache = open_topk_cache(folder, expect=spec)
+    assert len(cache) == N
+    got_ids, got_logprobs = cache.get(range(N))
+    assert got_ids.dtype == torch.long and got_logprobs.dtype == torch.float32
+    assert torch.equal(got_ids, ids)
+    # the encoding is float16: exactly the float16 rounding, so |error| <= 2^-11 |log p|
+    assert torch.equal(got_logprobs, logprobs.half().float())
+    assert ((got_logprobs - logprobs).abs() <= logprobs.abs() * 2**-11 + 1e-12).all()
+    probability_error = (got_logprobs.double().exp() - logprobs.double().exp()).abs().sum(-1)
+    entropy_part = -(logprobs.double().exp() * logprobs.double()).sum(-1)
+    assert (probability_error <= 2**-11 * entropy_part * 1.01).all()
+    # the tail is computed before rounding
+    tail = (1 - logprobs.double().exp().sum(-1)).float()
+    assert torch.allclose(cache.tail_mass(range(N)), tail, atol=1e-7, rtol=0)
+    # any order, repeats, across shards, tensors as indices
+    index = torch.tensor([9, 0, 4, 4, 7, 2])
+    some_ids, some_logprobs = cache.get(index)
+    assert torch.equal(some_ids, ids[index]) and torch.equal(some_logprobs, got_logprobs[index])
+    empty_ids, _ = cache.get([])
+    assert empty_ids.shape == (0, T, K)
+    with pytest.raises(IndexError, match=r"sequence 10 is outside"):
+        cache.get([10])
+
+
+@pytest.mark.parametrize("vocab_size", [200, 5000, 70_000])
+def test_round_trip_every_id_width(tmp_path: Path, vocab_size: int) -> None:
+    spec = make_spec(vocab_size=vocab_size, num_sequences=3)
+    ids = torch.randint(0, vocab_size, (3, T, K), generator=torch.Generator().manual_seed(1))
+    ids[0, 0, 0], ids[2, -1, -1] = 0, vocab_size - 1  # both ends of the range
+    logprobs = torch.full((3, T, K), -3.0)
+    write_topk_cache(tmp_path / "c", spec, [(0, ids, logprobs)])
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["encoding"]["ids"] == manifest_ids(spec)
+    assert (tmp_path / "c" / "shard-0000000000.bin").stat().st_size == 3 * T * bytes_per_token(
+        manifest
+    )
+    assert torch.equal(open_topk_cache(tmp_path / "c", expect=spec).get([0, 1, 2])[0], ids)
+
+
+def test_manifest_records_spec_and_shards(written) -> None:
+    folder, spec, _, _ = written
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for field, value in dataclasses.asdict(spec).items():
+        assert manifest[field] == value
+    assert manifest["complete"] is True and manifest["sequences_written"] == N
+    assert [(s["start"], s["stop"]) for s in manifest["shards"]] == [
+        (0, 3),
+        (3, 6),
+        (6, 9),
+        (9, 10),
+    ]
+    assert not list(folder.glob("*.tmp"))
+
+
+def test_cache_pickles_without_its_memory_maps(written) -> None:
+    folder, spec, ids, _ = written
+    cache = open_topk_cache(folder, expect=spec)
+    cache.get([0, 9])  # opens two memory maps
+    clone = pickle.loads(pickle.dumps(cache))
+    assert len(pickle.dumps(cache)) < 10_000
+    assert torch.equal(clone.get([9])[0], ids[9:10])
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_resume_after_kill_equals_uninterrupted_write(tmp_path: Path) -> None:
+    spec = make_spec()
+    ids, logprobs = teacher_outputs(spec)
+    reference = tmp_path / "reference"
+    write_topk_cache(reference, spec, batches(ids, logprobs, [10]), shard_size_sequences=4)
+
+    folder = tmp_path / "killed"
+    writer = TopKCacheWriter(folder, spec, shard_size_sequences=4)
+    for batch in batches(ids, logprobs, [3, 4]):  # 7 sequences: one shard on disk, 3 buffered
+        writer.add(*batch)
+    del writer  # killed: never closed, the buffered sequences are lost
+    (folder / "shard-0000000004.bin.tmp").write_bytes(b"half a shard")  # killed mid-write
+    assert len(json.loads((folder / "manifest.json").read_text())["shards"]) == 1
+    with pytest.raises(CacheError, match=r"holds 4 of 10 sequences"):
+        open_topk_cache(folder, expect=spec)
+
+    starts = []
+
+    def teacher_from(start: int):
+        starts.append(start)
+        return batches(ids, logprobs, [3, 3], start=start)
+
+    write_topk_cache(folder, spec, teacher_from, shard_size_sequences=4, resume=True)
+    assert starts == [4]  # the teacher only ran on what was missing
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in reference.iterdir())
+    for shard in reference.glob("shard-*.bin"):
+        assert (folder / shard.name).read_bytes() == shard.read_bytes()
+    assert (
+        json.loads((folder / "manifest.json").read_text())["shards"]
+        == json.loads((reference / "manifest.json").read_text())["shards"]
+    )
+    resumed, original = (open_topk_cache(f, expect=spec) for f in (folder, reference))
+    assert all(torch.equal(a, b) for a, b in zip(resumed.get(range(N)), original.get(range(N))))
+
+
+def test_resume_replays_from_zero_and_redoes_a_damaged_shard(tmp_path: Path) -> None:
+    spec = make_spec()
+    ids, logprobs = teacher_outputs(spec)
+    folder = tmp_path / "cache"
+    with TopKCacheWriter(folder, spec, shard_size_sequences=3) as writer:
+        for batch in batches(ids, logprobs, [7]):  # shards 0-3, 3-6, then 6-7 on close
+            writer.add(*batch)
+    shard = folder / "shard-0000000003.bin"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    writer = TopKCacheWriter(folder, spec, shard_size_sequences=3, resume=True)
+    assert writer.next_sequence == 3  # the damaged shard and the one after it are redone
+    assert not (folder / "shard-0000000006.bin").exists()
+    for batch in batches(ids, logprobs, [5, 5]):  # a replay from 0: stored rows are skipped
+        writer.add(*batch)
+    writer.close()
+    cache = open_topk_cache(folder, expect=spec)
+    assert torch.equal(cache.get(range(N))[0], ids)
+
+
+def test_existing_cache_needs_resume_and_same_spec(written) -> None:
+    folder, spec, _, _ = written
+    with pytest.raises(CacheError, match=r"already holds a top-k cache; pass resume=True"):
+        TopKCacheWriter(folder, spec)
+    with pytest.raises(CacheError) as info:
+        TopKCacheWriter(folder, make_spec(k=8), resume=True)
+    assert "cannot resume" in str(info.value) and "k: expected 8, found 4" in str(info.value)
+
+
+def test_writer_refuses_a_folder_with_other_files(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(CacheError, match=r"is not empty and holds no top-k cache manifest"):
+        TopKCacheWriter(tmp_path, make_spec())
+    assert (tmp_path / "notes.txt").exists()
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+STALE = {
+    "teacher": "d" * 64,
+    "tokenizer": "e" * 64,
+    "dataset": "f" * 64,
+    "k": 8,
+    "temperature": 1.0,
+    "seq_len": 12,
+    "num_sequences": 20,
+    "vocab_size": 301,
+}
+
+
+@pytest.mark.parametrize("field", list(STALE))
+def test_stale_field_is_refused(written, field: str) -> None:
+    folder, spec, _, _ = written
+    expect = dataclasses.replace(spec, **{field: STALE[field]})
+    with pytest.raises(CacheError) as info:
+        open_topk_cache(folder, expect=expect)
+    message = str(info.value)
+    stored = getattr(spec, field)
+    shown = (lambda v: v[:12] + "…") if isinstance(stored, str) else repr
+    for fragment in [
+        f"top-k teacher cache {folder} is stale",
+        f"{field}: expected {shown(STALE[field])}, found {shown(stored)}",
+        f"Delete {folder}",
+        "re-run `kdistill cache`",
+    ]:
+        assert fragment in message
+    assert message.count("expected") == 1  # only the field that differs
+
+
+def test_all_stale_fields_named_at_once(written) -> None:
+    folder, spec, _, _ = written
+    with pytest.raises(CacheError) as info:
+        open_topk_cache(folder, expect=dataclasses.replace(spec, teacher="x" * 64, k=8))
+    message = str(info.value)
+    assert "teacher: expected xxxxxxxxxxxx…, found aaaaaaaaaaaa…" in message
+    assert "k: expected 8, found 4" in message
+
+
+def test_truncated_shard_is_refused(written) -> None:
+    folder, spec, _, _ = written
+    shard = folder / "shard-0000000003.bin"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(CacheError) as info:
+        open_topk_cache(folder, expect=spec, verify="size")
+    message = str(info.value)
+    expected_bytes = 3 * T * (4 + K * 4)
+    for fragment in [
+        str(shard),
+        f"{expected_bytes - 10} bytes",
+        f"expected {expected_bytes}",
+        "truncated",
+    ]:
+        assert fragment in message
+    shard.unlink()
+    with pytest.raises(CacheError, match=r"shard .*shard-0000000003.bin is missing"):
+        open_topk_cache(folder, expect=spec, verify="size")
+
+
+def test_corrupted_byte_is_refused_by_full_verify(written) -> None:
+    folder, spec, _, _ = written
+    shard = folder / "shard-0000000006.bin"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    open_topk_cache(folder, expect=spec, verify="size")  # same size: only the checksum can tell
+    with pytest.raises(CacheError) as info:
+        open_topk_cache(folder, expect=spec)  # verify="full" is the default
+    assert f"shard {shard} does not match its sha256" in str(info.value)
+    assert "rebuild" in str(info.value)
+
+
+def test_incomplete_cache_is_refused(tmp_path: Path) -> None:
+    spec = make_spec()
+    ids, logprobs = teacher_outputs(spec)
+    folder = tmp_path / "cache"
+    write_topk_cache(folder, spec, batches(ids, logprobs, [7]), shard_size_sequences=3)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["complete"] is False and manifest["sequences_written"] == 7
+    with pytest.raises(CacheError) as info:
+        open_topk_cache(folder, expect=spec)
+    message = str(info.value)
+    for fragment in [
+        "is incomplete",
+        "holds 7 of 10 sequences",
+        "Resume the cache job",
+        "resume=True",
+    ]:
+        assert fragment in message
+
+
+def test_missing_or_corrupt_manifest(tmp_path: Path, written) -> None:
+    with pytest.raises(CacheError, match=r"no top-k teacher cache at .*manifest.json is missing"):
+        open_topk_cache(tmp_path / "nothing", expect=make_spec())
+    folder, spec, _, _ = written
+    (folder / "manifest.json").write_text("{truncated")
+    with pytest.raises(CacheError, match=r"manifest .* is corrupt"):
+        open_topk_cache(folder, expect=spec)
+    (folder / "manifest.json").write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(CacheError, match=r"not a kdistill top-k cache manifest"):
+        open_topk_cache(folder, expect=spec)
+
+
+# ----------------------------------------------------------------------------- bad input to the writer
+
+
+def test_writer_rejects_bad_batches(tmp_path: Path) -> None:
+    spec = make_spec()
+    ids, logprobs = teacher_outputs(spec)
+    writer = TopKCacheWriter(tmp_path / "c", spec)
+    raw_logits = torch.randn(2, T, K) + 5  # logits, not log-probabilities
+    with pytest.raises(CacheError, match=r"not raw logits"):
+        writer.add(0, ids[:2], raw_logits)
+    with pytest.raises(CacheError, match=r"sum to [\d.]+ > 1.*see teacher_topk"):
+        writer.add(0, ids[:2], torch.full((2, T, K), -0.1))
+    too_big = ids[:2].clone()
+    too_big[1, 2, 3] = V
+    with pytest.raises(CacheError, match=rf"token id {V} is outside \[0, {V}\)"):
+        writer.add(0, too_big, logprobs[:2])
+    with pytest.raises(CacheError) as info:
+        writer.add(0, ids[:2, :, :2], logprobs[:2])
+    assert f"ids have shape (2, {T}, 2), expected (n, seq_len={T}, k={K})" in str(info.value)
+    assert "logprobs have shape" in str(info.value)
+    with pytest.raises(CacheError, match=r"starts at sequence 3 but the cache continues at 0"):
+        writer.add(3, ids[3:5], logprobs[3:5])
+    writer.add(0, ids[:8], logprobs[:8])
+    with pytest.raises(CacheError, match=r"the dataset has 10 sequences"):
+        writer.add(8, ids[:4], logprobs[:4])
+    with pytest.raises(CacheError, match=r"NaN"):
+        writer.add(8, ids[8:], torch.full((2, T, K), float("nan")))
+
+
+def test_spec_validation_lists_every_problem() -> None:
+    with pytest.raises(CacheError) as info:
+        make_spec(teacher="", k=0, temperature=0.0, vocab_size=1 << 25)
+    message = str(info.value)
+    expected = [
+        "teacher must be a non-empty string",
+        "k must be a positive integer",
+        "temperature must be a finite number > 0",
+        "vocab_size must be at most 2^24",
+    ]
+    for fragment in expected:
+        assert fragment in message
+    with pytest.raises(CacheError, match=r"k \(400\) cannot exceed vocab_size \(300\)"):
+        make_spec(k=400)
+
+
+def test_float16_keeps_minus_infinity(tmp_path: Path) -> None:
+    """Vocabulary padding rows with -inf logits can land in the top k of a tiny vocabulary."""
+    spec = make_spec(num_sequences=1, k=3, vocab_size=3)
+    logprobs = torch.tensor([0.0, float("-inf"), float("-inf")]).expand(1, T, 3)
+    ids = torch.tensor([2, 0, 1]).expand(1, T, 3)
+    write_topk_cache(tmp_path / "c", spec, [(0, ids, logprobs)])
+    cache = open_topk_cache(tmp_path / "c", expect=spec)
+    assert torch.equal(cache.get([0])[1], logprobs)
+    assert torch.equal(cache.tail_mass([0]), torch.zeros(1, T))
+    assert np.isfinite(cache.tail_mass([0]).numpy()).all()
