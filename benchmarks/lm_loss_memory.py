@@ -203,9 +203,9 @@ def main() -> None:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.chunk_size is None:
-        from kdistill.losses.lm import DEFAULT_CHUNK_SIZE
+        from kdistill.losses.lm import CHUNK_ELEMENTS
 
-        args.chunk_size = DEFAULT_CHUNK_SIZE
+        args.chunk_size = CHUNK_ELEMENTS // args.vocab  # what chunk_size=None picks
     if args.variant:
         child(args)
         return

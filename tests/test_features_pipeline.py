@@ -97,7 +97,13 @@ def test_features_from_ensemble_member_and_chains(user_recipe: dict, tmp_path: P
     }
     recipe["objective"] = [
         {"loss": "kd", "temperature": 2},
-        {"loss": "attention", "weight": 10, "student": "body", "teacher": "body", "member": "small"},
+        {
+            "loss": "attention",
+            "weight": 10,
+            "student": "body",
+            "teacher": "body",
+            "member": "small",
+        },
     ]
     recipe["generations"] = 2
     assert run(recipe, tmp_path) == 0
@@ -162,7 +168,11 @@ def test_ensemble_members_disagree_on_classes(
     torch.manual_seed(0)
     save_weights(module.Net(4, 7), tmp_path / "seven.safetensors")
     user_recipe["teacher"]["members"] = [
-        {"name": "other", "model": {"name": "my_models.py:student"}, "checkpoint": "seven.safetensors"}
+        {
+            "name": "other",
+            "model": {"name": "my_models.py:student"},
+            "checkpoint": "seven.safetensors",
+        }
     ]
     err = error_of(capsys, run(user_recipe, tmp_path))
     assert "other" in err and "7" in err and "10" in err

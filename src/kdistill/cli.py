@@ -271,7 +271,6 @@ def _inspect(args: argparse.Namespace) -> str:
 
     if args.model.endswith((".yaml", ".yml")):
         from kdistill.data import build as build_data
-
         from kdistill.recipe import load_recipe
 
         recipe = load_recipe(args.model)

@@ -708,7 +708,10 @@ def chunked_divergence(
     s = student_hidden @ student_head_weightᵀ + student_head_bias built `chunk_size`
     tokens at a time. Equal, up to float rounding, to `token_divergence` (or
     `topk_token_divergence`) on the full logits of the counted tokens, summed or averaged;
-    peak memory is O(chunk_size × V) instead of O(tokens × V).
+    peak memory is O(chunk_size × V) instead of O(tokens × V). chunk_size=None takes
+    CHUNK_ELEMENTS // V_s tokens per chunk (667 at a 50,257 vocabulary), so that one
+    float32 chunk of logits stays within 128 MiB; a chunk step holds about ten such
+    tensors (fewer for the KLs, more for the mixtures).
 
     The teacher comes in exactly one of three forms:
       - live: teacher_hidden (same leading shape, its own width H_t) and

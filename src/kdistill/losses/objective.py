@@ -377,7 +377,7 @@ class Objective:
                 )
                 continue
             key = f"term{i}_pair{j}"
-            projector = self.extras[key] if key in self.extras else None
+            projector = self.extras[key] if key in self.extras else None  # noqa: SIM401
             if projector is not None:
                 s, t = projector(s, t)
             total = total + LOSSES[term.loss](s, t, reduction="sum", **term.params)
