@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from kdistill.errors import LossInputError
+from kdistill.losses import lm
 from kdistill.losses import logits as logit_losses
 from kdistill.losses.lm import (
     KINDS,
@@ -381,7 +382,7 @@ def test_chunked_cross_entropy_and_weighted_outputs():
         assert_close_relative(actual, reference)
 
 
-def test_chunked_is_independent_of_chunk_size_and_layout():
+def test_chunked_is_independent_of_chunk_size_and_layout(monkeypatch):
     student, teacher, labels = (
         make_student(dtype=torch.float64),
         make_teacher("logits"),
@@ -398,7 +399,9 @@ def test_chunked_is_independent_of_chunk_size_and_layout():
         h.reshape(-1, H), w, b, labels=labels.reshape(-1), kind="kl",
         teacher_logits=teacher["logits"].reshape(-1, VOCAB),
     ).divergence  # fmt: skip
-    for value in [*values[1:], flat]:
+    monkeypatch.setattr(lm, "CHUNK_ELEMENTS", 3 * VOCAB)  # chunk_size=None: 3 tokens a chunk
+    automatic = chunked_divergence(*student, labels=labels, kind="kl", **_teacher_kwargs(teacher))
+    for value in [*values[1:], flat, automatic.divergence]:
         assert_close(value, values[0])
 
 

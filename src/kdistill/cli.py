@@ -175,6 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace, console: Console) -> int:
     import kdistill
 
+    handled = _dispatch_causal_lm(args, console)
+    if handled is not None:
+        return handled
     if args.command == "run":
         from kdistill.report import print_table
 
@@ -259,6 +262,57 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         console.print(f"wrote {Path(args.run_dir) / 'results.md'}")
         return 0
     raise AssertionError(args.command)
+
+
+def _dispatch_causal_lm(args: argparse.Namespace, console: Console) -> int | None:
+    """Recipes with `task: causal_lm` (and run folders made from one) go to kdistill.lm;
+    None for everything else, which the classifier path handles."""
+    from kdistill.lm.recipe import is_lm_recipe
+    from kdistill.recipe import read_yaml
+    from kdistill.recipes import find_recipe
+
+    if args.command == "report":
+        path = Path(args.run_dir) / "recipe.yaml"
+    elif args.command in ("run", "validate", "cache"):
+        path = find_recipe(args.recipe)
+    else:
+        return None
+    try:
+        if not (path.is_file() and is_lm_recipe(read_yaml(path))):
+            return None
+    except RecipeError:
+        return None  # the classifier path reports the unreadable file
+    from kdistill import lm
+
+    if args.command == "report":
+        results = lm.write_lm_report(Path(args.run_dir))
+        lm.print_lm_table(results, Console())
+        console.print(f"wrote {Path(args.run_dir) / 'results.md'}")
+        return 0
+    recipe = lm.load_lm_recipe(path, args.overrides)
+    if args.command == "validate":
+        console.print(
+            f"{args.recipe}: valid causal_lm recipe {recipe.name!r} "
+            f"(stages: {', '.join(recipe.stages)}; seeds: {recipe.seeds})"
+        )
+    elif args.command == "cache":
+        info = lm.cache_lm_teacher(
+            recipe, output_dir=args.output_dir, data_dir=args.data_dir, overwrite=args.overwrite
+        )
+        verb = "is up to date" if info["reused"] else "written"
+        console.print(f"teacher top-k cache {info['folder']} {verb}")
+    else:
+        results = lm.run_lm(
+            recipe,
+            output_dir=args.output_dir,
+            data_dir=args.data_dir,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            quiet=args.quiet,
+        )
+        if results:
+            lm.print_lm_table(results, Console())
+    return 0
 
 
 def _inspect(args: argparse.Namespace) -> str:

@@ -154,7 +154,7 @@ def cost(
     batch_size: int = 256,
     repeats: int = 20,
     warmup: int = 3,
-    example_input: torch.Tensor | None = None,
+    example_input: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """What running `model` costs, measured on `device` (the model must already be there).
 
@@ -184,13 +184,21 @@ def cost(
     device = torch.device(device)
     _check_model_device(model, device)
     if example_input is not None:
-        if input_shape is not None and tuple(input_shape) != tuple(example_input.shape[1:]):
+        if (
+            input_shape is not None
+            and isinstance(example_input, torch.Tensor)
+            and tuple(input_shape) != tuple(example_input.shape[1:])
+        ):
             raise ValueError(
                 f"input_shape {tuple(input_shape)} does not match example_input "
                 f"{tuple(example_input.shape)} without its batch dimension; give only one."
             )
-        inputs = example_input.to(device)
-        batch_size = inputs.shape[0]
+        if isinstance(example_input, Mapping):
+            inputs = {k: v.to(device) for k, v in example_input.items()}
+            batch_size = next(iter(inputs.values())).shape[0]
+        else:
+            inputs = example_input.to(device)
+            batch_size = inputs.shape[0]
     elif input_shape is not None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer. Got {batch_size} instead.")
@@ -206,15 +214,20 @@ def cost(
     try:
         with torch.inference_mode():
             flop_counter = FlopCounterMode(display=False)
+            run = (
+                (lambda: model(**inputs))
+                if isinstance(inputs, Mapping)
+                else (lambda: model(inputs))
+            )
             with flop_counter:
-                model(inputs)
+                run()
             for _ in range(warmup):
-                model(inputs)
+                run()
             _synchronize(device)
             times: list[float] = []
             for _ in range(repeats):
                 start = time.perf_counter()
-                model(inputs)
+                run()
                 _synchronize(device)
                 times.append(time.perf_counter() - start)
     finally:

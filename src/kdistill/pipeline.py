@@ -40,7 +40,7 @@ from kdistill.checkpoint import (
     load_weights,
     save_weights,
 )
-from kdistill.data import DataBundle
+from kdistill.data import DataBundle, TextData
 from kdistill.data import build as build_data
 from kdistill.errors import CheckpointError, RunDirError
 from kdistill.evaluate import cost, predict, quality
@@ -144,7 +144,27 @@ def make_accelerator(precision: str) -> Accelerator:
 # ----------------------------------------------------------------------- stages
 
 
-def _check_models(recipe: Recipe, data: DataBundle) -> None:
+def make_model(data: DataBundle | TextData, spec: ModelSpec, *, where: str) -> nn.Module:
+    """A model for this data: text models get their tokenizer (see models/text_build.py)."""
+    if data.is_text:
+        from kdistill.models.text_build import build_text_model
+
+        assert isinstance(data, TextData)
+        return build_text_model(spec, data, where=where)
+    return build_model(
+        spec, input_shape=data.input_shape, num_classes=data.num_classes, where=where
+    )
+
+
+def _sample(data: DataBundle | TextData, model: nn.Module, device: torch.device) -> Any:
+    """A few training inputs for `model`, for the dry pass that sizes projectors."""
+    rows = torch.arange(min(8, len(data.train)))
+    if isinstance(data, TextData):
+        return {k: v.to(device) for k, v in data.batch(model, "train", rows).items()}
+    return data.to_input(data.train.x[rows]).to(device)
+
+
+def _check_models(recipe: Recipe, data: DataBundle | TextData) -> None:
     """Build every model the stages need once, so a student that does not fit the data
     fails now and not after the teacher has trained for hours. Each stage seeds its own
     build, so this does not change any weights."""
@@ -157,7 +177,7 @@ def _check_models(recipe: Recipe, data: DataBundle) -> None:
     if recipe.student is not None and {"baseline", "distill"} & set(recipe.stages):
         specs.append((recipe.student.model, "student.model"))
     for spec, where in specs:
-        build_model(spec, input_shape=data.input_shape, num_classes=data.num_classes, where=where)
+        make_model(data, spec, where=where)
 
 
 @dataclass
@@ -192,10 +212,10 @@ def _one_teacher(
     assert recipe.teacher is not None
     stage_dir = ctx.run_dir / stage / f"seed{seed}"
     where = "teacher.model" if stage == "teacher" else f"teacher.members.{stage[8:]}.model"
-    torch.manual_seed(seed)
-    model = build_model(
-        spec, input_shape=ctx.data.input_shape, num_classes=ctx.data.num_classes, where=where
-    )
+    # members get their own seeds, so two members of one architecture differ
+    members = [m.name for m in recipe.teacher.members]
+    torch.manual_seed(seed if stage == "teacher" else seed + 1000 * (members.index(stage[8:]) + 1))
+    model = make_model(ctx.data, spec, where=where)
     if checkpoint is not None:
         try:
             load_weights(model, checkpoint)
@@ -236,9 +256,7 @@ def _student_stage(ctx: Context, stage: str, seed: int, *, guide: Guide | None) 
         spec, where = recipe.student.model, "student.model"
     stage_dir = ctx.run_dir / stage / f"seed{seed}"
     torch.manual_seed(seed)  # baseline and distill start from the same weights for a seed
-    model = build_model(
-        spec, input_shape=ctx.data.input_shape, num_classes=ctx.data.num_classes, where=where
-    )
+    model = make_model(ctx.data, spec, where=where)
     if (stage_dir / "eval.json").exists() and (stage_dir / "model.safetensors").exists():
         if ctx.is_main:
             ctx.console.log(f"{stage} seed {seed}: finished earlier in {stage_dir}, skipping")
@@ -255,12 +273,14 @@ def _student_stage(ctx: Context, stage: str, seed: int, *, guide: Guide | None) 
             signal = _teacher_signal(ctx, guide)
         if objective.feature_terms:
             assert signal is not None
-            sample = ctx.data.to_input(ctx.data.train.x[:8]).to(ctx.accelerator.device)
+            data = ctx.data.for_distill()
+            model.to(ctx.accelerator.device)
             extras = objective.bind(
-                model.to(ctx.accelerator.device),
+                model,
                 signal.models,
-                sample=sample,
-                num_train=len(ctx.data.train),
+                sample=_sample(data, model, ctx.accelerator.device),
+                teacher_sample=_sample(data, signal.models["main"], ctx.accelerator.device),
+                num_train=len(data.train),
                 seed=seed,
             )
     try:
@@ -289,7 +309,7 @@ def _train_and_finish(
     """Train one stage into <run>/<stage>/seed<k>/, then measure and record it."""
     result = fit(
         model,
-        data=ctx.data,
+        data=ctx.data if stage in ("teacher", "baseline") else ctx.data.for_distill(),
         objective=objective,
         teacher=signal,
         settings=settings,
@@ -345,7 +365,7 @@ def _teacher_signal(ctx: Context, guide: Guide) -> TeacherSignal:
         manifest = write_cache(
             folder,
             teacher,
-            ctx.data,
+            ctx.data.for_distill(),
             teacher_sha256=teacher_sha,
             dtype=recipe.teacher.cache_dtype,
             batch_size=recipe.train.eval_batch_size,
@@ -353,7 +373,8 @@ def _teacher_signal(ctx: Context, guide: Guide) -> TeacherSignal:
         )
         ctx.console.log(f"teacher logits cached in {folder} ({manifest['seconds']:.1f}s)")
     ctx.accelerator.wait_for_everyone()
-    return CachedTeacher(open_cache(folder, teacher_sha256=teacher_sha, bundle=ctx.data)).to(device)
+    cache = open_cache(folder, teacher_sha256=teacher_sha, bundle=ctx.data.for_distill())
+    return CachedTeacher(cache).to(device)
 
 
 def _finish_stage(
@@ -379,9 +400,8 @@ def _finish_stage(
             ("val", data.val, None),
         ):
             if len(split):
-                logits = predict(
-                    weights, split.x, to_input=data.to_input, batch_size=batch, device=device
-                )
+                xs, to_input = data.eval_feed(weights, split_name)
+                logits = predict(weights, xs, to_input=to_input, batch_size=batch, device=device)
                 out[split_name] = quality(logits, split.y, teacher_logits=reference)
         return out
 
@@ -402,7 +422,14 @@ def _finish_stage(
         evaluation["best"] = {"epoch": best_epoch, **measure(best_model)}
     evaluation["train_seconds"] = round(train_seconds, 3)
     if ctx.is_main:
-        evaluation["cost"] = cost(model, input_shape=data.input_shape, device=device)
+        example = data.example_input(model)
+        evaluation["cost"] = (
+            cost(model, device=device, example_input=example)
+            if example is not None
+            else cost(model, input_shape=data.input_shape, device=device)
+        )
+        if data.is_text:
+            evaluation["texts_truncated"] = data.truncated(model)
         stage_dir.mkdir(parents=True, exist_ok=True)
         save_weights(model, stage_dir / "model.safetensors")
         atomic_write_json(
@@ -431,10 +458,11 @@ def _teacher_logits(ctx: Context, guide: Guide) -> torch.Tensor:
     member_logits = []
     for model in guide.models.values():
         if id(model) not in ctx.teacher_test:
+            xs, to_input = ctx.data.eval_feed(model, "test")
             ctx.teacher_test[id(model)] = predict(
                 model,
-                ctx.data.test.x,
-                to_input=ctx.data.to_input,
+                xs,
+                to_input=to_input,
                 batch_size=ctx.recipe.train.eval_batch_size,
                 device=ctx.accelerator.device,
             )

@@ -52,11 +52,44 @@ class AugmentConfig(Strict):
         return bool(self.jitter or self.crop or self.flip)
 
 
-class DataConfig(Strict):
-    source: Literal["mnist", "image_folder", "npz", "csv"] = Field(
-        description="mnist: the original idx files; image_folder: train/<class>/*.png; "
-        "npz: arrays x, y; csv: numeric feature columns plus a label column"
+class TextAugmentConfig(Strict):
+    """Tang et al. (2019) transfer-set augmentation of the training sentences."""
+
+    n_iter: int = Field(20, ge=1, description="rounds over the training sentences")
+    p_mask: float = Field(0.1, ge=0, le=1)
+    p_pos: float = Field(0.1, ge=0, le=1, description="same-kind word replacement")
+    p_ng: float = Field(0.25, ge=0, le=1, description="n-gram sampling")
+    per_example: int | None = Field(None, ge=1, description="at most this many per sentence")
+    max_total: int | None = Field(None, ge=1, description="at most this many in all")
+
+
+class TransferConfig(Strict):
+    """Unlabelled text for the distill stage, labelled by the teacher."""
+
+    file: str | None = Field(None, description="a .txt (one example per line), CSV/TSV/JSONL")
+    augment: TextAugmentConfig | None = None
+
+
+class TextConfig(Strict):
+    max_length: int = Field(128, ge=2, description="tokens per text; longer ones are cut")
+    text_column: str = "text"
+    drop_empty: bool = Field(False, description="drop empty texts instead of refusing them")
+    val_unit: Literal["rows", "sentences"] = Field(
+        "rows",
+        description="sst2: 'sentences' holds out whole sentences and their phrases "
+        "(no validation text inside a training text)",
     )
+    transfer: TransferConfig | None = None
+
+
+class DataConfig(Strict):
+    source: Literal["mnist", "image_folder", "npz", "csv", "sst2", "text_files", "hf_disk"] = Field(
+        description="mnist: the original idx files; image_folder: train/<class>/*.png; "
+        "npz: arrays x, y; csv: numeric feature columns plus a label column; sst2: GLUE "
+        "SST-2 TSV; text_files: train/test CSV, TSV or JSONL with text and label columns; "
+        "hf_disk: a `datasets` dataset saved to disk"
+    )
+    text: TextConfig = Field(default_factory=TextConfig, description="text sources only")
     path: str | None = Field(
         None,
         description="user data: a folder (image_folder) or a file/folder holding "
@@ -75,10 +108,16 @@ class DataConfig(Strict):
 
 
 class ModelSpec(Strict):
-    """A zoo name (`mlp`, `lenet5`) or `package.module:factory`, with keyword arguments."""
+    """A zoo name (`mlp`, `resnet20`, `hf`, `bilstm`), `package.module:factory` or
+    `file.py:factory`, with keyword arguments. Text models also name a tokenizer."""
 
     name: str
     args: dict[str, Any] = Field(default_factory=dict)
+    tokenizer: str | None = Field(
+        None,
+        description="text models: 'vocab' (words of the training texts) or a tokenizer "
+        "folder / pkg://package/folder / hub id; hf models default to their own",
+    )
 
 
 # ---------------------------------------------------------------------- schedules

@@ -9,6 +9,9 @@ be attached to them (empty for a cache).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,9 +29,10 @@ class LiveTeacher:
         self.model.to(device)
         return self
 
-    def __call__(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: Any, indices: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            logits = self.model(x.to(self.dtype))
+            # token ids and masks are not cast
+            logits = self.model(**x) if isinstance(x, Mapping) else self.model(x.to(self.dtype))
         # Leave inference mode: the result is read by the student's autograd graph.
         return logits.float().clone()
 
@@ -90,11 +94,12 @@ def combine_members(
 class CachedTeacher:
     def __init__(self, logits: torch.Tensor) -> None:
         self.logits = logits  # (N_train, C), float16 or float32, memory-mapped
+        self.device = torch.device("cpu")
         self.models: dict[str, nn.Module] = {}
 
     def to(self, device: torch.device) -> CachedTeacher:
         self.device = device
         return self
 
-    def __call__(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        return self.logits[indices.cpu()].to(x.device, torch.float32)
+    def __call__(self, x: Any, indices: torch.Tensor) -> torch.Tensor:
+        return self.logits[indices.cpu()].to(self.device, torch.float32)

@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,7 +40,7 @@ from kdistill.checkpoint import (
     save_training_state,
     save_weights,
 )
-from kdistill.data import DataBundle
+from kdistill.data import DataBundle, TextData
 from kdistill.data.augment import jitter, random_crop, random_flip
 from kdistill.errors import TrainingError
 from kdistill.evaluate import predict, quality
@@ -144,7 +145,7 @@ def _progress(console: Console, quiet: bool) -> Progress | contextlib.nullcontex
 def fit(
     model: nn.Module,
     *,
-    data: DataBundle,
+    data: DataBundle | TextData,
     objective: Objective,
     teacher: TeacherSignal | None,
     settings: TrainConfig,
@@ -180,6 +181,8 @@ def fit(
     if not objective.needs_teacher:
         teacher = None  # never run a teacher whose output no term reads
 
+    student = model
+    teacher_model = next(iter(getattr(teacher, "models", {}).values()), None)
     if extras is not None and len(list(extras.children())):
         model = Trainee(model, extras)
     optimizer = make_optimizer(model, settings.optimizer)
@@ -264,20 +267,30 @@ def fit(
                 for i, idx in enumerate(micro_batches):
                     last = i == len(micro_batches) - 1
                     with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                        xb = train_x[idx]
-                        if augment.jitter:
-                            xb = jitter(xb, augment.jitter, augment_rng)
-                        if augment.crop:
-                            xb = random_crop(xb, augment.crop, augment_rng)
-                        if augment.flip:
-                            xb = random_flip(xb, augment_rng)
-                        x = data.to_input(xb).to(device, non_blocking=True)
+                        if data.is_text:  # each model reads its own tokenization
+                            x = _to(data.batch(student, "train", idx), device)
+                            x_teacher = x
+                            if teacher_model is not None:
+                                x_teacher = _to(data.batch(teacher_model, "train", idx), device)
+                        else:
+                            xb = train_x[idx]
+                            if augment.jitter:
+                                xb = jitter(xb, augment.jitter, augment_rng)
+                            if augment.crop:
+                                xb = random_crop(xb, augment.crop, augment_rng)
+                            if augment.flip:
+                                xb = random_flip(xb, augment_rng)
+                            x = x_teacher = data.to_input(xb).to(device, non_blocking=True)
                         y = train_y[idx].to(device, non_blocking=True)
-                        teacher_logits = teacher(x, idx) if teacher is not None else None
+                        teacher_logits = teacher(x_teacher, idx) if teacher is not None else None
                         with accelerator.autocast():
-                            logits = model(x)
+                            logits = model(**x) if isinstance(x, Mapping) else model(x)
+                        mask = x.get("attention_mask") if isinstance(x, Mapping) else None
                         total, parts = objective(
-                            LossInputs(logits.float(), y, teacher_logits, indices=idx), progress
+                            LossInputs(
+                                logits.float(), y, teacher_logits, indices=idx, attention_mask=mask
+                            ),
+                            progress,
                         )
                         # sum over this micro-batch / global samples; DDP averages over processes
                         accelerator.backward(total * (world / batch))
@@ -321,10 +334,11 @@ def fit(
                 "seconds": round(time.perf_counter() - started, 3),
             }
             if len(data.val):
+                val_x, val_input = data.eval_feed(student, "val")
                 logits = predict(
                     student_of(accelerator.unwrap_model(model)),
-                    data.val.x,
-                    to_input=data.to_input,
+                    val_x,
+                    to_input=val_input,
                     batch_size=settings.eval_batch_size,
                     device=device,
                 )
@@ -370,6 +384,10 @@ def fit(
         best_val_accuracy=state["best_val"] if state["best_epoch"] > 0 else None,
         stopped_early=stopped_early,
     )
+
+
+def _to(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _epoch_line(label: str, epochs: int, record: dict[str, Any]) -> str:

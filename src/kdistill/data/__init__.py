@@ -18,10 +18,11 @@ import torch
 from kdistill.data import arrays, image_folder, mnist
 from kdistill.data.bundle import DataBundle, LoadedSource, Split
 from kdistill.data.paths import resolve_data_root
+from kdistill.data.text_task import TEXT_SOURCES, TextData, load_text_data
 from kdistill.errors import DataError
 from kdistill.recipe import DataConfig
 
-__all__ = ["SOURCES", "DataBundle", "Split", "build", "resolve_data_root"]
+__all__ = ["SOURCES", "DataBundle", "Split", "TextData", "build", "resolve_data_root"]
 
 SOURCES: dict[str, Callable[[DataConfig, Path], LoadedSource]] = {
     "mnist": mnist.load,
@@ -31,9 +32,12 @@ SOURCES: dict[str, Callable[[DataConfig, Path], LoadedSource]] = {
 }
 
 
-def build(cfg: DataConfig, data_dir: str | Path | None = None) -> DataBundle:
-    """Load `cfg.source` from the data folder (see `resolve_data_root`) into a DataBundle."""
+def build(cfg: DataConfig, data_dir: str | Path | None = None) -> DataBundle | TextData:
+    """Load `cfg.source` from the data folder (see `resolve_data_root`) into a DataBundle
+    (images, features) or a TextData (texts)."""
     _, searched = resolve_data_root(data_dir)
+    if cfg.source in TEXT_SOURCES:
+        return load_text_data(cfg, searched[0])
     loaded = SOURCES[cfg.source](cfg, searched[0])  # may not exist yet: MNIST downloads into it
     num_classes = len(loaded.class_names)
     for split, origin in ((loaded.train, loaded.train_origin), (loaded.test, loaded.test_origin)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -54,9 +55,21 @@ class DataBundle:
     fingerprint: str
     source_files: list[Path]  # files, or folders for image_folder, that the fingerprint covers
 
+    is_text = False
+
     @property
     def is_image(self) -> bool:
         return len(self.input_shape) == 3
+
+    def for_distill(self) -> DataBundle:
+        return self
+
+    def eval_feed(self, model: object, split: str) -> tuple[torch.Tensor, Any]:
+        """(inputs, to_input) of a split for `evaluate.predict`."""
+        return getattr(self, split).x, self.to_input
+
+    def example_input(self, model: object, batch_size: int = 256) -> None:
+        return None  # cost() draws random inputs of input_shape
 
     def to_input(self, x: torch.Tensor) -> torch.Tensor:
         """A raw batch -> float32 normalised model input, on the device of `x`.

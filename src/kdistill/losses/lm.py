@@ -276,6 +276,7 @@ def _vocab_errors(
             f"The 'vocab_size' parameter of {loss} must be a positive int or None. "
             f"Got {vocab_size!r} instead."
         ]
+    vocab_size = int(vocab_size)
     errors = []
     if vocab_size > student_vocab:
         errors.append(
@@ -295,7 +296,7 @@ def _vocab_errors(
 
 def _topk_value_errors(loss: str, topk_ids: Tensor, topk_logprobs: Tensor, vocab: int) -> list[str]:
     """Ids in [0, V), unique per row; log-probabilities whose mass is at most 1."""
-    errors = []
+    errors: list[str] = []
     if topk_ids.numel() == 0:
         return errors
     out_of_range = (topk_ids < 0) | (topk_ids >= vocab)
@@ -584,7 +585,7 @@ class _ChunkedLMLoss(torch.autograd.Function):
     (divergence sum, cross-entropy sum), gradients computed in the forward pass."""
 
     @staticmethod
-    def forward(ctx, rows: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan):  # type: ignore[override]
+    def forward(ctx, rows: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan):
         need_rows, need_weight, need_bias = (
             plan.compute_grads and needed for needed in ctx.needs_input_grad[:3]
         )
@@ -595,18 +596,17 @@ class _ChunkedLMLoss(torch.autograd.Function):
         head_weight = weight[:used]  # (U, H)
         head_bias = None if bias is None else bias[:used]
         acc = plan.dtype
-        n, hidden_size = rows.shape
-        grad_rows = [
-            rows.new_zeros(n, hidden_size, dtype=acc) if need_rows else None for _ in range(outputs)
-        ]
-        grad_weight = [
-            weight.new_zeros(weight.shape, dtype=acc) if need_weight else None
-            for _ in range(outputs)
-        ]
-        grad_bias = [
-            bias.new_zeros(bias.shape, dtype=acc) if need_bias and bias is not None else None
-            for _ in range(outputs)
-        ]
+        n = rows.shape[0]
+
+        def accumulators(like: Tensor | None, needed: bool) -> list[Tensor]:
+            """One gradient accumulator per output, for an input that needs a gradient."""
+            if like is None or not needed:
+                return []
+            return [like.new_zeros(like.shape, dtype=acc) for _ in range(outputs)]
+
+        grad_rows = accumulators(rows, need_rows)  # [(n, H)]
+        grad_weight = accumulators(weight, need_weight)  # [(V_s, H)]
+        grad_bias = accumulators(bias, need_bias)  # [(V_s,)]
         divergence_fn = _compiled_divergence_sum() if plan.compile else _divergence_sum
         sums = torch.zeros(2, dtype=acc, device=rows.device)
 
@@ -655,7 +655,7 @@ class _ChunkedLMLoss(torch.autograd.Function):
                     grad_bias[slot][:used] += grad_logits.sum(dim=0)
             del grads
 
-        ctx.outputs = outputs
+        ctx.counts = (len(grad_rows), len(grad_weight), len(grad_bias))
         ctx.dtypes = (rows.dtype, weight.dtype, None if bias is None else bias.dtype)
         # Saved tensors, not ctx attributes: autograd frees them after the backward pass.
         ctx.save_for_backward(*grad_rows, *grad_weight, *grad_bias)
@@ -663,17 +663,18 @@ class _ChunkedLMLoss(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_divergence: Tensor, grad_cross_entropy: Tensor):  # type: ignore[override]
-        outputs = ctx.outputs
-        scales = (grad_divergence, grad_cross_entropy)[:outputs]
-        saved = ctx.saved_tensors
-        results = []
-        for position, dtype in enumerate(ctx.dtypes):
-            stored = saved[position * outputs : (position + 1) * outputs]
-            if stored[0] is None:
+    def backward(ctx, grad_divergence: Tensor, grad_cross_entropy: Tensor):
+        scales = (grad_divergence, grad_cross_entropy)
+        saved = list(ctx.saved_tensors)
+        results: list[Tensor | None] = []
+        for count, dtype in zip(ctx.counts, ctx.dtypes):
+            stored, saved = saved[:count], saved[count:]
+            if not stored:
                 results.append(None)
                 continue
-            total = sum(grad * scale for grad, scale in zip(stored, scales))
+            total = stored[0] * scales[0]
+            for grad, scale in zip(stored[1:], scales[1:]):
+                total.addcmul_(grad, scale)
             results.append(total.to(dtype))
         return results[0], results[1], results[2], None
 

@@ -31,11 +31,18 @@ from kdistill import taps as tapping
 from kdistill.errors import LossInputError
 from kdistill.losses.features import FEATURE_LOSSES, CRDMemory
 from kdistill.losses.logits import LOGIT_LOSSES
+from kdistill.losses.transformer import TRANSFORMER_LOSSES
 from kdistill.recipe import LossTerm, TapSpec, as_schedule
 from kdistill.schedules import schedule_value
 
 # name -> pure function; the one table of losses a recipe may name.
-LOSSES: dict[str, Callable[..., torch.Tensor]] = {**LOGIT_LOSSES, **FEATURE_LOSSES}
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    **LOGIT_LOSSES,
+    **FEATURE_LOSSES,
+    # minilm_attention_kl reads four tensors (Q and K of each model): not a two-tap loss;
+    # minilm_relation_kl on the query and on the key outputs covers it
+    **{k: v for k, v in TRANSFORMER_LOSSES.items() if k != "minilm_attention_kl"},
+}
 LOSSES["crd"] = CRDMemory  # a module: its constructor's keywords are the term's params
 
 # Arguments the objective supplies; everything else keyword-only is a user `param`.
@@ -47,6 +54,20 @@ _SUPPLIED = {
     "reduction",
     "student_feature",
     "teacher_feature",
+    "attention_mask",
+    # transformer losses name their two inputs after what they read
+    "student_hidden",
+    "teacher_hidden",
+    "student_attn",
+    "teacher_attn",
+    "student_x",
+    "teacher_x",
+    "student_v",
+    "teacher_v",
+    "student_q",
+    "student_k",
+    "teacher_q",
+    "teacher_k",
     "indices",
     "student_dim",
     "teacher_dim",
@@ -54,6 +75,8 @@ _SUPPLIED = {
     "generator",
     "negative_indices",
 }
+
+_TOKEN_LOSSES = set(TRANSFORMER_LOSSES)  # (student, teacher, attention_mask) losses
 
 # Feature losses that compare tensors element by element, so a projector maps the
 # student's features to the teacher's shape. The others compare relations between
@@ -75,7 +98,7 @@ def user_params(name: str) -> dict[str, inspect.Parameter]:
 
 
 def is_feature_loss(name: str) -> bool:
-    return name == "crd" or takes(name, "student_feature")
+    return name == "crd" or name in _TOKEN_LOSSES or takes(name, "student_feature")
 
 
 def reads_teacher(term: LossTerm) -> bool:
@@ -191,6 +214,7 @@ class LossInputs:
     labels: torch.Tensor | None = None  # (B,)
     teacher_logits: torch.Tensor | None = None  # (B, C)
     indices: torch.Tensor | None = None  # (B,) rows of the training split, for CRD
+    attention_mask: torch.Tensor | None = None  # (B, T) text batches, for token losses
 
 
 class Objective:
@@ -245,9 +269,10 @@ class Objective:
         student: nn.Module,
         teachers: dict[str, nn.Module],
         *,
-        sample: torch.Tensor,
+        sample: Any,
         num_train: int,
         seed: int = 0,
+        teacher_sample: Any = None,
     ) -> nn.ModuleDict:
         """Hook the feature terms' modules and build their projectors and CRD modules."""
         self.unbind()
@@ -270,7 +295,7 @@ class Objective:
         teacher_shapes = {
             member: tapping.dry_run(
                 teachers[member],
-                sample.to(_dtype(teachers[member])),
+                _as_dtype(sample if teacher_sample is None else teacher_sample, teachers[member]),
                 _unique(specs),
                 where=f"teacher {member!r}",
             )
@@ -311,7 +336,7 @@ class Objective:
                 )
                 if projector is not None:
                     extras[f"term{i}_pair{j}"] = projector
-        self.extras = extras.to(sample.device)
+        self.extras = extras.to(_device(student))
         return self.extras
 
     def _member(self, i: int, teachers: dict[str, nn.Module]) -> str:
@@ -380,7 +405,13 @@ class Objective:
             projector = self.extras[key] if key in self.extras else None  # noqa: SIM401
             if projector is not None:
                 s, t = projector(s, t)
-            total = total + LOSSES[term.loss](s, t, reduction="sum", **term.params)
+            if term.loss in _TOKEN_LOSSES:
+                value = LOSSES[term.loss](
+                    s, t, inputs.attention_mask, reduction="sum", **term.params
+                )
+            else:
+                value = LOSSES[term.loss](s, t, reduction="sum", **term.params)
+            total = total + value
         return total
 
     # --------------------------------------------------------------------- call
@@ -406,11 +437,22 @@ class Objective:
                     if inputs.teacher_logits is None:
                         raise LossInputError(f"loss {term.loss!r} needs a teacher; none was given")
                     kwargs["teacher_logits"] = inputs.teacher_logits
+                student_logits = inputs.student_logits
                 if reads_labels:
-                    kwargs["labels"] = inputs.labels
+                    labels = inputs.labels
+                    if labels is not None and bool((labels < 0).any()):
+                        # transfer-set rows have no label: label terms skip them
+                        keep = labels >= 0
+                        student_logits, labels = student_logits[keep], labels[keep]
+                        if "teacher_logits" in kwargs:
+                            kwargs["teacher_logits"] = inputs.teacher_logits[keep]  # type: ignore[index]
+                    kwargs["labels"] = labels
                 if temperature is not None:
                     kwargs["temperature"] = schedule_value(temperature, progress)
-                value = LOSSES[term.loss](inputs.student_logits, reduction="sum", **kwargs)
+                if student_logits.shape[0] == 0:
+                    value = inputs.student_logits.sum() * 0.0
+                else:
+                    value = LOSSES[term.loss](student_logits, reduction="sum", **kwargs)
             parts[name] = value.detach()
             if weight != 0.0:
                 total = total + weight * value
@@ -438,6 +480,14 @@ def _width(shape: tuple[int, ...]) -> int:
     return math.prod(shape[1:])
 
 
-def _dtype(model: nn.Module) -> torch.dtype:
+def _as_dtype(sample: Any, model: nn.Module) -> Any:
+    """A float sample in the model's dtype (a bf16 teacher); token ids stay as they are."""
     param = next(model.parameters(), None)
-    return param.dtype if param is not None else torch.float32
+    if isinstance(sample, torch.Tensor) and sample.is_floating_point() and param is not None:
+        return sample.to(param.dtype)
+    return sample
+
+
+def _device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")

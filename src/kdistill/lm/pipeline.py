@@ -1,0 +1,568 @@
+"""Stages of a language-model run: teacher, baseline, distill; and `kdistill cache` for LMs.
+
+`run_lm` is what `kdistill run` calls for a recipe with `task: causal_lm`. It reads like
+the recipe: claim the run folder, read and tokenize the corpus, train the teacher
+(or load it), then for each seed train the student alone (baseline) and with the
+teacher (distill), measure each once on the validation split, and build the report
+from the files.
+
+Run folder (as the classifier's, plus the tokenizer):
+    recipe.yaml  run.json  results.json  results.md
+    tokenizer/tokenizer.json            trained on the training text (or the one loaded)
+    teacher/seed0/  baseline/seed<k>/  distill/seed<k>/   each with
+        model.safetensors  model.json  best.safetensors  eval.json  metrics.jsonl  checkpoints/
+        hf/        the model as a Hugging Face folder (save_pretrained + tokenizer.json)
+    cache/topk-teacher-seed0/           the teacher's top-k, when teacher.signal is cache
+
+eval.json: `val` holds the measured split (the last val_fraction of the corpus by
+character position; no test split exists): loss per token (nats), perplexity, bits
+per character (comparable across tokenizers), tokens and characters measured; `best`
+the same for the best-on-validation epoch; `cost`: parameters, size on disk, FLOPs
+and latency per token; `samples`: a few generated continuations.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+from rich.console import Console
+
+from kdistill import __version__
+from kdistill.checkpoint import atomic_write_json, atomic_write_text, load_weights, save_weights
+from kdistill.data.lm_text import bits_per_character, save_tokenizer
+from kdistill.errors import CheckpointError
+from kdistill.evaluate import cost
+from kdistill.lm.data import LMData, build_lm_data
+from kdistill.lm.models import (
+    CausalLM,
+    build_causal_lm,
+    check_same_tokenizer,
+    model_tokenizer,
+    weights_fingerprint,
+)
+from kdistill.lm.recipe import LMModelSpec, LMRecipe, LMTrainConfig, SamplesConfig
+from kdistill.lm.report import write_lm_report
+from kdistill.lm.teachers import (
+    CachedLMTeacher,
+    LiveLMTeacher,
+    LMTeacherSignal,
+    write_teacher_cache,
+)
+from kdistill.lm.train import LMObjective, evaluate_lm, fit_lm
+from kdistill.lm_cache import TopKCacheSpec, open_topk_cache
+from kdistill.models.hf import _quiet_transformers
+from kdistill.pipeline import (
+    _claim_run_dir,
+    _read_metrics,
+    _write_status,
+    make_accelerator,
+    resolve_weights,
+)
+
+MEASURED_SPLIT = "validation: the last data.val_fraction of the corpus, by character position"
+
+
+@dataclass
+class LMContext:
+    recipe: LMRecipe
+    run_dir: Path
+    data: LMData
+    accelerator: Accelerator
+    resume: bool
+    quiet: bool
+    console: Console
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def build(self, spec: LMModelSpec, where: str) -> CausalLM:
+        return build_causal_lm(
+            spec,
+            vocab_size=self.data.vocab_size,
+            seq_len=self.data.seq_len,
+            eos_id=self.data.eos_id,
+            where=where,
+        )
+
+
+@dataclass
+class LMTeacher:
+    """The trained (or loaded) teacher and the fingerprint of its weights."""
+
+    model: CausalLM
+    seed: int
+    fingerprint: str
+
+
+def run_lm(
+    recipe: LMRecipe,
+    *,
+    output_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Run the recipe's stages and return the results (the content of results.json)."""
+    console = console or Console(stderr=True)
+    accelerator = make_accelerator(recipe.train.precision)
+    run_dir = Path(output_dir or recipe.output.dir or Path("runs") / recipe.name)
+    if accelerator.is_main_process:
+        _claim_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        _write_status(run_dir, "running")
+    accelerator.wait_for_everyone()
+    try:
+        data = _build_data(recipe, data_dir, run_dir, accelerator)
+        ctx = LMContext(recipe, run_dir, data, accelerator, resume, quiet, console)
+        if ctx.is_main:
+            atomic_write_text(
+                run_dir / "recipe.yaml",
+                yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False),
+            )
+            info = data.info
+            console.log(
+                f"run {recipe.name} → {run_dir} | corpus: {info['characters']['train']:,} train + "
+                f"{info['characters']['val']:,} val characters, {info['tokens']['train']:,} + "
+                f"{info['tokens']['val']:,} tokens ({info['chars_per_token']:.2f} characters/token, "
+                f"vocabulary {data.vocab_size}), {len(data.train)} + {len(data.val)} sequences of "
+                f"{data.seq_len} | {accelerator.num_processes} process(es) on {accelerator.device}"
+            )
+        _check_models(ctx)
+        stages = set(recipe.stages)
+        teacher = None
+        if recipe.teacher is not None and stages & {"teacher", "distill"}:
+            teacher = _teacher_stage(ctx, recipe.seeds[0])
+        for seed in recipe.seeds:
+            if "baseline" in stages:
+                _student_stage(ctx, "baseline", seed, teacher=None)
+            if "distill" in stages:
+                _student_stage(ctx, "distill", seed, teacher=teacher)
+        accelerator.wait_for_everyone()
+        results: dict[str, Any] = {}
+        if ctx.is_main:
+            results = write_lm_report(run_dir)
+            _write_status(run_dir, "finished")
+        return results
+    except BaseException as exc:
+        if accelerator.is_main_process:
+            _write_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def _build_data(
+    recipe: LMRecipe, data_dir: str | Path | None, run_dir: Path, accelerator: Accelerator
+) -> LMData:
+    """The main process trains and saves the tokenizer; the others then load it."""
+    folder = run_dir / "tokenizer"
+    data = None
+    if accelerator.is_main_process:
+        data = build_lm_data(recipe.data, data_dir=data_dir, tokenizer_dir=folder)
+    accelerator.wait_for_everyone()
+    if data is None:
+        data = build_lm_data(
+            recipe.data, data_dir=data_dir, tokenizer_dir=folder, may_train_tokenizer=False
+        )
+    return data
+
+
+def _check_models(ctx: LMContext) -> None:
+    """Build every model the stages need once, and compare tokenizers, so a student that
+    cannot be distilled from this teacher fails now, not after the teacher trained."""
+    recipe, stages = ctx.recipe, set(ctx.recipe.stages)
+    if recipe.teacher is not None and stages & {"teacher", "distill"}:
+        checkpoint = _teacher_checkpoint(recipe)
+        check_same_tokenizer(
+            model_tokenizer(recipe.teacher.model, checkpoint),
+            ctx.data.tokenizer,
+            where="teacher.checkpoint" if checkpoint else "teacher.model.path",
+            role="teacher",
+        )
+        ctx.build(recipe.teacher.model, "teacher.model")
+    if recipe.student is not None and stages & {"baseline", "distill"}:
+        check_same_tokenizer(
+            model_tokenizer(recipe.student.model, None),
+            ctx.data.tokenizer,
+            where="student.model.path",
+            role="student",
+        )
+        ctx.build(recipe.student.model, "student.model")
+
+
+def _teacher_checkpoint(recipe: LMRecipe) -> Path | None:
+    assert recipe.teacher is not None
+    if recipe.teacher.checkpoint is None:
+        return None
+    return resolve_weights(recipe.teacher.checkpoint)
+
+
+def _teacher_stage(ctx: LMContext, seed: int) -> LMTeacher:
+    """Load the teacher from teacher.checkpoint or model.path, reuse one trained earlier in
+    this run folder, or train it; measure it when the stage is listed."""
+    recipe = ctx.recipe
+    assert recipe.teacher is not None
+    stage_dir = ctx.run_dir / "teacher" / f"seed{seed}"
+    torch.manual_seed(seed)
+    model = ctx.build(recipe.teacher.model, "teacher.model")
+    checkpoint = _teacher_checkpoint(recipe)
+    finished = (stage_dir / "eval.json").exists() and (stage_dir / "model.safetensors").exists()
+    if checkpoint is not None:
+        try:
+            load_weights(model, checkpoint)
+        except CheckpointError as exc:
+            raise CheckpointError(f"teacher.checkpoint: {exc}") from None
+    if recipe.teacher.pretrained:
+        if "teacher" in recipe.stages and not finished:
+            _finish_stage(ctx, "teacher", seed, model, recipe.teacher.model, 0.0, 0)
+    elif finished:
+        load_weights(model, stage_dir / "model.safetensors")
+        if ctx.is_main:
+            ctx.console.log(f"teacher seed {seed}: already trained in {stage_dir}, reusing it")
+    else:
+        model = _train_and_finish(
+            ctx,
+            "teacher",
+            seed,
+            model,
+            recipe.teacher.model,
+            LMObjective(ce_weight=1.0),
+            None,
+            settings=recipe.teacher_train(),
+        )
+    return LMTeacher(model, seed, weights_fingerprint(model))
+
+
+def _student_stage(ctx: LMContext, stage: str, seed: int, *, teacher: LMTeacher | None) -> None:
+    recipe = ctx.recipe
+    assert recipe.student is not None
+    stage_dir = ctx.run_dir / stage / f"seed{seed}"
+    if (stage_dir / "eval.json").exists() and (stage_dir / "model.safetensors").exists():
+        if ctx.is_main:
+            ctx.console.log(f"{stage} seed {seed}: finished earlier in {stage_dir}, skipping")
+        return
+    torch.manual_seed(seed)  # baseline and distill start from the same weights for a seed
+    model = ctx.build(recipe.student.model, "student.model")
+    signal: LMTeacherSignal | None = None
+    if stage == "baseline":
+        objective = LMObjective(ce_weight=1.0)
+    else:
+        assert teacher is not None
+        objective = LMObjective.of(recipe.objective)
+        signal = _teacher_signal(ctx, teacher)
+    _train_and_finish(
+        ctx, stage, seed, model, recipe.student.model, objective, signal, settings=recipe.train
+    )
+
+
+def _train_and_finish(
+    ctx: LMContext,
+    stage: str,
+    seed: int,
+    model: CausalLM,
+    spec: LMModelSpec,
+    objective: LMObjective,
+    signal: LMTeacherSignal | None,
+    *,
+    settings: LMTrainConfig,
+) -> CausalLM:
+    result = fit_lm(
+        model,
+        train=ctx.data.train,
+        val=ctx.data.val,
+        objective=objective,
+        teacher=signal,
+        settings=settings,
+        vocab_size=ctx.data.vocab_size,
+        seed=seed,
+        out_dir=ctx.run_dir / stage / f"seed{seed}",
+        accelerator=ctx.accelerator,
+        resume=ctx.resume,
+        label=f"{stage} seed {seed}",
+        quiet=ctx.quiet,
+        console=ctx.console,
+    )
+    model = ctx.accelerator.unwrap_model(model)
+    _finish_stage(ctx, stage, seed, model, spec, result.seconds, result.tokens)
+    ctx.accelerator.free_memory()
+    return model
+
+
+# ------------------------------------------------------------------ teacher signal
+
+
+def cache_spec(recipe: LMRecipe, data: LMData, teacher_fingerprint: str) -> TopKCacheSpec:
+    assert recipe.teacher is not None
+    term = recipe.divergence()
+    temperature = term.temperature if term is not None and term.temperature is not None else 1.0
+    start = temperature if isinstance(temperature, (int, float)) else temperature.start
+    return TopKCacheSpec(
+        teacher=teacher_fingerprint,
+        tokenizer=data.tokenizer_fingerprint,
+        dataset=data.fingerprint,
+        k=recipe.teacher.cache.top_k,
+        temperature=float(start),
+        seq_len=data.seq_len,
+        num_sequences=len(data.train),
+        vocab_size=data.vocab_size,
+    )
+
+
+def cache_folder(recipe: LMRecipe, run_dir: Path, seed: int) -> Path:
+    assert recipe.teacher is not None
+    if recipe.teacher.cache.dir is not None:
+        return Path(recipe.teacher.cache.dir).expanduser()
+    return run_dir / "cache" / f"topk-teacher-seed{seed}"
+
+
+def _teacher_signal(ctx: LMContext, teacher: LMTeacher) -> LMTeacherSignal:
+    recipe = ctx.recipe
+    assert recipe.teacher is not None
+    device = ctx.accelerator.device
+    if recipe.teacher.signal == "live":
+        return LiveLMTeacher(
+            copy.deepcopy(teacher.model), precision=recipe.teacher.precision or "fp32"
+        ).to(device)
+    spec = cache_spec(recipe, ctx.data, teacher.fingerprint)
+    folder = cache_folder(recipe, ctx.run_dir, teacher.seed)
+    if ctx.is_main:
+        info = write_teacher_cache(
+            folder,
+            spec,
+            teacher.model.to(device),
+            ctx.data.train,
+            batch_size=recipe.train.eval_batch_size,
+            shard_sequences=recipe.teacher.cache.shard_sequences,
+            device=device,
+        )
+        if not info["reused"]:
+            ctx.console.log(
+                f"teacher top-{spec.k} cached in {folder} ({info['bytes'] / 1e6:.1f} MB, "
+                f"{info['bytes_per_token']} bytes/token, {info['seconds']:.1f}s)"
+            )
+    ctx.accelerator.wait_for_everyone()
+    return CachedLMTeacher(open_topk_cache(folder, expect=spec), device)
+
+
+# ------------------------------------------------------------------ measuring
+
+
+def measure(model: CausalLM, data: LMData, *, batch_size: int, device: Any) -> dict[str, Any]:
+    """Loss per token (nats), perplexity and bits per character on the validation split."""
+    nll, tokens = evaluate_lm(model, data.val, batch_size=batch_size, device=device)
+    loss = nll / max(tokens, 1)
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "bpc": bits_per_character(nll, data.val_characters),
+        "tokens": tokens,
+        "characters": data.val_characters,
+    }
+
+
+def generate_samples(
+    model: CausalLM, data: LMData, cfg: SamplesConfig, *, seed: int, device: Any
+) -> list[dict[str, str]]:
+    """Continuations of `cfg.count` prompts taken from evenly spaced validation sequences:
+    greedy at temperature 0, else sampled with a generator seeded by `seed`."""
+    if cfg.count == 0:
+        return []
+    rows = torch.linspace(0, len(data.val) - 1, cfg.count).round().long().unique()
+    generator = torch.Generator().manual_seed(seed)
+    context = min(data.seq_len, model.context or data.seq_len)
+    samples = []
+    was_training = model.training
+    model.eval()
+    try:
+        for row in rows.tolist():
+            prompt = data.val[row, : min(cfg.prompt_tokens, context)].tolist()
+            ids = list(prompt)
+            with torch.inference_mode():
+                for _ in range(cfg.new_tokens):
+                    window = torch.tensor(ids[-context:], device=device).unsqueeze(0)  # (1, t)
+                    logits = model.logits(model(window)[:, -1])[0, : data.vocab_size].float()
+                    if cfg.temperature == 0:
+                        token = int(logits.argmax())
+                    else:
+                        probs = torch.softmax(logits / cfg.temperature, dim=-1).cpu()
+                        token = int(torch.multinomial(probs, 1, generator=generator))
+                    ids.append(token)
+            samples.append(
+                {
+                    "prompt": data.tokenizer.decode(prompt),
+                    "completion": data.tokenizer.decode(ids[len(prompt) :]),
+                }
+            )
+    finally:
+        model.train(was_training)
+    return samples
+
+
+def _finish_stage(
+    ctx: LMContext,
+    stage: str,
+    seed: int,
+    model: CausalLM,
+    spec: LMModelSpec,
+    train_seconds: float,
+    train_tokens: int,
+) -> None:
+    """Measure the last and best-on-validation weights once; write the stage folder."""
+    stage_dir = ctx.run_dir / stage / f"seed{seed}"
+    data, device = ctx.data, ctx.accelerator.device
+    batch = ctx.recipe.train.eval_batch_size
+    model = model.to(device)
+    evaluation: dict[str, Any] = {
+        "stage": stage,
+        "seed": seed,
+        "task": "causal_lm",
+        "measured_split": MEASURED_SPLIT,
+        "val": measure(model, data, batch_size=batch, device=device),
+        "best": None,
+    }
+    metrics = _read_metrics(stage_dir / "metrics.jsonl")
+    evaluation["epochs"] = max((m["epoch"] for m in metrics), default=0)
+    best_path = stage_dir / "best.safetensors"
+    if best_path.exists():
+        best = copy.deepcopy(model)
+        load_weights(best, best_path)
+        best_epoch = min(
+            (m for m in metrics if "val_loss" in m),
+            key=lambda m: (m["val_loss"], m["epoch"]),
+            default={"epoch": None},
+        )["epoch"]
+        evaluation["best"] = {
+            "epoch": best_epoch,
+            "val": measure(best, data, batch_size=batch, device=device),
+        }
+    evaluation["train_seconds"] = round(train_seconds, 3)
+    evaluation["train_tokens"] = train_tokens
+    if ctx.is_main:
+        evaluation["cost"] = _cost(model, data, device)
+        evaluation["samples"] = generate_samples(
+            model, data, ctx.recipe.samples, seed=seed, device=device
+        )
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        save_weights(model, stage_dir / "model.safetensors")
+        _export_hf(model, data, stage_dir / "hf")
+        atomic_write_json(
+            stage_dir / "model.json",
+            {
+                "task": "causal_lm",
+                "model": spec.model_dump(mode="json"),
+                "hf_config": model.hf.config.to_dict(),
+                "vocab_size": data.vocab_size,
+                "seq_len": data.seq_len,
+                "tokenizer": data.tokenizer_fingerprint,
+                "data": ctx.recipe.data.model_dump(mode="json"),
+                "kdistill": __version__,
+            },
+        )
+        atomic_write_json(stage_dir / "eval.json", evaluation)
+        val = evaluation["val"]
+        ctx.console.log(
+            f"{stage} seed {seed}: val loss/token {val['loss']:.4f}, perplexity "
+            f"{val['perplexity']:.2f}, {val['bpc']:.4f} bits/character, {train_seconds:.0f}s"
+        )
+    ctx.accelerator.wait_for_everyone()
+
+
+def _cost(model: CausalLM, data: LMData, device: Any) -> dict[str, Any]:
+    """Parameters, size, FLOPs and latency per token of the Hugging Face model's forward
+    (logits included) on 4 validation sequences."""
+    inputs = data.val[:4, :-1]
+    measured = cost(model.hf, example_input=inputs, device=device, repeats=5, warmup=1)
+    tokens = inputs.numel()
+    return {
+        **measured,
+        "tokens_per_batch": tokens,
+        "seq_len": data.seq_len,
+        "flops_per_token": measured["flops"] / data.seq_len,
+        "latency_ms_per_token": measured["latency_ms"] / tokens,
+    }
+
+
+def _export_hf(model: CausalLM, data: LMData, folder: Path) -> None:
+    """The model as a Hugging Face folder (config, weights, tokenizer), written then renamed."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    with _quiet_transformers():
+        model.hf.save_pretrained(tmp)
+    save_tokenizer(data.tokenizer, tmp)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+# ------------------------------------------------------------------ kdistill cache
+
+
+def cache_lm_teacher(
+    recipe: LMRecipe,
+    *,
+    output_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write (or finish, or verify) the trained teacher's top-k cache of the training split.
+
+    The teacher's weights come from teacher.checkpoint, teacher.model.path, or the run
+    folder's teacher stage; the tokenizer from the run folder (or data.tokenizer.path).
+    A killed job continues from its last complete shard.
+    """
+    if recipe.teacher is None:
+        raise CheckpointError("the recipe has no teacher section to cache")
+    run_dir = Path(output_dir or recipe.output.dir or Path("runs") / recipe.name)
+    seed = recipe.seeds[0]
+    data = build_lm_data(
+        recipe.data,
+        data_dir=data_dir,
+        tokenizer_dir=run_dir / "tokenizer",
+        may_train_tokenizer=False,
+    )
+    torch.manual_seed(seed)
+    model = build_causal_lm(
+        recipe.teacher.model,
+        vocab_size=data.vocab_size,
+        seq_len=data.seq_len,
+        eos_id=data.eos_id,
+        where="teacher.model",
+    )
+    checkpoint = _teacher_checkpoint(recipe)
+    if checkpoint is None and recipe.teacher.model.path is None:
+        checkpoint = run_dir / "teacher" / f"seed{seed}" / "model.safetensors"
+        if not checkpoint.is_file():
+            raise CheckpointError(
+                f"no trained teacher at {checkpoint}; run the teacher stage first "
+                "(kdistill run RECIPE --set 'stages=[teacher]') or set teacher.checkpoint"
+            )
+    if checkpoint is not None:
+        load_weights(model, checkpoint)
+    check_same_tokenizer(
+        model_tokenizer(recipe.teacher.model, checkpoint),
+        data.tokenizer,
+        where="teacher",
+        role="teacher",
+    )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    spec = cache_spec(recipe, data, weights_fingerprint(model))
+    return write_teacher_cache(
+        cache_folder(recipe, run_dir, seed),
+        spec,
+        model.to(device),
+        data.train,
+        batch_size=recipe.train.eval_batch_size,
+        shard_sequences=recipe.teacher.cache.shard_sequences,
+        device=device,
+        overwrite=overwrite,
+    )

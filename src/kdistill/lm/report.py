@@ -1,0 +1,178 @@
+"""The report of a language-model run, built from its files alone.
+
+`collect` (the classifier report's) reads every `<stage>/seed<k>/eval.json` and gives,
+per stage, the mean and sample standard deviation over seeds of each number in `val`
+and `best.val`. This module adds the language-model gap and writes `results.json` and
+`results.md`: loss per token, perplexity, bits per character, cost, and one seed's
+generated samples per stage.
+
+gap closed = (baseline loss − distill loss) / (baseline loss − teacher loss), from mean
+validation loss per token. Teacher and student share the tokenizer, so the same
+ratio holds for bits per character.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from kdistill.report import _duration, _fmt, _markdown_table, _si, _write_atomic, collect
+
+COLUMNS = (
+    "stage",
+    "seeds",
+    "val loss/token",
+    "perplexity",
+    "bits/char",
+    "params",
+    "size MB",
+    "FLOPs/token",
+    "latency ms/token",
+    "train time",
+)
+SPLIT_SENTENCE = (
+    "Measured on the validation split: the last `data.val_fraction` of the corpus by "
+    "character position, never trained on. Loss in nats per token; bits per character "
+    "= summed loss / (characters · ln 2), comparable across tokenizers."
+)
+
+
+def collect_lm(run_dir: str | Path) -> dict[str, Any]:
+    """collect()'s aggregates plus `gap_recovered` (and `_best`) on validation loss."""
+    results = collect(run_dir)
+    results["task"] = "causal_lm"
+    for suffix, pick in (("", _last), ("_best", _best)):
+        gap, note = _gap(results["stages"], pick)
+        results[f"gap_recovered{suffix}"] = gap
+        results[f"gap_recovered{suffix}_note"] = note
+    return results
+
+
+def _last(stage: dict[str, Any]) -> dict[str, Any] | None:
+    return stage.get("val")
+
+
+def _best(stage: dict[str, Any]) -> dict[str, Any] | None:
+    return (stage.get("best") or {}).get("val")
+
+
+def _gap(stages: dict[str, Any], pick: Any) -> tuple[float | None, str | None]:
+    loss: dict[str, float] = {}
+    for name in ("teacher", "baseline", "distill"):
+        if name not in stages:
+            return None, f"the run has no {name} stage"
+        section = pick(stages[name])
+        if not section or section.get("loss") is None:
+            return None, f"the {name} stage has no validation loss for these checkpoints"
+        loss[name] = section["loss"]
+    denominator = loss["baseline"] - loss["teacher"]
+    if denominator <= 0:
+        return None, "the baseline's validation loss is not above the teacher's: there is no gap"
+    return (loss["baseline"] - loss["distill"]) / denominator, None
+
+
+def table_rows(results: dict[str, Any], *, best: bool = False) -> list[list[str]]:
+    rows = []
+    for name, stage in results["stages"].items():
+        section = (_best(stage) if best else _last(stage)) or {}
+        cost = stage.get("cost") or {}
+        n = len(stage["seeds"])
+        rows.append(
+            [
+                name,
+                str(n),
+                _pm(section, "loss", "{:.4f}", n),
+                _pm(section, "perplexity", "{:.2f}", n),
+                _pm(section, "bpc", "{:.4f}", n),
+                _fmt(cost.get("params"), _si),
+                _fmt(cost.get("size_bytes"), lambda b: f"{b / 1e6:.2f}"),
+                _fmt(cost.get("flops_per_token"), _si),
+                _fmt(cost.get("latency_ms_per_token"), "{:.4f}"),
+                _fmt(stage.get("train_seconds"), _duration),
+            ]
+        )
+    return rows
+
+
+def _pm(section: dict[str, Any], name: str, fmt: str, n: int) -> str:
+    mean, std = section.get(name), section.get(f"{name}_std")
+    if mean is None:
+        return "—"
+    if n < 2 or std is None:
+        return fmt.format(mean)
+    return f"{fmt.format(mean)} ± {fmt.format(std)}"
+
+
+def gap_line(results: dict[str, Any], *, best: bool = False) -> str:
+    suffix = "_best" if best else ""
+    gap = results[f"gap_recovered{suffix}"]
+    if gap is None:
+        return f"Gap closed by distillation: n/a ({results[f'gap_recovered{suffix}_note']})."
+    return (
+        f"Gap closed by distillation: {gap * 100:.1f} % = (baseline loss − distill loss) / "
+        "(baseline loss − teacher loss), from mean validation loss per token."
+    )
+
+
+def render_lm_markdown(results: dict[str, Any]) -> str:
+    lines = [f"# Results: {results['recipe'] or 'unnamed recipe'}", ""]
+    lines += _markdown_table(COLUMNS, table_rows(results))
+    lines += [
+        "",
+        "Mean ± sample standard deviation over seeds (value alone for one seed). " + SPLIT_SENTENCE,
+        "Latency: median wall time of the Hugging Face forward pass (logits included) on a "
+        "batch of validation sequences, per token.",
+        "",
+        gap_line(results),
+        "",
+        "## Best-on-validation checkpoints",
+        "",
+    ]
+    if any(stage.get("best") for stage in results["stages"].values()):
+        lines += [
+            "Each seed's epoch with the lowest validation loss, measured on that same split "
+            "(so slightly optimistic).",
+            "",
+        ]
+        lines += _markdown_table(COLUMNS, table_rows(results, best=True))
+        lines += ["", gap_line(results, best=True)]
+    else:
+        lines.append("None recorded.")
+    lines += ["", "## Samples", ""]
+    for name, stage in results["stages"].items():
+        per_seed = stage.get("per_seed") or [{}]
+        samples = per_seed[0].get("samples") or []
+        if not samples:
+            continue
+        lines.append(f"**{name}** (seed {stage['seeds'][0]}):")
+        lines.append("")
+        for sample in samples:
+            text = sample["prompt"] + "⟨" + sample["completion"] + "⟩"
+            lines += ["```", text.replace("```", "ʼʼʼ"), "```"]
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_lm_report(run_dir: str | Path) -> dict[str, Any]:
+    """Write `results.json` and `results.md` into the run folder, atomically."""
+    run_dir = Path(run_dir)
+    results = collect_lm(run_dir)
+    as_json = json.dumps(results, indent=2, allow_nan=False) + "\n"
+    _write_atomic(run_dir / "results.json", lambda tmp: tmp.write_text(as_json, encoding="utf-8"))
+    markdown = render_lm_markdown(results)
+    _write_atomic(run_dir / "results.md", lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
+    return {**results, "report": {"files": ["results.json", "results.md"], "notes": []}}
+
+
+def print_lm_table(results: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"Results: {results['recipe'] or 'unnamed recipe'}", caption=SPLIT_SENTENCE)
+    for i, column in enumerate(COLUMNS):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in table_rows(results):
+        table.add_row(*row)
+    console.print(table)
+    console.print(gap_line(results))

