@@ -72,6 +72,9 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=int, default=15)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--limit-train", type=int, default=15000, help="student training images")
+    parser.add_argument(
+        "--teacher-limit-train", type=int, default=None, help="teacher training images (all)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--json", type=Path, default=None)
@@ -92,7 +95,7 @@ def main() -> None:
     teacher_run = args.out / "teacher"
     started = time.perf_counter()
     base = _recipe(args, "teacher", [CE_KD, KD])
-    base["data"].pop("limit_train")
+    base["data"]["limit_train"] = args.teacher_limit_train
     base["teacher"]["members"] = [{"name": "second", "model": {"name": "cnn_teacher"}}]
     base["stages"] = ["teacher"]
     base["seeds"] = [0]
@@ -140,7 +143,8 @@ def main() -> None:
     teacher_stage = teacher_results["stages"]
     header = (
         f"CIFAR-10, cnn_teacher (60k params) -> cnn_student (26k), teacher trained "
-        f"{args.teacher_epochs} epochs on 45,000 images ({teacher_seconds / 60:.1f} min, "
+        f"{args.teacher_epochs} epochs on {args.teacher_limit_train or 45000} images "
+        f"({teacher_seconds / 60:.1f} min, "
         f"test {100 * teacher_stage['teacher']['test']['accuracy']:.2f}%; second member "
         f"{100 * teacher_stage['teacher_second']['test']['accuracy']:.2f}%); students "
         f"{args.epochs} epochs on the first {args.limit_train} training images, AdamW 3e-3 "
