@@ -47,6 +47,7 @@ from kdistill.losses.logits import (
     _UNIT_OPEN_RIGHT,
     _as_float,
     _Interval,
+    _range_errors,
     _reduce,
 )
 
@@ -55,21 +56,6 @@ _REDUCTIONS = ("mean", "sum", "none")
 
 # Which dimensions of the two features must agree, besides the batch.
 _Match = Literal["shape", "spatial", "none"]
-
-
-def _range_errors(loss: str, ranges: Mapping[str, tuple[object, _Interval]]) -> list[str]:
-    errors = []
-    for name, (value, interval) in ranges.items():
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, numbers.Real)
-            or float(value) not in interval
-        ):
-            errors.append(
-                f"The {name!r} parameter of {loss} must be a float in {interval}. "
-                f"Got {value!r} instead."
-            )
-    return errors
 
 
 def _int_errors(loss: str, name: str, value: object, low: int) -> list[str]:

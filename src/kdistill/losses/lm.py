@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdistill.errors import LossInputError
-from kdistill.losses.logits import _POSITIVE, _UNIT, _Interval, _log_mixture
+from kdistill.losses.logits import _POSITIVE, _UNIT, _Interval, _log_mixture, _range_errors
 
 Kind = Literal["kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"]
 KINDS: tuple[str, ...] = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
@@ -217,16 +217,7 @@ def _parameter_errors(
             f"The 'kind' parameter of {loss} must be one of {', '.join(map(repr, KINDS))}. "
             f"Got {kind!r} instead."
         )
-    for name, (value, interval) in ranges.items():
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, numbers.Real)
-            or float(value) not in interval
-        ):
-            errors.append(
-                f"The {name!r} parameter of {loss} must be a float in {interval}. "
-                f"Got {value!r} instead."
-            )
+    errors += _range_errors(loss, ranges)
     if reduction is not None and reduction not in ("mean", "sum"):
         hint = (
             " For per-token values use token_divergence on the logits of a few tokens."

@@ -56,6 +56,22 @@ _UNIT = _Interval(0.0, 1.0, low_closed=True, high_closed=True)
 _UNIT_OPEN_RIGHT = _Interval(0.0, 1.0, low_closed=True, high_closed=False)
 
 
+def _range_errors(loss: str, ranges: Mapping[str, tuple[object, _Interval]]) -> list[str]:
+    """One message per hyperparameter that is not a real number in its interval."""
+    errors = []
+    for name, (value, interval) in ranges.items():
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, numbers.Real)
+            or float(value) not in interval
+        ):
+            errors.append(
+                f"The {name!r} parameter of {loss} must be a float in {interval}. "
+                f"Got {value!r} instead."
+            )
+    return errors
+
+
 def _validate(
     loss: str,
     student_logits: Tensor,
@@ -68,17 +84,7 @@ def _validate(
     min_classes: int = 1,
 ) -> None:
     """Check every input of `loss`; raise one LossInputError listing all problems."""
-    errors = []
-    for name, (value, interval) in ranges.items():
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, numbers.Real)
-            or float(value) not in interval
-        ):
-            errors.append(
-                f"The {name!r} parameter of {loss} must be a float in {interval}. "
-                f"Got {value!r} instead."
-            )
+    errors = _range_errors(loss, ranges)
     if reduction not in _REDUCTIONS:
         errors.append(
             f"The 'reduction' parameter of {loss} must be one of 'mean', 'sum', 'none'. "
