@@ -69,8 +69,11 @@ def _mnist_error(root: Path) -> str:
 
 
 def test_sources_table_matches_the_recipe_schema() -> None:
+    from kdistill.data.text_task import TEXT_SOURCES
+
     allowed = DataConfig.model_fields["source"].annotation.__args__  # Literal[...]
-    assert set(SOURCES) == set(allowed)
+    assert set(SOURCES) | set(TEXT_SOURCES) == set(allowed)
+    assert not set(SOURCES) & set(TEXT_SOURCES)
 
 
 def test_mnist_shapes_counts_and_labels(mnist_bundle) -> None:
