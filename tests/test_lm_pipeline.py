@@ -110,7 +110,7 @@ def test_shipped_recipe_validates_through_every_entry_point(
     recipe = kdistill.load_recipe("shakespeare_gpt_small_from_gpt", ["seeds=[0]"])
     assert isinstance(recipe, LMRecipe) and recipe.seeds == [0]
     assert recipe.data.corpus == ["tinyshakespeare/input.txt"] and recipe.data.val_fraction == 0.1
-    assert recipe.teacher is not None and recipe.teacher.signal == "cache"
+    assert recipe.teacher is not None and recipe.teacher.signal == "live"
     assert main(["validate", "shakespeare_gpt_small_from_gpt"]) == 0
     assert "valid causal_lm recipe" in " ".join(capsys.readouterr().err.split())
     assert main(["recipes"]) == 0
@@ -259,6 +259,38 @@ def test_interrupted_run_resumes_to_the_same_weights(
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     lines = (tmp_path / "killed" / "baseline" / "seed0" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(lm_env: None, tmp_path: Path) -> None:
+    """Each process takes its share of the step's sequences and scales by world size over
+    the step's global token count, so 2 DDP processes reach the weights of 1 (cache
+    written once by the main process, read by both)."""
+    import os
+    import subprocess
+    import sys
+
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    assert accelerate is not None
+    recipe = tiny_lm_recipe(samples={"count": 0})
+    for section in ("teacher", "student"):  # no dropout: its masks differ when split
+        recipe[section]["model"]["config"].update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    recipe["train"]["optimizer"] = {"name": "sgd", "lr": 0.3}
+    path = _write(tmp_path / "r.yaml", recipe)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    assert _run(path, tmp_path / "one") == 0
+    two = subprocess.run(
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no",
+         "-m", "kdistill.cli", "run", str(path), "--output-dir", str(tmp_path / "two"), "--quiet"],
+        env=env, capture_output=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr.decode()[-3000:]
+    assert "2 process(es)" in " ".join(two.stderr.decode().split())
+    for stage in ("teacher", "baseline", "distill"):
+        a = load_file(str(tmp_path / "one" / stage / "seed0" / "model.safetensors"))
+        b = load_file(str(tmp_path / "two" / stage / "seed0" / "model.safetensors"))
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5, stage
 
 
 # ---------------------------------------------------------------- normalisation

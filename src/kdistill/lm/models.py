@@ -1,8 +1,9 @@
 """Causal language models for distillation: any Hugging Face `AutoModelForCausalLM`.
 
 `CausalLM` wraps one so that `forward(input_ids)` returns the final hidden states
-(B, T, H) and `head` is the output layer: the losses of `kdistill.losses.lm` build the
-logits from them a chunk of tokens at a time, so no (B, T, V) logits tensor exists.
+(B, T, H) and `head_weight`, `head_bias` are its output layer: the losses of
+`kdistill.losses.lm` build the logits from them a chunk of tokens at a time, so no
+(B, T, V) logits tensor exists.
 A dry run at build time checks that the model's logits are exactly head(hidden
 states); models that post-process them (soft-capping, logit scaling) are refused.
 
@@ -42,6 +43,8 @@ class CausalLM(nn.Module):
     so they can be saved as safetensors; `load_state_dict` restores both through it.
     """
 
+    hf: Any  # a transformers PreTrainedModel with a causal-LM head
+
     def __init__(self, hf: nn.Module) -> None:
         super().__init__()
         self.hf = hf
@@ -51,20 +54,23 @@ class CausalLM(nn.Module):
         return out.last_hidden_state  # (B, T, H)
 
     @property
-    def head(self) -> nn.Module:
-        """The output layer: `weight` (V, H) and `bias` (V,) or None."""
-        head = self.hf.get_output_embeddings()
-        assert head is not None and hasattr(head, "weight")
-        return head
+    def head_weight(self) -> Tensor:
+        """The output layer's weight (V, H)."""
+        return self.hf.get_output_embeddings().weight
+
+    @property
+    def head_bias(self) -> Tensor | None:
+        """The output layer's bias (V,), or None."""
+        return getattr(self.hf.get_output_embeddings(), "bias", None)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """(…, H) -> (…, V): only for a few positions at a time (generation, checks)."""
-        head = self.head
-        return F.linear(hidden.to(head.weight.dtype), head.weight, getattr(head, "bias", None))
+        weight = self.head_weight
+        return F.linear(hidden.to(weight.dtype), weight, self.head_bias)
 
     @property
     def vocab_rows(self) -> int:
-        return int(self.head.weight.shape[0])
+        return int(self.head_weight.shape[0])
 
     @property
     def context(self) -> int | None:
@@ -76,7 +82,7 @@ class CausalLM(nn.Module):
                 return value
         return None
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
         state = super().state_dict(*args, **kwargs)
         seen: set[tuple[int, tuple[int, ...], tuple[int, ...]]] = set()
         for key in list(state):
@@ -115,12 +121,12 @@ def build_causal_lm(
     else:
         assert spec.config is not None
         hf = _from_config(spec.config, vocab_size=vocab_size, eos_id=eos_id, where=where)
-    model = CausalLM(hf)
-    if model.hf.get_output_embeddings() is None:
+    if hf.get_output_embeddings() is None:
         raise ModelError(
             f"{where}: {type(hf).__name__} has no output layer (get_output_embeddings() is None); "
             "kdistill distills causal LMs whose logits are head(hidden states)"
         )
+    model = CausalLM(hf)
     problems = []
     if model.vocab_rows < vocab_size:
         problems.append(
@@ -139,9 +145,7 @@ def build_causal_lm(
     return model
 
 
-def _from_config(
-    config: dict[str, Any], *, vocab_size: int, eos_id: int | None, where: str
-) -> nn.Module:
+def _from_config(config: dict[str, Any], *, vocab_size: int, eos_id: int | None, where: str) -> Any:
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -181,7 +185,7 @@ def _from_config(
     return hf
 
 
-def _load_pretrained(path: str, where: str) -> nn.Module:
+def _load_pretrained(path: str, where: str) -> Any:
     from transformers import AutoModelForCausalLM
 
     location = resolve_model_location(path, where=f"{where}.path")
@@ -206,7 +210,7 @@ def _load_pretrained(path: str, where: str) -> nn.Module:
 def _check_logits_are_head_of_hidden(model: CausalLM, where: str) -> None:
     """The chunked losses rebuild logits as head(hidden); refuse models where that is wrong."""
     ids = torch.arange(4).unsqueeze(0) % model.vocab_rows  # (1, 4)
-    device = model.head.weight.device
+    device = model.head_weight.device
     was_training = model.training
     model.eval()
     try:

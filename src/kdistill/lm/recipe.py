@@ -9,14 +9,15 @@
       tokenizer: {vocab_size: 2048}         # train a byte-level BPE on the training text
     teacher:
       model: {config: {type: gpt2, n_layer: 4, n_embd: 256, n_head: 4}}
-      signal: cache                         # live | cache (top-k, written once)
+      train: {epochs: 2}                    # only what differs from `train`
+      signal: live                          # live | cache (its top-k, written once)
       cache: {top_k: 64}
     student:
       model: {config: {type: gpt2, n_layer: 2, n_embd: 128, n_head: 2}}
-    objective:
+    objective:                              # the distill stage; the baseline: cross-entropy
       - {loss: forward_kl, weight: 1.0, temperature: 1.0}
-      - {loss: cross_entropy, weight: 0.0}
-    train: {epochs: 2, batch_size: 32, optimizer: {name: adamw, lr: 0.002}}
+      - {loss: cross_entropy, weight: 0.5}  # optional
+    train: {epochs: 1, batch_size: 16, optimizer: {name: adamw, lr: 0.005}}
     stages: [teacher, baseline, distill]
     seeds: [0, 1, 2]
 

@@ -52,12 +52,11 @@ class LiveLMTeacher:
     def __call__(self, input_ids: Tensor, indices: Tensor) -> dict[str, Tensor | None]:
         with torch.inference_mode():
             hidden = self.model(input_ids)  # (B, T, H_t)
-        head = self.model.head
         return {
             # out of inference mode: the loss reads it inside the student's autograd graph
             "teacher_hidden": hidden.clone(),
-            "teacher_head_weight": head.weight,
-            "teacher_head_bias": getattr(head, "bias", None),
+            "teacher_head_weight": self.model.head_weight,
+            "teacher_head_bias": self.model.head_bias,
         }
 
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from rich.console import Console
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint as recompute
 
 from kdistill.checkpoint import (
@@ -142,7 +142,7 @@ def _cross_entropy_sum(rows: Tensor, weight: Tensor, bias: Tensor | None, labels
 
 def step_losses(
     hidden: Tensor,
-    head: nn.Module,
+    model: CausalLM,
     labels: Tensor,
     *,
     objective: LMObjective,
@@ -151,8 +151,11 @@ def step_losses(
     vocab_size: int,
     chunk_size: int | None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """The micro-batch's summed objective (differentiable) and its summed terms."""
-    weight, bias = head.weight, getattr(head, "bias", None)
+    """The micro-batch's summed objective (differentiable) and its summed terms.
+
+    hidden: the student's final hidden states (B, T, H); model: the student, whose output
+    layer turns them into logits a chunk of tokens at a time."""
+    weight, bias = model.head_weight, model.head_bias
     w_ce, w_div, temperature = objective.at(progress)
     if objective.divergence is None:
         ce = chunked_cross_entropy(hidden, weight, bias, labels, chunk_size=chunk_size)
@@ -175,7 +178,7 @@ def step_losses(
         **teacher,  # type: ignore[arg-type]
     )
     total = w_div * out.divergence
-    parts = {term.loss: float(out.divergence.detach())}
+    parts: dict[str, float] = {term.loss: float(out.divergence.detach())}
     if out.cross_entropy is not None:
         total = total + w_ce * out.cross_entropy
         parts["ce"] = float(out.cross_entropy.detach())
@@ -194,7 +197,6 @@ def evaluate_lm(
     was_training = model.training
     model.eval()
     nll, tokens = 0.0, 0
-    head = model.head
     try:
         with torch.inference_mode():
             for start in range(0, len(sequences), batch_size):
@@ -204,8 +206,8 @@ def evaluate_lm(
                 nll += float(
                     chunked_cross_entropy(
                         hidden,
-                        head.weight,
-                        getattr(head, "bias", None),
+                        model.head_weight,
+                        model.head_bias,
                         labels,
                         chunk_size=chunk_size,
                     )
@@ -261,6 +263,8 @@ def fit_lm(
     total_steps = settings.epochs * steps_per_epoch
     if objective.needs_teacher and teacher is None:
         raise TrainingError(f"{label}: the objective needs a teacher, but none was given")
+    if not objective.needs_teacher:
+        teacher = None  # never run a teacher whose output no term reads
 
     optimizer = make_optimizer(model, settings.optimizer)
     scheduler = _scheduler(optimizer, settings.lr_schedule, total_steps, steps_per_epoch)
@@ -345,19 +349,19 @@ def fit_lm(
                 step_tokens = int((train[step_rows, 1:] != IGNORE_INDEX).sum())
                 scale = world / max(step_tokens, 1)
                 progress = state["global_step"] / total_steps
-                step_loss, terms = 0.0, {}
+                step_loss, terms = 0.0, dict[str, float]()
                 micro_batches = step_rows[rank::world].chunk(settings.grad_accum)
                 for i, rows in enumerate(micro_batches):
                     last = i == len(micro_batches) - 1
                     with contextlib.nullcontext() if last else accelerator.no_sync(model):
                         sequences = train[rows].to(device, non_blocking=True)
                         inputs, labels = sequences[:, :-1], sequences[:, 1:]
-                        signal = teacher(inputs, rows) if objective.needs_teacher else None
+                        signal = None if teacher is None else teacher(inputs, rows)
                         with accelerator.autocast():
                             hidden = model(inputs)  # (b, T, H)
                         loss, parts = step_losses(
                             hidden,
-                            student.head,
+                            student,
                             labels,
                             objective=objective,
                             progress=progress,
@@ -370,7 +374,8 @@ def fit_lm(
                     for name, value in parts.items():
                         terms[name] = terms.get(name, 0.0) + value
                 if not math.isfinite(step_loss):
-                    _non_finite(label, step_loss, epoch, state["global_step"], ckpt_dir, terms)
+                    as_tensors = {name: torch.tensor(value) for name, value in terms.items()}
+                    _non_finite(label, step_loss, epoch, state["global_step"], ckpt_dir, as_tensors)
                 if settings.grad_clip is not None:
                     accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)
                 optimizer.step()
