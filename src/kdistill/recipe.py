@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import copy
 import difflib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -25,6 +26,8 @@ from pydantic import (
 )
 
 from kdistill.errors import RecipeError
+
+_Schema = TypeVar("_Schema", bound=BaseModel)
 
 StageName = Literal["teacher", "assistant", "baseline", "distill"]
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -634,19 +637,33 @@ def _drop_inherited(errors: list[dict[str, Any]], written: dict[str, Any]) -> li
 
 def validate_recipe(raw: Any, *, source: str = "recipe") -> Recipe:
     """Validate a plain dict (parsed YAML) into a Recipe; collect all errors, raise once."""
+    return validate_schema(
+        Recipe, raw, source=source, explain=_explain, keys="name:, data:, teacher:"
+    )
+
+
+def validate_schema(
+    schema: type[_Schema],
+    raw: Any,
+    *,
+    source: str,
+    explain: Callable[[dict[str, Any]], str],
+    keys: str,
+) -> _Schema:
+    """Validate `raw` into `schema` (a classifier or language-model recipe) with
+    teacher.train inherited from train; every error in one RecipeError."""
     if not isinstance(raw, dict):
         raise RecipeError(
-            f"{source}: a recipe is a YAML mapping (name:, data:, teacher:, ...); "
-            f"got {type(raw).__name__}"
+            f"{source}: a recipe is a YAML mapping ({keys}, ...); got {type(raw).__name__}"
         )
     written = raw
     raw = _inherit_teacher_train(raw)
     try:
-        return Recipe.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as exc:
         details: list[dict[str, Any]] = [dict(e) for e in exc.errors()]
         errors = _drop_inherited(_dedupe_union_errors(details), written)
-        lines = [_explain(e) for e in errors]
+        lines = [explain(e) for e in errors]
         noun = "problem" if len(lines) == 1 else "problems"
         raise RecipeError(
             f"{source}: {len(lines)} {noun} in the recipe:\n  - "

@@ -33,24 +33,21 @@ import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-from kdistill.errors import RecipeError
 from kdistill.recipe import (
     OutputConfig,
     Precision,
     ScheduleOrNumber,
     Strict,
     TrainConfig,
-    _dedupe_union_errors,
-    _drop_inherited,
     _explain,
     _first_model,
     _format_loc,
-    _inherit_teacher_train,
     apply_overrides,
     as_schedule,
     read_yaml,
+    validate_schema,
 )
 
 TASK = "causal_lm"
@@ -417,25 +414,9 @@ def _explain_lm(error: dict[str, Any]) -> str:
 
 def validate_lm_recipe(raw: Any, *, source: str = "recipe") -> LMRecipe:
     """Validate a plain dict (parsed YAML) into an LMRecipe; collect all errors, raise once."""
-    if not isinstance(raw, dict):
-        raise RecipeError(
-            f"{source}: a recipe is a YAML mapping (task:, name:, data:, ...); "
-            f"got {type(raw).__name__}"
-        )
-    written = raw
-    raw = _inherit_teacher_train(raw)
-    try:
-        return LMRecipe.model_validate(raw)
-    except ValidationError as exc:
-        details: list[dict[str, Any]] = [dict(e) for e in exc.errors()]
-        errors = _drop_inherited(_dedupe_union_errors(details), written)
-        lines = [_explain_lm(e) for e in errors]
-        noun = "problem" if len(lines) == 1 else "problems"
-        raise RecipeError(
-            f"{source}: {len(lines)} {noun} in the recipe:\n  - "
-            + "\n  - ".join(lines)
-            + "\nFix these entries and run `kdistill validate` again."
-        ) from None
+    return validate_schema(
+        LMRecipe, raw, source=source, explain=_explain_lm, keys="task:, name:, data:"
+    )
 
 
 def load_lm_recipe(path: str | Path, overrides: list[str] | None = None) -> LMRecipe:
