@@ -509,3 +509,44 @@ def test_sst2_sentence_validation_holds_out_whole_sentences(sst2_folder: Path) -
 
     # whole sentences, like dev.tsv, not the phrases that make up most of train.tsv
     assert mean_words(bundle.val.texts) > 2 * mean_words(bundle.train.texts)
+
+
+def _toy_text_data(n: int, bucket_batches: int | None):
+    from kdistill.data.text_task import TextData
+
+    rng = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 30, (n,), generator=rng).tolist()
+    texts = [" ".join(f"w{j}" for j in range(k)) for k in lengths]
+    split = TextSplit(texts, torch.zeros(n, dtype=torch.int64))
+    small = split.subset(slice(0, 4))
+    bundle = TextBundle(split, small, small, ["a", "b"], "files", [])
+    tokenizer = VocabTokenizer.build(texts)
+    model = torch.nn.Module()
+    model.kdistill_tokenizer = tokenizer
+    model.kdistill_tokenizer_key = "toy"
+    return TextData(bundle, 64, bucket_batches=bucket_batches), model
+
+
+def test_train_order_buckets_lengths_and_keeps_every_row() -> None:
+    data, model = _toy_text_data(1000, bucket_batches=10)
+    order = data.train_order(model, 32, torch.Generator().manual_seed(3))
+    assert sorted(order.tolist()) == list(range(1000))
+    lengths = data.tokenized(model, "train").lengths
+    full = order[: 1000 // 32 * 32].view(-1, 32)  # the batches the loop reads
+    bucketed = (lengths[full].max(1).values - lengths[full].min(1).values).float().mean()
+    data.bucket_batches = None  # same data, plain shuffling
+    shuffled = data.train_order(model, 32, torch.Generator().manual_seed(3))
+    assert sorted(shuffled.tolist()) == list(range(1000))
+    mixed = shuffled[: 1000 // 32 * 32].view(-1, 32)
+    spread = (lengths[mixed].max(1).values - lengths[mixed].min(1).values).float().mean()
+    assert bucketed < 0.25 * spread  # similar lengths inside each batch
+    # padding per batch, what the bucketing is for
+    assert lengths[full].max(1).values.sum() < 0.8 * lengths[mixed].max(1).values.sum()
+
+
+def test_train_order_is_deterministic_per_generator_seed() -> None:
+    data, model = _toy_text_data(300, bucket_batches=4)
+    a = data.train_order(model, 16, torch.Generator().manual_seed(5))
+    b = data.train_order(model, 16, torch.Generator().manual_seed(5))
+    c = data.train_order(model, 16, torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)

@@ -109,6 +109,23 @@ def test_predict_matches_forward_and_restores_mode():
         torch.testing.assert_close(logits, model(x.float()))
 
 
+def test_predict_in_given_order_returns_logits_in_input_order():
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3).eval()
+    x = torch.randn(11, 6)
+    seen = []
+
+    def to_input(rows):
+        seen.append(rows.clone())
+        return rows
+
+    order = torch.randperm(11, generator=torch.Generator().manual_seed(1))
+    logits = predict(model, x, to_input=to_input, batch_size=4, device="cpu", order=order)
+    torch.testing.assert_close(torch.cat(seen), x[order])  # ran in `order`
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(x))  # came back in x's order
+
+
 def test_predict_mapping_input_and_logits_attribute():
     class Wrapped(nn.Module):
         def __init__(self):

@@ -46,9 +46,9 @@ def write_cache(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     start = time.perf_counter()
-    xs, to_input = bundle.eval_feed(teacher, "train")
+    xs, to_input, order = bundle.eval_feed(teacher, "train")
     logits = predict(
-        teacher, xs, to_input=to_input, batch_size=batch_size, device=device
+        teacher, xs, to_input=to_input, batch_size=batch_size, device=device, order=order
     )  # (N, C) float32
     array = logits.numpy().astype(dtype)
     np.save(tmp / "logits.npy", array)

@@ -31,8 +31,13 @@ def predict(
     to_input: Callable[[Any], Any],
     batch_size: int,
     device: str | torch.device,
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits of `model` for every sample of `x`, as a float32 CPU tensor of shape (N, C).
+
+    `order` (a permutation of range(N)) runs the samples in that order, for example
+    texts sorted by length so each batch pads little; the logits come back in the
+    order of `x` either way.
 
     `x` is anything with `len()` and slicing (a tensor, a NumPy array, a list);
     `to_input` maps one slice `x[i : i + batch_size]` to what the model takes: a
@@ -54,7 +59,12 @@ def predict(
     try:
         with torch.inference_mode():
             for start in range(0, n, batch_size):
-                inputs = _to_device(to_input(x[start : start + batch_size]), device)
+                rows = (
+                    x[start : start + batch_size]
+                    if order is None
+                    else x[order[start : start + batch_size]]
+                )
+                inputs = _to_device(to_input(rows), device)
                 out = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
                 logits = out if isinstance(out, torch.Tensor) else out.logits
                 if logits.ndim != 2:
@@ -70,7 +80,12 @@ def predict(
             "predict() got 0 samples: the split being evaluated is empty. "
             "Give it samples (check data.limit_test and data.val_fraction) or skip it."
         )
-    return torch.cat(chunks)  # (N, C)
+    logits = torch.cat(chunks)  # (N, C), in `order`
+    if order is None:
+        return logits
+    restored = torch.empty_like(logits)
+    restored[order] = logits
+    return restored
 
 
 def quality(

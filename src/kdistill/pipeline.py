@@ -400,8 +400,10 @@ def _finish_stage(
             ("val", data.val, None),
         ):
             if len(split):
-                xs, to_input = data.eval_feed(weights, split_name)
-                logits = predict(weights, xs, to_input=to_input, batch_size=batch, device=device)
+                xs, to_input, order = data.eval_feed(weights, split_name)
+                logits = predict(
+                    weights, xs, to_input=to_input, batch_size=batch, device=device, order=order
+                )
                 out[split_name] = quality(logits, split.y, teacher_logits=reference)
         return out
 
@@ -458,11 +460,12 @@ def _teacher_logits(ctx: Context, guide: Guide) -> torch.Tensor:
     member_logits = []
     for model in guide.models.values():
         if id(model) not in ctx.teacher_test:
-            xs, to_input = ctx.data.eval_feed(model, "test")
+            xs, to_input, order = ctx.data.eval_feed(model, "test")
             ctx.teacher_test[id(model)] = predict(
                 model,
                 xs,
                 to_input=to_input,
+                order=order,
                 batch_size=ctx.recipe.train.eval_batch_size,
                 device=ctx.accelerator.device,
             )

@@ -82,6 +82,12 @@ class TextConfig(Strict):
         description="sst2: 'sentences' holds out whole sentences and their phrases "
         "(no validation text inside a training text)",
     )
+    bucket_batches: int | None = Field(
+        100,
+        ge=1,
+        description="training batches hold texts of similar length: the shuffled rows "
+        "are sorted by length in pools of this many batches (null: plain shuffling)",
+    )
     transfer: TransferConfig | None = None
 
 

@@ -253,9 +253,11 @@ def fit(
             bar.update(task, completed=state["global_step"])
         while state["epoch"] < settings.epochs and not stopped_early:
             epoch = state["epoch"]
-            order = torch.randperm(
-                n_train, generator=torch.Generator().manual_seed(seed * 1009 + epoch)
-            )
+            shuffle = torch.Generator().manual_seed(seed * 1009 + epoch)
+            if data.is_text:  # batches of similar lengths (data.text.bucket_batches)
+                order = data.train_order(student, batch, shuffle)
+            else:
+                order = torch.randperm(n_train, generator=shuffle)
             model.train()
             tick, first = time.perf_counter(), state["step_in_epoch"]
             for step in range(first, steps_per_epoch):
@@ -334,11 +336,12 @@ def fit(
                 "seconds": round(time.perf_counter() - started, 3),
             }
             if len(data.val):
-                val_x, val_input = data.eval_feed(student, "val")
+                val_x, val_input, val_order = data.eval_feed(student, "val")
                 logits = predict(
                     student_of(accelerator.unwrap_model(model)),
                     val_x,
                     to_input=val_input,
+                    order=val_order,
                     batch_size=settings.eval_batch_size,
                     device=device,
                 )

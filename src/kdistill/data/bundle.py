@@ -64,9 +64,9 @@ class DataBundle:
     def for_distill(self) -> DataBundle:
         return self
 
-    def eval_feed(self, model: object, split: str) -> tuple[torch.Tensor, Any]:
-        """(inputs, to_input) of a split for `evaluate.predict`."""
-        return getattr(self, split).x, self.to_input
+    def eval_feed(self, model: object, split: str) -> tuple[torch.Tensor, Any, None]:
+        """(inputs, to_input, order) of a split for `evaluate.predict`."""
+        return getattr(self, split).x, self.to_input, None
 
     def example_input(self, model: object, batch_size: int = 256) -> None:
         return None  # cost() draws random inputs of input_shape

@@ -31,6 +31,7 @@ from kdistill.data.text import (
     TextCollator,
     TextSplit,
     TokenizedTexts,
+    length_buckets,
     load_hf_disk,
     load_sst2,
     load_text_files,
@@ -67,6 +68,7 @@ class TextData:
     max_length: int
     transfer: TextSplit | None = None
     with_transfer: bool = False
+    bucket_batches: int | None = 100
     _tokenized: dict[tuple[str, str, bool], TokenizedTexts] = field(default_factory=dict)
 
     is_image = False
@@ -116,7 +118,9 @@ class TextData:
         """The data of stages that learn from a teacher: train plus the transfer texts."""
         if self.transfer is None:
             return self
-        return TextData(self.bundle, self.max_length, self.transfer, True, self._tokenized)
+        return TextData(
+            self.bundle, self.max_length, self.transfer, True, self.bucket_batches, self._tokenized
+        )
 
     # ----------------------------------------------------------------- model inputs
 
@@ -132,10 +136,32 @@ class TextData:
     def batch(self, model: nn.Module, split: str, index: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.tokenized(model, split).batch(index)
 
-    def eval_feed(self, model: nn.Module, split: str) -> tuple[torch.Tensor, Callable[[Any], Any]]:
-        """(rows, to_input) for `evaluate.predict`: rows are indices, batched by `to_input`."""
+    def train_order(
+        self, model: nn.Module, batch_size: int, generator: torch.Generator
+    ) -> torch.Tensor:
+        """One epoch's order of training rows, read by the loop `batch_size` at a time.
+
+        With `bucket_batches` set, each consecutive `batch_size` rows hold texts of
+        similar length (by `model`'s tokenization; `length_buckets` with pools of that
+        many batches), so padding, and time per step, shrink. The one short batch goes
+        last, where the loop drops it. None: a plain random permutation.
+        """
+        n = len(self.train)
+        if self.bucket_batches is None:
+            return torch.randperm(n, generator=generator)
+        lengths = self.tokenized(model, "train").lengths
+        batches = length_buckets(lengths, batch_size, generator, pool_batches=self.bucket_batches)
+        full = [b for b in batches if len(b) == batch_size]
+        return torch.cat(full + [b for b in batches if len(b) < batch_size])
+
+    def eval_feed(
+        self, model: nn.Module, split: str
+    ) -> tuple[torch.Tensor, Callable[[Any], Any], torch.Tensor]:
+        """(rows, to_input, order) for `evaluate.predict`: rows are indices, batched by
+        `to_input`, run shortest text first so each batch pads little."""
         tokenized = self.tokenized(model, split)
-        return getattr(self, split).x, lambda rows: tokenized.batch(rows)
+        order = torch.sort(tokenized.lengths, stable=True).indices
+        return getattr(self, split).x, lambda rows: tokenized.batch(rows), order
 
     def truncated(self, model: nn.Module) -> dict[str, int]:
         """How many texts of each split were cut to max_length for this model's tokenizer."""
@@ -205,7 +231,12 @@ def load_text_data(cfg: Any, root: Path) -> TextData:
         bundle.train = bundle.train.subset(slice(0, cfg.limit_train))
     if cfg.limit_test is not None:
         bundle.test = bundle.test.subset(slice(0, cfg.limit_test))
-    return TextData(bundle, cfg.text.max_length, _transfer(cfg, root, bundle))
+    return TextData(
+        bundle,
+        cfg.text.max_length,
+        _transfer(cfg, root, bundle),
+        bucket_batches=cfg.text.bucket_batches,
+    )
 
 
 def _one_file(folder: Path, stem: str) -> Path:
