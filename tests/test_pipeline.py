@@ -121,3 +121,28 @@ def test_cache_command_then_distill_reads_it(
                  "--set", "stages=[teacher,distill]"]) == 0  # fmt: skip
     assert (cache / "logits.npy").stat().st_mtime_ns == written
     assert (run / "distill" / "seed0" / "eval.json").is_file()
+
+
+def test_cache_dir_reuses_another_runs_teacher_logits(
+    tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A second experiment (another objective, other seeds) points teacher.checkpoint and
+    teacher.cache_dir at a first run: the logits are read, not recomputed."""
+    tiny["teacher"]["cache"] = True
+    tiny["stages"] = ["teacher", "distill"]
+    first = tmp_path / "first"
+    kdistill.distill(tiny, output_dir=first, quiet=True)
+    cache = first / "cache" / "teacher-seed0"
+    written = (cache / "logits.npy").stat().st_mtime_ns
+    tiny["teacher"]["checkpoint"] = str(first / "teacher" / "seed0")
+    tiny["teacher"]["cache_dir"] = str(cache)
+    tiny["objective"] = [{"loss": "kd", "weight": 1.0, "temperature": 2.0}]
+    tiny["stages"] = ["distill"]
+    tiny["seeds"] = [3, 4]
+    capsys.readouterr()
+    kdistill.distill(tiny, output_dir=tmp_path / "second")
+    logged = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert logged.count("cache hit, 2000 rows read from") == 2  # once per seed
+    assert (cache / "logits.npy").stat().st_mtime_ns == written
+    assert not (tmp_path / "second" / "cache").exists()
+    assert (tmp_path / "second" / "distill" / "seed4" / "eval.json").is_file()

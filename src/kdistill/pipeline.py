@@ -361,7 +361,10 @@ def _teacher_signal(ctx: Context, guide: Guide) -> TeacherSignal:
         )
     teacher_sha = file_sha256(weights)
     folder = ctx.run_dir / "cache" / f"{guide.stage}-seed{guide.seed}"
-    if ctx.is_main and not folder.exists():
+    if recipe.teacher.cache_dir is not None:
+        folder = Path(recipe.teacher.cache_dir)
+    hit = folder.exists()
+    if ctx.is_main and not hit:
         manifest = write_cache(
             folder,
             teacher,
@@ -374,6 +377,11 @@ def _teacher_signal(ctx: Context, guide: Guide) -> TeacherSignal:
         ctx.console.log(f"teacher logits cached in {folder} ({manifest['seconds']:.1f}s)")
     ctx.accelerator.wait_for_everyone()
     cache = open_cache(folder, teacher_sha256=teacher_sha, bundle=ctx.data.for_distill())
+    if hit:
+        ctx.console.log(
+            f"teacher logits: cache hit, {cache.shape[0]} rows read from {folder} "
+            "(teacher weights and data match; no teacher pass)"
+        )
     return CachedTeacher(cache).to(device)
 
 

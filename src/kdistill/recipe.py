@@ -312,6 +312,12 @@ class TeacherConfig(Strict):
     )
     cache: bool = Field(False, description="compute teacher logits once and read them from disk")
     cache_dtype: Literal["float16", "float32"] = "float32"
+    cache_dir: str | None = Field(
+        None,
+        description="the cache folder (default <run>/cache/<stage>-seed<k>); point it at "
+        "another run's cache to reuse those teacher logits: they are read when the teacher "
+        "weights and data match, refused otherwise",
+    )
     every_seed: bool = Field(False, description="train one teacher per seed instead of one")
     members: list[MemberConfig] = Field(
         default_factory=list,
