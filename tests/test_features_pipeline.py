@@ -135,6 +135,8 @@ def test_missing_path_lists_close_names(
 ) -> None:
     user_recipe["objective"][2]["student"] = "bodyy"
     err = error_of(capsys, run(user_recipe, tmp_path))
+    # found before the teacher trains, in the dry pass over freshly built models
+    assert not list((tmp_path / "run").glob("*/seed0/model.safetensors"))
     assert "bodyy" in err and "'body'" in err and "kdistill inspect" in err
 
 
@@ -151,6 +153,7 @@ def test_shapes_no_projector_can_bridge(
 ) -> None:
     user_recipe["objective"][2]["teacher"] = "head"  # (B, 10) vs the student's (B, 8, 14, 14)
     err = error_of(capsys, run(user_recipe, tmp_path))
+    assert not list((tmp_path / "run").glob("*/seed0/model.safetensors"))
     print(err)
     assert "body" in err and "head" in err and "8, 14, 14" in err
 

@@ -121,3 +121,17 @@ def test_layer_map_past_the_last_layer(folder: Path, capsys: pytest.CaptureFixtu
     }
     err = fails(r, folder, capsys)
     assert "7" in err and "6 layers" in err
+
+
+def test_attention_maps_from_a_model_that_cannot_return_them(
+    folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bert = str(tiny_bert_folder(folder, 2))
+    model = {"name": "hf", "args": {"location": bert}, "tokenizer": MINILM}
+    r = recipe(model)  # sdpa, the default: no attention maps
+    r["student"] = {"model": model}
+    maps = "hf.bert.encoder.layer.0.attention.self:output[1]"
+    r["objective"] = [{"loss": "attention_mse", "student": maps, "teacher": maps}]
+    err = fails(r, folder, capsys)
+    assert "attention_mse" in err and "attn_implementation='sdpa'" in err
+    assert "attn_implementation: eager" in err

@@ -165,9 +165,10 @@ def _sample(data: DataBundle | TextData, model: nn.Module, device: torch.device)
 
 
 def _check_models(recipe: Recipe, data: DataBundle | TextData) -> None:
-    """Build every model the stages need once, so a student that does not fit the data
-    fails now and not after the teacher has trained for hours. Each stage seeds its own
-    build, so this does not change any weights."""
+    """Build every model the stages need once, and hook the distill objective's features
+    into them in a dry pass, so a student that does not fit the data, a tap path that does
+    not exist or shapes no projector bridges fail now and not after the teacher has trained
+    for hours. Each stage seeds its own build, so this does not change any weights."""
     specs: list[tuple[ModelSpec, str]] = []
     if recipe.teacher is not None and {"teacher", "assistant", "distill"} & set(recipe.stages):
         specs.append((recipe.teacher.model, "teacher.model"))
@@ -176,8 +177,30 @@ def _check_models(recipe: Recipe, data: DataBundle | TextData) -> None:
         specs.append((recipe.assistant.model, "assistant.model"))
     if recipe.student is not None and {"baseline", "distill"} & set(recipe.stages):
         specs.append((recipe.student.model, "student.model"))
-    for spec, where in specs:
-        make_model(data, spec, where=where)
+    built = {where: make_model(data, spec, where=where) for spec, where in specs}
+    objective = Objective(recipe.objective)
+    if "distill" not in recipe.stages or not objective.feature_terms:
+        return
+    if "assistant" in recipe.stages:  # the assistant teaches the distill stage
+        teachers = {"main": built["assistant.model"]}
+    else:
+        assert recipe.teacher is not None
+        teachers = {"main": built["teacher.model"]}
+        teachers |= {
+            m.name: built[f"teacher.members.{m.name}.model"] for m in recipe.teacher.members
+        }
+    distill_data = data.for_distill()
+    student = built["student.model"]
+    try:
+        objective.bind(
+            student,
+            teachers,
+            sample=_sample(distill_data, student, "cpu"),
+            teacher_sample=_sample(distill_data, teachers["main"], "cpu"),
+            num_train=len(distill_data.train),
+        )
+    finally:
+        objective.unbind()
 
 
 @dataclass

@@ -77,6 +77,7 @@ _SUPPLIED = {
 }
 
 _TOKEN_LOSSES = set(TRANSFORMER_LOSSES)  # (student, teacher, attention_mask) losses
+_ATTENTION_MAP_LOSSES = ("attention_mse", "attention_kl")  # read softmax attention maps
 
 # Feature losses that compare tensors element by element, so a projector maps the
 # student's features to the teacher's shape. The others compare relations between
@@ -286,6 +287,9 @@ class Objective:
                     f"loss {term.loss!r} reads features of teacher {member!r}, but this stage's "
                     f"teachers are: {', '.join(teachers)}"
                 )
+            if term.loss in _ATTENTION_MAP_LOSSES:
+                _check_attention_maps(i, term.loss, "student", student)
+                _check_attention_maps(i, term.loss, f"teacher {member!r}", teachers[member])
             pairs = self._layer_pairs(term, student, teachers[member])
             self._pairs[i] = pairs
             student_specs += [s for s, _ in pairs]
@@ -491,3 +495,20 @@ def _as_dtype(sample: Any, model: nn.Module) -> Any:
 def _device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
+
+
+def _check_attention_maps(index: int, loss: str, side: str, model: nn.Module) -> None:
+    """Refuse attention-map losses on a Hugging Face model whose attention implementation
+    computes attention in a fused kernel and so returns no maps (only "eager" does)."""
+    config = getattr(getattr(model, "hf", None), "config", None)
+    implementation = getattr(config, "_attn_implementation", None)
+    if config is None or implementation in (None, "eager"):
+        return
+    raise LossInputError(
+        f"objective[{index}] ({loss}) reads attention maps of the {side}, but that model "
+        f"uses attn_implementation={implementation!r}, which computes attention in a fused "
+        "kernel and returns no maps. Load it with `model.args.attn_implementation: eager` "
+        "(it then stores a (batch, heads, tokens, tokens) map per layer, slower and more "
+        "memory than sdpa), or use minilm_relation_kl on the query/key projections, which "
+        "works with any implementation"
+    )
