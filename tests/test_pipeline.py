@@ -32,6 +32,9 @@ def test_distill_writes_run_folder(tiny: dict, tmp_path: Path) -> None:
                 assert (folder / name).is_file(), folder / name
             lines = (folder / "metrics.jsonl").read_text().splitlines()
             assert len(lines) == 2 and all("val_accuracy" in json.loads(x) for x in lines)
+            record = json.loads(lines[-1])
+            assert record["samples_per_second"] > 0 and 0 < record["data_share"] < 1
+            assert "tokens_per_second" not in record  # images
     saved = json.loads((run / "results.json").read_text())
     assert saved["stages"].keys() == {"teacher", "baseline", "distill"}
     for stage in saved["stages"].values():

@@ -74,6 +74,14 @@ def test_bilstm_from_minilm_with_transfer_set(
         (tmp_path / "run" / "cache" / "teacher-seed0" / "manifest.json").read_text()
     )
     assert manifest["shape"][0] > 256 - 3  # training texts plus the transfer texts
+    # the second seed reads the same logits, and says so
+    assert " ".join(err.split()).count("teacher logits: cache hit") == 1
+    # throughput per epoch: text tokens (without padding) and the data pipeline's share
+    for stage in ("baseline", "distill"):
+        metrics_file = tmp_path / "run" / stage / "seed0" / "metrics.jsonl"
+        record = json.loads(metrics_file.read_text().splitlines()[-1])
+        assert record["tokens_per_second"] > 0 and 0 < record["data_share"] < 1
+        assert 0 <= record["padding_share"] < 1 and record["samples_per_second"] > 0
 
 
 @pytest.mark.slow

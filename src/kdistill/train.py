@@ -253,13 +253,17 @@ def fit(
             bar.update(task, completed=state["global_step"])
         while state["epoch"] < settings.epochs and not stopped_early:
             epoch = state["epoch"]
+            tick = time.perf_counter()
             shuffle = torch.Generator().manual_seed(seed * 1009 + epoch)
             if data.is_text:  # batches of similar lengths (data.text.bucket_batches)
                 order = data.train_order(student, batch, shuffle)
             else:
                 order = torch.randperm(n_train, generator=shuffle)
             model.train()
-            tick, first = time.perf_counter(), state["step_in_epoch"]
+            first = state["step_in_epoch"]
+            # throughput of this process: time drawing the order and building batches,
+            # samples, text tokens
+            data_seconds, samples, tokens, padded = time.perf_counter() - tick, 0, 0, 0
             for step in range(first, steps_per_epoch):
                 share = order[step * batch : (step + 1) * batch][rank::world]
                 micro_batches = share.chunk(grad_accum)
@@ -269,8 +273,12 @@ def fit(
                 for i, idx in enumerate(micro_batches):
                     last = i == len(micro_batches) - 1
                     with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                        built = time.perf_counter()
+                        samples += len(idx)
                         if data.is_text:  # each model reads its own tokenization
                             x = _to(data.batch(student, "train", idx), device)
+                            tokens += int(x["attention_mask"].sum())
+                            padded += x["attention_mask"].numel()
                             x_teacher = x
                             if teacher_model is not None:
                                 x_teacher = _to(data.batch(teacher_model, "train", idx), device)
@@ -283,6 +291,7 @@ def fit(
                             if augment.flip:
                                 xb = random_flip(xb, augment_rng)
                             x = x_teacher = data.to_input(xb).to(device, non_blocking=True)
+                        data_seconds += time.perf_counter() - built
                         y = train_y[idx].to(device, non_blocking=True)
                         teacher_logits = teacher(x_teacher, idx) if teacher is not None else None
                         with accelerator.autocast():
@@ -327,6 +336,7 @@ def fit(
 
             # end of epoch: validation, metrics, best weights, early stopping, checkpoint
             loss_sum, seen = state["running"]
+            epoch_seconds = max(time.perf_counter() - tick, 1e-9)
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
                 "step": state["global_step"],
@@ -334,7 +344,13 @@ def fit(
                 "loss": loss_sum / max(seen, 1),
                 "lr": scheduler.get_last_lr()[0],
                 "seconds": round(time.perf_counter() - started, 3),
+                # this process, the steps run in this epoch (after a resume: since it)
+                "samples_per_second": round(samples / epoch_seconds, 2),
+                "data_share": round(data_seconds / epoch_seconds, 5),
             }
+            if data.is_text and padded:
+                record["tokens_per_second"] = round(tokens / epoch_seconds, 1)
+                record["padding_share"] = round(1 - tokens / padded, 4)
             if len(data.val):
                 val_x, val_input, val_order = data.eval_feed(student, "val")
                 logits = predict(
@@ -397,7 +413,11 @@ def _epoch_line(label: str, epochs: int, record: dict[str, Any]) -> str:
     line = f"{label} epoch {record['epoch']}/{epochs}: loss {record['loss']:.4f}"
     if "val_accuracy" in record:
         line += f", val accuracy {100 * record['val_accuracy']:.2f}%"
-    return line + f" ({record['seconds']:.0f}s)"
+    rate = f"{record['samples_per_second']:,.0f} samples/s"
+    if "tokens_per_second" in record:
+        rate += f", {record['tokens_per_second']:,.0f} tokens/s"
+    data = f"data {100 * record['data_share']:.1f}% of step time"
+    return line + f" ({record['seconds']:.0f}s; {rate}; {data})"
 
 
 def _non_finite(
