@@ -65,7 +65,7 @@ def sst2_folder(shared_data: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def sst2(sst2_folder: Path) -> TextBundle:
-    return load_sst2(sst2_folder, val_fraction=0.1, split_seed=0)
+    return load_sst2(sst2_folder, val_fraction=0.1, split_seed=0, val_unit="rows")
 
 
 def _message(call, *args, **kwargs) -> str:
@@ -103,7 +103,7 @@ def test_sst2_sizes_labels_and_texts(sst2: TextBundle, sst2_folder: Path) -> Non
 
 
 def test_sst2_validation_is_seeded_and_disjoint(sst2: TextBundle, sst2_folder: Path) -> None:
-    again = load_sst2(sst2_folder, val_fraction=0.1, split_seed=0)
+    again = load_sst2(sst2_folder, val_fraction=0.1, split_seed=0, val_unit="rows")
     assert again.val.texts == sst2.val.texts and again.fingerprint() == sst2.fingerprint()
     # the split itself, on texts that name their row: disjoint and covering
     rows = TextSplit([str(i) for i in range(67349)], torch.zeros(67349, dtype=torch.int64))

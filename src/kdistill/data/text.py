@@ -288,7 +288,7 @@ def load_sst2(
     *,
     val_fraction: float = 0.1,
     split_seed: int = 0,
-    val_unit: Literal["rows", "sentences"] = "rows",
+    val_unit: Literal["rows", "sentences"] = "sentences",
 ) -> TextBundle:
     """GLUE SST-2 from `folder` (holding train.tsv and dev.tsv, e.g. shared/data/sst2).
 
@@ -296,10 +296,11 @@ def load_sst2(
     (872 sentences) is the test split, since GLUE keeps its test labels hidden.
     Classes: 0 negative, 1 positive. Texts lose GLUE's trailing space.
 
-    val_unit "rows" takes a random val_fraction of the rows, most of which are
-    phrases of training sentences (about 88% of them occur verbatim inside a training
-    text), so validation scores run high. "sentences" holds out whole sentences,
-    like dev.tsv, and drops their own phrases from train (`split_validation_by_sentence`).
+    val_unit "sentences" (the default) holds out whole sentences, like dev.tsv, and
+    drops their own phrases from train (`split_validation_by_sentence`). "rows" takes
+    a random val_fraction of the rows, most of which are phrases of training sentences
+    (about 88% of them occur verbatim inside a training text), so validation scores
+    run high.
     """
     folder = Path(folder).expanduser()
     paths = [folder / "train.tsv", folder / "dev.tsv"]
