@@ -299,6 +299,13 @@ def encode_text(tokenizer: Tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(encoding.ids, dtype=torch.long)
 
 
+def encode_texts(tokenizer: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """The token ids of each text, encoded whole, with no special tokens added and no
+    truncation (short texts, e.g. prompts; `encode_text` for a corpus)."""
+    plain = _without_truncation(tokenizer)
+    return [e.ids for e in plain.encode_batch(list(texts), add_special_tokens=False)]
+
+
 def count_characters(tokenizer: Tokenizer, ids: torch.Tensor | Sequence[int]) -> int:
     """How many characters the tokens `ids` decode to (special tokens included), the
     denominator of `bits_per_character` for exactly those tokens."""
@@ -448,13 +455,39 @@ def read_prompt_completions(
             + "; give those completions text (and a prompt), or an eos_token"
         )
 
-    rows = len(prompts)
+    return prompt_completion_rows(
+        prompt_ids,
+        completion_ids,
+        max_length=max_length,
+        pad_id=pad_id,
+        truncate_prompt=truncate_prompt,
+    )
+
+
+def prompt_completion_rows(
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    *,
+    max_length: int,
+    pad_id: int,
+    truncate_prompt: Literal["error", "left"] = "error",
+) -> PromptCompletions:
+    """Token ids of prompt/completion pairs as right-padded rows (see `PromptCompletions`).
+
+    Each pair is s = prompt + completion, already tokenized (append the end-of-text id
+    to a completion yourself when the model should learn to stop there). With
+    truncate_prompt="left" a pair longer than max_length + 1 first loses prompt tokens
+    from the start (one is kept); then any completion still too long is cut at the end.
+    The caller has checked that each prompt fits (read_prompt_completions refuses them).
+    """
+    rows = len(prompt_ids)
     input_ids = torch.full((rows, max_length), pad_id, dtype=torch.long)
     labels = torch.full((rows, max_length), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((rows, max_length), dtype=torch.long)
     cut_prompts = cut_completions = 0
     room = max_length + 1  # tokens of s one row holds
-    for row, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids)):
+    for row, (prompt_row, completion_row) in enumerate(zip(prompt_ids, completion_ids)):
+        prompt, completion = list(prompt_row), list(completion_row)
         if len(prompt) + len(completion) > room and truncate_prompt == "left":
             keep = max(1, room - len(completion))
             if keep < len(prompt):
@@ -471,6 +504,26 @@ def read_prompt_completions(
         labels[row, :n] = targets
         attention_mask[row, :n] = 1
     return PromptCompletions(input_ids, labels, attention_mask, cut_completions, cut_prompts)
+
+
+def read_prompts(path: str | Path, *, field: str = "prompt") -> tuple[list[int], list[str]]:
+    """The prompts of a JSON Lines file, one object per line with a string `field`, and
+    their 1-based line numbers (blank lines are skipped). An empty file, and lines whose
+    prompt is empty or whitespace, are refused: there is nothing to continue."""
+    path = Path(path)
+    numbers, rows = _jsonl_strings(path, [field])
+    if not rows:
+        raise DataError(
+            f"{path}: the prompt file is empty (no non-blank lines); write one JSON object per "
+            f'line with a string {field!r}, e.g. {{"{field}": "ROMEO:"}}'
+        )
+    empty = [f"line {n}" for n, row in zip(numbers, rows) if not row[0].strip()]
+    if empty:
+        raise DataError(
+            _problem_list(f"{path}: prompts that are empty or only whitespace", empty)
+            + "; a model needs some text to continue: give those prompts text or remove them"
+        )
+    return numbers, [row[0] for row in rows]
 
 
 # ----------------------------------------------------------------------------- fingerprints, metrics

@@ -72,9 +72,15 @@ class LMData:
 def corpus_paths(cfg: LMDataConfig, data_dir: str | Path | None) -> list[Path]:
     """Each corpus file: absolute as is; relative against the current folder, else the data
     folder. Every missing file is named in one error."""
+    return data_files(cfg.corpus, data_dir, where="data.corpus")
+
+
+def data_files(names: list[str], data_dir: str | Path | None, *, where: str) -> list[Path]:
+    """Files named in a recipe (at YAML path `where`): absolute as is; relative against the
+    current folder, else the data folder. Every missing file is named in one error."""
     root, searched = resolve_data_root(data_dir)
     found, missing = [], []
-    for text in cfg.corpus:
+    for text in names:
         given = Path(text).expanduser()
         tried = [given] if given.is_absolute() else [Path.cwd() / given]
         if not given.is_absolute() and root is not None:
@@ -86,7 +92,7 @@ def corpus_paths(cfg: LMDataConfig, data_dir: str | Path | None) -> list[Path]:
             found.append(hit)
     if missing:
         raise DataError(
-            f"data.corpus: {len(missing)} file(s) not found: {'; '.join(missing)}. Relative "
+            f"{where}: {len(missing)} file(s) not found: {'; '.join(missing)}. Relative "
             f"paths resolve against the current folder, then the data folder ({searched[0]}; "
             f"set it with --data-dir or ${DATA_ENV_VAR})"
         )
@@ -99,18 +105,22 @@ def build_lm_data(
     data_dir: str | Path | None,
     tokenizer_dir: Path,
     may_train_tokenizer: bool = True,
+    tokenizer: Tokenizer | None = None,
 ) -> LMData:
     """Read, split, tokenize and pack the corpus.
 
     tokenizer_dir: where the run keeps its tokenizer; one trained earlier from the same
     text and settings is reused, one from other settings is refused. With
     may_train_tokenizer=False (other processes, `kdistill cache`) it must exist there.
+    tokenizer: use this one instead of data.tokenizer (the same text seen by a model with
+    its own tokenizer, e.g. a pretrained teacher in sequence-level KD).
     """
     text = read_corpus(corpus_paths(cfg, data_dir), text_field=cfg.text_field)
     if cfg.limit_chars is not None:
         text = text[: cfg.limit_chars]
     train_text, val_text = split_corpus(text, cfg.val_fraction)
-    tokenizer = _tokenizer(cfg, train_text, tokenizer_dir, may_train=may_train_tokenizer)
+    if tokenizer is None:
+        tokenizer = _tokenizer(cfg, train_text, tokenizer_dir, may_train=may_train_tokenizer)
     train_ids, val_ids = encode_text(tokenizer, train_text), encode_text(tokenizer, val_text)
     train = _pack(train_ids, cfg.seq_len, "training", len(train_text))
     val = _pack(val_ids, cfg.seq_len, "validation", len(val_text))

@@ -1,10 +1,17 @@
-"""Stages of a language-model run: teacher, baseline, distill; and `kdistill cache` for LMs.
+"""Stages of a language-model run: teacher, baseline, seqkd, distill; and `kdistill cache`.
 
 `run_lm` is what `kdistill run` calls for a recipe with `task: causal_lm`. It reads like
 the recipe: claim the run folder, read and tokenize the corpus, train the teacher
-(or load it), then for each seed train the student alone (baseline) and with the
-teacher (distill), measure each once on the validation split, and build the report
-from the files.
+(or load it), then for each seed train the student alone (baseline), on the teacher's
+written completions (seqkd, `kdistill.lm.seqkd`) and with the teacher's token
+distributions (distill, with `on_policy` steps when the recipe asks), measure each once
+on the validation split, and build the report from the files.
+
+A pretrained teacher (teacher.checkpoint, teacher.model.path) may use another tokenizer
+than data.tokenizer when no stage compares token distributions (no distill stage):
+the teacher stage then measures it on the same text tokenized with its own tokenizer
+(bits per character compare; loss per token does not), and seqkd passes text between
+the two.
 
 Run folder (as the classifier's, plus the tokenizer):
     recipe.yaml  run.json  results.json  results.md
@@ -13,6 +20,8 @@ Run folder (as the classifier's, plus the tokenizer):
         model.safetensors  model.json  best.safetensors  eval.json  metrics.jsonl  checkpoints/
         hf/        the model as a Hugging Face folder (save_pretrained + tokenizer.json)
     cache/topk-teacher-seed0/           the teacher's top-k, when teacher.signal is cache
+    seqkd/generations/                  the teacher's completions (generations.jsonl,
+                                        manifest.json), when the seqkd stage runs
 
 eval.json: `val` holds the measured split (the last val_fraction of the corpus by
 character position; no test split exists): loss per token (nats), perplexity, bits
@@ -38,8 +47,8 @@ from rich.console import Console
 
 from kdistill import __version__
 from kdistill.checkpoint import atomic_write_json, atomic_write_text, load_weights, save_weights
-from kdistill.data.lm_text import bits_per_character, save_tokenizer
-from kdistill.errors import CheckpointError
+from kdistill.data.lm_text import bits_per_character, save_tokenizer, tokenizer_fingerprint
+from kdistill.errors import CheckpointError, DataError
 from kdistill.evaluate import cost
 from kdistill.lm.data import LMData, build_lm_data
 from kdistill.lm.models import (
@@ -49,8 +58,24 @@ from kdistill.lm.models import (
     model_tokenizer,
     weights_fingerprint,
 )
-from kdistill.lm.recipe import LMModelSpec, LMRecipe, LMTrainConfig, SamplesConfig
+from kdistill.lm.recipe import (
+    LMModelSpec,
+    LMRecipe,
+    LMTrainConfig,
+    OnPolicyConfig,
+    SamplesConfig,
+)
 from kdistill.lm.report import write_lm_report
+from kdistill.lm.seqkd import (
+    SeqKDRows,
+    check_prompts,
+    generations_spec,
+    read_generations,
+    seqkd_prompts,
+    seqkd_rows,
+    teacher_window,
+    write_generations,
+)
 from kdistill.lm.teachers import (
     CachedLMTeacher,
     LiveLMTeacher,
@@ -80,17 +105,20 @@ class LMContext:
     resume: bool
     quiet: bool
     console: Console
+    teacher_data: LMData  # the corpus as the teacher tokenizes it: `data` unless it has its own
+    data_dir: str | Path | None = None
 
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
-    def build(self, spec: LMModelSpec, where: str) -> CausalLM:
+    def build(self, spec: LMModelSpec, where: str, data: LMData | None = None) -> CausalLM:
+        data = data or self.data
         return build_causal_lm(
             spec,
-            vocab_size=self.data.vocab_size,
-            seq_len=self.data.seq_len,
-            eos_id=self.data.eos_id,
+            vocab_size=data.vocab_size,
+            seq_len=data.seq_len,
+            eos_id=data.eos_id,
             where=where,
         )
 
@@ -124,7 +152,10 @@ def run_lm(
     accelerator.wait_for_everyone()
     try:
         data = _build_data(recipe, data_dir, run_dir, accelerator)
-        ctx = LMContext(recipe, run_dir, data, accelerator, resume, quiet, console)
+        teacher_data = _teacher_data(recipe, data, data_dir, run_dir, console, accelerator)
+        ctx = LMContext(
+            recipe, run_dir, data, accelerator, resume, quiet, console, teacher_data, data_dir
+        )
         if ctx.is_main:
             atomic_write_text(
                 run_dir / "recipe.yaml",
@@ -141,11 +172,14 @@ def run_lm(
         _check_models(ctx)
         stages = set(recipe.stages)
         teacher = None
-        if recipe.teacher is not None and stages & {"teacher", "distill"}:
+        if recipe.teacher is not None and stages & {"teacher", "seqkd", "distill"}:
             teacher = _teacher_stage(ctx, recipe.seeds[0])
         for seed in recipe.seeds:
             if "baseline" in stages:
                 _student_stage(ctx, "baseline", seed, teacher=None)
+            if "seqkd" in stages:
+                assert teacher is not None
+                _seqkd_stage(ctx, seed, teacher)
             if "distill" in stages:
                 _student_stage(ctx, "distill", seed, teacher=teacher)
         accelerator.wait_for_everyone()
@@ -176,20 +210,59 @@ def _build_data(
     return data
 
 
-def _check_models(ctx: LMContext) -> None:
-    """Build every model the stages need once, and compare tokenizers, so a student that
-    cannot be distilled from this teacher fails now, not after the teacher trained."""
-    recipe, stages = ctx.recipe, set(ctx.recipe.stages)
-    if recipe.teacher is not None and stages & {"teacher", "distill"}:
-        checkpoint = _teacher_checkpoint(recipe)
+def _teacher_data(
+    recipe: LMRecipe,
+    data: LMData,
+    data_dir: str | Path | None,
+    run_dir: Path,
+    console: Console,
+    accelerator: Accelerator,
+) -> LMData:
+    """The corpus as the teacher sees it: `data`, unless a pretrained teacher ships another
+    tokenizer, which only stages that pass text (teacher, seqkd) accept; the distill
+    stage compares token ids and refuses it."""
+    stages = set(recipe.stages)
+    if recipe.teacher is None or not stages & {"teacher", "seqkd", "distill"}:
+        return data
+    checkpoint = _teacher_checkpoint(recipe)
+    own = model_tokenizer(recipe.teacher.model, checkpoint)
+    if own is None or tokenizer_fingerprint(own) == data.tokenizer_fingerprint:
+        return data
+    if "distill" in stages:
         check_same_tokenizer(
-            model_tokenizer(recipe.teacher.model, checkpoint),
-            ctx.data.tokenizer,
+            own,
+            data.tokenizer,
             where="teacher.checkpoint" if checkpoint else "teacher.model.path",
             role="teacher",
         )
-        ctx.build(recipe.teacher.model, "teacher.model")
-    if recipe.student is not None and stages & {"baseline", "distill"}:
+    if accelerator.is_main_process:
+        console.log(
+            f"the teacher has its own tokenizer ({own.get_vocab_size()} tokens; the student's "
+            f"has {data.vocab_size}): it is measured on its own tokenization of the same text, "
+            "and seqkd passes text between the two"
+        )
+    return build_lm_data(
+        recipe.data, data_dir=data_dir, tokenizer_dir=run_dir / "tokenizer", tokenizer=own
+    )
+
+
+def _check_models(ctx: LMContext) -> None:
+    """Build every model the stages need once, and read the seqkd prompts, so a student
+    or teacher that cannot be built (or distilled from this teacher: `_teacher_data`) or
+    a prompt that does not fit fails now, not after the teacher trained."""
+    recipe, stages = ctx.recipe, set(ctx.recipe.stages)
+    if recipe.teacher is not None and stages & {"teacher", "seqkd", "distill"}:
+        teacher = ctx.build(recipe.teacher.model, "teacher.model", ctx.teacher_data)
+        if "seqkd" in stages:
+            assert recipe.seqkd is not None
+            check_prompts(
+                seqkd_prompts(recipe.seqkd, ctx.data, ctx.data_dir),
+                teacher_tokenizer=ctx.teacher_data.tokenizer,
+                teacher_context=teacher_window(teacher, ctx.teacher_data.seq_len),
+                student_tokenizer=ctx.data.tokenizer,
+                seq_len=ctx.data.seq_len,
+            )
+    if recipe.student is not None and stages & {"baseline", "seqkd", "distill"}:
         check_same_tokenizer(
             model_tokenizer(recipe.student.model, None),
             ctx.data.tokenizer,
@@ -213,7 +286,7 @@ def _teacher_stage(ctx: LMContext, seed: int) -> LMTeacher:
     assert recipe.teacher is not None
     stage_dir = ctx.run_dir / "teacher" / f"seed{seed}"
     torch.manual_seed(seed)
-    model = ctx.build(recipe.teacher.model, "teacher.model")
+    model = ctx.build(recipe.teacher.model, "teacher.model", ctx.teacher_data)
     checkpoint = _teacher_checkpoint(recipe)
     finished = (stage_dir / "eval.json").exists() and (stage_dir / "model.safetensors").exists()
     if checkpoint is not None:
@@ -223,7 +296,9 @@ def _teacher_stage(ctx: LMContext, seed: int) -> LMTeacher:
             raise CheckpointError(f"teacher.checkpoint: {exc}") from None
     if recipe.teacher.pretrained:
         if "teacher" in recipe.stages and not finished:
-            _finish_stage(ctx, "teacher", seed, model, recipe.teacher.model, 0.0, 0)
+            _finish_stage(
+                ctx, "teacher", seed, model, recipe.teacher.model, 0.0, 0, data=ctx.teacher_data
+            )
     elif finished:
         load_weights(model, stage_dir / "model.safetensors")
         if ctx.is_main:
@@ -260,8 +335,105 @@ def _student_stage(ctx: LMContext, stage: str, seed: int, *, teacher: LMTeacher 
         objective = LMObjective.of(recipe.objective)
         signal = _teacher_signal(ctx, teacher)
     _train_and_finish(
-        ctx, stage, seed, model, recipe.student.model, objective, signal, settings=recipe.train
+        ctx,
+        stage,
+        seed,
+        model,
+        recipe.student.model,
+        objective,
+        signal,
+        settings=recipe.train,
+        on_policy=recipe.on_policy if stage == "distill" else None,
     )
+
+
+def _seqkd_stage(ctx: LMContext, seed: int, teacher: LMTeacher) -> None:
+    """Train the student on the teacher's completions (written once, shared by seeds)."""
+    recipe = ctx.recipe
+    assert recipe.student is not None
+    stage_dir = ctx.run_dir / "seqkd" / f"seed{seed}"
+    if (stage_dir / "eval.json").exists() and (stage_dir / "model.safetensors").exists():
+        if ctx.is_main:
+            ctx.console.log(f"seqkd seed {seed}: finished earlier in {stage_dir}, skipping")
+        return
+    rows = _seqkd_rows(ctx, teacher)
+    if len(rows.train) < recipe.train.batch_size:
+        raise DataError(
+            f"seqkd: the teacher's completions make {len(rows.train)} training rows, fewer than "
+            f"train.batch_size ({recipe.train.batch_size}); add prompts (seqkd.prompts, "
+            "seqkd.num_prompts), raise seqkd.generation.num_per_prompt, or lower "
+            "train.batch_size"
+        )
+    torch.manual_seed(seed)  # the same initial weights as the baseline of this seed
+    model = ctx.build(recipe.student.model, "student.model")
+    _train_and_finish(
+        ctx,
+        "seqkd",
+        seed,
+        model,
+        recipe.student.model,
+        LMObjective(ce_weight=1.0),
+        None,
+        settings=recipe.train,
+        train=rows,
+    )
+
+
+def _seqkd_rows(ctx: LMContext, teacher: LMTeacher) -> SeqKDRows:
+    """The main process checks the prompts and writes (or verifies) the generations; every
+    process then reads them and tokenizes them for the student."""
+    recipe = ctx.recipe
+    assert recipe.seqkd is not None
+    cfg, data, teacher_data = recipe.seqkd, ctx.data, ctx.teacher_data
+    folder = Path(cfg.dir).expanduser() if cfg.dir else ctx.run_dir / "seqkd" / "generations"
+    prompts = seqkd_prompts(cfg, data, ctx.data_dir)
+    context = teacher_window(teacher.model, teacher_data.seq_len)
+    prompt_ids = check_prompts(
+        prompts,
+        teacher_tokenizer=teacher_data.tokenizer,
+        teacher_context=context,
+        student_tokenizer=data.tokenizer,
+        seq_len=data.seq_len,
+    )
+    spec = generations_spec(
+        prompts,
+        cfg.generation,
+        teacher_fingerprint=teacher.fingerprint,
+        teacher_tokenizer=teacher_data.tokenizer,
+        context=context,
+    )
+    if ctx.is_main:
+        info = write_generations(
+            folder,
+            spec,
+            teacher.model,
+            prompt_ids,
+            prompts,
+            cfg.generation,
+            tokenizer=teacher_data.tokenizer,
+            vocab_size=teacher_data.vocab_size,
+            batch_size=recipe.train.eval_batch_size,
+            device=ctx.accelerator.device,
+        )
+        if info["reused"]:
+            ctx.console.log(f"seqkd: reusing the teacher's completions in {folder}")
+        else:
+            ctx.console.log(
+                f"seqkd: the teacher wrote {len(prompt_ids) * cfg.generation.num_per_prompt} "
+                f"completions of {prompts.source} ({info['stopped']['eos']} ended on their own, "
+                f"{info['stopped']['length']} at max_new_tokens) in {info['seconds']:.1f}s "
+                f"→ {folder}"
+            )
+    ctx.accelerator.wait_for_everyone()
+    rows = seqkd_rows(read_generations(folder, spec), data.tokenizer, seq_len=data.seq_len)
+    if ctx.is_main:
+        info = rows.info
+        ctx.console.log(
+            f"seqkd: {info['rows']} prompt/completion rows, {info['tokens_learned']:,} completion "
+            f"tokens to learn ({info['completions_cut']} completions cut at data.seq_len, "
+            f"{info['left_out']} empty ones left out)"
+        )
+    return rows
 
 
 def _train_and_finish(
@@ -274,10 +446,15 @@ def _train_and_finish(
     signal: LMTeacherSignal | None,
     *,
     settings: LMTrainConfig,
+    train: SeqKDRows | None = None,
+    on_policy: OnPolicyConfig | None = None,
 ) -> CausalLM:
+    """Train with fit_lm on the packed corpus, or on `train` (the seqkd rows), and finish."""
     result = fit_lm(
         model,
-        train=ctx.data.train,
+        train=ctx.data.train if train is None else train.train,
+        train_labels=None if train is None else train.labels,
+        on_policy=on_policy,
         val=ctx.data.val,
         objective=objective,
         teacher=signal,
@@ -415,10 +592,12 @@ def _finish_stage(
     spec: LMModelSpec,
     train_seconds: float,
     train_tokens: int,
+    data: LMData | None = None,
 ) -> None:
-    """Measure the last and best-on-validation weights once; write the stage folder."""
+    """Measure the last and best-on-validation weights once; write the stage folder.
+    data: the corpus as the model tokenizes it (default the run's)."""
     stage_dir = ctx.run_dir / stage / f"seed{seed}"
-    data, device = ctx.data, ctx.accelerator.device
+    data, device = data or ctx.data, ctx.accelerator.device
     batch = ctx.recipe.train.eval_batch_size
     model = model.to(device)
     evaluation: dict[str, Any] = {

@@ -21,6 +21,25 @@
     stages: [teacher, baseline, distill]
     seeds: [0, 1, 2]
 
+Two more ways to learn from the teacher, each optional:
+
+    stages: [teacher, baseline, seqkd, distill]
+    seqkd:                                  # sequence-level KD (Kim & Rush 2016)
+      prompts: prompts.jsonl                # {"prompt": ...} per line; default: prefixes
+      generation: {max_new_tokens: 64, temperature: 1.0, top_p: 0.95, num_per_prompt: 1}
+    on_policy:                              # GKD (Agarwal et al. 2024), in the distill stage
+      probability: 0.5                      # λ: the share of steps on the student's own text
+      prompt_tokens: 16
+      max_new_tokens: 48
+      temperature: 1.0
+
+The `seqkd` stage trains the student with cross-entropy on completions the teacher
+wrote (prompt tokens do not count); the text is re-tokenized with the student's
+tokenizer, so a pretrained teacher may bring its own tokenizer (token-level distill
+then cannot run). `on_policy` trains a share λ of the distill stage's steps on
+continuations the student samples from the first `prompt_tokens` tokens of each
+sequence, scored by the live teacher (`kdistill.lm.train`).
+
 `load_lm_recipe` reads YAML with `safe_load`, applies `--set` overrides, validates with
 pydantic (`extra="forbid"`) and raises one `RecipeError` listing every problem with its
 YAML path, the bad value and a "did you mean" for misspelt keys. The value parsing,
@@ -51,7 +70,7 @@ from kdistill.recipe import (
 )
 
 TASK = "causal_lm"
-LMStage = Literal["teacher", "baseline", "distill"]
+LMStage = Literal["teacher", "baseline", "seqkd", "distill"]
 # recipe name -> `kind` of kdistill.losses.lm.chunked_divergence
 DIVERGENCES = {
     "forward_kl": "kl",
@@ -225,6 +244,150 @@ class LMLossTerm(Strict):
         return self.loss != "cross_entropy"
 
 
+# --------------------------------------------------------------------- generation
+
+
+class GenerationConfig(Strict):
+    """How a model writes text: up to `max_new_tokens` tokens, each sampled at `temperature`
+    (0: the most likely token) from the `top_k` most likely tokens and the smallest set
+    whose probabilities reach `top_p` (both optional)."""
+
+    max_new_tokens: int = Field(
+        description="the most tokens written per prompt (required: a sampling model may "
+        "never write the end-of-text token, so this is what stops it)",
+    )
+    temperature: float = Field(1.0, description="0: greedy; > 0: sampled at this temperature")
+    top_k: int | None = Field(None, ge=1, description="sample among the k most likely tokens")
+    top_p: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="nucleus sampling: the smallest set of tokens whose probabilities sum to "
+        "at least top_p",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _length_given(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "max_new_tokens" not in raw:
+            return {**raw, "max_new_tokens": None}  # so that _required says why it is needed
+        return raw
+
+    @field_validator("max_new_tokens", mode="before")
+    @classmethod
+    def _required(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError(
+                "max_new_tokens is required: without it generation stops only when the model "
+                "writes the end-of-text token, which a sampled model may never do; give the "
+                "most tokens to write per prompt, e.g. max_new_tokens: 64"
+            )
+        return value
+
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _positive_length(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError(
+                "max_new_tokens must be a positive integer, the most tokens written per "
+                "prompt (0 or less writes nothing)"
+            )
+        return value
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        if value < 0:
+            raise ValueError(
+                "temperature must be a float in [0, inf) (0: greedy, the most likely token; "
+                "> 0: sampled)"
+            )
+        return value
+
+
+class SeqKDGeneration(GenerationConfig):
+    num_per_prompt: int = Field(1, ge=1, le=1024, description="completions sampled per prompt")
+    seed: int = Field(0, description="seeds the sampling; the same seed writes the same text")
+
+    @model_validator(mode="after")
+    def _copies_differ(self) -> SeqKDGeneration:
+        if self.num_per_prompt > 1 and self.temperature == 0:
+            raise ValueError(
+                f"num_per_prompt is {self.num_per_prompt} but temperature 0 is greedy, so "
+                "every completion of a prompt would be the same; set temperature > 0 or "
+                "num_per_prompt: 1"
+            )
+        return self
+
+
+class SeqKDConfig(Strict):
+    """The `seqkd` stage: the teacher writes completions, the student learns them.
+
+    Prompts come from `prompts` (a JSON Lines file, one object per line with a string
+    `prompt_field`) or, by default, are the first `prefix_tokens` tokens of
+    `num_prompts` training sequences, evenly spaced (all of them by default). The
+    completions are written once per run to <run>/seqkd/generations/ (or `dir`) as
+    generations.jsonl plus manifest.json, and reused while the teacher, prompts and
+    generation settings match; train.eval_batch_size completions are written at a time.
+    The student then trains on them with `train`'s settings, cross-entropy on the
+    completion tokens only (`kdistill.lm.seqkd`).
+    """
+
+    prompts: str | None = Field(
+        None,
+        description="a .jsonl prompt file; relative paths resolve against the current "
+        "folder, then the data folder. Default: prefixes of the training sequences",
+    )
+    prompt_field: str = Field("prompt", description="the field of each line holding the prompt")
+    prefix_tokens: int = Field(
+        16, ge=1, description="default prompts: this many tokens from each training sequence"
+    )
+    num_prompts: int | None = Field(
+        None, ge=1, description="default prompts: from this many training sequences (all)"
+    )
+    generation: SeqKDGeneration
+    dir: str | None = Field(
+        None, description="folder of the generations (default <run>/seqkd/generations)"
+    )
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self) -> SeqKDConfig:
+        unused = sorted({"prefix_tokens", "num_prompts"} & self.model_fields_set)
+        if self.prompts is not None and unused:
+            raise ValueError(
+                f"{' and '.join(unused)} choose prompts from the training sequences, which "
+                "seqkd.prompts replaces; remove them or remove prompts"
+            )
+        return self
+
+
+class OnPolicyConfig(GenerationConfig):
+    """GKD's mixed distillation (Agarwal et al. 2024): at each step of the distill stage,
+    with `probability` (the paper's λ, TRL's `lmbda`), the student writes `max_new_tokens`
+    tokens after the first `prompt_tokens` tokens of each sequence (no gradient), the
+    teacher scores that text and the divergence counts the written tokens only. The draw
+    depends on the seed and the step alone, so a resumed run draws the same."""
+
+    probability: float = Field(
+        0.5, ge=0.0, le=1.0, description="λ: the chance that a step trains on the student's text"
+    )
+    prompt_tokens: int = Field(
+        16, ge=1, description="tokens of each training sequence the student continues"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lambda_is_probability(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            for name in ("lambda", "lmbda", "lambda_"):
+                if name in raw:
+                    raise ValueError(
+                        f"unknown key {name!r}: GKD's λ (the share of on-policy steps) is "
+                        f"called probability here; write probability: {raw[name]}"
+                    )
+        return raw
+
+
 # ----------------------------------------------------------------------- training
 
 
@@ -301,6 +464,12 @@ class LMRecipe(Strict):
         default_factory=lambda: [LMLossTerm(loss="forward_kl")],
         description="loss terms of the distill stage",
     )
+    on_policy: OnPolicyConfig | None = Field(
+        None, description="distill stage: train part of the steps on the student's own text"
+    )
+    seqkd: SeqKDConfig | None = Field(
+        None, description="the seqkd stage: prompts and how the teacher writes completions"
+    )
     train: LMTrainConfig = Field(default_factory=LMTrainConfig)
     stages: list[LMStage] = Field(default=["teacher", "baseline", "distill"])
     seeds: Annotated[list[int], Field(min_length=1)] = Field(default_factory=lambda: [0])
@@ -311,7 +480,7 @@ class LMRecipe(Strict):
     @classmethod
     def _stages_unique(cls, stages: list[str]) -> list[str]:
         if not stages:
-            raise ValueError("name at least one stage: teacher, baseline, distill")
+            raise ValueError("name at least one stage: teacher, baseline, seqkd, distill")
         if len(set(stages)) != len(stages):
             raise ValueError(f"each stage may appear once; got {stages}")
         return stages
@@ -319,10 +488,15 @@ class LMRecipe(Strict):
     @model_validator(mode="after")
     def _check(self) -> LMRecipe:
         stages = set(self.stages)
-        if stages & {"teacher", "distill"} and self.teacher is None:
-            raise ValueError("stages 'teacher' and 'distill' need a 'teacher' section")
-        if stages & {"baseline", "distill"} and self.student is None:
-            raise ValueError("stages 'baseline' and 'distill' need a 'student' section")
+        if stages & {"teacher", "seqkd", "distill"} and self.teacher is None:
+            raise ValueError("stages 'teacher', 'seqkd' and 'distill' need a 'teacher' section")
+        if stages & {"baseline", "seqkd", "distill"} and self.student is None:
+            raise ValueError("stages 'baseline', 'seqkd' and 'distill' need a 'student' section")
+        if "seqkd" in stages and self.seqkd is None:
+            raise ValueError(
+                "the seqkd stage needs a 'seqkd' section saying how the teacher writes, at "
+                "least seqkd: {generation: {max_new_tokens: 64}}"
+            )
         divergences = [t for t in self.objective if t.is_divergence]
         if len(divergences) > 1:
             raise ValueError(
@@ -342,12 +516,34 @@ class LMRecipe(Strict):
                 f"samples.prompt_tokens ({self.samples.prompt_tokens}) must be shorter than "
                 f"data.seq_len ({self.data.seq_len}), the context the models are trained on"
             )
+        seqkd = self.seqkd
+        if seqkd is not None and seqkd.prompts is None and seqkd.prefix_tokens >= self.data.seq_len:
+            raise ValueError(
+                f"seqkd.prefix_tokens ({seqkd.prefix_tokens}) must be shorter than data.seq_len "
+                f"({self.data.seq_len}): each prompt is the start of a training sequence"
+            )
+        on_policy = self.on_policy
+        if on_policy is not None:
+            length = on_policy.prompt_tokens + on_policy.max_new_tokens
+            if length > self.data.seq_len:
+                raise ValueError(
+                    f"on_policy.prompt_tokens + on_policy.max_new_tokens = {length} is more than "
+                    f"data.seq_len ({self.data.seq_len}), the context the student trains on; "
+                    "lower one of them"
+                )
         teacher = self.teacher
         if teacher is not None:
-            if "distill" in stages and "teacher" not in stages and not teacher.pretrained:
+            for stage in ("seqkd", "distill"):
+                if stage in stages and "teacher" not in stages and not teacher.pretrained:
+                    raise ValueError(
+                        f"the {stage} stage needs a trained teacher: add 'teacher' to stages, "
+                        "set teacher.checkpoint, or give teacher.model.path"
+                    )
+            if teacher.signal == "cache" and on_policy is not None and on_policy.probability > 0:
                 raise ValueError(
-                    "the distill stage needs a trained teacher: add 'teacher' to stages, set "
-                    "teacher.checkpoint, or give teacher.model.path"
+                    "on_policy needs teacher.signal: live. A cache holds the teacher's "
+                    "outputs on the training sequences only, so it cannot score the tokens "
+                    "the student writes; use signal: live or remove on_policy"
                 )
             if teacher.train is not None and teacher.train.precision != self.train.precision:
                 raise ValueError(

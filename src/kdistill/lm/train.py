@@ -18,6 +18,19 @@ cross-entropy are computed by `kdistill.losses.lm.chunked_divergence` from them 
 output layer, a chunk of tokens at a time, so no (B, T, V) float32 logits exist.
 Checkpoints (`kdistill.checkpoint`) hold everything needed to resume mid-epoch and
 reach the same weights as an uninterrupted run.
+
+Rows need not be packed text: with `train_labels` (N, seq_len) each row brings its own
+labels, -100 where a token does not count (the sequence-level KD stage trains on
+prompt/completion rows whose prompt and padding do not count).
+
+On-policy steps (GKD, Agarwal et al. 2024; `on_policy`): at optimizer step k the loop
+draws u from a generator seeded by (seed, k) alone; if u < on_policy.probability (λ),
+every sequence of the step is replaced by the student's own continuation of its first
+`prompt_tokens` tokens (`on_policy_batch`: sampled without gradient, each row from its
+own seeded numbers), the live teacher scores that text, and only the written tokens
+count. The cross-entropy term, if any, is left out on those steps (it would train the
+student on its own samples). λ = 0 is the off-policy loop exactly; the draws and the
+text repeat after a resume.
 """
 
 from __future__ import annotations
@@ -45,9 +58,10 @@ from kdistill.checkpoint import (
 )
 from kdistill.data.lm_text import IGNORE_INDEX
 from kdistill.errors import TrainingError
+from kdistill.lm.generate import derived_seed, generate, row_uniforms
 from kdistill.lm.models import CausalLM
-from kdistill.lm.recipe import DIVERGENCES, LMLossTerm, LMTrainConfig
-from kdistill.lm.teachers import LMTeacherSignal
+from kdistill.lm.recipe import DIVERGENCES, LMLossTerm, LMTrainConfig, OnPolicyConfig
+from kdistill.lm.teachers import LiveLMTeacher, LMTeacherSignal
 from kdistill.losses.lm import CHUNK_ELEMENTS, chunked_divergence
 from kdistill.recipe import ScheduleOrNumber
 from kdistill.schedules import schedule_value
@@ -69,6 +83,9 @@ class LMObjective:
     @property
     def needs_teacher(self) -> bool:
         return self.divergence is not None
+
+    def without_cross_entropy(self) -> LMObjective:
+        return LMObjective(None, self.divergence)
 
     def at(self, progress: float) -> tuple[float, float, float]:
         """(w_ce, w_div, temperature) at training progress in [0, 1]."""
@@ -185,6 +202,58 @@ def step_losses(
     return total, parts
 
 
+# ----------------------------------------------------------------------- on-policy
+
+
+def is_on_policy_step(probability: float, *, seed: int, step: int) -> bool:
+    """Whether optimizer step `step` trains on the student's own text: u < probability,
+    with u ~ U[0, 1) from a generator seeded by (seed, step) alone, so every process and
+    a resumed run draw the same. probability 0: never; 1: always."""
+    if probability <= 0:
+        return False
+    if probability >= 1:
+        return True
+    generator = torch.Generator().manual_seed(derived_seed("on-policy step", seed, step))
+    return float(torch.rand((), generator=generator, dtype=torch.float64)) < probability
+
+
+def on_policy_batch(
+    student: CausalLM,
+    sequences: Tensor,
+    rows: Tensor,
+    settings: OnPolicyConfig,
+    *,
+    vocab_size: int,
+    seed: int,
+    step: int,
+) -> tuple[Tensor, Tensor]:
+    """(inputs, labels) of an on-policy micro-batch, both (b, P + G - 1).
+
+    sequences: (b, T + 1) training rows, of which the first P = settings.prompt_tokens
+    tokens are the prompt; rows: their indices in the training split. The student
+    continues each prompt by G = settings.max_new_tokens tokens (no gradient; row r of
+    step k sampled from numbers seeded by (seed, k, r), so the text does not depend on
+    how the step is split over processes and accumulation steps). With s = prompt +
+    written tokens, inputs = s[:, :-1] and labels = s[:, 1:], -100 where the label is a
+    prompt token: only the G written tokens count.
+    """
+    prompt_tokens, new_tokens = settings.prompt_tokens, settings.max_new_tokens
+    uniforms = None
+    if settings.temperature > 0:
+        seeds = [derived_seed("on-policy text", seed, step, int(r)) for r in rows.tolist()]
+        uniforms = row_uniforms(seeds, new_tokens, sequences.device)  # (b, G)
+    written = generate(
+        student,
+        sequences[:, :prompt_tokens],
+        settings,
+        vocab_size=vocab_size,
+        uniforms=uniforms,
+    ).tokens  # (b, P + G)
+    inputs, labels = written[:, :-1], written[:, 1:].clone()
+    labels[:, : prompt_tokens - 1] = IGNORE_INDEX  # positions whose next token is the prompt
+    return inputs, labels
+
+
 def evaluate_lm(
     model: CausalLM,
     sequences: Tensor,
@@ -237,13 +306,17 @@ def fit_lm(
     label: str = "train",
     quiet: bool = False,
     console: Console | None = None,
+    train_labels: Tensor | None = None,
+    on_policy: OnPolicyConfig | None = None,
 ) -> LMFitResult:
     """Train `model` in place; write metrics.jsonl, checkpoints/, best.safetensors in out_dir.
 
     train, val: packed sequences (N, seq_len + 1). vocab_size: the tokenizer's size, the
     range the divergence compares over. Validation loss per token is measured at each
     epoch end (and every settings.eval_every steps); the best epoch's weights go to
-    best.safetensors.
+    best.safetensors. train_labels: (N, seq_len) labels of the training rows, -100 where
+    a token does not count (default: train[:, 1:]). on_policy: train a share of the steps
+    on the student's own continuations, scored by the (live) teacher (module docstring).
     """
     console = console or Console(stderr=True)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -265,6 +338,32 @@ def fit_lm(
         raise TrainingError(f"{label}: the objective needs a teacher, but none was given")
     if not objective.needs_teacher:
         teacher = None  # never run a teacher whose output no term reads
+    if train_labels is not None and train_labels.shape != train[:, 1:].shape:
+        raise TrainingError(
+            f"{label}: train_labels has shape {tuple(train_labels.shape)}; the training rows "
+            f"{tuple(train.shape)} need ({n_train}, {train.shape[1] - 1})"
+        )
+    if on_policy is not None and on_policy.probability > 0:
+        if teacher is None:
+            raise TrainingError(
+                f"{label}: on_policy needs a teacher to score the student's text, and the "
+                "objective has no divergence term"
+            )
+        if not isinstance(teacher, LiveLMTeacher):
+            raise TrainingError(
+                f"{label}: on_policy needs a live teacher (teacher.signal: live); a cache "
+                "holds the teacher's outputs on the training sequences only and cannot score "
+                "the tokens the student writes"
+            )
+        if on_policy.prompt_tokens + on_policy.max_new_tokens > train.shape[1] - 1:
+            raise TrainingError(
+                f"{label}: on_policy.prompt_tokens + max_new_tokens = "
+                f"{on_policy.prompt_tokens + on_policy.max_new_tokens} is more than the "
+                f"{train.shape[1] - 1} tokens of a training row"
+            )
+
+    def labels_of(rows: Tensor) -> Tensor:  # (b, seq_len), on the CPU
+        return train[rows, 1:] if train_labels is None else train_labels[rows]
 
     optimizer = make_optimizer(model, settings.optimizer)
     scheduler = _scheduler(optimizer, settings.lr_schedule, total_steps, steps_per_epoch)
@@ -283,6 +382,7 @@ def fit_lm(
         "bad_epochs": 0,
         "seconds": 0.0,
         "running": [0.0, 0],  # loss sum, tokens, of the current epoch
+        "on_policy_steps": 0,  # of the current epoch
     }
     latest = latest_training_state(ckpt_dir) if resume else None
     if latest is not None:
@@ -346,7 +446,19 @@ def fit_lm(
             tick, first, tokens_since = time.perf_counter(), state["step_in_epoch"], 0
             for step in range(first, steps_per_epoch):
                 step_rows = order[step * batch : (step + 1) * batch]  # the global batch
-                step_tokens = int((train[step_rows, 1:] != IGNORE_INDEX).sum())
+                own_text = on_policy is not None and is_on_policy_step(
+                    on_policy.probability, seed=seed, step=state["global_step"]
+                )
+                if own_text:
+                    assert on_policy is not None
+                    step_tokens = len(step_rows) * on_policy.max_new_tokens
+                    local_tokens = len(step_rows[rank::world]) * on_policy.max_new_tokens
+                    step_objective = objective.without_cross_entropy()
+                else:
+                    step_tokens = int((labels_of(step_rows) != IGNORE_INDEX).sum())
+                    # the tokens behind this process's share of the loss, for the logged mean
+                    local_tokens = int((labels_of(step_rows[rank::world]) != IGNORE_INDEX).sum())
+                    step_objective = objective
                 scale = world / max(step_tokens, 1)
                 progress = state["global_step"] / total_steps
                 step_loss, terms = 0.0, dict[str, float]()
@@ -355,7 +467,22 @@ def fit_lm(
                     last = i == len(micro_batches) - 1
                     with contextlib.nullcontext() if last else accelerator.no_sync(model):
                         sequences = train[rows].to(device, non_blocking=True)
-                        inputs, labels = sequences[:, :-1], sequences[:, 1:]
+                        if own_text:
+                            assert on_policy is not None
+                            inputs, labels = on_policy_batch(
+                                student,
+                                sequences,
+                                rows,
+                                on_policy,
+                                vocab_size=vocab_size,
+                                seed=seed,
+                                step=state["global_step"],
+                            )
+                        elif train_labels is None:
+                            inputs, labels = sequences[:, :-1], sequences[:, 1:]
+                        else:
+                            inputs = sequences[:, :-1]
+                            labels = train_labels[rows].to(device, non_blocking=True)
                         signal = None if teacher is None else teacher(inputs, rows)
                         with accelerator.autocast():
                             hidden = model(inputs)  # (b, T, H)
@@ -363,7 +490,7 @@ def fit_lm(
                             hidden,
                             student,
                             labels,
-                            objective=objective,
+                            objective=step_objective,
                             progress=progress,
                             teacher=signal,
                             vocab_size=vocab_size,
@@ -381,9 +508,8 @@ def fit_lm(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                # the tokens behind this process's share of the loss, for the logged mean
-                local_tokens = int((train[step_rows[rank::world], 1:] != IGNORE_INDEX).sum())
                 state["global_step"] += 1
+                state["on_policy_steps"] += int(own_text)
                 state["step_in_epoch"] = step + 1
                 state["tokens"] += step_tokens
                 state["running"][0] += step_loss
@@ -433,6 +559,8 @@ def fit_lm(
                 "val_perplexity": _perplexity(val_loss),
                 "seconds": round(time.perf_counter() - started, 3),
             }
+            if on_policy is not None:
+                record["on_policy_steps"] = state["on_policy_steps"]
             min_delta = settings.early_stopping.min_delta if settings.early_stopping else 0.0
             if val_loss < state["best_val"] - min_delta:
                 state.update(best_val=val_loss, best_epoch=epoch + 1, bad_epochs=0)
@@ -448,7 +576,7 @@ def fit_lm(
                 f"{record['loss']:.4f}, val loss/token {val_loss:.4f} "
                 f"(perplexity {record['val_perplexity']:.2f}) ({record['seconds']:.0f}s)",
             )
-            state.update(epoch=epoch + 1, step_in_epoch=0, running=[0.0, 0])
+            state.update(epoch=epoch + 1, step_in_epoch=0, running=[0.0, 0], on_policy_steps=0)
             checkpoint()
     return LMFitResult(
         epochs_run=state["epoch"],
