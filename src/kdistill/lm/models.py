@@ -264,7 +264,8 @@ def check_same_tokenizer(
         "probabilities token id by token id, which is meaningless across tokenizers. Use the "
         f"{role}'s tokenizer for the data (data.tokenizer.path: the {role}'s folder), or use "
         "sequence-level distillation (Kim & Rush 2016: the teacher writes text, the student "
-        "trains on it), which works across tokenizers"
+        "trains on it), which works across tokenizers: `stages: [seqkd]` with a `seqkd` "
+        "section instead of the distill stage"
     )
 
 
