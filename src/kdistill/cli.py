@@ -19,6 +19,7 @@ EXAMPLES = """examples:
   kdistill run recipes/mnist_quick.yaml
   kdistill run mnist_hinton --set train.epochs=5 --output-dir runs/try
   kdistill validate recipes/mnist_hinton.yaml
+  kdistill plan shakespeare_gpt_small_from_gpt --measure
   kdistill report runs/mnist_quick
   kdistill eval runs/mnist_quick/distill/seed0
 """
@@ -73,6 +74,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a recipe without running it")
     _add_recipe_args(p)
+    p.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors"
+    )
+
+    p = sub.add_parser(
+        "plan", help="memory and time of each stage, from a few real steps, before training"
+    )
+    _add_recipe_args(p)
+    _add_data_dir(p)
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=3,
+        help="timed optimizer steps per stage, after one warm-up step (default 3)",
+    )
+    p.add_argument(
+        "--stage",
+        dest="stages",
+        action="append",
+        default=None,
+        metavar="STAGE",
+        help="plan only this stage, e.g. --stage distill (repeatable; default: every stage)",
+    )
+    p.add_argument(
+        "--measure",
+        action="store_true",
+        help="also run the steps again and measure their true peak memory, beside the estimate",
+    )
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors"
     )
@@ -199,6 +229,20 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         console.print(
             f"{args.recipe}: valid recipe {recipe.name!r} (stages: {stages}; seeds: {recipe.seeds})"
         )
+        return 0
+    if args.command == "plan":
+        from kdistill.plan import format_plan, plan
+
+        recipe = kdistill.load_recipe(args.recipe, args.overrides)
+        planned = plan(
+            recipe,
+            data_dir=args.data_dir,
+            steps=args.steps,
+            measure=args.measure,
+            stages=args.stages,
+            console=console,
+        )
+        print(json.dumps(planned.to_json(), indent=2) if args.json else format_plan(planned))
         return 0
     if args.command == "eval":
         from kdistill.pipeline import evaluate_checkpoint
