@@ -144,7 +144,8 @@ def main() -> None:
     header = (
         f"CIFAR-10, cnn_teacher (60k params) -> cnn_student (26k), teacher trained "
         f"{args.teacher_epochs} epochs on {args.teacher_limit_train or 45000} images "
-        f"({teacher_seconds / 60:.1f} min, "
+        f"({teacher_stage['teacher']['train_seconds'] / 60:.1f} min of training"
+        f"{', trained by an earlier call' if teacher_seconds < 60 else ''}, "
         f"test {100 * teacher_stage['teacher']['test']['accuracy']:.2f}%; second member "
         f"{100 * teacher_stage['teacher_second']['test']['accuracy']:.2f}%); students "
         f"{args.epochs} epochs on the first {args.limit_train} training images, AdamW 3e-3 "
