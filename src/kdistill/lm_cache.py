@@ -205,7 +205,7 @@ class TopKCacheWriter:
             self.manifest = self._resumed_manifest()
         else:
             self._prepare_empty_folder()
-            self.manifest = _new_manifest(spec)
+            self.manifest = new_manifest(spec)
         self.manifest["shard_size_sequences"] = shard_size_sequences
         if extra is not None:
             self.manifest["extra"] = extra
@@ -552,7 +552,7 @@ def _encoding(spec: TopKCacheSpec) -> dict[str, str]:
     }
 
 
-def _new_manifest(spec: TopKCacheSpec) -> dict[str, Any]:
+def new_manifest(spec: TopKCacheSpec) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "version": FORMAT_VERSION,

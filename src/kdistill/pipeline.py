@@ -85,7 +85,7 @@ def run(
     accelerator = make_accelerator(recipe.train.precision)
     run_dir = Path(output_dir or recipe.output.dir or Path("runs") / recipe.name)
     if accelerator.is_main_process:
-        _claim_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        claim_run_dir(run_dir, resume=resume, overwrite=overwrite)
     accelerator.wait_for_everyone()
     data = build_data(recipe.data, data_dir)
     ctx = Context(recipe, run_dir, data, accelerator, resume, quiet, console)
@@ -93,7 +93,7 @@ def run(
         atomic_write_text(
             run_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
         )
-        _write_status(run_dir, "running")
+        write_status(run_dir, "running")
         console.log(
             f"run {recipe.name} → {run_dir} | data: {len(data.train)} train, {len(data.val)} val, "
             f"{len(data.test)} test, {data.num_classes} classes | {accelerator.num_processes} process(es) "
@@ -122,11 +122,11 @@ def run(
         results: dict[str, Any] = {}
         if ctx.is_main:
             results = write_report(run_dir)
-            _write_status(run_dir, "finished")
+            write_status(run_dir, "finished")
         return results
     except BaseException as exc:
         if ctx.is_main:
-            _write_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}")
+            write_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}")
         raise
 
 
@@ -156,7 +156,7 @@ def make_model(data: DataBundle | TextData, spec: ModelSpec, *, where: str) -> n
     )
 
 
-def _sample(data: DataBundle | TextData, model: nn.Module, device: torch.device) -> Any:
+def sample_inputs(data: DataBundle | TextData, model: nn.Module, device: torch.device) -> Any:
     """A few training inputs for `model`, for the dry pass that sizes projectors."""
     rows = torch.arange(min(8, len(data.train)))
     if isinstance(data, TextData):
@@ -195,8 +195,8 @@ def _check_models(recipe: Recipe, data: DataBundle | TextData) -> None:
         objective.bind(
             student,
             teachers,
-            sample=_sample(distill_data, student, "cpu"),
-            teacher_sample=_sample(distill_data, teachers["main"], "cpu"),
+            sample=sample_inputs(distill_data, student, "cpu"),
+            teacher_sample=sample_inputs(distill_data, teachers["main"], "cpu"),
             num_train=len(distill_data.train),
         )
     finally:
@@ -301,8 +301,8 @@ def _student_stage(ctx: Context, stage: str, seed: int, *, guide: Guide | None) 
             extras = objective.bind(
                 model,
                 signal.models,
-                sample=_sample(data, model, ctx.accelerator.device),
-                teacher_sample=_sample(data, signal.models["main"], ctx.accelerator.device),
+                sample=sample_inputs(data, model, ctx.accelerator.device),
+                teacher_sample=sample_inputs(data, signal.models["main"], ctx.accelerator.device),
                 num_train=len(data.train),
                 seed=seed,
             )
@@ -442,7 +442,7 @@ def _finish_stage(
     evaluation.update(measure(model))
     best_path = stage_dir / "best.safetensors"
     evaluation["best"] = None
-    metrics = _read_metrics(stage_dir / "metrics.jsonl")
+    metrics = read_metrics(stage_dir / "metrics.jsonl")
     evaluation["epochs"] = max((m["epoch"] for m in metrics), default=0)
     if best_path.exists():
         best_model = copy.deepcopy(model)
@@ -518,7 +518,7 @@ def _teacher_logits(ctx: Context, guide: Guide) -> torch.Tensor:
 # --------------------------------------------------------------- run folder state
 
 
-def _claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
     status_path = run_dir / "run.json"
     if run_dir.exists() and any(run_dir.iterdir()):
         status = _read_status(status_path)
@@ -557,7 +557,7 @@ def _read_status(path: Path) -> dict[str, Any] | None:
         return {"status": "unknown"}
 
 
-def _write_status(run_dir: Path, status: str, error: str | None = None) -> None:
+def write_status(run_dir: Path, status: str, error: str | None = None) -> None:
     path = run_dir / "run.json"
     record = _read_status(path) or {"started": _now()}
     record.update(status=status, kdistill=__version__, argv=sys.argv)
@@ -575,7 +575,7 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
+def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [

@@ -65,6 +65,7 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from kdistill.errors import RecipeError, TrainingError
+from kdistill.report import format_duration
 from kdistill.teachers import DTYPES
 
 # Peak number of live float32 (tokens × vocabulary) tensors while the loss computes one
@@ -753,7 +754,7 @@ def _classifier_stage(
 ) -> _StageSpec:
     """One classifier stage as the pipeline runs it (kdistill.pipeline, kdistill.train)."""
     from kdistill.losses.objective import LossInputs, Objective
-    from kdistill.pipeline import _sample, make_model
+    from kdistill.pipeline import make_model, sample_inputs
     from kdistill.teachers import CachedTeacher, EnsembleTeacher, LiveTeacher
     from kdistill.train import Trainee, make_optimizer
 
@@ -814,8 +815,8 @@ def _classifier_stage(
             extras = objective.bind(
                 model,
                 models,
-                sample=_sample(stage_data, model, device),
-                teacher_sample=_sample(stage_data, models["main"], device),
+                sample=sample_inputs(stage_data, model, device),
+                teacher_sample=sample_inputs(stage_data, models["main"], device),
                 num_train=n_train,
                 seed=seed,
             )
@@ -1033,7 +1034,7 @@ def lm_loss_memory(
 def lm_cache_size(recipe: Any, data: Any) -> CacheSize:
     """The top-k cache of the recipe's teacher over the training sequences, as
     kdistill.lm_cache writes it: bytes per token × tokens."""
-    from kdistill.lm_cache import TopKCacheSpec, _new_manifest, bytes_per_token
+    from kdistill.lm_cache import TopKCacheSpec, bytes_per_token, new_manifest
 
     assert recipe.teacher is not None
     term = recipe.divergence()
@@ -1048,7 +1049,7 @@ def lm_cache_size(recipe: Any, data: Any) -> CacheSize:
         num_sequences=len(data.train),
         vocab_size=data.vocab_size,
     )
-    per_token = bytes_per_token(_new_manifest(spec))
+    per_token = bytes_per_token(new_manifest(spec))
     tokens = len(data.train) * data.seq_len
     return CacheSize(
         "top-k",
@@ -1359,14 +1360,6 @@ def _size(n: float) -> str:
     return f"{int(n)} B"
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
 def format_plan(result: Plan) -> str:
     """The plan as text, one block per stage."""
     lines = [
@@ -1458,7 +1451,7 @@ def format_plan(result: Plan) -> str:
             f"  {'time per step':<{width}}  {stage.step_seconds:>8.3f} s  median of "
             f"{len(stage.step_seconds_all)} after 1 warm-up ({timed}); "
             f"{stage.epochs} epoch(s) × {stage.steps_per_epoch:,} steps ≈ "
-            f"{_duration(stage.stage_seconds)} of training steps"
+            f"{format_duration(stage.stage_seconds)} of training steps"
         )
         verdict = "fits" if stage.fits else "DOES NOT FIT"
         lines.append(

@@ -541,23 +541,23 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
         field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
         if field is None:
             return None
-        model = _first_model(field.annotation)
+        model = first_model(field.annotation)
         if model is None:
             return None
     return model if hasattr(model, "model_fields") else None
 
 
-def _first_model(annotation: Any) -> type[BaseModel] | None:
+def first_model(annotation: Any) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in getattr(annotation, "__args__", ()) or ():
-        found = _first_model(arg)
+        found = first_model(arg)
         if found is not None:
             return found
     return None
 
 
-def _format_loc(loc: tuple[Any, ...]) -> str:
+def format_loc(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
@@ -569,9 +569,9 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
-def _explain(error: dict[str, Any]) -> str:
+def explain_error(error: dict[str, Any]) -> str:
     loc = tuple(error["loc"])
-    where = _format_loc(loc)
+    where = format_loc(loc)
     if error["type"] == "extra_forbidden":
         owner = _model_at(loc)
         key = str(loc[-1])
@@ -612,7 +612,7 @@ def _dedupe_union_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
             and (not isinstance(value, (int, float)) or err["type"] == "missing")
         ):
             continue
-        key = _format_loc(loc) + "|" + err["msg"]
+        key = format_loc(loc) + "|" + err["msg"]
         if key not in seen:
             seen.add(key)
             out.append(err)
@@ -651,7 +651,7 @@ def _drop_inherited(errors: list[dict[str, Any]], written: dict[str, Any]) -> li
 def validate_recipe(raw: Any, *, source: str = "recipe") -> Recipe:
     """Validate a plain dict (parsed YAML) into a Recipe; collect all errors, raise once."""
     return validate_schema(
-        Recipe, raw, source=source, explain=_explain, keys="name:, data:, teacher:"
+        Recipe, raw, source=source, explain=explain_error, keys="name:, data:, teacher:"
     )
 
 

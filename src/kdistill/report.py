@@ -265,15 +265,15 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     results = collect(run_dir)
     as_json = json.dumps(results, indent=2, allow_nan=False) + "\n"
-    _write_atomic(run_dir / "results.json", lambda tmp: tmp.write_text(as_json, encoding="utf-8"))
+    write_atomic(run_dir / "results.json", lambda tmp: tmp.write_text(as_json, encoding="utf-8"))
     markdown = render_markdown(results)
-    _write_atomic(run_dir / "results.md", lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
+    write_atomic(run_dir / "results.md", lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
     files = ["results.json", "results.md"]
     plots, notes = _write_plots(run_dir, results)
     return {**results, "report": {"files": files + plots, "notes": notes}}
 
 
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """Call `write(tmp)` on a temporary file next to `path`, then move it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # Not tempfile.mkstemp: its files are private (0600); these follow the umask.
@@ -302,14 +302,14 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
                 str(n),
                 _pm(test, "accuracy", _percent, n),
                 _pm(test, "errors", _count, n),
-                _fmt(test.get("nll"), "{:.4f}"),
-                _fmt(test.get("ece"), _percent),
-                _fmt(test.get("agreement"), _percent),
-                _fmt(cost.get("params"), _si),
-                _fmt(cost.get("flops"), _si),
-                _fmt(cost.get("latency_ms"), "{:.2f}"),
-                _fmt(cost.get("size_bytes"), lambda b: f"{b / 1e6:.2f}"),
-                _fmt(stage["train_seconds"], _duration),
+                format_value(test.get("nll"), "{:.4f}"),
+                format_value(test.get("ece"), _percent),
+                format_value(test.get("agreement"), _percent),
+                format_value(cost.get("params"), format_si),
+                format_value(cost.get("flops"), format_si),
+                format_value(cost.get("latency_ms"), "{:.2f}"),
+                format_value(cost.get("size_bytes"), lambda b: f"{b / 1e6:.2f}"),
+                format_value(stage["train_seconds"], format_duration),
             ]
         )
     return rows
@@ -332,9 +332,9 @@ def best_rows(results: dict[str, Any]) -> list[list[str]]:
                 _pm(val, "accuracy", _percent, n),
                 _pm(test, "accuracy", _percent, n),
                 _pm(test, "errors", _count, n),
-                _fmt(test.get("nll"), "{:.4f}"),
-                _fmt(test.get("ece"), _percent),
-                _fmt(test.get("agreement"), _percent),
+                format_value(test.get("nll"), "{:.4f}"),
+                format_value(test.get("ece"), _percent),
+                format_value(test.get("agreement"), _percent),
             ]
         )
     return rows
@@ -375,7 +375,7 @@ def cost_line(results: dict[str, Any]) -> str:
 
 def render_markdown(results: dict[str, Any]) -> str:
     lines = [f"# Results: {results['recipe'] or 'unnamed recipe'}", ""]
-    lines += _markdown_table(COLUMNS, table_rows(results))
+    lines += markdown_table(COLUMNS, table_rows(results))
     lines += ["", "Mean ± sample standard deviation over seeds (value alone for one seed)."]
     if cost_line(results):
         lines.append(cost_line(results))
@@ -383,14 +383,14 @@ def render_markdown(results: dict[str, Any]) -> str:
     rows = best_rows(results)
     if rows:
         lines += [BEST_SENTENCE, ""]
-        lines += _markdown_table(BEST_COLUMNS, rows)
+        lines += markdown_table(BEST_COLUMNS, rows)
         lines += ["", gap_line(results, best=True)]
     else:
         lines.append("None: the run has no validation split.")
     return "\n".join(lines) + "\n"
 
 
-def _markdown_table(columns: tuple[str, ...], rows: list[list[str]]) -> list[str]:
+def markdown_table(columns: tuple[str, ...], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(columns) + " |"]
     lines.append("|" + "|".join(":---" if i == 0 else "---:" for i in range(len(columns))) + "|")
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -417,7 +417,7 @@ def print_table(results: dict[str, Any], console: Console) -> None:
         console.print(gap_line(results, best=True))
 
 
-def _fmt(value: Any, fmt: str | Callable[[Any], str]) -> str:
+def format_value(value: Any, fmt: str | Callable[[Any], str]) -> str:
     if value is None:
         return "—"
     return fmt.format(value) if isinstance(fmt, str) else fmt(value)
@@ -440,14 +440,14 @@ def _count(value: float) -> str:
     return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
 
 
-def _si(value: float) -> str:
+def format_si(value: float) -> str:
     for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
         if abs(value) >= factor:
             return f"{value / factor:.2f} {suffix}"
     return f"{value:.0f}"
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     if seconds < 60:
         return f"{seconds:.1f} s"
     minutes, secs = divmod(round(seconds), 60)
@@ -471,7 +471,7 @@ def _write_plots(run_dir: Path, results: dict[str, Any]) -> tuple[list[str], lis
         FigureCanvasAgg(fig)  # Agg without pyplot: no global backend switch, no GUI
         relative = f"plots/{name}"
         # No Software tag: the bytes do not depend on the matplotlib version.
-        _write_atomic(
+        write_atomic(
             run_dir / relative,
             lambda tmp: fig.savefig(tmp, format="png", dpi=120, metadata={"Software": None}),
         )

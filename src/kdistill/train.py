@@ -115,7 +115,7 @@ def lr_factor(cfg: LRScheduleConfig, step: int, total_steps: int, steps_per_epoc
     return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * q))
 
 
-def _scheduler(
+def make_scheduler(
     optimizer: torch.optim.Optimizer, cfg: LRScheduleConfig, total: int, per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     base = optimizer.param_groups[0]["lr"]
@@ -127,7 +127,7 @@ def _scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _progress(console: Console, quiet: bool) -> Progress | contextlib.nullcontext[None]:
+def progress_bar(console: Console, quiet: bool) -> Progress | contextlib.nullcontext[None]:
     if quiet:
         return contextlib.nullcontext()
     return Progress(
@@ -186,7 +186,7 @@ def fit(
     if extras is not None and len(list(extras.children())):
         model = Trainee(model, extras)
     optimizer = make_optimizer(model, settings.optimizer)
-    scheduler = _scheduler(optimizer, settings.lr_schedule, total_steps, steps_per_epoch)
+    scheduler = make_scheduler(optimizer, settings.lr_schedule, total_steps, steps_per_epoch)
     model, optimizer = accelerator.prepare(model, optimizer)
     torch.manual_seed(seed * 7919 + rank)  # dropout masks
     augment_rng = torch.Generator().manual_seed(seed * 104729 + rank)
@@ -212,7 +212,7 @@ def fit(
         augment_rng.set_state(saved.pop("augment_rng"))
         state.update(saved)
         if is_main:
-            _truncate_metrics(metrics_path, state["global_step"])
+            truncate_metrics(metrics_path, state["global_step"])
             console.log(f"{label}: resuming from {latest.name} (epoch {state['epoch'] + 1})")
     elif is_main and metrics_path.exists():
         metrics_path.unlink()
@@ -247,7 +247,7 @@ def fit(
             )
         accelerator.wait_for_everyone()
 
-    with _progress(console, quiet or not is_main) as bar:
+    with progress_bar(console, quiet or not is_main) as bar:
         task = bar.add_task(label, total=total_steps, info="") if bar else None
         if bar is not None and task is not None:
             bar.update(task, completed=state["global_step"])
@@ -309,7 +309,7 @@ def fit(
                     for name, value in parts.items():
                         terms[name] = terms.get(name, 0.0) + value
                 if not math.isfinite(step_loss):
-                    _non_finite(label, step_loss, epoch, state["global_step"], ckpt_dir, terms)
+                    raise_non_finite(label, step_loss, epoch, state["global_step"], ckpt_dir, terms)
                 if settings.grad_clip is not None:
                     accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)
                 optimizer.step()
@@ -420,7 +420,7 @@ def _epoch_line(label: str, epochs: int, record: dict[str, Any]) -> str:
     return line + f" ({record['seconds']:.0f}s; {rate}; {data})"
 
 
-def _non_finite(
+def raise_non_finite(
     label: str, value: float, epoch: int, step: int, ckpt_dir: Path, terms: dict[str, torch.Tensor]
 ) -> None:
     last = latest_training_state(ckpt_dir)
@@ -436,7 +436,7 @@ def _non_finite(
     )
 
 
-def _truncate_metrics(path: Path, global_step: int) -> None:
+def truncate_metrics(path: Path, global_step: int) -> None:
     """Drop lines a killed run wrote after the checkpoint we resume from."""
     if not path.exists():
         return

@@ -120,7 +120,7 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
         except json.JSONDecodeError as exc:
             problems.append(f"line {number}: {exc.msg} at column {exc.colno}")
     if problems:
-        raise DataError(_problem_list(f"{path}: lines that are not valid JSON", problems))
+        raise DataError(problem_list(f"{path}: lines that are not valid JSON", problems))
 
 
 def _jsonl_strings(path: Path, names: Sequence[str]) -> tuple[list[int], list[list[str]]]:
@@ -146,12 +146,12 @@ def _jsonl_strings(path: Path, names: Sequence[str]) -> tuple[list[int], list[li
     if problems:
         wanted = " and ".join(repr(name) for name in names)
         raise DataError(
-            _problem_list(f"{path}: every line must be an object with string {wanted}", problems)
+            problem_list(f"{path}: every line must be an object with string {wanted}", problems)
         )
     return numbers, rows
 
 
-def _problem_list(headline: str, problems: list[str]) -> str:
+def problem_list(headline: str, problems: list[str]) -> str:
     more = f"; and {len(problems) - _SHOWN} more" if len(problems) > _SHOWN else ""
     return f"{headline}: {'; '.join(problems[:_SHOWN])}{more}"
 
@@ -435,7 +435,7 @@ def read_prompt_completions(
     ]
     if too_long and truncate_prompt == "error":
         raise DataError(
-            _problem_list(
+            problem_list(
                 f"{path}: {len(too_long)} prompts are longer than max_length = {max_length} "
                 "tokens, leaving no room for the completion",
                 too_long,
@@ -451,7 +451,7 @@ def read_prompt_completions(
     ]
     if empty:
         raise DataError(
-            _problem_list(f"{path}: pairs with no completion token to learn", empty)
+            problem_list(f"{path}: pairs with no completion token to learn", empty)
             + "; give those completions text (and a prompt), or an eos_token"
         )
 
@@ -520,7 +520,7 @@ def read_prompts(path: str | Path, *, field: str = "prompt") -> tuple[list[int],
     empty = [f"line {n}" for n, row in zip(numbers, rows) if not row[0].strip()]
     if empty:
         raise DataError(
-            _problem_list(f"{path}: prompts that are empty or only whitespace", empty)
+            problem_list(f"{path}: prompts that are empty or only whitespace", empty)
             + "; a model needs some text to continue: give those prompts text or remove them"
         )
     return numbers, [row[0] for row in rows]

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from kdistill.data.lm_text import TOKENIZER_FILE, load_tokenizer, tokenizer_fingerprint
 from kdistill.errors import DataError, ModelError
 from kdistill.lm.recipe import LMModelSpec
-from kdistill.models.hf import _quiet_transformers, resolve_model_location
+from kdistill.models.hf import quiet_transformers, resolve_model_location
 
 EOS_TOKEN = "<|endoftext|>"
 # config keys that give a model's context length, by model family
@@ -159,7 +159,7 @@ def _from_config(config: dict[str, Any], *, vocab_size: int, eos_id: int | None,
             "use one such as gpt2, llama, qwen2, gpt_neox"
         )
     config_class = CONFIG_MAPPING[model_type]
-    with _quiet_transformers():
+    with quiet_transformers():
         known = set(config_class().to_dict())
     unknown = sorted(set(options) - known)
     if unknown:
@@ -177,7 +177,7 @@ def _from_config(config: dict[str, Any], *, vocab_size: int, eos_id: int | None,
             if key in known:
                 options.setdefault(key, eos_id)
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             hf_config = config_class(**options)
             hf = AutoModelForCausalLM.from_config(hf_config)
     except (ValueError, TypeError) as exc:
@@ -190,7 +190,7 @@ def _load_pretrained(path: str, where: str) -> Any:
 
     location = resolve_model_location(path, where=f"{where}.path")
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             return AutoModelForCausalLM.from_pretrained(location.target, local_files_only=True)
     except (OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -84,13 +84,13 @@ from kdistill.lm.teachers import (
 )
 from kdistill.lm.train import LMObjective, evaluate_lm, fit_lm
 from kdistill.lm_cache import TopKCacheSpec, open_topk_cache
-from kdistill.models.hf import _quiet_transformers
+from kdistill.models.hf import quiet_transformers
 from kdistill.pipeline import (
-    _claim_run_dir,
-    _read_metrics,
-    _write_status,
+    claim_run_dir,
     make_accelerator,
+    read_metrics,
     resolve_weights,
+    write_status,
 )
 
 MEASURED_SPLIT = "validation: the last data.val_fraction of the corpus, by character position"
@@ -147,8 +147,8 @@ def run_lm(
     accelerator = make_accelerator(recipe.train.precision)
     run_dir = Path(output_dir or recipe.output.dir or Path("runs") / recipe.name)
     if accelerator.is_main_process:
-        _claim_run_dir(run_dir, resume=resume, overwrite=overwrite)
-        _write_status(run_dir, "running")
+        claim_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        write_status(run_dir, "running")
     accelerator.wait_for_everyone()
     try:
         data = _build_data(recipe, data_dir, run_dir, accelerator)
@@ -186,11 +186,11 @@ def run_lm(
         results: dict[str, Any] = {}
         if ctx.is_main:
             results = write_lm_report(run_dir)
-            _write_status(run_dir, "finished")
+            write_status(run_dir, "finished")
         return results
     except BaseException as exc:
         if accelerator.is_main_process:
-            _write_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}")
+            write_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}")
         raise
 
 
@@ -608,7 +608,7 @@ def _finish_stage(
         "val": measure(model, data, batch_size=batch, device=device),
         "best": None,
     }
-    metrics = _read_metrics(stage_dir / "metrics.jsonl")
+    metrics = read_metrics(stage_dir / "metrics.jsonl")
     evaluation["epochs"] = max((m["epoch"] for m in metrics), default=0)
     best_path = stage_dir / "best.safetensors"
     if best_path.exists():
@@ -675,7 +675,7 @@ def _export_hf(model: CausalLM, data: LMData, folder: Path) -> None:
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    with _quiet_transformers():
+    with quiet_transformers():
         model.hf.save_pretrained(tmp)
     save_tokenizer(data.tokenizer, tmp)
     if folder.exists():

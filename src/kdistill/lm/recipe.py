@@ -60,11 +60,11 @@ from kdistill.recipe import (
     ScheduleOrNumber,
     Strict,
     TrainConfig,
-    _explain,
-    _first_model,
-    _format_loc,
     apply_overrides,
     as_schedule,
+    explain_error,
+    first_model,
+    format_loc,
     read_yaml,
     validate_schema,
 )
@@ -586,7 +586,7 @@ def _owner(loc: tuple[Any, ...]) -> type[BaseModel] | None:
         field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
         if field is None:
             return None
-        model = _first_model(field.annotation)
+        model = first_model(field.annotation)
         if model is None:
             return None
     return model if hasattr(model, "model_fields") else None
@@ -594,13 +594,13 @@ def _owner(loc: tuple[Any, ...]) -> type[BaseModel] | None:
 
 def _explain_lm(error: dict[str, Any]) -> str:
     if error["type"] != "extra_forbidden":
-        return _explain(error)
+        return explain_error(error)
     loc = tuple(error["loc"])
     owner = _owner(loc)
     key = str(loc[-1])
     allowed = sorted(owner.model_fields) if owner else []
     hint = difflib.get_close_matches(key, allowed, n=1)
-    message = f"{_format_loc(loc)}: unknown key {key!r}"
+    message = f"{format_loc(loc)}: unknown key {key!r}"
     if hint:
         message += f" (did you mean {hint[0]!r}?)"
     if allowed:

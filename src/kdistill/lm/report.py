@@ -20,7 +20,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from kdistill.report import _duration, _fmt, _markdown_table, _si, _write_atomic, collect
+from kdistill.report import (
+    collect,
+    format_duration,
+    format_si,
+    format_value,
+    markdown_table,
+    write_atomic,
+)
 
 COLUMNS = (
     "stage",
@@ -88,11 +95,11 @@ def table_rows(results: dict[str, Any], *, best: bool = False) -> list[list[str]
                 _pm(section, "loss", "{:.4f}", n),
                 _pm(section, "perplexity", "{:.2f}", n),
                 _pm(section, "bpc", "{:.4f}", n),
-                _fmt(cost.get("params"), _si),
-                _fmt(cost.get("size_bytes"), lambda b: f"{b / 1e6:.2f}"),
-                _fmt(cost.get("flops_per_token"), _si),
-                _fmt(cost.get("latency_ms_per_token"), "{:.4f}"),
-                _fmt(stage.get("train_seconds"), _duration),
+                format_value(cost.get("params"), format_si),
+                format_value(cost.get("size_bytes"), lambda b: f"{b / 1e6:.2f}"),
+                format_value(cost.get("flops_per_token"), format_si),
+                format_value(cost.get("latency_ms_per_token"), "{:.4f}"),
+                format_value(stage.get("train_seconds"), format_duration),
             ]
         )
     return rows
@@ -120,7 +127,7 @@ def gap_line(results: dict[str, Any], *, best: bool = False) -> str:
 
 def render_lm_markdown(results: dict[str, Any]) -> str:
     lines = [f"# Results: {results['recipe'] or 'unnamed recipe'}", ""]
-    lines += _markdown_table(COLUMNS, table_rows(results))
+    lines += markdown_table(COLUMNS, table_rows(results))
     lines += [
         "",
         "Mean ± sample standard deviation over seeds (value alone for one seed). " + SPLIT_SENTENCE,
@@ -138,7 +145,7 @@ def render_lm_markdown(results: dict[str, Any]) -> str:
             "(so slightly optimistic).",
             "",
         ]
-        lines += _markdown_table(COLUMNS, table_rows(results, best=True))
+        lines += markdown_table(COLUMNS, table_rows(results, best=True))
         lines += ["", gap_line(results, best=True)]
     else:
         lines.append("None recorded.")
@@ -162,9 +169,9 @@ def write_lm_report(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     results = collect_lm(run_dir)
     as_json = json.dumps(results, indent=2, allow_nan=False) + "\n"
-    _write_atomic(run_dir / "results.json", lambda tmp: tmp.write_text(as_json, encoding="utf-8"))
+    write_atomic(run_dir / "results.json", lambda tmp: tmp.write_text(as_json, encoding="utf-8"))
     markdown = render_lm_markdown(results)
-    _write_atomic(run_dir / "results.md", lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
+    write_atomic(run_dir / "results.md", lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
     return {**results, "report": {"files": ["results.json", "results.md"], "notes": []}}
 
 

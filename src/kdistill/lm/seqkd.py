@@ -52,8 +52,8 @@ from tokenizers import Tokenizer
 from kdistill.checkpoint import atomic_write_json, atomic_write_text
 from kdistill.data.lm_text import (
     IGNORE_INDEX,
-    _problem_list,
     encode_texts,
+    problem_list,
     prompt_completion_rows,
     read_prompts,
     tokenizer_fingerprint,
@@ -145,7 +145,7 @@ def check_prompts(
             )
     if problems:
         raise DataError(
-            _problem_list(
+            problem_list(
                 f"{prompts.source}: {len(problems)} of {len(prompts.texts)} prompts are too "
                 "long for the models' context",
                 problems,

@@ -65,7 +65,13 @@ from kdistill.lm.teachers import LiveLMTeacher, LMTeacherSignal
 from kdistill.losses.lm import CHUNK_ELEMENTS, chunked_divergence
 from kdistill.recipe import ScheduleOrNumber
 from kdistill.schedules import schedule_value
-from kdistill.train import _non_finite, _progress, _scheduler, _truncate_metrics, make_optimizer
+from kdistill.train import (
+    make_optimizer,
+    make_scheduler,
+    progress_bar,
+    raise_non_finite,
+    truncate_metrics,
+)
 
 
 @dataclass(frozen=True)
@@ -366,7 +372,7 @@ def fit_lm(
         return train[rows, 1:] if train_labels is None else train_labels[rows]
 
     optimizer = make_optimizer(model, settings.optimizer)
-    scheduler = _scheduler(optimizer, settings.lr_schedule, total_steps, steps_per_epoch)
+    scheduler = make_scheduler(optimizer, settings.lr_schedule, total_steps, steps_per_epoch)
     model, optimizer = accelerator.prepare(model, optimizer)
     student: CausalLM = accelerator.unwrap_model(model)
     torch.manual_seed(seed * 7919 + rank)  # dropout masks
@@ -392,7 +398,7 @@ def fit_lm(
         torch.set_rng_state(saved.pop("torch_rng"))
         state.update(saved)
         if is_main:
-            _truncate_metrics(metrics_path, state["global_step"])
+            truncate_metrics(metrics_path, state["global_step"])
             console.log(f"{label}: resuming from {latest.name} (epoch {state['epoch'] + 1})")
     elif is_main and metrics_path.exists():
         metrics_path.unlink()
@@ -433,7 +439,7 @@ def fit_lm(
             )
         accelerator.wait_for_everyone()
 
-    with _progress(console, quiet or not is_main) as bar:
+    with progress_bar(console, quiet or not is_main) as bar:
         task = bar.add_task(label, total=total_steps, info="") if bar else None
         if bar is not None and task is not None:
             bar.update(task, completed=state["global_step"])
@@ -502,7 +508,9 @@ def fit_lm(
                         terms[name] = terms.get(name, 0.0) + value
                 if not math.isfinite(step_loss):
                     as_tensors = {name: torch.tensor(value) for name, value in terms.items()}
-                    _non_finite(label, step_loss, epoch, state["global_step"], ckpt_dir, as_tensors)
+                    raise_non_finite(
+                        label, step_loss, epoch, state["global_step"], ckpt_dir, as_tensors
+                    )
                 if settings.grad_clip is not None:
                     accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)
                 optimizer.step()

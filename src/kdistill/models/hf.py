@@ -206,7 +206,7 @@ def _hub_error(loc: ModelLocation, where: str, exc: Exception) -> ModelError:
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """Silence transformers' load report and progress bars; kdistill reports what matters."""
     from transformers.utils import logging as hf_logging
 
@@ -377,7 +377,7 @@ def load_sequence_classifier(
     if local:
         _check_folder(loc, where, needs="weights")
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             config = AutoConfig.from_pretrained(loc.target, local_files_only=local)
     except (OSError, ValueError) as exc:
         if not local:
@@ -398,7 +398,7 @@ def load_sequence_classifier(
         else {i: f"LABEL_{i}" for i in range(num_labels)}
     )
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             hf, info = AutoModelForSequenceClassification.from_pretrained(
                 loc.target,
                 num_labels=num_labels,
@@ -463,7 +463,7 @@ def load_tokenizer(
     if local:
         _check_folder(loc, where, needs="tokenizer")
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(loc.target, local_files_only=local)
     except OSError as exc:
         if not local:
@@ -594,7 +594,7 @@ def student_from_teacher(
     config.num_attention_heads = heads
     config.architectures = [type(hf).__name__]
     config._name_or_path = ""
-    with _quiet_transformers():
+    with quiet_transformers():
         student = AutoModelForSequenceClassification.from_config(
             config, attn_implementation=t_config._attn_implementation, dtype=torch.float32
         )
@@ -648,7 +648,7 @@ def save_hf(
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             hf.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
         if target.exists():
