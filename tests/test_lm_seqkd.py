@@ -241,9 +241,9 @@ def test_seqkd_labels_reach_the_loss_with_the_prompt_masked(
     seen: list[torch.Tensor] = []
     real = lm_train.step_losses
 
-    def spy(hidden: Any, model: Any, labels: torch.Tensor, **kwargs: Any) -> Any:
+    def spy(hidden: Any, weight: Any, bias: Any, labels: torch.Tensor, **kwargs: Any) -> Any:
         seen.append(labels.clone())
-        return real(hidden, model, labels, **kwargs)
+        return real(hidden, weight, bias, labels, **kwargs)
 
     monkeypatch.setattr(lm_train, "step_losses", spy)
     recipe = seqkd_recipe(teacher_run)

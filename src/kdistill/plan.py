@@ -1189,7 +1189,8 @@ def _lm_stage(
                 counter.add(hidden)
             total, _ = step_losses(
                 hidden,
-                model,
+                model.head_weight,
+                model.head_bias,
                 labels,
                 objective=objective,
                 progress=0.0,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,10 @@ EOS_TOKEN = "<|endoftext|>"
 _CONTEXT_KEYS = ("n_positions", "max_position_embeddings", "n_ctx", "seq_length")
 
 
+# (hidden (B, T, H), head weight (V, H), head bias (V,) or None) -> a loss and its parts
+HeadLoss = Callable[[Tensor, Tensor, Tensor | None], Any]
+
+
 class CausalLM(nn.Module):
     """A Hugging Face causal LM whose forward returns final hidden states (B, T, H).
 
@@ -49,9 +54,18 @@ class CausalLM(nn.Module):
         super().__init__()
         self.hf = hf
 
-    def forward(self, input_ids: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, head_loss: HeadLoss | None = None) -> Any:
+        """The final hidden states (B, T, H); with `head_loss`, what
+        `head_loss(hidden, head_weight, head_bias)` returns, computed inside this forward
+        (in float32, autocast off). Training computes its loss this way: under FSDP the
+        output layer is whole only while the wrapped module's forward runs, so a loss
+        that reads it afterwards would see a flat shard."""
         out = self.hf.base_model(input_ids=input_ids, use_cache=False, return_dict=True)
-        return out.last_hidden_state  # (B, T, H)
+        hidden = out.last_hidden_state  # (B, T, H)
+        if head_loss is None:
+            return hidden
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return head_loss(hidden, self.head_weight, self.head_bias)
 
     @property
     def head_weight(self) -> Tensor:

@@ -36,6 +36,7 @@ text repeat after a resume.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -165,7 +166,8 @@ def _cross_entropy_sum(rows: Tensor, weight: Tensor, bias: Tensor | None, labels
 
 def step_losses(
     hidden: Tensor,
-    model: CausalLM,
+    weight: Tensor,
+    bias: Tensor | None,
     labels: Tensor,
     *,
     objective: LMObjective,
@@ -176,9 +178,9 @@ def step_losses(
 ) -> tuple[Tensor, dict[str, float]]:
     """The micro-batch's summed objective (differentiable) and its summed terms.
 
-    hidden: the student's final hidden states (B, T, H); model: the student, whose output
-    layer turns them into logits a chunk of tokens at a time."""
-    weight, bias = model.head_weight, model.head_bias
+    hidden: the student's final hidden states (B, T, H); weight (V, H), bias (V,): its
+    output layer, which turns them into logits a chunk of tokens at a time. The loop
+    calls this inside the student's forward (`CausalLM.forward(head_loss=...)`)."""
     w_ce, w_div, temperature = objective.at(progress)
     if objective.divergence is None:
         ce = chunked_cross_entropy(hidden, weight, bias, labels, chunk_size=chunk_size)
@@ -276,15 +278,13 @@ def evaluate_lm(
         with torch.inference_mode():
             for start in range(0, len(sequences), batch_size):
                 batch = sequences[start : start + batch_size].to(device)
-                hidden = model(batch[:, :-1])  # (b, T, H)
                 labels = batch[:, 1:]
                 nll += float(
-                    chunked_cross_entropy(
-                        hidden,
-                        model.head_weight,
-                        model.head_bias,
-                        labels,
-                        chunk_size=chunk_size,
+                    model(
+                        batch[:, :-1],
+                        head_loss=functools.partial(
+                            chunked_cross_entropy, labels=labels, chunk_size=chunk_size
+                        ),
                     )
                 )
                 tokens += int((labels != IGNORE_INDEX).sum())
@@ -490,18 +490,17 @@ def fit_lm(
                             inputs = sequences[:, :-1]
                             labels = train_labels[rows].to(device, non_blocking=True)
                         signal = None if teacher is None else teacher(inputs, rows)
-                        with accelerator.autocast():
-                            hidden = model(inputs)  # (b, T, H)
-                        loss, parts = step_losses(
-                            hidden,
-                            student,
-                            labels,
+                        head_loss = functools.partial(
+                            step_losses,
+                            labels=labels,
                             objective=step_objective,
                             progress=progress,
                             teacher=signal,
                             vocab_size=vocab_size,
                             chunk_size=settings.chunk_size,
                         )
+                        with accelerator.autocast():  # the loss itself runs in float32
+                            loss, parts = model(inputs, head_loss=head_loss)
                         accelerator.backward(loss * scale)
                     step_loss += float(loss.detach())
                     for name, value in parts.items():
