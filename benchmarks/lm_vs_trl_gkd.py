@@ -98,7 +98,7 @@ from transformers.utils import logging as transformers_logging
 
 import kdistill
 from kdistill.data.lm_text import IGNORE_INDEX, dataset_fingerprint
-from kdistill.lm import build_causal_lm, fit_lm, load_lm_recipe
+from kdistill.lm import fit_lm, load_lm_recipe
 from kdistill.lm.data import LMData, build_lm_data
 from kdistill.lm.models import CausalLM, check_same_tokenizer, model_tokenizer, weights_fingerprint
 from kdistill.lm.recipe import LMLossTerm, LMModelSpec, LMRecipe, LMTrainConfig
@@ -136,22 +136,10 @@ class Setup:
         return self.settings.batch_size * (self.data.seq_len - 1)
 
     def load_student(self) -> CausalLM:
-        return build_causal_lm(
-            LMModelSpec(path=str(self.student_dir)),
-            vocab_size=self.data.vocab_size,
-            seq_len=self.data.seq_len,
-            eos_id=self.data.eos_id,
-            where="student",
-        )
+        return self.data.build_model(LMModelSpec(path=str(self.student_dir)), "student")
 
     def load_teacher(self) -> CausalLM:
-        return build_causal_lm(
-            LMModelSpec(path=str(self.teacher_dir)),
-            vocab_size=self.data.vocab_size,
-            seq_len=self.data.seq_len,
-            eos_id=self.data.eos_id,
-            where="teacher",
-        )
+        return self.data.build_model(LMModelSpec(path=str(self.teacher_dir)), "teacher")
 
 
 class StepClock:
@@ -241,13 +229,7 @@ def prepare(args: argparse.Namespace, work: Path) -> Setup:
 
     assert recipe.student is not None
     torch.manual_seed(args.seed)
-    student = build_causal_lm(
-        recipe.student.model,
-        vocab_size=data.vocab_size,
-        seq_len=data.seq_len,
-        eos_id=data.eos_id,
-        where="student.model",
-    )
+    student = data.build_model(recipe.student.model, "student.model")
     student_dir = work / "student_init"
     student.hf.save_pretrained(student_dir)
     return Setup(

@@ -1098,7 +1098,7 @@ def _lm_stage(
 ) -> _StageSpec:
     """One language-model stage as kdistill.lm.pipeline and fit_lm run it."""
     from kdistill.data.lm_text import IGNORE_INDEX
-    from kdistill.lm.models import CausalLM, build_causal_lm
+    from kdistill.lm.models import CausalLM
     from kdistill.lm.recipe import DIVERGENCES
     from kdistill.lm.teachers import LiveLMTeacher
     from kdistill.lm.train import step_losses
@@ -1115,13 +1115,7 @@ def _lm_stage(
     order = _epoch_rows(n_train, seed)
 
     def build_model(model_spec: Any, model_where: str) -> CausalLM:
-        return build_causal_lm(
-            model_spec,
-            vocab_size=data.vocab_size,
-            seq_len=data.seq_len,
-            eos_id=data.eos_id,
-            where=model_where,
-        )
+        return data.build_model(model_spec, model_where)
 
     stand_in = None
     if reads_teacher and not live:

@@ -32,8 +32,8 @@ from kdistill.data.lm_text import (
 )
 from kdistill.data.paths import DATA_ENV_VAR, resolve_data_root
 from kdistill.errors import DataError
-from kdistill.lm.models import EOS_TOKEN
-from kdistill.lm.recipe import LMDataConfig
+from kdistill.lm.models import EOS_TOKEN, CausalLM, build_causal_lm
+from kdistill.lm.recipe import LMDataConfig, LMModelSpec
 
 TRAINED_ON = "trained_on.json"
 
@@ -60,6 +60,13 @@ class LMData:
     @property
     def tokenizer_fingerprint(self) -> str:
         return tokenizer_fingerprint(self.tokenizer)
+
+    def build_model(self, spec: LMModelSpec, where: str) -> CausalLM:
+        """The model of `spec` for this data: its vocabulary, sequence length and
+        end-of-text id (`kdistill.lm.models.build_causal_lm`)."""
+        return build_causal_lm(
+            spec, vocab_size=self.vocab_size, seq_len=self.seq_len, eos_id=self.eos_id, where=where
+        )
 
     @property
     def fingerprint(self) -> str:

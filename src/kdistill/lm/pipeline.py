@@ -53,7 +53,6 @@ from kdistill.evaluate import cost
 from kdistill.lm.data import LMData, build_lm_data
 from kdistill.lm.models import (
     CausalLM,
-    build_causal_lm,
     check_same_tokenizer,
     model_tokenizer,
     weights_fingerprint,
@@ -114,13 +113,7 @@ class LMContext:
 
     def build(self, spec: LMModelSpec, where: str, data: LMData | None = None) -> CausalLM:
         data = data or self.data
-        return build_causal_lm(
-            spec,
-            vocab_size=data.vocab_size,
-            seq_len=data.seq_len,
-            eos_id=data.eos_id,
-            where=where,
-        )
+        return data.build_model(spec, where)
 
 
 @dataclass
@@ -710,13 +703,7 @@ def cache_lm_teacher(
         may_train_tokenizer=False,
     )
     torch.manual_seed(seed)
-    model = build_causal_lm(
-        recipe.teacher.model,
-        vocab_size=data.vocab_size,
-        seq_len=data.seq_len,
-        eos_id=data.eos_id,
-        where="teacher.model",
-    )
+    model = data.build_model(recipe.teacher.model, "teacher.model")
     checkpoint = _teacher_checkpoint(recipe)
     if checkpoint is None and recipe.teacher.model.path is None:
         checkpoint = run_dir / "teacher" / f"seed{seed}" / "model.safetensors"
