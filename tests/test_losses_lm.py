@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -438,6 +439,42 @@ def test_all_masked_batch_gives_zero_and_zero_gradients(reduction, form):
     assert out.divergence.item() == 0 and out.cross_entropy.item() == 0
     for grad in grads(out.divergence + out.cross_entropy, student):
         assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_forward_kl_closed_form_gradient_edge_cases(temperature):
+    """Forward KL takes a closed-form gradient (q − p) / T instead of autograd. Checked
+    against the naive full-logits reference where it could go wrong: a student head
+    padded past the shared range (27 rows vs 23) with the cross-entropy reading all 27,
+    a teacher with zero-probability tokens (−inf logits), and T ≠ 1."""
+    student = make_student(dtype=torch.float64, vocab=27)
+    teacher = make_teacher("logits", dtype=torch.float64)
+    teacher["logits"][..., :4] = -math.inf  # p = 0 for tokens 0..3 everywhere
+    labels = make_labels()
+    got = chunked_divergence(
+        *student, labels=labels, kind="kl", vocab_size=VOCAB, with_cross_entropy=True,
+        chunk_size=5, temperature=temperature, **_teacher_kwargs(teacher),
+    )  # fmt: skip
+    # naive reference: full logits of the counted positions, Σ xlogy(p, p) − Σ p log q
+    # (a form whose own gradient has no 0·∞ where p = 0)
+    h, w, b = student
+    mask = labels != -100
+    log_q = torch.log_softmax((h @ w.T + b)[mask][:, :VOCAB] / temperature, -1)
+    p_teacher = torch.softmax(teacher["logits"][mask][:, :VOCAB] / temperature, -1)
+    expected = (torch.xlogy(p_teacher, p_teacher) - p_teacher * log_q).sum() / int(mask.sum())
+    assert torch.isfinite(got.divergence)
+    assert_close(got.divergence, expected)
+    got_grads = grads(got.divergence, student)
+    for actual, reference in zip(got_grads, grads(expected, student)):
+        assert_close(actual, reference)
+    grad_w = got_grads[1]
+    assert torch.equal(grad_w[VOCAB:], torch.zeros_like(grad_w[VOCAB:]))
+    # a NaN in the student still shows in the loss (the closed form must not hide it)
+    broken = chunked_divergence(
+        h.detach().clone().index_fill_(2, torch.tensor([0]), math.nan), w, b, labels=labels,
+        kind="kl", teacher_logits=teacher["logits"],
+    )  # fmt: skip
+    assert torch.isnan(broken.divergence)
 
 
 def test_vocabulary_ranges():

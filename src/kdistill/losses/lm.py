@@ -571,6 +571,34 @@ class _Plan:
     compute_grads: bool  # False under torch.no_grad()
 
 
+def _is_forward_kl(plan: _Plan) -> bool:
+    return plan.kind == "kl" or (plan.kind == "jsd" and plan.beta == 0)
+
+
+def _forward_kl_and_grad(
+    logits: Tensor, teacher_log_probs: Tensor, *, temperature: float, vocab: int
+) -> tuple[Tensor, Tensor]:
+    """Σ over rows of KL(p ‖ q), q = softmax(logits[:, :V] / T), and its gradient with
+    respect to `logits` (c, U), in closed form: (q − p) / T on [0, V), 0 beyond.
+
+    The same numbers as autograd through `_divergence_sum` (a test holds them to it) in
+    fewer passes over the (c, V) block and without an autograd graph: forward KL is the
+    default divergence, and this block is most of the loss's time at small widths.
+    A teacher with zero-probability tokens gives no NaN (0·log 0 = 0).
+    """
+    log_q = F.log_softmax(_scaled(logits[:, :vocab], temperature), dim=-1)  # (c, V)
+    p = teacher_log_probs.exp()  # (c, V)
+    # KL = Σ p log p − Σ p log q. Only 0·(−inf) is NaN in the first sum (0·log 0 = 0);
+    # a NaN in either model's numbers still reaches the second sum and the result.
+    divergence = (p * teacher_log_probs).nansum() - (p * log_q).sum()
+    grad = log_q.exp_().sub_(p)  # q − p, in log_q's storage
+    if temperature != 1:
+        grad.div_(temperature)
+    if logits.shape[1] > vocab:  # the CE's extra columns: no divergence gradient
+        grad = F.pad(grad, (0, logits.shape[1] - vocab))
+    return divergence, grad
+
+
 class _ChunkedLMLoss(torch.autograd.Function):
     """(counted hidden rows (n, H), head weight (V_s, H), bias (V_s,) | None) ->
     (divergence sum, cross-entropy sum), gradients computed in the forward pass."""
@@ -609,22 +637,31 @@ class _ChunkedLMLoss(torch.autograd.Function):
                 positions, vocab=plan.vocab, temperature=plan.temperature, dtype=acc
             )
             logits = F.linear(hidden, head_weight, head_bias).to(acc)  # (c, U)
-            with torch.enable_grad():
-                logits.requires_grad_(need_any)
-                divergence = divergence_fn(
-                    logits,
-                    teacher_log_probs,
-                    topk_ids,
-                    kind=plan.kind,
-                    beta=plan.beta,
-                    alpha=plan.alpha,
-                    temperature=plan.temperature,
-                    vocab=plan.vocab,
-                )
-            sums[0] += divergence.detach()
             grads = []
-            if need_any:
-                grads.append(torch.autograd.grad(divergence, logits)[0])  # (c, U)
+            if topk_ids is None and not plan.compile and _is_forward_kl(plan):
+                divergence, grad_logits = _forward_kl_and_grad(
+                    logits, teacher_log_probs, temperature=plan.temperature, vocab=plan.vocab
+                )
+                sums[0] += divergence
+                if need_any:
+                    grads.append(grad_logits)
+                del grad_logits
+            else:
+                with torch.enable_grad():
+                    logits.requires_grad_(need_any)
+                    divergence = divergence_fn(
+                        logits,
+                        teacher_log_probs,
+                        topk_ids,
+                        kind=plan.kind,
+                        beta=plan.beta,
+                        alpha=plan.alpha,
+                        temperature=plan.temperature,
+                        vocab=plan.vocab,
+                    )
+                sums[0] += divergence.detach()
+                if need_any:
+                    grads.append(torch.autograd.grad(divergence, logits)[0])  # (c, U)
             del divergence, teacher_log_probs
             if plan.with_cross_entropy:
                 logits = logits.detach()
