@@ -418,10 +418,9 @@ def read_prompt_completions(
         eos_ids = [eos_id]
     pad_id = eos_ids[0] if eos_ids else 0
 
-    numbers, pairs = _jsonl_strings(path, [prompt_field, completion_field])
-    prompts, completions = [pair[0] for pair in pairs], [pair[1] for pair in pairs]
-    if not prompts:
-        raise DataError(f"{path}: no prompt/completion pairs (the file has no non-blank lines)")
+    numbers, prompts, completions = read_pairs(
+        path, prompt_field=prompt_field, completion_field=completion_field
+    )
 
     encoder = _without_truncation(tokenizer)
     prompt_ids = [e.ids for e in encoder.encode_batch(prompts, add_special_tokens=False)]
@@ -462,6 +461,23 @@ def read_prompt_completions(
         pad_id=pad_id,
         truncate_prompt=truncate_prompt,
     )
+
+
+def read_pairs(
+    path: str | Path, *, prompt_field: str = "prompt", completion_field: str = "completion"
+) -> tuple[list[int], list[str], list[str]]:
+    """The 1-based line numbers, prompts and completions of a JSON Lines file of
+    prompt/completion pairs, as text (blank lines skipped). Every line that lacks a field
+    is named in one error, with the fields it has; an empty file is refused."""
+    path = Path(path)
+    numbers, pairs = _jsonl_strings(path, [prompt_field, completion_field])
+    if not pairs:
+        raise DataError(
+            f"{path}: no prompt/completion pairs (the file has no non-blank lines); write one "
+            f'JSON object per line, e.g. {{"{prompt_field}": "Q: ...", "{completion_field}": '
+            '" A: ..."}'
+        )
+    return numbers, [pair[0] for pair in pairs], [pair[1] for pair in pairs]
 
 
 def prompt_completion_rows(

@@ -24,8 +24,9 @@ Run folder (as the classifier's, plus the tokenizer):
                                         manifest.json), when the seqkd stage runs
 
 eval.json: `val` holds the measured split (the last val_fraction of the corpus by
-character position; no test split exists): loss per token (nats), perplexity, bits
-per character (comparable across tokenizers), tokens and characters measured; `best`
+character position, or the validation pairs; no test split exists): loss per token
+(nats), perplexity, bits per character (comparable across tokenizers), tokens and
+characters measured (with pairs: the completion tokens and their text only); `best`
 the same for the best-on-validation epoch; `cost`: parameters, size on disk, FLOPs
 and latency per token; `samples`: a few generated continuations.
 """
@@ -93,6 +94,10 @@ from kdistill.pipeline import (
 )
 
 MEASURED_SPLIT = "validation: the last data.val_fraction of the corpus, by character position"
+MEASURED_PAIRS = (
+    "validation pairs (data.pairs.val, else data.val_fraction of the training pairs drawn "
+    "at random): completion tokens only"
+)
 
 
 @dataclass
@@ -155,12 +160,26 @@ def run_lm(
                 yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False),
             )
             info = data.info
+            if recipe.data.pairs is not None:
+                source = (
+                    f"pairs: {info['pairs']['train']:,} train + {info['pairs']['val']:,} val, "
+                    f"{info['tokens']['train']:,} + {info['tokens']['val']:,} completion tokens "
+                    f"counted (vocabulary {data.vocab_size}; prompts cut: "
+                    f"{info['truncated_prompts']['train']} + {info['truncated_prompts']['val']}, "
+                    f"completions cut: {info['truncated_completions']['train']} + "
+                    f"{info['truncated_completions']['val']}), one row of {data.seq_len} each"
+                )
+            else:
+                source = (
+                    f"corpus: {info['characters']['train']:,} train + "
+                    f"{info['characters']['val']:,} val characters, {info['tokens']['train']:,} "
+                    f"+ {info['tokens']['val']:,} tokens ({info['chars_per_token']:.2f} "
+                    f"characters/token, vocabulary {data.vocab_size}), {len(data.train)} + "
+                    f"{len(data.val)} sequences of {data.seq_len}"
+                )
             console.log(
-                f"run {recipe.name} → {run_dir} | corpus: {info['characters']['train']:,} train + "
-                f"{info['characters']['val']:,} val characters, {info['tokens']['train']:,} + "
-                f"{info['tokens']['val']:,} tokens ({info['chars_per_token']:.2f} characters/token, "
-                f"vocabulary {data.vocab_size}), {len(data.train)} + {len(data.val)} sequences of "
-                f"{data.seq_len} | {accelerator.num_processes} process(es) on {accelerator.device}"
+                f"run {recipe.name} → {run_dir} | {source} | {accelerator.num_processes} "
+                f"process(es) on {accelerator.device}"
             )
         _check_models(ctx)
         stages = set(recipe.stages)
@@ -442,13 +461,15 @@ def _train_and_finish(
     train: SeqKDRows | None = None,
     on_policy: OnPolicyConfig | None = None,
 ) -> CausalLM:
-    """Train with fit_lm on the packed corpus, or on `train` (the seqkd rows), and finish."""
+    """Train with fit_lm on the run's rows (packed corpus or pairs), or on `train` (the
+    seqkd rows), and finish."""
     result = fit_lm(
         model,
         train=ctx.data.train if train is None else train.train,
-        train_labels=None if train is None else train.labels,
+        train_labels=ctx.data.train_labels if train is None else train.labels,
         on_policy=on_policy,
         val=ctx.data.val,
+        val_labels=ctx.data.val_labels,
         objective=objective,
         teacher=signal,
         settings=settings,
@@ -527,8 +548,11 @@ def _teacher_signal(ctx: LMContext, teacher: LMTeacher) -> LMTeacherSignal:
 
 
 def measure(model: CausalLM, data: LMData, *, batch_size: int, device: Any) -> dict[str, Any]:
-    """Loss per token (nats), perplexity and bits per character on the validation split."""
-    nll, tokens = evaluate_lm(model, data.val, batch_size=batch_size, device=device)
+    """Loss per token (nats), perplexity and bits per character on the validation split
+    (with pairs: over the completion tokens and the characters of their text)."""
+    nll, tokens = evaluate_lm(
+        model, data.val, batch_size=batch_size, device=device, labels=data.val_labels
+    )
     loss = nll / max(tokens, 1)
     return {
         "loss": loss,
@@ -542,8 +566,9 @@ def measure(model: CausalLM, data: LMData, *, batch_size: int, device: Any) -> d
 def generate_samples(
     model: CausalLM, data: LMData, cfg: SamplesConfig, *, seed: int, device: Any
 ) -> list[dict[str, str]]:
-    """Continuations of `cfg.count` prompts taken from evenly spaced validation sequences:
-    greedy at temperature 0, else sampled with a generator seeded by `seed`."""
+    """Continuations of `cfg.count` prompts taken from evenly spaced validation sequences
+    (their first cfg.prompt_tokens tokens; with pairs, the pair's prompt): greedy at
+    temperature 0, else sampled with a generator seeded by `seed`."""
     if cfg.count == 0:
         return []
     rows = torch.linspace(0, len(data.val) - 1, cfg.count).round().long().unique()
@@ -554,7 +579,8 @@ def generate_samples(
     model.eval()
     try:
         for row in rows.tolist():
-            prompt = data.val[row, : min(cfg.prompt_tokens, context)].tolist()
+            length = data.prompt_length(row) or cfg.prompt_tokens
+            prompt = data.val[row, : min(length, context)].tolist()
             ids = list(prompt)
             with torch.inference_mode():
                 for _ in range(cfg.new_tokens):
@@ -597,7 +623,7 @@ def _finish_stage(
         "stage": stage,
         "seed": seed,
         "task": "causal_lm",
-        "measured_split": MEASURED_SPLIT,
+        "measured_split": MEASURED_SPLIT if data.val_labels is None else MEASURED_PAIRS,
         "val": measure(model, data, batch_size=batch, device=device),
         "best": None,
     }

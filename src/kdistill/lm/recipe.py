@@ -21,6 +21,28 @@
     stages: [teacher, baseline, distill]
     seeds: [0, 1, 2]
 
+Instead of `corpus`, prompt/completion pairs (exactly one of the two):
+
+    data:
+      pairs:
+        train: qa_train.jsonl               # {"prompt": ..., "completion": ...} per line
+        val: qa_val.jsonl                   # optional; default: val_fraction of the training
+        split_seed: 0                       #   pairs, drawn at random with this seed
+        prompt_field: prompt
+        completion_field: completion
+        truncate_prompt: error              # error | left: cut a long pair's prompt at its start
+      seq_len: 128                          # one pair per row, padded
+      tokenizer: {vocab_size: 2048}         # trained on prompt + completion of training pairs
+
+A row is prompt + completion + <|endoftext|> (when the tokenizer has that token).
+A prompt longer than seq_len is refused (its line named) and a completion that does
+not fit is cut at the end; with `truncate_prompt: left` a pair that does not fit
+first loses its prompt's oldest tokens (one is kept). Only completion tokens (and the
+end-of-text) count: in the losses, the validation loss, the top-k cache's use and bits
+per character, whose characters are those of the counted completion text (the
+end-of-text adds none). Samples continue validation prompts. With pairs, seqkd needs
+`seqkd.prompts` (the pairs file itself serves), and on_policy is refused.
+
 Two more ways to learn from the teacher, each optional:
 
     stages: [teacher, baseline, seqkd, distill]
@@ -115,14 +137,49 @@ class TokenizerConfig(Strict):
         return self
 
 
-class LMDataConfig(Strict):
-    corpus: Annotated[list[str], Field(min_length=1)] = Field(
-        description="text or .jsonl files; relative paths resolve against the current "
-        "folder, then the data folder (--data-dir, else $KDISTILL_DATA)"
+class PairsConfig(Strict):
+    """Prompt/completion pairs from JSON Lines files, one object per line. Each pair is
+    one training row: prompt + completion + end-of-text (when the tokenizer has
+    <|endoftext|>), padded to data.seq_len; only the completion tokens count."""
+
+    train: str = Field(
+        description="the training pairs (.jsonl); relative paths resolve against the current "
+        "folder, then the data folder"
     )
-    text_field: str = Field("text", description=".jsonl files: the field holding the text")
+    val: str | None = Field(
+        None,
+        description="the validation pairs (.jsonl); default: data.val_fraction of the "
+        "training pairs, drawn at random with split_seed",
+    )
+    prompt_field: str = Field("prompt", description="the field of each line holding the prompt")
+    completion_field: str = Field(
+        "completion", description="the field of each line holding the completion"
+    )
+    truncate_prompt: Literal["error", "left"] = Field(
+        "error",
+        description="error: a prompt longer than data.seq_len refuses the file (naming the "
+        "lines), and a completion that does not fit after its prompt is cut at the end; left: "
+        "a pair too long loses its prompt's oldest tokens first (one is kept)",
+    )
+    split_seed: int = Field(0, description="seeds which pairs validate when val is not given")
+
+
+class LMDataConfig(Strict):
+    corpus: Annotated[list[str], Field(min_length=1)] | None = Field(
+        None,
+        description="text or .jsonl files; relative paths resolve against the current "
+        "folder, then the data folder (--data-dir, else $KDISTILL_DATA)",
+    )
+    pairs: PairsConfig | None = Field(
+        None, description="prompt/completion pairs instead of a corpus (only completions count)"
+    )
+    text_field: str = Field("text", description="corpus .jsonl files: the field holding the text")
     val_fraction: float = Field(
-        0.1, gt=0.0, lt=1.0, description="the last fraction of the characters validates"
+        0.1,
+        gt=0.0,
+        lt=1.0,
+        description="corpus: the last fraction of the characters validates; pairs without a "
+        "val file: this fraction of the pairs, drawn at random",
     )
     seq_len: int = Field(128, ge=2, le=1 << 16, description="tokens per training sequence")
     tokenizer: TokenizerConfig
@@ -134,6 +191,27 @@ class LMDataConfig(Strict):
     @classmethod
     def _one_file(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LMDataConfig:
+        if (self.corpus is None) == (self.pairs is None):
+            given = "both" if self.corpus is not None else "neither"
+            raise ValueError(
+                f"give exactly one of corpus (text to pack into sequences) and pairs "
+                f"(prompt/completion pairs, e.g. pairs: {{train: pairs.jsonl}}); {given} given"
+            )
+        if self.pairs is not None:
+            unused = sorted({"text_field", "limit_chars"} & self.model_fields_set)
+            if self.pairs.val is not None and "val_fraction" in self.model_fields_set:
+                unused.append("val_fraction")
+            if unused:
+                raise ValueError(
+                    f"{' and '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect "
+                    "with pairs (text_field and limit_chars are for corpus; val_fraction "
+                    "splits the training pairs only when pairs.val is not given); remove "
+                    f"{'it' if len(unused) == 1 else 'them'}"
+                )
+        return self
 
 
 # ------------------------------------------------------------------------- models
@@ -521,6 +599,21 @@ class LMRecipe(Strict):
             raise ValueError(
                 f"seqkd.prefix_tokens ({seqkd.prefix_tokens}) must be shorter than data.seq_len "
                 f"({self.data.seq_len}): each prompt is the start of a training sequence"
+            )
+        pairs = self.data.pairs
+        if pairs is not None and seqkd is not None and seqkd.prompts is None:
+            raise ValueError(
+                "with data.pairs, seqkd needs seqkd.prompts: its default prompts are the "
+                "first tokens of packed corpus sequences, which pair rows are not. To have the "
+                f"teacher answer the training prompts, set seqkd.prompts: {pairs.train} and "
+                f"seqkd.prompt_field: {pairs.prompt_field}"
+            )
+        if pairs is not None and self.on_policy is not None:
+            raise ValueError(
+                "on_policy does not work with data.pairs yet: it continues the first "
+                "on_policy.prompt_tokens tokens of each training row, which in a pair row may "
+                "run past the prompt into the completion or the padding. Remove on_policy, or "
+                "train on a corpus (data.corpus)"
             )
         on_policy = self.on_policy
         if on_policy is not None:

@@ -20,8 +20,9 @@ Checkpoints (`kdistill.checkpoint`) hold everything needed to resume mid-epoch a
 reach the same weights as an uninterrupted run.
 
 Rows need not be packed text: with `train_labels` (N, seq_len) each row brings its own
-labels, -100 where a token does not count (the sequence-level KD stage trains on
-prompt/completion rows whose prompt and padding do not count).
+labels, -100 where a token does not count (the sequence-level KD stage and `data.pairs`
+train on prompt/completion rows whose prompt and padding do not count); `val_labels`
+does the same for validation, so its loss per token is over the counted tokens only.
 
 On-policy steps (GKD, Agarwal et al. 2024; `on_policy`): at optimizer step k the loop
 draws u from a generator seeded by (seed, k) alone; if u < on_policy.probability (λ),
@@ -269,8 +270,15 @@ def evaluate_lm(
     batch_size: int,
     device: torch.device | str,
     chunk_size: int | None = None,
+    labels: Tensor | None = None,
 ) -> tuple[float, int]:
-    """(summed next-token NLL in nats, counted tokens) over packed sequences (N, T + 1)."""
+    """(summed next-token NLL in nats, counted tokens) over rows (N, T + 1) whose inputs
+    are row[:-1]; labels: (N, T), -100 where a token does not count (default row[1:])."""
+    if labels is not None and labels.shape != sequences[:, 1:].shape:
+        raise TrainingError(
+            f"labels has shape {tuple(labels.shape)}; the rows {tuple(sequences.shape)} need "
+            f"{tuple(sequences[:, 1:].shape)}"
+        )
     was_training = model.training
     model.eval()
     nll, tokens = 0.0, 0
@@ -278,16 +286,19 @@ def evaluate_lm(
         with torch.inference_mode():
             for start in range(0, len(sequences), batch_size):
                 batch = sequences[start : start + batch_size].to(device)
-                labels = batch[:, 1:]
+                if labels is None:
+                    batch_labels = batch[:, 1:]
+                else:
+                    batch_labels = labels[start : start + batch_size].to(device)
                 nll += float(
                     model(
                         batch[:, :-1],
                         head_loss=functools.partial(
-                            chunked_cross_entropy, labels=labels, chunk_size=chunk_size
+                            chunked_cross_entropy, labels=batch_labels, chunk_size=chunk_size
                         ),
                     )
                 )
-                tokens += int((labels != IGNORE_INDEX).sum())
+                tokens += int((batch_labels != IGNORE_INDEX).sum())
     finally:
         model.train(was_training)
     return nll, tokens
@@ -313,6 +324,7 @@ def fit_lm(
     quiet: bool = False,
     console: Console | None = None,
     train_labels: Tensor | None = None,
+    val_labels: Tensor | None = None,
     on_policy: OnPolicyConfig | None = None,
 ) -> LMFitResult:
     """Train `model` in place; write metrics.jsonl, checkpoints/, best.safetensors in out_dir.
@@ -321,7 +333,8 @@ def fit_lm(
     range the divergence compares over. Validation loss per token is measured at each
     epoch end (and every settings.eval_every steps); the best epoch's weights go to
     best.safetensors. train_labels: (N, seq_len) labels of the training rows, -100 where
-    a token does not count (default: train[:, 1:]). on_policy: train a share of the steps
+    a token does not count (default: train[:, 1:]); val_labels: the same for `val`, so
+    the validation loss counts only those tokens. on_policy: train a share of the steps
     on the student's own continuations, scored by the (live) teacher (module docstring).
     """
     console = console or Console(stderr=True)
@@ -348,6 +361,11 @@ def fit_lm(
         raise TrainingError(
             f"{label}: train_labels has shape {tuple(train_labels.shape)}; the training rows "
             f"{tuple(train.shape)} need ({n_train}, {train.shape[1] - 1})"
+        )
+    if val_labels is not None and val_labels.shape != val[:, 1:].shape:
+        raise TrainingError(
+            f"{label}: val_labels has shape {tuple(val_labels.shape)}; the validation rows "
+            f"{tuple(val.shape)} need ({len(val)}, {val.shape[1] - 1})"
         )
     if on_policy is not None and on_policy.probability > 0:
         if teacher is None:
@@ -420,6 +438,7 @@ def fit_lm(
             batch_size=settings.eval_batch_size,
             device=device,
             chunk_size=settings.chunk_size,
+            labels=val_labels,
         )
         return nll / max(tokens, 1)
 
