@@ -1,7 +1,7 @@
 """kdistill vs TRL's GKDTrainer: language-model distillation speed and quality, one run.
 
-    OMP_NUM_THREADS=2 KDISTILL_DATA=../shared/data python benchmarks/lm_vs_trl_gkd.py \
-        --threads 2 --json benchmarks/results_lm_vs_trl_gkd.json
+    OMP_NUM_THREADS=1 KDISTILL_DATA=../shared/data python benchmarks/lm_vs_trl_gkd.py \
+        --threads 1 --rounds 3 --json benchmarks/results_lm_vs_trl_gkd.json
     OMP_NUM_THREADS=1 KDISTILL_DATA=../shared/data python benchmarks/lm_vs_trl_gkd.py \
         --steps 3 --threads 1   # a smoke test, under a minute
 
@@ -60,8 +60,12 @@ Measured:
   they should agree closely; the cache variant's is KL over the top-k buckets).
 - ratios kdistill / TRL of tokens/s, and (kdistill − TRL) / TRL of validation loss.
 
-Remaining differences: the variants run once each, one after another (not
-interleaved), so load from other processes on the machine shows up as noise; TRL
+Rounds: --rounds R runs every variant R times, interleaved (rounds 2, 4, … in reverse
+order), and reports the median round's tokens/s per variant and the kdistill/TRL ratio
+within each round (the two ran minutes apart, so a change in the machine's load hits
+both); the training is the same in every round (same start, data, order and seed).
+
+Remaining differences: load from other processes on the machine shows up as noise; TRL
 passes an all-ones attention_mask to both models (kdistill passes none); kdistill
 gives fit_lm only the first validation sequence so that its own end-of-epoch
 validation costs nothing (the common evaluation follows); TRL's per-step
@@ -453,6 +457,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="student init and data order")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every variant this many times, interleaved (odd rounds in reverse "
+        "order); tokens/s is the median round's",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     transformers_logging.disable_progress_bar()
@@ -468,31 +479,52 @@ def main() -> None:
         teacher_loss = validation_loss(setup.load_teacher().hf, setup.data.val)
         initial_loss = validation_loss(setup.load_student().hf, setup.data.val)
         rows_seen: dict[str, Tensor] = {}
-        for variant in variants:
-            print(f"running {variant} ...", flush=True)
-            if variant == "trl_gkd":
-                record, model, rows = run_trl(setup)
-            else:
-                record, model, rows = run_kdistill(setup, variant.split("_")[1], args.top_k)
-            if torch.get_num_threads() != threads:
-                raise RuntimeError(
-                    f"{variant} changed the torch thread count to "
-                    f"{torch.get_num_threads()} (was {threads})"
-                )
-            record["val_loss"] = validation_loss(model, setup.data.val)
-            results[variant] = record
-            rows_seen[variant] = rows
+        rounds: dict[str, list[dict[str, Any]]] = {variant: [] for variant in variants}
+        for round_index in range(args.rounds):
+            # odd rounds run the variants in reverse, so drift in the machine's load
+            # (other jobs starting or ending) does not favour the variant that runs first
+            ordered = variants if round_index % 2 == 0 else variants[::-1]
+            for variant in ordered:
+                print(f"round {round_index + 1}/{args.rounds}: running {variant} ...", flush=True)
+                if variant == "trl_gkd":
+                    record, model, rows = run_trl(setup)
+                else:
+                    record, model, rows = run_kdistill(setup, variant.split("_")[1], args.top_k)
+                if torch.get_num_threads() != threads:
+                    raise RuntimeError(
+                        f"{variant} changed the torch thread count to "
+                        f"{torch.get_num_threads()} (was {threads})"
+                    )
+                record["val_loss"] = validation_loss(model, setup.data.val)
+                rounds[variant].append(record)
+                rows_seen[variant] = rows
+        for variant, records in rounds.items():
+            # the median round's speed; the training itself is the same in every round
+            speeds = [r["tokens_per_s"] for r in records]
+            median = sorted(records, key=lambda r: r["tokens_per_s"])[len(records) // 2]
+            results[variant] = {
+                **median,
+                "tokens_per_s_rounds": speeds,
+                "val_loss_rounds": [r["val_loss"] for r in records],
+            }
         for variant, rows in rows_seen.items():
             if not torch.equal(rows, setup.order):
                 raise RuntimeError(f"{variant} trained on other sequences than fit_lm's order")
 
     ratios: dict[str, float] = {}
+    paired: dict[str, list[float]] = {}  # tokens/s ratio to TRL within each round
     trl = results.get("trl_gkd")
     for variant in ("kdistill_live", "kdistill_cache"):
         if trl is not None and variant in results:
             ratios[f"{variant}/trl_gkd tokens_per_s"] = (
                 results[variant]["tokens_per_s"] / trl["tokens_per_s"]
             )
+            paired[variant] = [
+                ours / theirs
+                for ours, theirs in zip(
+                    results[variant]["tokens_per_s_rounds"], trl["tokens_per_s_rounds"]
+                )
+            ]
             ratios[f"{variant} vs trl_gkd val_loss relative difference"] = (
                 results[variant]["val_loss"] - trl["val_loss"]
             ) / trl["val_loss"]
@@ -527,6 +559,9 @@ def main() -> None:
         for name, value in ratios.items():
             shown = f"{100 * value:+.3f} %" if "relative" in name else f"{value:.3f}"
             print(f"- {name}: {shown}")
+        for variant, values in paired.items():
+            shown = ", ".join(f"{v:.3f}" for v in values)
+            print(f"- {variant}/trl_gkd tokens_per_s, round by round: {shown}")
     if args.json:
         from importlib.metadata import version
 
@@ -540,6 +575,7 @@ def main() -> None:
                 "top_k": args.top_k,
                 "seed": args.seed,
                 "threads": threads,
+                "rounds": args.rounds,
                 "train_sequences": len(setup.train),
                 "val_sequences": len(data.val),
             },
@@ -547,6 +583,7 @@ def main() -> None:
             "initial_student_val_loss": initial_loss,
             "results": results,
             "ratios": ratios,
+            "ratios_by_round": paired,
             "versions": {
                 "kdistill": kdistill.__version__,
                 "torch": torch.__version__,
