@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -46,12 +47,29 @@ SPLIT_SENTENCE = (
     "character position, never trained on. Loss in nats per token; bits per character "
     "= summed loss / (characters · ln 2), comparable across tokenizers."
 )
+PAIRS_SPLIT_SENTENCE = (
+    "Measured on the validation pairs (data.pairs.val, else data.val_fraction of the "
+    "training pairs drawn at random), completion tokens only. Loss in nats per token; bits "
+    "per character = summed loss / (characters of the completions · ln 2), comparable "
+    "across tokenizers."
+)
+
+
+def _split_sentence(run_dir: Path) -> str:
+    """What the validation numbers were measured on, from the run's recipe."""
+    try:
+        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return SPLIT_SENTENCE
+    data = recipe.get("data") if isinstance(recipe, dict) else None
+    return PAIRS_SPLIT_SENTENCE if isinstance(data, dict) and data.get("pairs") else SPLIT_SENTENCE
 
 
 def collect_lm(run_dir: str | Path) -> dict[str, Any]:
     """collect()'s aggregates plus `gap_recovered` (and `_best`) on validation loss."""
     results = collect(run_dir)
     results["task"] = "causal_lm"
+    results["split_sentence"] = _split_sentence(Path(run_dir))
     for suffix, pick in (("", _last), ("_best", _best)):
         gap, note = _gap(results["stages"], pick)
         results[f"gap_recovered{suffix}"] = gap
@@ -130,7 +148,8 @@ def render_lm_markdown(results: dict[str, Any]) -> str:
     lines += markdown_table(COLUMNS, table_rows(results))
     lines += [
         "",
-        "Mean ± sample standard deviation over seeds (value alone for one seed). " + SPLIT_SENTENCE,
+        "Mean ± sample standard deviation over seeds (value alone for one seed). "
+        + results.get("split_sentence", SPLIT_SENTENCE),
         "Latency: median wall time of the Hugging Face forward pass (logits included) on a "
         "batch of validation sequences, per token.",
         "",
@@ -176,7 +195,10 @@ def write_lm_report(run_dir: str | Path) -> dict[str, Any]:
 
 
 def print_lm_table(results: dict[str, Any], console: Console) -> None:
-    table = Table(title=f"Results: {results['recipe'] or 'unnamed recipe'}", caption=SPLIT_SENTENCE)
+    table = Table(
+        title=f"Results: {results['recipe'] or 'unnamed recipe'}",
+        caption=results.get("split_sentence", SPLIT_SENTENCE),
+    )
     for i, column in enumerate(COLUMNS):
         table.add_column(column, justify="left" if i == 0 else "right")
     for row in table_rows(results):
