@@ -4,6 +4,9 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
+
+from kdistill.cli import main
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +48,29 @@ def tiny_recipe(**changes: object) -> dict:
 def tiny(shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
     monkeypatch.setenv("KDISTILL_DATA", str(shared_data))
     return tiny_recipe()
+
+
+# ------------------------------------------------------------ recipe files and the CLI
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    """Write a recipe dict as YAML; returns the path."""
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run_cli(recipe: Path, out: Path, *flags: str) -> int:
+    """`kdistill run RECIPE --output-dir OUT --quiet FLAGS...`: the exit code."""
+    return main(["run", str(recipe), "--output-dir", str(out), "--quiet", *flags])
+
+
+def fails_cleanly(capsys: pytest.CaptureFixture[str], argv: list[str], *needles: str) -> str:
+    """The CLI exits 2 with no traceback and every needle in its (whitespace-folded) stderr."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    flat = " ".join(err.split())
+    for needle in needles:
+        assert needle in flat, flat
+    return flat

@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
+from conftest import fails_cleanly as _fails
+from conftest import run_cli as _run
+from conftest import write_recipe as _write
 
 from kdistill.checkpoint import load_weights
-from kdistill.cli import main
 from kdistill.data.lm_text import IGNORE_INDEX, dataset_fingerprint, load_tokenizer
 from kdistill.lm.data import LMData, build_lm_data
 from kdistill.lm.models import EOS_TOKEN, build_causal_lm
@@ -83,26 +84,6 @@ def pairs_recipe(folder: Path, **changes: Any) -> dict[str, Any]:
     }
     recipe.update(changes)
     return recipe
-
-
-def _write(path: Path, recipe: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-def _run(recipe: Path, out: Path, *flags: str) -> int:
-    return main(["run", str(recipe), "--output-dir", str(out), "--quiet", *flags])
-
-
-def _fails(capsys: pytest.CaptureFixture[str], argv: list[str], *needles: str) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    flat = " ".join(err.split())
-    for needle in needles:
-        assert needle in flat, flat
-    return flat
 
 
 def _data(folder: Path, data: dict[str, Any]) -> LMData:

@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from accelerate import Accelerator
+from conftest import fails_cleanly as _fails
+from conftest import run_cli as _run
+from conftest import write_recipe as _write
 from safetensors.torch import load_file
 
 from kdistill.cli import main
@@ -62,15 +64,6 @@ def tiny_lm_recipe(**changes: Any) -> dict[str, Any]:
     }
     recipe.update(changes)
     return recipe
-
-
-def _write(path: Path, recipe: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-def _run(recipe: Path, out: Path, *flags: str) -> int:
-    return main(["run", str(recipe), "--output-dir", str(out), "--quiet", *flags])
 
 
 @pytest.fixture(scope="module")
@@ -375,17 +368,6 @@ def test_count_characters_of_labels_matches_text(finished: Path) -> None:
 
 
 # ---------------------------------------------------------------- bad inputs
-
-
-def _fails(capsys: pytest.CaptureFixture[str], argv: list[str], *needles: str) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    flat = " ".join(err.split())
-    for needle in needles:
-        assert needle in flat, flat
-    return flat
 
 
 def test_teacher_with_another_tokenizer_is_refused(

@@ -14,14 +14,15 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 from accelerate import Accelerator
+from conftest import fails_cleanly as _fails
+from conftest import run_cli as _run
+from conftest import write_recipe as _write
 from tokenizers import Tokenizer
 
 import kdistill.lm.seqkd as seqkd_module
 import kdistill.lm.train as lm_train
 from kdistill.checkpoint import load_weights
-from kdistill.cli import main
 from kdistill.data.lm_text import IGNORE_INDEX, load_tokenizer, tokenizer_fingerprint
 from kdistill.errors import DataError, TrainingError
 from kdistill.lm import LMObjective, fit_lm
@@ -72,26 +73,6 @@ def seqkd_recipe(teacher_run: Path, **changes: Any) -> dict[str, Any]:
     }
     recipe.update(changes)
     return recipe
-
-
-def _write(path: Path, recipe: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-def _run(recipe: Path, out: Path, *flags: str) -> int:
-    return main(["run", str(recipe), "--output-dir", str(out), "--quiet", *flags])
-
-
-def _fails(capsys: pytest.CaptureFixture[str], argv: list[str], *needles: str) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    flat = " ".join(err.split())
-    for needle in needles:
-        assert needle in flat, flat
-    return flat
 
 
 @pytest.fixture(scope="module")

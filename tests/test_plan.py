@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import yaml
 from conftest import tiny_recipe
+from conftest import write_recipe as _write
 
 import kdistill
 import kdistill.plan as planning
@@ -43,11 +43,6 @@ TINY_SHAKESPEARE = [
 @pytest.fixture()
 def data_env(shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KDISTILL_DATA", str(shared_data))
-
-
-def _write(path: Path, recipe: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(recipe))
-    return path
 
 
 # ------------------------------------------------------------------ end to end
