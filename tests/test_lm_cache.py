@@ -1,12 +1,16 @@
 """lm_cache: the offline top-k teacher cache: round trip, sizes, resume after a kill,
-and the refusals (stale spec, truncated or corrupted shard, incomplete cache)."""
+and the refusals (stale spec, truncated or corrupted shard, incomplete cache), for
+the exact encoding and the compact one (bit-packed ids, 8-bit knots)."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import math
 import pickle
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,7 +23,10 @@ from kdistill.lm_cache import (
     bytes_per_token,
     dense_bytes_per_token,
     open_topk_cache,
+    pack_bits,
     teacher_topk,
+    topk_bytes_per_token,
+    unpack_bits,
     write_topk_cache,
 )
 
@@ -151,7 +158,16 @@ def test_manifest_records_spec_and_shards(written) -> None:
     folder, spec, _, _ = written
     manifest = json.loads((folder / "manifest.json").read_text())
     for field, value in dataclasses.asdict(spec).items():
-        assert manifest[field] == value
+        if field != "encoding":
+            assert manifest[field] == value
+    # the exact encoding's manifest is the one written before the compact encoding existed
+    assert manifest["encoding"] == {
+        "tail_mass": "float32",
+        "logprobs": "float16",
+        "ids": "uint16",
+        "byte_order": "little",
+        "shard_layout": "tail_mass (n, T), logprobs (n, T, k), ids (n, T, k), back to back",
+    }
     assert manifest["complete"] is True and manifest["sequences_written"] == N
     assert [(s["start"], s["stop"]) for s in manifest["shards"]] == [
         (0, 3),
@@ -174,8 +190,9 @@ def test_cache_pickles_without_its_memory_maps(written) -> None:
 # ----------------------------------------------------------------------------- resume
 
 
-def test_resume_after_kill_equals_uninterrupted_write(tmp_path: Path) -> None:
-    spec = make_spec()
+@pytest.mark.parametrize("encoding", ["exact", "compact"])
+def test_resume_after_kill_equals_uninterrupted_write(tmp_path: Path, encoding: str) -> None:
+    spec = make_spec(encoding=encoding, k=16)
     ids, logprobs = teacher_outputs(spec)
     reference = tmp_path / "reference"
     write_topk_cache(reference, spec, batches(ids, logprobs, [10]), shard_size_sequences=4)
@@ -209,8 +226,9 @@ def test_resume_after_kill_equals_uninterrupted_write(tmp_path: Path) -> None:
     assert all(torch.equal(a, b) for a, b in zip(resumed.get(range(N)), original.get(range(N))))
 
 
-def test_resume_replays_from_zero_and_redoes_a_damaged_shard(tmp_path: Path) -> None:
-    spec = make_spec()
+@pytest.mark.parametrize("encoding", ["exact", "compact"])
+def test_resume_replays_from_zero_and_redoes_a_damaged_shard(tmp_path: Path, encoding: str) -> None:
+    spec = make_spec(encoding=encoding, k=16)
     ids, logprobs = teacher_outputs(spec)
     folder = tmp_path / "cache"
     with TopKCacheWriter(folder, spec, shard_size_sequences=3) as writer:
@@ -258,6 +276,7 @@ STALE = {
     "seq_len": 12,
     "num_sequences": 20,
     "vocab_size": 301,
+    "encoding": "compact",
 }
 
 
@@ -269,7 +288,10 @@ def test_stale_field_is_refused(written, field: str) -> None:
         open_topk_cache(folder, expect=expect)
     message = str(info.value)
     stored = getattr(spec, field)
-    shown = (lambda v: v[:12] + "…") if isinstance(stored, str) else repr
+
+    def shown(value: object) -> str:  # fingerprints are shortened, other values are not
+        return value[:12] + "…" if isinstance(value, str) and len(value) > 16 else repr(value)
+
     for fragment in [
         f"top-k teacher cache {folder} is stale",
         f"{field}: expected {shown(STALE[field])}, found {shown(stored)}",
@@ -309,8 +331,12 @@ def test_truncated_shard_is_refused(written) -> None:
         open_topk_cache(folder, expect=spec, verify="size")
 
 
-def test_corrupted_byte_is_refused_by_full_verify(written) -> None:
-    folder, spec, _, _ = written
+@pytest.mark.parametrize("encoding", ["exact", "compact"])
+def test_corrupted_byte_is_refused_by_full_verify(tmp_path: Path, encoding: str) -> None:
+    spec = make_spec(encoding=encoding)
+    ids, logprobs = teacher_outputs(spec)
+    folder = tmp_path / "cache"
+    write_topk_cache(folder, spec, batches(ids, logprobs, [10]), shard_size_sequences=3)
     shard = folder / "shard-0000000006.bin"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01
@@ -408,3 +434,202 @@ def test_float16_keeps_minus_infinity(tmp_path: Path) -> None:
     assert torch.equal(cache.get([0])[1], logprobs)
     assert torch.equal(cache.tail_mass([0]), torch.zeros(1, T))
     assert np.isfinite(cache.tail_mass([0]).numpy()).all()
+
+
+# ----------------------------------------------------------------------------- compact encoding
+
+
+def naive_pack(row: list[int], bits: int) -> bytes:
+    """Value j in bits [j·bits, (j+1)·bits) of one little-endian integer."""
+    whole = sum(value << (j * bits) for j, value in enumerate(row))
+    return whole.to_bytes(-(-len(row) * bits // 8), "little")
+
+
+@pytest.mark.parametrize("vocab_size", [2, 3, 255, 256, 257, 2048, 50257, 65536, 65537, 1 << 24])
+def test_pack_bits_matches_naive_reference_and_round_trips(vocab_size: int) -> None:
+    bits = math.ceil(math.log2(vocab_size))  # 1, 2, 8, 8, 9, 11, 16, 16, 17, 24
+    generator = np.random.default_rng(vocab_size)
+    for count in (1, 7, 13, 64):
+        ids = generator.integers(0, vocab_size, size=(3, 2, count))
+        ids[0, 0, 0], ids[2, 1, -1] = vocab_size - 1, 0  # the largest id and the smallest
+        packed = pack_bits(ids, bits)
+        assert packed.dtype == np.uint8 and packed.shape == (3, 2, math.ceil(count * bits / 8))
+        for row, stored in zip(ids.reshape(-1, count), packed.reshape(6, -1)):
+            assert stored.tobytes() == naive_pack(row.tolist(), bits)
+        assert np.array_equal(unpack_bits(packed, bits, count), ids)
+
+
+def test_compact_bytes_per_token_as_documented(tmp_path: Path) -> None:
+    def compact(k: int, vocab_size: int) -> int:
+        bits = math.ceil(math.log2(vocab_size))
+        return 4 + 2 * 3 + 2 + math.ceil(k / 4) + math.ceil(k * bits / 8)
+
+    table = {(64, 2048): (260, 116), (64, 50257): (260, 156)}
+    table |= {(128, 2048): (516, 220), (128, 50257): (516, 300)}
+    for (k, vocab_size), (exact_size, compact_size) in table.items():
+        assert topk_bytes_per_token(k, vocab_size) == exact_size
+        assert topk_bytes_per_token(k, vocab_size, "compact") == compact_size
+        assert compact(k, vocab_size) == compact_size
+    # the files hold exactly that
+    spec = make_spec(encoding="compact", k=32)
+    ids, logprobs = teacher_outputs(spec)
+    write_topk_cache(tmp_path / "c", spec, [(0, ids, logprobs)], shard_size_sequences=4)
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert bytes_per_token(manifest) == manifest["bytes_per_token"] == compact(32, V) == 56
+    total = sum(p.stat().st_size for p in (tmp_path / "c").glob("shard-*.bin"))
+    assert total == N * T * 56  # 4 + 2·3 + 2 + 8 knots + 32 ids of 9 bits
+
+
+def documented_bound(exact: torch.Tensor, manifest: dict) -> torch.Tensor:
+    """The module docstring's bound on sum_r |p̂_r - p_r| per position, from the exact
+    sorted log-probs (N, T, k) float64 and the knot ranks the manifest records."""
+    k, e = exact.shape[-1], manifest["encoding"]["exact_ranks"]
+    p = exact.exp()
+    error = (p * torch.expm1(exact.abs() * 2**-11))[..., :e].sum(-1)  # float16 ranks
+    high, low = exact[..., e - 1], exact[..., -1]
+    delta = (high - low) / 510 + 2**-10 * torch.maximum(high.abs(), low.abs())  # (N, T)
+    anchors = [e - 1, *manifest["encoding"]["knot_ranks"], k - 1]
+    for rank in anchors[1:]:
+        error += p[..., rank] * torch.expm1(delta)
+    for a, b in itertools.pairwise(anchors):  # b - a - 1 ranks in between
+        error += (b - a - 1) * ((exact[..., a] + delta).exp() - (exact[..., b] - delta).exp())
+    return 2 * error  # renormalising at most doubles it
+
+
+def test_compact_round_trip_within_documented_bound(tmp_path: Path) -> None:
+    spec = make_spec(encoding="compact", k=48, vocab_size=5000)
+    ids, logprobs = teacher_outputs(spec)  # largest first, spread over < 20 nats
+    shuffle = torch.randperm(spec.k, generator=torch.Generator().manual_seed(2))
+    write_topk_cache(  # the writer sorts the entries, keeping each id with its log-prob
+        tmp_path / "c", spec, [(0, ids[..., shuffle], logprobs[..., shuffle].float())]
+    )
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    cache = open_topk_cache(tmp_path / "c", expect=spec)
+    got_ids, got_logprobs = cache.get(range(N))
+    assert got_ids.dtype == torch.long and got_logprobs.dtype == torch.float32
+    assert torch.equal(got_ids, ids)
+    exact = logprobs.float().double()
+    error = (got_logprobs.double().exp() - exact.exp()).abs().sum(-1)  # (N, T)
+    bound = documented_bound(exact, manifest)
+    assert (error <= bound + 1e-6).all()
+    assert 1e-4 < error.mean() < 0.02  # quantised, but close
+    # the first ranks are float16, as in the exact encoding, up to the renormalisation
+    shift = (got_logprobs.double() - exact)[..., :3] - (exact.half().double() - exact)[..., :3]
+    assert (shift - shift[..., :1]).abs().max() < 1e-5
+    # the tail is exact; the decoded probabilities fill the rest, and none exceeds 1
+    tail = cache.tail_mass(range(N)).double()
+    assert torch.allclose(tail, 1 - exact.exp().sum(-1), atol=1e-7, rtol=0)
+    assert ((got_logprobs.double().exp().sum(-1) + tail - 1).abs() < 1e-6).all()
+    assert (got_logprobs <= 0).all()
+    # the same sequences in another order, across shards
+    index = torch.tensor([9, 0, 4, 4])
+    assert torch.equal(cache.get(index)[1], got_logprobs[index])
+
+
+def test_compact_decodes_anchors_to_their_quantised_values(tmp_path: Path) -> None:
+    """Log-probs linear in log(rank + 1) (Zipf) are what the interpolation assumes:
+    every rank decodes within half a code step (plus float16) of the truth."""
+    spec = make_spec(encoding="compact", k=64, vocab_size=5000, num_sequences=1, seq_len=1)
+    ranks = torch.arange(64, dtype=torch.float64)
+    zipf = -1.5 * torch.log1p(ranks)
+    logprobs = zipf - zipf.logsumexp(0) + math.log(0.9)  # top-k mass 0.9
+    ids = torch.randperm(5000, generator=torch.Generator().manual_seed(3))[:64]
+    write_topk_cache(tmp_path / "c", spec, [(0, ids.view(1, 1, 64), logprobs.view(1, 1, 64))])
+    got = open_topk_cache(tmp_path / "c", expect=spec).get([0])[1].double().view(64)
+    step = float(logprobs[2] - logprobs[-1]) / 255
+    assert (got - logprobs).abs().max() < step / 2 + 2e-3
+    assert abs(got.exp().sum() - 0.9) < 1e-6
+
+
+def test_compact_keeps_minus_infinity_as_zero_probability(tmp_path: Path) -> None:
+    """Padding rows with -inf logits in the top k of a tiny vocabulary: ranks at -inf
+    from rank 2 on stay -inf; later ones decode to at most e^-20 of rank 2's probability."""
+    spec = make_spec(encoding="compact", num_sequences=2, k=8, vocab_size=8)
+    minus_inf = float("-inf")
+    rows = [
+        [math.log(0.5), math.log(0.5)] + [minus_inf] * 6,
+        [math.log(0.4)] * 2 + [math.log(0.2), minus_inf] + [minus_inf] * 4,
+    ]
+    logprobs = torch.tensor(rows, dtype=torch.float64).view(2, 1, 8).expand(2, T, 8)
+    ids = torch.arange(8).expand(2, T, 8)
+    write_topk_cache(tmp_path / "c", spec, [(0, ids, logprobs)])
+    cache = open_topk_cache(tmp_path / "c", expect=spec)
+    got_ids, got = cache.get([0, 1])
+    assert torch.equal(got_ids, ids)
+    assert not got.isnan().any() and (got <= 0).all()
+    assert torch.equal(got[0, :, 2:], torch.full((T, 6), minus_inf))
+    assert torch.allclose(got[..., :3].double().exp(), logprobs[..., :3].exp(), atol=1e-3)
+    assert (got[1, :, 3:].double().exp() <= 0.2 * math.exp(-20) * 1.01).all()
+    assert torch.equal(cache.tail_mass([0, 1]), torch.zeros(2, T))
+
+
+def test_exact_shard_bytes_are_unchanged(written) -> None:
+    """The exact encoding's shard is tail float32, log-probs float16, ids uint16, as before."""
+    folder, _, ids, logprobs = written
+    tail = (1 - logprobs.double().exp().sum(-1)).clamp(0, 1)
+    expected = b"".join(
+        array[:3].numpy().astype(dtype).tobytes()
+        for array, dtype in [(tail, "<f4"), (logprobs.double(), "<f2"), (ids, "<u2")]
+    )
+    assert (folder / "shard-0000000000.bin").read_bytes() == expected
+
+
+def test_encoding_mismatch_is_refused(written, tmp_path: Path) -> None:
+    folder, spec, ids, logprobs = written
+    compact = dataclasses.replace(spec, encoding="compact")
+    with pytest.raises(CacheError) as info:
+        open_topk_cache(folder, expect=compact)
+    assert "is stale: encoding: expected 'compact', found 'exact'" in str(info.value)
+    with pytest.raises(CacheError, match=r"cannot resume .*encoding: expected 'compact'"):
+        TopKCacheWriter(folder, compact, resume=True)
+    write_topk_cache(tmp_path / "compact", compact, [(0, ids, logprobs)])
+    with pytest.raises(CacheError, match=r"encoding: expected 'exact', found 'compact'"):
+        open_topk_cache(tmp_path / "compact", expect=spec)
+    # a compact manifest whose layout is not this version's is refused
+    manifest = json.loads((tmp_path / "compact" / "manifest.json").read_text())
+    manifest["encoding"]["clip_nats"] = 30.0
+    (tmp_path / "compact" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match=r"uses the encoding .*this version of kdistill reads"):
+        open_topk_cache(tmp_path / "compact", expect=compact)
+    with pytest.raises(CacheError, match=r"encoding must be one of \['exact', 'compact'\]"):
+        make_spec(encoding="bits")
+
+
+def test_compact_truncated_shard_is_refused(tmp_path: Path) -> None:
+    spec = make_spec(encoding="compact")
+    ids, logprobs = teacher_outputs(spec)
+    write_topk_cache(tmp_path / "c", spec, [(0, ids, logprobs)], shard_size_sequences=4)
+    shard = tmp_path / "c" / "shard-0000000004.bin"
+    shard.write_bytes(shard.read_bytes()[:-1])
+    expected = 4 * T * topk_bytes_per_token(K, V, "compact")
+    with pytest.raises(CacheError, match=rf"has {expected - 1} bytes, expected {expected}"):
+        open_topk_cache(tmp_path / "c", expect=spec, verify="size")
+
+
+def test_recipe_encoding_reaches_the_cache_spec_and_the_plan() -> None:
+    """teacher.cache.encoding flows into cache_spec (the cache a run writes and expects)
+    and into the plan's size estimate."""
+    import kdistill
+    from kdistill.errors import RecipeError
+    from kdistill.lm.pipeline import cache_spec
+    from kdistill.plan import lm_cache_size
+
+    data = SimpleNamespace(  # what cache_spec and lm_cache_size read of LMData
+        seq_len=128,
+        train=torch.zeros(10, 129),
+        vocab_size=50257,
+        tokenizer_fingerprint="t" * 64,
+        fingerprint="d" * 64,
+    )
+    name = "shakespeare_gpt_small_from_gpt"
+    for encoding, per_token in [("exact", 516), ("compact", 300)]:
+        recipe = kdistill.load_recipe(
+            name, ["teacher.cache.top_k=128", f"teacher.cache.encoding={encoding}"]
+        )
+        assert cache_spec(recipe, data, "0" * 64).encoding == encoding
+        size = lm_cache_size(recipe, data)
+        assert size.bytes == per_token * 10 * 128
+    assert size.detail.startswith("300 bytes/token (top 128, compact)")
+    assert kdistill.load_recipe(name).teacher.cache.encoding == "exact"  # the default
+    with pytest.raises(RecipeError, match=r"teacher.cache.encoding: Input should be 'exact'"):
+        kdistill.load_recipe(name, ["teacher.cache.encoding=bits"])

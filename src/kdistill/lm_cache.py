@@ -12,24 +12,77 @@ Folder layout:
     shard-0000000000.bin        sequences [0, shard_size)
     shard-0000000256.bin        ...
 
-A shard of n sequences of T positions is three little-endian arrays back to back:
+A shard of n sequences of T positions is little-endian arrays back to back, of a
+fixed size per position, so a sequence is read in place from a memory map. Two
+encodings (TopKCacheSpec.encoding; recipe key teacher.cache.encoding):
+
+exact (the default):
     tail_mass  (n, T)     float32   1 - sum of the top-k probabilities, computed in
                                     float64 from the log-probs as given (before rounding)
     logprobs   (n, T, k)  float16   the top-k log-probabilities, in the order given
     ids        (n, T, k)  uint8, uint16 or 3-byte uint24: the narrowest that holds
                                     vocab_size - 1
 
-Size: 4 + k · (2 + id bytes) bytes per token. With uint16 ids (vocab ≤ 65,536):
-260 B at k=64 and 516 B at k=128, against 100,514 B for dense float16 logits of a
-50,257-token vocabulary (0.26% and 0.51%). The ids are most of it (2 of every
-4 bytes per entry); DistillKit's ~300 B at k=128 packs ids into 17 bits and
-approximates most log-probs with a fitted curve, which this format does not do.
+compact (entries sorted by log-prob, largest first, ids kept aligned):
+    tail_mass  (n, T)     float32   as above, from the exact log-probs
+    exact      (n, T, e)  float16   the log-probs of ranks 0 .. e-1, e = min(3, k)
+    low        (n, T)     float16   rank k-1: max(log p_{k-1}, log p_{e-1} - 20), so the
+                                    quantised range spans at most 20 nats (absent if k <= e)
+    knots      (n, T, m)  uint8     ranks r_1 < ... < r_m (m = min(ceil(k/4), k-e-1)):
+                                    code c is the value high - c/255 (high - low), with
+                                    high the stored log p_{e-1}
+    ids        (n, T, ceil(k b / 8)) uint8: the k ids at b = ceil(log2 vocab_size) bits
+                                    each, id j in bits [j b, (j+1) b) of the row
+    The knots are every rank from e on, then spaced geometrically up to k-1 (sorted
+    log-probs are rough at single ranks, where consecutive gaps are random, and
+    smooth over many ranks). The ranks between two stored ranks ("anchors") are
+    interpolated linearly in log(rank + 1). The reader then renormalises: it adds
+    one constant to all k log-probs so that their probabilities sum to 1 - tail_mass
+    (so the tail bucket a loss rebuilds from them, 1 - sum p, is the stored one) and
+    clamps them at 0. Each shard is checked against the layout in the manifest.
 
-Precision: float16 rounds log p to a relative 2^-11, so each stored probability
-is within a factor exp(±2^-11 · |log p|) of the teacher's and the summed absolute
-error over the top k is at most about 2^-11 · sum_j p_j |log p_j| (≈ 3e-4 on
-typical distributions). A one-byte log-prob code would save a quarter of the
-bytes at k=128 (ids stay) for ~6× that error, so it is not offered.
+Size per token: exact 4 + k (2 + id bytes); compact 4 + 2e + 2 + m + ceil(k b / 8),
+see `topk_bytes_per_token`. Against 100,514 B for dense float16 logits of a
+50,257-token vocabulary:
+
+    k     vocab    exact  compact
+    64    2,048    260    116
+    64    50,257   260    156
+    128   2,048    516    220
+    128   50,257   516    300    (DistillKit: ~300 B at k = 128)
+
+The ids are most of a compact cache (256 of 300 B at k = 128, vocabulary 50,257):
+the log-probs of 128 entries take 40 B, about 2.5 bits each.
+
+Precision, exact: float16 rounds log p to a relative 2^-11, so each stored
+probability is within a factor exp(±2^-11 · |log p|) of the teacher's and the summed
+absolute error over the top k is at most about 2^-11 · sum_j p_j |log p_j| (≈ 3e-4
+on typical distributions).
+
+Precision, compact: ranks 0 .. e-1 as exact. A rank r between anchors a < r < b has
+log p_b <= log p_r <= log p_a (the entries are sorted), and its decoded value lies in
+the same bracket widened by the code rounding δ <= (high - low)/510 <= 0.04 nats
+(plus the float16 rounding of high and low), so before renormalising
+|p̂_r - p_r| <= p_a e^δ - p_b e^-δ; anchors are within a factor e^±δ. Renormalising
+moves at most as much mass as the decoding error, so it at most doubles the summed
+error. Values more than 20 nats below rank e-1 (including -inf) decode as about
+log p_{e-1} - 20 (together < k e^-20 p_{e-1}). Measured by
+benchmarks/cache_encoding.py, per position, the sum over the top k of |p̂ - p| on
+average (worst) and KL(exact top-k and tail buckets ‖ decoded) on average:
+
+    distribution                          k     compact                   exact
+    GPT-2 teacher of shakespeare_gpt_     128   4.9e-3 (1.1e-2), 5.9e-5   5.5e-4, 3.5e-7
+      small_from_gpt, vocab 2,048, T = 1  64    6.4e-3 (2.3e-2), 1.4e-4   4.4e-4, 2.6e-7
+    logits ~ N(0, 3²), vocab 50,257       128   3.5e-3 (5.5e-3), 3.9e-5   4.5e-4, 2.7e-7
+                                          64    4.8e-3 (8.9e-3), 9.6e-5   3.6e-4, 2.1e-7
+
+So compact moves about 0.5% of the probability, ten times what float16 rounding
+does. Most of it is the interpolation (single ranks are rough): 16-bit knot codes
+would only remove a tenth of it. Other layouts of the same 40 B at k = 128 measured
+worse on the shakespeare teacher: 8 exact ranks and fewer knots 6e-3; a least-squares
+polynomial in the rank (float32 coefficients, DistillKit's approach without its
+residuals) 1.4e-2 at best; a per-position affine range with 1-bit codes (all that
+fits) 0.3. Decoding takes 2 to 4 µs per token on one CPU core (numpy).
 
 Crash safety: each shard is written to `<name>.tmp`, fsynced, renamed, and only
 then recorded in the manifest (rewritten atomically). A killed job leaves at
@@ -39,6 +92,7 @@ resume=True)` verifies the recorded shards and continues after the last one.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -62,6 +116,12 @@ LOGPROB_DTYPE = "float16"
 TAIL_DTYPE = "float32"
 _ID_DTYPES = {1: "uint8", 2: "uint16", 3: "uint24"}
 _MAX_VOCAB = 1 << 24
+ENCODINGS = ("exact", "compact")
+# compact: ranks kept in float16, knot code width, widest quantised range (nats)
+COMPACT_EXACT_RANKS = 3
+COMPACT_CODE_LEVELS = 255
+COMPACT_CLIP_NATS = 20.0
+_FLOAT16_LOWEST = float(np.finfo(np.float16).min)
 # log-probs a little above 0 or top-k masses a little above 1 are float rounding
 _LOGPROB_SLACK = 1e-4
 _MASS_SLACK = 1e-3
@@ -79,6 +139,8 @@ class TopKCacheSpec:
     k: entries kept per position. temperature: T in log_softmax(z / T).
     seq_len: positions per sequence. num_sequences: sequences in the dataset.
     vocab_size: the teacher's output size; ids are below it.
+    encoding: "exact" (float16 log-probs, byte-aligned ids) or "compact" (ids at
+    ceil(log2 vocab_size) bits, most log-probs as 8-bit knots); see the module docstring.
     """
 
     teacher: str
@@ -89,6 +151,7 @@ class TopKCacheSpec:
     seq_len: int
     num_sequences: int
     vocab_size: int
+    encoding: Literal["exact", "compact"] = "exact"
 
     def __post_init__(self) -> None:
         problems = [
@@ -118,6 +181,8 @@ class TopKCacheSpec:
             or temperature <= 0
         ):
             problems.append(f"temperature must be a finite number > 0, got {temperature!r}")
+        if self.encoding not in ENCODINGS:
+            problems.append(f"encoding must be one of {list(ENCODINGS)}, got {self.encoding!r}")
         if problems:
             raise CacheError("invalid top-k cache spec: " + "; ".join(problems))
 
@@ -128,8 +193,22 @@ class TopKCacheSpec:
 
 def bytes_per_token(manifest: dict[str, Any]) -> int:
     """Bytes the cache described by `manifest` stores per token (per position)."""
-    id_bytes = {name: size for size, name in _ID_DTYPES.items()}[manifest["encoding"]["ids"]]
+    encoding = manifest["encoding"]
+    if encoding.get("name", "exact") == "compact":
+        return topk_bytes_per_token(manifest["k"], manifest["vocab_size"], "compact")
+    id_bytes = {name: size for size, name in _ID_DTYPES.items()}[encoding["ids"]]
     return _bytes_per_token(manifest["k"], id_bytes)
+
+
+def topk_bytes_per_token(k: int, vocab_size: int, encoding: str = "exact") -> int:
+    """Bytes per token (per position) of a top-k cache in `encoding` ("exact" or
+    "compact"), e.g. 516 and 300 at k = 128 over 50,257 tokens."""
+    if encoding == "compact":
+        return _compact_layout(k, vocab_size).bytes_per_token
+    if encoding != "exact":
+        raise CacheError(f"encoding must be one of {list(ENCODINGS)}; got {encoding!r}")
+    id_bytes = 1 if vocab_size <= 1 << 8 else 2 if vocab_size <= 1 << 16 else 3
+    return _bytes_per_token(k, id_bytes)
 
 
 def dense_bytes_per_token(vocab_size: int, dtype: torch.dtype = torch.float16) -> int:
@@ -168,7 +247,8 @@ class TopKCacheWriter:
 
     Give batches in sequence order with `add(start, ids, logprobs)`; sequences
     before `next_sequence` (already stored) are skipped, so after a resume the
-    teacher can start at `next_sequence` or replay from 0. Every
+    teacher can start at `next_sequence` or replay from 0. The compact encoding
+    sorts each position's entries by log-prob (largest first) before storing them. Every
     `shard_size_sequences` sequences become one shard on disk; `close()` (or
     leaving a `with` block) writes the rest and returns the manifest.
     """
@@ -193,7 +273,7 @@ class TopKCacheWriter:
         self.folder = Path(folder)
         self.spec = spec
         self.shard_size_sequences = shard_size_sequences
-        self._buffer: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._buffer: list[tuple[np.ndarray, ...]] = []
         self._buffered = 0
         self._closed = False
         if (self.folder / MANIFEST).exists():
@@ -255,14 +335,19 @@ class TopKCacheWriter:
             )
         self._check_values(start, ids, logprobs)
         logprobs64 = logprobs.double()
-        tail = (1 - logprobs64.exp().sum(-1)).clamp(0, 1)  # (n, T)
-        self._buffer.append(
-            (
-                tail.numpy().astype("<f4"),
+        tail = (1 - logprobs64.exp().sum(-1)).clamp(0, 1).numpy().astype("<f4")  # (n, T)
+        if spec.encoding == "compact":
+            logprobs64, order = logprobs64.sort(dim=-1, descending=True, stable=True)
+            ids = ids.long().gather(-1, order)
+            layout = _compact_layout(spec.k, spec.vocab_size)
+            arrays = (tail, *_encode_compact(logprobs64.numpy(), ids.numpy(), layout))
+        else:
+            arrays = (
+                tail,
                 logprobs64.numpy().astype("<f2"),
                 _encode_ids(ids.numpy(), spec.id_bytes),
             )
-        )
+        self._buffer.append(arrays)
         self._buffered += len(ids)
         while self._buffered >= self.shard_size_sequences:
             self._flush(self.shard_size_sequences)
@@ -310,11 +395,11 @@ class TopKCacheWriter:
             )
 
     def _flush(self, count: int) -> None:
-        tail, logprobs, ids = (np.concatenate(parts) for parts in zip(*self._buffer))
+        arrays = [np.concatenate(parts) for parts in zip(*self._buffer)]
         start = self.manifest["sequences_written"]
-        self._write_shard(start, [tail[:count], logprobs[:count], ids[:count]])
-        rest = len(tail) - count
-        self._buffer = [(tail[count:], logprobs[count:], ids[count:])] if rest else []
+        self._write_shard(start, [array[:count] for array in arrays])
+        rest = len(arrays[0]) - count
+        self._buffer = [tuple(array[count:] for array in arrays)] if rest else []
         self._buffered = rest
 
     def _write_shard(self, start: int, arrays: list[np.ndarray]) -> None:
@@ -424,13 +509,14 @@ class TopKCache:
         self.manifest = manifest
         self.spec = spec
         self._starts = np.array([s["start"] for s in manifest["shards"]], dtype=np.int64)
-        self._maps: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._maps: dict[int, dict[str, np.ndarray]] = {}
 
     def __len__(self) -> int:
         return self.spec.num_sequences
 
     def get(self, sequence_indices: Sequence[int] | Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
-        """ids (n, T, k) int64 and logprobs (n, T, k) float32 of the given sequences."""
+        """ids (n, T, k) int64 and logprobs (n, T, k) float32 of the given sequences (in
+        either encoding; compact entries come largest first, decoded and renormalised)."""
         index, shard_of = self._locate(sequence_indices)
         n, spec = len(index), self.spec
         ids = np.empty((n, spec.seq_len, spec.k), dtype=np.int64)
@@ -438,9 +524,15 @@ class TopKCache:
         for shard in np.unique(shard_of):
             rows = shard_of == shard
             local = index[rows] - self._starts[shard]
-            _, shard_logprobs, shard_ids = self._arrays(int(shard))
-            logprobs[rows] = shard_logprobs[local]
-            ids[rows] = _decode_ids(shard_ids[local], spec.id_bytes)
+            arrays = self._arrays(int(shard))
+            if spec.encoding == "compact":
+                ids[rows], logprobs[rows] = _decode_compact(
+                    {name: array[local] for name, array in arrays.items()},
+                    _compact_layout(spec.k, spec.vocab_size),
+                )
+            else:
+                logprobs[rows] = arrays["logprobs"][local]
+                ids[rows] = _decode_ids(arrays["ids"][local], spec.id_bytes)
         return torch.from_numpy(ids), torch.from_numpy(logprobs)
 
     def tail_mass(self, sequence_indices: Sequence[int] | Tensor | np.ndarray) -> Tensor:
@@ -449,7 +541,7 @@ class TopKCache:
         tail = np.empty((len(index), self.spec.seq_len), dtype=np.float32)
         for shard in np.unique(shard_of):
             rows = shard_of == shard
-            tail[rows] = self._arrays(int(shard))[0][index[rows] - self._starts[shard]]
+            tail[rows] = self._arrays(int(shard))["tail_mass"][index[rows] - self._starts[shard]]
         return torch.from_numpy(tail)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -470,22 +562,19 @@ class TopKCache:
             raise IndexError(f"sequence {bad} is outside the cache's [0, {len(self)})")
         return index, np.searchsorted(self._starts, index, side="right") - 1
 
-    def _arrays(self, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _arrays(self, shard: int) -> dict[str, np.ndarray]:
+        """The shard's arrays by name (see `_shard_arrays`), memory-mapped."""
         if shard not in self._maps:
             entry = self.manifest["shards"][shard]
             n, spec = entry["stop"] - entry["start"], self.spec
             path = self.folder / entry["file"]
-            positions = n * spec.seq_len
-            tail = np.memmap(path, dtype="<f4", mode="r", shape=(n, spec.seq_len))
-            logprobs = np.memmap(
-                path, dtype="<f2", mode="r", offset=4 * positions, shape=(n, spec.seq_len, spec.k)
-            )
-            id_dtype = {1: "u1", 2: "<u2", 3: "u1"}[spec.id_bytes]
-            id_shape = (n, spec.seq_len, spec.k) + ((3,) if spec.id_bytes == 3 else ())
-            ids = np.memmap(
-                path, dtype=id_dtype, mode="r", offset=(4 + 2 * spec.k) * positions, shape=id_shape
-            )
-            self._maps[shard] = (tail, logprobs, ids)
+            maps: dict[str, np.ndarray] = {}
+            offset = 0
+            for name, dtype, per_position in _shard_arrays(spec):
+                shape = (n, spec.seq_len, *per_position)
+                maps[name] = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+                offset += math.prod(shape) * np.dtype(dtype).itemsize
+            self._maps[shard] = maps
         return self._maps[shard]
 
 
@@ -542,23 +631,50 @@ def open_topk_cache(
 # ----------------------------------------------------------------------------- shared helpers
 
 
-def _encoding(spec: TopKCacheSpec) -> dict[str, str]:
+def _encoding(spec: TopKCacheSpec) -> dict[str, Any]:
+    """The manifest's description of the shard layout; the exact encoding's has no "name"
+    (as before the compact one existed), so its manifests are unchanged."""
+    if spec.encoding == "exact":
+        return {
+            "tail_mass": TAIL_DTYPE,
+            "logprobs": LOGPROB_DTYPE,
+            "ids": _ID_DTYPES[spec.id_bytes],
+            "byte_order": "little",
+            "shard_layout": "tail_mass (n, T), logprobs (n, T, k), ids (n, T, k), back to back",
+        }
+    layout = _compact_layout(spec.k, spec.vocab_size)
     return {
+        "name": "compact",
         "tail_mass": TAIL_DTYPE,
-        "logprobs": LOGPROB_DTYPE,
-        "ids": _ID_DTYPES[spec.id_bytes],
+        "exact_ranks": layout.exact,
+        "exact_dtype": LOGPROB_DTYPE,
+        "knot_ranks": list(layout.knots),
+        "knot_levels": COMPACT_CODE_LEVELS,
+        "clip_nats": COMPACT_CLIP_NATS,
+        "id_bits": layout.id_bits,
         "byte_order": "little",
-        "shard_layout": "tail_mass (n, T), logprobs (n, T, k), ids (n, T, k), back to back",
+        "shard_layout": ", ".join(
+            f"{name} (n, T{''.join(f', {size}' for size in shape)}) {np.dtype(dtype).name}"
+            for name, dtype, shape in _shard_arrays(spec)
+        )
+        + ", back to back",
     }
+
+
+def _stored_encoding(manifest: dict[str, Any]) -> str:
+    """The encoding a manifest names; "exact" where it names none (every cache written
+    before the compact encoding existed)."""
+    encoding = manifest.get("encoding")
+    return encoding.get("name", "exact") if isinstance(encoding, dict) else "exact"
 
 
 def new_manifest(spec: TopKCacheSpec) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        **asdict(spec),
+        **{name: value for name, value in asdict(spec).items() if name != "encoding"},
         "encoding": _encoding(spec),
-        "bytes_per_token": _bytes_per_token(spec.k, spec.id_bytes),
+        "bytes_per_token": topk_bytes_per_token(spec.k, spec.vocab_size, spec.encoding),
         "sequences_written": 0,
         "complete": False,
         "shards": [],
@@ -590,7 +706,10 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
 def _spec_mismatches(manifest: dict[str, Any], expect: TopKCacheSpec) -> list[str]:
     found = []
     for field in fields(TopKCacheSpec):
-        expected, stored = getattr(expect, field.name), manifest.get(field.name)
+        expected = getattr(expect, field.name)
+        stored = (
+            _stored_encoding(manifest) if field.name == "encoding" else manifest.get(field.name)
+        )
         if stored != expected:
             found.append(f"{field.name}: expected {_short(expected)}, found {_short(stored)}")
     return found
@@ -606,7 +725,7 @@ def _short(value: object) -> str:
 def _shard_problem(folder: Path, shard: dict[str, Any], spec: TopKCacheSpec, *, full: bool) -> str:
     path = folder / shard["file"]
     sequences = shard["stop"] - shard["start"]
-    per_sequence = spec.seq_len * _bytes_per_token(spec.k, spec.id_bytes)
+    per_sequence = spec.seq_len * topk_bytes_per_token(spec.k, spec.vocab_size, spec.encoding)
     expected = sequences * per_sequence
     if not path.is_file():
         return f"shard {path} is missing"
@@ -619,6 +738,185 @@ def _shard_problem(folder: Path, shard: dict[str, Any], spec: TopKCacheSpec, *, 
     if full and file_sha256(path) != shard["sha256"]:
         return f"shard {path} does not match its sha256: the file was changed or damaged"
     return ""
+
+
+def _shard_arrays(spec: TopKCacheSpec) -> list[tuple[str, str, tuple[int, ...]]]:
+    """The arrays of a shard in file order: (name, numpy dtype, shape per position)."""
+    if spec.encoding == "exact":
+        id_dtype, id_shape = {1: ("u1", ()), 2: ("<u2", ()), 3: ("u1", (3,))}[spec.id_bytes]
+        return [
+            ("tail_mass", "<f4", ()),
+            ("logprobs", "<f2", (spec.k,)),
+            ("ids", id_dtype, (spec.k, *id_shape)),
+        ]
+    layout = _compact_layout(spec.k, spec.vocab_size)
+    arrays = [("tail_mass", "<f4", ()), ("exact", "<f2", (layout.exact,))]
+    if layout.has_low:
+        arrays.append(("low", "<f2", ()))
+    if layout.knots:
+        arrays.append(("knots", "u1", (len(layout.knots),)))
+    arrays.append(("ids", "u1", (layout.id_bytes,)))
+    return arrays
+
+
+@dataclass(frozen=True)
+class _CompactLayout:
+    """Where the compact encoding keeps each rank of a position's k entries.
+
+    exact: ranks 0 .. exact-1 in float16. has_low: rank k-1 in float16 ("low").
+    knots: the ranks stored as 8-bit codes. interpolation (m + 2, k - exact): the
+    log-probs of ranks exact .. k-1 are anchors @ interpolation, the anchors being
+    ranks exact-1, the knots and k-1; a rank between two anchors is linear in
+    log(rank + 1) between them, an anchor is itself.
+    """
+
+    k: int
+    id_bits: int
+    exact: int
+    knots: tuple[int, ...]
+    interpolation: np.ndarray
+
+    @property
+    def has_low(self) -> bool:
+        return self.k > self.exact
+
+    @property
+    def id_bytes(self) -> int:
+        return -(-self.k * self.id_bits // 8)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 4 + 2 * self.exact + 2 * self.has_low + len(self.knots) + self.id_bytes
+
+
+@functools.lru_cache(maxsize=32)
+def _compact_layout(k: int, vocab_size: int) -> _CompactLayout:
+    """Knots: m = min(ceil(k/4), k - exact - 1) ranks after rank exact-1, each one more
+    than the last or, once that is larger, exact · ρ^j - 1 with ρ = (k / exact)^(1/(m+1)):
+    every rank where single ranks matter most, then geometrically sparser (measured
+    better than evenly spaced knots or fewer, wider codes; module docstring)."""
+    exact = min(COMPACT_EXACT_RANKS, k)
+    count = max(0, min(-(-k // 4), k - exact - 1))
+    ratio = (k / exact) ** (1 / (count + 1))
+    knots, previous = [], exact - 1
+    for j in range(1, count + 1):
+        geometric = math.floor(exact * ratio**j + 0.5) - 1
+        previous = min(max(previous + 1, geometric), k - 2 - (count - j))  # room for the rest
+        knots.append(previous)
+    anchors = np.array([exact - 1, *knots, k - 1], dtype=np.float64)
+    ranks = np.arange(exact, k, dtype=np.float64)
+    left = np.searchsorted(anchors, ranks, side="right") - 1
+    right = np.minimum(left + 1, len(anchors) - 1)
+    width = np.log1p(anchors[right]) - np.log1p(anchors[left])
+    weight = np.divide(
+        np.log1p(ranks) - np.log1p(anchors[left]),
+        width,
+        out=np.zeros_like(ranks),
+        where=width > 0,
+    )
+    interpolation = np.zeros((len(anchors), len(ranks)), dtype=np.float32)
+    columns = np.arange(len(ranks))
+    np.add.at(interpolation, (left, columns), 1 - weight)
+    np.add.at(interpolation, (right, columns), weight)
+    id_bits = max(1, (vocab_size - 1).bit_length())
+    return _CompactLayout(k, id_bits, exact, tuple(knots), interpolation)
+
+
+def _encode_compact(
+    logprobs: np.ndarray, ids: np.ndarray, layout: _CompactLayout
+) -> tuple[np.ndarray, ...]:
+    """Sorted (largest first) float64 log-probs and their ids (n, T, k) as the compact
+    arrays after tail_mass: exact, [low], [knots], ids (see `_shard_arrays`)."""
+    exact = logprobs[..., : layout.exact].astype("<f2")  # (n, T, e)
+    arrays = [exact]
+    if layout.has_low:
+        high = exact[..., -1:].astype(np.float64)  # (n, T, 1), as the reader sees it
+        floor = np.maximum(high - COMPACT_CLIP_NATS, _FLOAT16_LOWEST)
+        low = np.maximum(logprobs[..., -1:], floor).astype("<f2")  # (n, T, 1)
+        arrays.append(low[..., 0])
+        if layout.knots:
+            bottom = low.astype(np.float64)
+            values = np.clip(logprobs[..., list(layout.knots)], bottom, high)  # (n, T, m)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                position = (high - values) / (high - bottom)  # in [0, 1]; NaN: no range
+            position = np.where(np.isfinite(position), position, 0.0)
+            arrays.append(np.rint(position * COMPACT_CODE_LEVELS).astype(np.uint8))
+    arrays.append(pack_bits(ids, layout.id_bits))
+    return tuple(arrays)
+
+
+def _decode_compact(
+    arrays: dict[str, np.ndarray], layout: _CompactLayout
+) -> tuple[np.ndarray, np.ndarray]:
+    """ids (n, T, k) int64 and log-probs (n, T, k) float32 from a shard's compact arrays:
+    anchors decoded, the ranks between them interpolated, then all k shifted by one
+    constant so that their probabilities sum to 1 - tail_mass, and clamped at 0."""
+    ids = unpack_bits(np.asarray(arrays["ids"]), layout.id_bits, layout.k)
+    exact = np.asarray(arrays["exact"], dtype=np.float32)  # (n, T, e)
+    logprobs = np.empty((*exact.shape[:-1], layout.k), dtype=np.float32)
+    logprobs[..., : layout.exact] = exact
+    if layout.has_low:
+        high = exact[..., -1:]  # (n, T, 1)
+        finite = np.isfinite(high)  # -inf: every entry from rank exact-1 on is -inf
+        top = np.where(finite, high, np.float32(0))
+        bottom = np.where(finite, np.asarray(arrays["low"], dtype=np.float32)[..., None], 0)
+        codes = arrays["knots"] if layout.knots else np.empty((*top.shape[:-1], 0))
+        scale = (top - bottom) / np.float32(COMPACT_CODE_LEVELS)
+        knots = top - np.asarray(codes, dtype=np.float32) * scale  # (n, T, m)
+        anchors = np.concatenate([top, knots, bottom], axis=-1)  # (n, T, m + 2)
+        rest = anchors @ layout.interpolation  # (n, T, k - e)
+        logprobs[..., layout.exact :] = np.where(finite, rest, -np.inf)
+    mass = np.exp(logprobs).sum(-1, keepdims=True, dtype=np.float64)  # (n, T, 1)
+    target = 1 - np.asarray(arrays["tail_mass"], dtype=np.float64)[..., None]
+    with np.errstate(divide="ignore"):
+        shift = np.where((mass > 0) & (target > 0), np.log(target) - np.log(mass), 0.0)
+    return ids, np.minimum(logprobs + shift.astype(np.float32), 0)
+
+
+def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """(..., n) integers in [0, 2^bits) -> (..., ceil(n bits / 8)) uint8, bits in 1 .. 24.
+
+    Value j fills bits [j bits, (j+1) bits) of the row, least significant first (byte 0
+    holds the lowest bits). Each output byte gathers the few values that overlap it.
+    """
+    if not 1 <= bits <= 24:
+        raise ValueError(f"bits must be in [1, 24]; got {bits}")
+    values = np.asarray(values).astype(np.uint32)
+    count = values.shape[-1]
+    size = -(-count * bits // 8)
+    byte = np.arange(size)
+    first = 8 * byte // bits  # the first value overlapping each byte
+    out = np.zeros((*values.shape[:-1], size), dtype=np.uint32)
+    for step in range(-(-8 // bits) + 1):  # at most ceil(8 / bits) + 1 values overlap a byte
+        value = first + step
+        offset = value * bits - 8 * byte  # where value's bit 0 falls, relative to the byte's
+        overlaps = (value < count) & (offset < 8)
+        up = np.maximum(offset, 0).astype(np.uint32)
+        down = np.maximum(-offset, 0).astype(np.uint32)
+        part = values[..., np.minimum(value, count - 1)]  # (..., size)
+        out |= np.where(overlaps, ((part << up) >> down) & 0xFF, 0).astype(np.uint32)
+    return out.astype(np.uint8)
+
+
+def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of `pack_bits`: (..., ceil(count bits / 8)) uint8 -> (..., count) int64."""
+    if not 1 <= bits <= 24:
+        raise ValueError(f"bits must be in [1, 24]; got {bits}")
+    if bits in (8, 16):  # whole bytes: the packed row is a little-endian integer array
+        whole = np.ascontiguousarray(packed).view("u1" if bits == 8 else "<u2")
+        return whole[..., :count].astype(np.int64)
+    start = np.arange(count) * bits
+    byte, shift = start // 8, (start % 8).astype(np.uint32)
+    padded = np.concatenate(  # a value spans at most 4 bytes (bits + 7 <= 31)
+        [packed, np.zeros((*packed.shape[:-1], 3), dtype=np.uint8)], axis=-1
+    ).astype(np.uint32)
+    word = (
+        padded[..., byte]
+        | padded[..., byte + 1] << 8
+        | padded[..., byte + 2] << 16
+        | padded[..., byte + 3] << 24
+    )
+    return ((word >> shift) & ((1 << bits) - 1)).astype(np.int64)
 
 
 def _encode_ids(ids: np.ndarray, id_bytes: int) -> np.ndarray:

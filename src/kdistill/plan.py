@@ -1048,13 +1048,15 @@ def lm_cache_size(recipe: Any, data: Any) -> CacheSize:
         seq_len=data.seq_len,
         num_sequences=len(data.train),
         vocab_size=data.vocab_size,
+        encoding=recipe.teacher.cache.encoding,
     )
     per_token = bytes_per_token(new_manifest(spec))
     tokens = len(data.train) * data.seq_len
+    compact = ", compact" if spec.encoding == "compact" else ""
     return CacheSize(
         "top-k",
         per_token * tokens,
-        f"{per_token} bytes/token (top {spec.k}) × {tokens:,} tokens",
+        f"{per_token} bytes/token (top {spec.k}{compact}) × {tokens:,} tokens",
         in_use=recipe.teacher.signal == "cache",
     )
 

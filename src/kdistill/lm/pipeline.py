@@ -505,6 +505,7 @@ def cache_spec(recipe: LMRecipe, data: LMData, teacher_fingerprint: str) -> TopK
         seq_len=data.seq_len,
         num_sequences=len(data.train),
         vocab_size=data.vocab_size,
+        encoding=recipe.teacher.cache.encoding,
     )
 
 

@@ -491,6 +491,12 @@ class LMTrainConfig(TrainConfig):
 class CacheConfig(Strict):
     top_k: int = Field(64, ge=1, description="teacher entries kept per position")
     shard_sequences: int = Field(256, ge=1, description="sequences per shard file")
+    encoding: Literal["exact", "compact"] = Field(
+        "exact",
+        description="exact: float16 log-probs (516 bytes/token at top_k 128); compact: "
+        "bit-packed ids, most log-probs as 8-bit knots (300 bytes/token at top_k 128 over "
+        "50,257 tokens; moves ~0.5% of the probability); see kdistill.lm_cache",
+    )
     dir: str | None = Field(
         None, description="cache folder (default <run>/cache/topk-teacher-seed<k>)"
     )
