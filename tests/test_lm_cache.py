@@ -25,6 +25,7 @@ from kdistill.lm_cache import (
     open_topk_cache,
     pack_bits,
     teacher_topk,
+    teacher_topk_sampled_tail,
     topk_bytes_per_token,
     unpack_bits,
     write_topk_cache,
@@ -158,7 +159,9 @@ def test_manifest_records_spec_and_shards(written) -> None:
     folder, spec, _, _ = written
     manifest = json.loads((folder / "manifest.json").read_text())
     for field, value in dataclasses.asdict(spec).items():
-        if field != "encoding":
+        if field == "tail_samples":  # recorded only when > 0: top-k manifests as before
+            assert value == 0 and field not in manifest
+        elif field != "encoding":
             assert manifest[field] == value
     # the exact encoding's manifest is the one written before the compact encoding existed
     assert manifest["encoding"] == {
@@ -277,6 +280,7 @@ STALE = {
     "num_sequences": 20,
     "vocab_size": 301,
     "encoding": "compact",
+    "tail_samples": 2,
 }
 
 
@@ -633,3 +637,111 @@ def test_recipe_encoding_reaches_the_cache_spec_and_the_plan() -> None:
     assert kdistill.load_recipe(name).teacher.cache.encoding == "exact"  # the default
     with pytest.raises(RecipeError, match=r"teacher.cache.encoding: Input should be 'exact'"):
         kdistill.load_recipe(name, ["teacher.cache.encoding=bits"])
+
+
+# ----------------------------------------------------------------------------- sampled tail
+
+
+def _dense(ids: torch.Tensor, logprobs: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The distribution the entries describe, over the whole vocabulary: (..., V)."""
+    return torch.zeros(*ids.shape[:-1], vocab, dtype=torch.float64).scatter_add_(
+        -1, ids, logprobs.double().exp()
+    )
+
+
+def test_sampled_tail_keeps_the_head_exactly_and_sums_to_one() -> None:
+    generator = torch.Generator().manual_seed(5)
+    logits = 2 * torch.randn(3, 7, 50, generator=generator, dtype=torch.float64)
+    ids, logprobs = teacher_topk_sampled_tail(logits, k=12, exact=5, temperature=1.5, seed=0)
+    head_ids, head_logprobs = teacher_topk(logits, k=5, temperature=1.5)
+    assert torch.equal(ids[..., :5], head_ids)
+    torch.testing.assert_close(logprobs[..., :5], head_logprobs)
+    assert ids.shape == logprobs.shape == (3, 7, 12) and ids.dtype == torch.int64
+    assert (ids.sort(-1).values.diff(dim=-1) > 0).all()  # distinct per position, spares too
+    total = logprobs.exp().sum(-1)  # exp(−inf) = 0 for unused slots
+    torch.testing.assert_close(total, torch.ones_like(total))  # no tail bucket left
+
+
+def test_sampled_tail_is_an_unbiased_estimate_of_the_teacher() -> None:
+    """Averaged over many draws, the entries give back the teacher's distribution token by
+    token (head exact, tail in expectation), the property that makes the forward-KL
+    gradient unbiased."""
+    logits = torch.tensor([[[3.0, 2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0]]], dtype=torch.float64)
+    p = torch.softmax(logits, -1)[0, 0]
+    draws = 4000
+    mean = torch.zeros(8, dtype=torch.float64)
+    for seed in range(draws):
+        ids, logprobs = teacher_topk_sampled_tail(logits, k=4, exact=2, temperature=1.0, seed=seed)
+        mean += _dense(ids, logprobs, 8)[0, 0]
+    mean /= draws
+    # each tail probability is a mean of 4000 · 2 Bernoulli-like draws: 4 sigma is < 0.01
+    torch.testing.assert_close(mean, p, atol=0.01, rtol=0)
+    torch.testing.assert_close(mean[:2], p[:2], atol=1e-12, rtol=0)  # the head: every draw
+
+
+def test_sampled_tail_draws_depend_on_the_sequence_not_the_batch() -> None:
+    """Sequence i drawn in a batch that starts at 0 or in one that starts at i gives the
+    same entries: a resumed cache job writes what an uninterrupted one would."""
+    logits = torch.randn(6, 5, 40, generator=torch.Generator().manual_seed(1))
+    whole = teacher_topk_sampled_tail(logits, k=10, exact=3, temperature=1.0, seed=100)
+    for start in (1, 4):
+        part = teacher_topk_sampled_tail(
+            logits[start:], k=10, exact=3, temperature=1.0, seed=100 + start
+        )
+        assert torch.equal(part[0], whole[0][start:]) and torch.equal(part[1], whole[1][start:])
+    other = teacher_topk_sampled_tail(logits, k=10, exact=3, temperature=1.0, seed=0)
+    assert not torch.equal(other[0], whole[0])
+
+
+def test_sampled_tail_bad_arguments() -> None:
+    logits = torch.randn(1, 2, 10)
+    for exact, k in [(0, 4), (4, 4), (3, 11)]:
+        with pytest.raises(CacheError, match="1 <= exact < k <= vocabulary"):
+            teacher_topk_sampled_tail(logits, k=k, exact=exact, temperature=1.0, seed=0)
+    with pytest.raises(CacheError, match="temperature must be > 0"):
+        teacher_topk_sampled_tail(logits, k=4, exact=2, temperature=0.0, seed=0)
+    with pytest.raises(CacheError, match=r"tail_samples \(4\) must be below k \(4\)"):
+        make_spec(tail_samples=4)
+
+
+def test_sampled_tail_cache_round_trip_and_manifest(tmp_path: Path) -> None:
+    spec = make_spec(k=6, tail_samples=3)
+    logits = 3 * torch.randn(N, T, V, generator=torch.Generator().manual_seed(2))
+    ids, logprobs = teacher_topk_sampled_tail(logits, k=6, exact=3, temperature=2.0, seed=0)
+    folder = tmp_path / "cache"
+    write_topk_cache(folder, spec, batches(ids, logprobs, [4, 6]), shard_size_sequences=3)
+    cache = open_topk_cache(folder, expect=spec)
+    got_ids, got_logprobs = cache.get(list(range(N)))
+    assert torch.equal(got_ids, ids)
+    torch.testing.assert_close(got_logprobs, logprobs.float(), rtol=2e-3, atol=0)
+    assert json.loads((folder / "manifest.json").read_text())["tail_samples"] == 3
+    with pytest.raises(CacheError, match="tail_samples: expected 0, found 3"):
+        open_topk_cache(folder, expect=dataclasses.replace(spec, tail_samples=0))
+
+
+def test_recipe_tail_samples_reach_the_spec_and_need_forward_kl() -> None:
+    import kdistill
+    from kdistill.errors import RecipeError
+    from kdistill.lm.pipeline import cache_spec
+
+    data = SimpleNamespace(
+        seq_len=128,
+        train=torch.zeros(10, 129),
+        vocab_size=2048,
+        tokenizer_fingerprint="t" * 64,
+        fingerprint="d" * 64,
+    )
+    name = "shakespeare_gpt_small_from_gpt"
+    recipe = kdistill.load_recipe(name, ["teacher.signal=cache", "teacher.cache.tail_samples=32"])
+    assert cache_spec(recipe, data, "0" * 64).tail_samples == 32
+    with pytest.raises(RecipeError, match=r"unbiased for forward_kl only.*uses reverse_kl"):
+        kdistill.load_recipe(
+            name,
+            [
+                "teacher.signal=cache",
+                "teacher.cache.tail_samples=32",
+                "objective=[{loss: reverse_kl}]",
+            ],
+        )
+    with pytest.raises(RecipeError, match=r"tail_samples \(64\) must be below"):
+        kdistill.load_recipe(name, ["teacher.cache.tail_samples=64"])

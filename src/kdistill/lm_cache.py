@@ -141,6 +141,9 @@ class TopKCacheSpec:
     vocab_size: the teacher's output size; ids are below it.
     encoding: "exact" (float16 log-probs, byte-aligned ids) or "compact" (ids at
     ceil(log2 vocab_size) bits, most log-probs as 8-bit knots); see the module docstring.
+    tail_samples: 0 keeps the k most likely tokens (the rest is one implicit tail
+    bucket); m > 0 keeps the k − m most likely exactly and fills m entries with tokens
+    sampled from the rest of the distribution (`teacher_topk_sampled_tail`).
     """
 
     teacher: str
@@ -152,6 +155,7 @@ class TopKCacheSpec:
     num_sequences: int
     vocab_size: int
     encoding: Literal["exact", "compact"] = "exact"
+    tail_samples: int = 0
 
     def __post_init__(self) -> None:
         problems = [
@@ -183,6 +187,14 @@ class TopKCacheSpec:
             problems.append(f"temperature must be a finite number > 0, got {temperature!r}")
         if self.encoding not in ENCODINGS:
             problems.append(f"encoding must be one of {list(ENCODINGS)}, got {self.encoding!r}")
+        samples = self.tail_samples
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+            problems.append(f"tail_samples must be an integer >= 0, got {samples!r}")
+        elif isinstance(self.k, int) and samples >= self.k:
+            problems.append(
+                f"tail_samples ({samples}) must be below k ({self.k}): at least one entry "
+                "holds the teacher's most likely token exactly"
+            )
         if problems:
             raise CacheError("invalid top-k cache spec: " + "; ".join(problems))
 
@@ -237,6 +249,75 @@ def teacher_topk(logits: Tensor, *, k: int, temperature: float) -> tuple[Tensor,
     values, ids = logits.topk(k, dim=-1)  # (..., k)
     log_normaliser = torch.logsumexp(logits.to(compute) / temperature, dim=-1, keepdim=True)
     return ids, values.to(compute) / temperature - log_normaliser
+
+
+def teacher_topk_sampled_tail(
+    logits: Tensor,
+    *,
+    k: int,
+    exact: int,
+    temperature: float,
+    seed: int,
+) -> tuple[Tensor, Tensor]:
+    """k entries per position: the `exact` most likely tokens with their log-probabilities,
+    and k − exact slots that estimate the rest of the distribution without bias.
+
+    The tail estimate (Anshumann et al. 2025, "Sparse logit sampling: accelerating
+    knowledge distillation in LLMs", arXiv:2503.16870, who show top-k targets bias the
+    student and sampled ones do not): m = k − exact tokens are drawn with replacement
+    from the teacher's distribution over the tokens outside the head, p_v / tail_mass;
+    each distinct drawn token v gets probability tail_mass · count_v / m. The expected
+    value of that estimate is the teacher's tail, token by token, so the expected
+    gradient of the forward KL (q − p) is the full distribution's. Slots left over when
+    fewer than m distinct tokens are drawn hold other tokens at log-probability −inf
+    (probability 0), so ids stay distinct. The entries sum to 1 (up to rounding): there
+    is no tail bucket. This estimate serves the forward KL, whose gradient is linear in
+    p; the recipe refuses it for the other divergences (for the reverse KL a token
+    never drawn would have probability 0).
+
+    logits: (n, T, V), one row per sequence. The draws of row i come from a generator
+    seeded with (seed, i) — pass the sequences' own indices through `seed + i` — so a
+    resumed writer samples exactly what an uninterrupted one would. Same dtypes as
+    `teacher_topk`.
+    """
+    if not 1 <= exact < k <= logits.shape[-1]:
+        raise CacheError(
+            f"a sampled tail needs 1 <= exact < k <= vocabulary ({logits.shape[-1]}); "
+            f"got exact={exact}, k={k}"
+        )
+    if not temperature > 0:
+        raise CacheError(f"temperature must be > 0; got {temperature}")
+    if logits.dim() != 3:
+        raise CacheError(f"logits must be (sequences, positions, vocab); got {tuple(logits.shape)}")
+    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    samples = k - exact
+    ids_out, logprobs_out = [], []
+    for row, sequence_logits in enumerate(logits):
+        generator = torch.Generator(device=logits.device).manual_seed(seed + row)
+        log_p = torch.log_softmax(sequence_logits.to(compute) / temperature, -1)  # (T, V)
+        head_logprobs, head_ids = log_p.topk(exact, dim=-1)  # (r, exact)
+        tail_p = log_p.exp_().scatter_(1, head_ids, 0.0)  # (r, V), the head zeroed
+        tail_mass = tail_p.sum(-1, keepdim=True)  # (r, 1)
+        # a row whose tail is all zero (a peaked float16 teacher) draws from a flat
+        # distribution instead; its entries then get log(0) = −inf below
+        empty = tail_mass[:, 0] <= 0
+        if empty.any():
+            tail_p[empty] = 1.0
+            tail_p[empty] = tail_p[empty].scatter(1, head_ids[empty], 0.0)
+        drawn = torch.multinomial(tail_p, samples, replacement=True, generator=generator)
+        counts = torch.zeros_like(tail_p).scatter_add_(
+            1, drawn, torch.ones_like(drawn, dtype=compute)
+        )
+        counts.scatter_(1, head_ids, -1.0)  # never pick a head token for a spare slot
+        count, tail_ids = counts.topk(samples, dim=-1)  # drawn tokens first, then spares
+        tail_logprobs = torch.where(
+            count > 0,
+            torch.log(tail_mass) + torch.log(count.clamp(min=1) / samples),
+            -math.inf,
+        )
+        ids_out.append(torch.cat([head_ids, tail_ids], dim=-1))
+        logprobs_out.append(torch.cat([head_logprobs, tail_logprobs], dim=-1))
+    return torch.stack(ids_out), torch.stack(logprobs_out)
 
 
 # ----------------------------------------------------------------------------- writer
@@ -672,7 +753,11 @@ def new_manifest(spec: TopKCacheSpec) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        **{name: value for name, value in asdict(spec).items() if name != "encoding"},
+        **{
+            name: value
+            for name, value in asdict(spec).items()
+            if name != "encoding" and not (name == "tail_samples" and value == 0)
+        },
         "encoding": _encoding(spec),
         "bytes_per_token": topk_bytes_per_token(spec.k, spec.vocab_size, spec.encoding),
         "sequences_written": 0,
@@ -707,9 +792,12 @@ def _spec_mismatches(manifest: dict[str, Any], expect: TopKCacheSpec) -> list[st
     found = []
     for field in fields(TopKCacheSpec):
         expected = getattr(expect, field.name)
-        stored = (
-            _stored_encoding(manifest) if field.name == "encoding" else manifest.get(field.name)
-        )
+        if field.name == "encoding":
+            stored = _stored_encoding(manifest)
+        elif field.name == "tail_samples":  # absent: a plain top-k cache
+            stored = manifest.get(field.name, 0)
+        else:
+            stored = manifest.get(field.name)
         if stored != expected:
             found.append(f"{field.name}: expected {_short(expected)}, found {_short(stored)}")
     return found

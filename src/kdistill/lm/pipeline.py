@@ -506,6 +506,7 @@ def cache_spec(recipe: LMRecipe, data: LMData, teacher_fingerprint: str) -> TopK
         num_sequences=len(data.train),
         vocab_size=data.vocab_size,
         encoding=recipe.teacher.cache.encoding,
+        tail_samples=recipe.teacher.cache.tail_samples,
     )
 
 

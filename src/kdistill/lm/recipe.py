@@ -491,6 +491,14 @@ class LMTrainConfig(TrainConfig):
 class CacheConfig(Strict):
     top_k: int = Field(64, ge=1, description="teacher entries kept per position")
     shard_sequences: int = Field(256, ge=1, description="sequences per shard file")
+    tail_samples: int = Field(
+        0,
+        ge=0,
+        description="0: the top_k most likely tokens, the rest one tail bucket; m > 0: the "
+        "top_k − m most likely, plus m tokens sampled from the rest of the teacher's "
+        "distribution (an unbiased estimate of its tail, for forward_kl; the Shakespeare "
+        "recipe's student matched the live teacher with 32 of 64, BENCHMARKS.md)",
+    )
     encoding: Literal["exact", "compact"] = Field(
         "exact",
         description="exact: float16 log-probs (516 bytes/token at top_k 128); compact: "
@@ -594,6 +602,22 @@ class LMRecipe(Strict):
             raise ValueError(
                 "the distill stage's objective has no divergence term, so it would not read "
                 f"the teacher; add one of {', '.join(DIVERGENCES)}"
+            )
+        teacher = self.teacher
+        if teacher is not None and teacher.cache.tail_samples >= teacher.cache.top_k:
+            raise ValueError(
+                f"teacher.cache.tail_samples ({teacher.cache.tail_samples}) must be below "
+                f"teacher.cache.top_k ({teacher.cache.top_k}): the entries are the top_k − "
+                "tail_samples most likely tokens plus tail_samples drawn from the rest"
+            )
+        sampled = teacher is not None and teacher.signal == "cache" and teacher.cache.tail_samples
+        unbiased = ("forward_kl",)
+        if sampled and any(t.loss not in unbiased for t in divergences):
+            raise ValueError(
+                f"teacher.cache.tail_samples > 0 estimates the teacher's tail by sampling, "
+                f"which is unbiased for forward_kl only (its gradient is linear in the "
+                f"teacher's probabilities); the objective uses {divergences[0].loss}. Use "
+                "forward_kl, or tail_samples: 0 (the top-k with one tail bucket)"
             )
         if self.samples.count and self.samples.prompt_tokens >= self.data.seq_len:
             raise ValueError(

@@ -32,6 +32,7 @@ from kdistill.lm_cache import (
     TopKCacheSpec,
     open_topk_cache,
     teacher_topk,
+    teacher_topk_sampled_tail,
     write_topk_cache,
 )
 from kdistill.teachers import DTYPES
@@ -83,15 +84,23 @@ def topk_batches(
     vocab_size: int,
     batch_size: int,
     device: torch.device | str,
+    tail_samples: int = 0,
 ) -> Iterator[TopKBatch]:
-    """(start, ids, logprobs) of the teacher's top k over [0, vocab_size) at `temperature`,
-    for the sequences from `first` on. Logits exist for one batch at a time."""
+    """(start, ids, logprobs) of the teacher's top k over [0, vocab_size) at `temperature`
+    (with tail_samples = m > 0: its top k − m and m tokens sampled from the rest,
+    `teacher_topk_sampled_tail`), for the sequences from `first` on. Logits exist for
+    one batch at a time."""
     teacher.eval()
     for start in range(first, len(sequences), batch_size):
         inputs = sequences[start : start + batch_size, :-1].to(device)  # (n, T)
         with torch.inference_mode():
             logits = teacher.logits(teacher(inputs))[..., :vocab_size]  # (n, T, V)
-            ids, logprobs = teacher_topk(logits, k=k, temperature=temperature)
+            if tail_samples:  # draws seeded by sequence index: a resumed job redraws the same
+                ids, logprobs = teacher_topk_sampled_tail(
+                    logits, k=k, exact=k - tail_samples, temperature=temperature, seed=start
+                )
+            else:
+                ids, logprobs = teacher_topk(logits, k=k, temperature=temperature)
         yield start, ids.cpu(), logprobs.cpu()
 
 
@@ -131,6 +140,7 @@ def write_teacher_cache(
             vocab_size=spec.vocab_size,
             batch_size=batch_size,
             device=device,
+            tail_samples=spec.tail_samples,
         )
 
     written = write_topk_cache(
