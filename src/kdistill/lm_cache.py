@@ -5,9 +5,22 @@ keeps the k most likely next tokens and their log-probabilities at the
 distillation temperature, log_softmax(z / T), and the probability mass of all
 other tokens (the tail). Training then reads these instead of running the teacher.
 
+Which k entries (TopKCacheSpec.tail_samples; recipe key teacher.cache.tail_samples):
+    0 (the default)  the k most likely tokens; the loss adds one bucket for the rest.
+                     The student then learns nothing about how the teacher spreads its
+                     tail, which for a teacher that keeps much mass outside its top k
+                     is most of the signal (BENCHMARKS.md §7).
+    m > 0            the k − m most likely tokens exactly, and m tokens drawn from the
+                     teacher's distribution over the other tokens, each distinct one at
+                     tail_mass · count / m (`teacher_topk_sampled_tail`, after
+                     Anshumann et al. 2025): an unbiased estimate of the whole
+                     distribution, so the forward-KL gradient is right on average.
+                     The entries sum to 1; unused slots hold other tokens at −inf.
+
 Folder layout:
     manifest.json               the spec (teacher, tokenizer, dataset, k, temperature,
-                                seq_len, num_sequences, vocab_size), the encoding and
+                                seq_len, num_sequences, vocab_size, tail_samples when
+                                > 0), the encoding and
                                 one entry per shard: file, sequence range, bytes, sha256
     shard-0000000000.bin        sequences [0, shard_size)
     shard-0000000256.bin        ...
