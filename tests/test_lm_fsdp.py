@@ -93,3 +93,17 @@ def test_fsdp_two_processes_match_one(tmp_path: Path) -> None:
     assert result["fsdp"] == pytest.approx(result["single"], rel=1e-5)
     assert result["worst_grad"] < 1e-6
     assert len(result["head_shape_after_forward"]) == 1  # why the loss runs inside forward
+
+
+def test_a_run_under_accelerate_fsdp_is_refused_before_training() -> None:
+    """Weights and checkpoints are not FSDP-aware yet: a launch with an FSDP config must
+    stop with the reason and the fix, not write shards that do not load."""
+    from accelerate import DistributedType
+
+    from kdistill.errors import TrainingError
+    from kdistill.pipeline import refuse_fsdp
+
+    with pytest.raises(TrainingError, match=r"uses FSDP.*Launch with DDP instead"):
+        refuse_fsdp(DistributedType.FSDP)
+    for allowed in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        refuse_fsdp(allowed)

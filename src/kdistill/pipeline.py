@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 import yaml
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from rich.console import Console
 from torch import nn
 
@@ -42,7 +42,7 @@ from kdistill.checkpoint import (
 )
 from kdistill.data import DataBundle, TextData
 from kdistill.data import build as build_data
-from kdistill.errors import CheckpointError, RunDirError
+from kdistill.errors import CheckpointError, RunDirError, TrainingError
 from kdistill.evaluate import cost, predict, quality
 from kdistill.losses.objective import Objective, reads_teacher
 from kdistill.models import build_model
@@ -135,10 +135,26 @@ def make_accelerator(precision: str) -> Accelerator:
     a GPU (`accelerate launch --num_processes 2`, torchrun), Accelerate only forms a
     gloo process group when told to use the CPU, so say so."""
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=MIXED_PRECISION[precision],
         cpu=several and not torch.cuda.is_available(),
     )
+    refuse_fsdp(accelerator.distributed_type)
+    return accelerator
+
+
+def refuse_fsdp(distributed_type: DistributedType) -> None:
+    """Stop before training under FSDP: the loss is FSDP-ready, but weights and
+    checkpoints are saved from the unwrapped module, which FSDP leaves as flat shards,
+    so a run would end with files that do not load."""
+    if distributed_type == DistributedType.FSDP:
+        raise TrainingError(
+            "this launch uses FSDP (accelerate config distributed_type: FSDP); kdistill "
+            "does not save FSDP-sharded weights and checkpoints yet, so the run would write "
+            "files that do not load. Launch with DDP instead (accelerate launch --multi_gpu "
+            "--num_processes N ...), which keeps a whole copy of the student per device; "
+            "README 'Scale' says what is FSDP-ready"
+        )
 
 
 # ----------------------------------------------------------------------- stages
