@@ -12,8 +12,10 @@ student by token-level forward KL(teacher ‖ student) at temperature 1, in one 
 on the CPU, in float32, with the same torch thread count, in this order:
 
   kdistill_live   kdistill.lm.fit_lm, live teacher (chunked loss from hidden states)
-  kdistill_cache  kdistill.lm.fit_lm, the teacher's top-k (--top-k) read from a cache
-                  written once before training by kdistill.lm.teachers.write_teacher_cache
+  kdistill_cache  kdistill.lm.fit_lm, the teacher's top-k (--top-k; of them
+                  --tail-samples drawn from the teacher's tail, as the recipe's cache)
+                  read from a cache written once before training by
+                  kdistill.lm.teachers.write_teacher_cache
   trl_gkd         trl.experimental.gkd.GKDTrainer, live teacher, lmbda 0 (no student
                   generation: always the dataset's sequences), beta 0 (its
                   generalized_jsd_loss is then F.kl_div(student_logp, teacher_logp,
@@ -279,7 +281,9 @@ class RecordingTeacher:
         return self.inner(input_ids, indices)
 
 
-def run_kdistill(setup: Setup, signal: str, top_k: int) -> tuple[dict[str, Any], Any, Tensor]:
+def run_kdistill(
+    setup: Setup, signal: str, top_k: int, tail_samples: int
+) -> tuple[dict[str, Any], Any, Tensor]:
     """Train with fit_lm; return the measurements, the trained HF model, the rows seen."""
     teacher = setup.load_teacher()
     student = setup.load_student()
@@ -300,6 +304,7 @@ def run_kdistill(setup: Setup, signal: str, top_k: int) -> tuple[dict[str, Any],
             seq_len=setup.data.seq_len,
             num_sequences=len(setup.train),
             vocab_size=setup.data.vocab_size,
+            tail_samples=tail_samples,
         )
         folder = setup.work / f"cache-top{top_k}"
         assert setup.recipe.teacher is not None
@@ -454,6 +459,13 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None, help="default: $KDISTILL_DATA")
     parser.add_argument("--steps", type=int, default=None, help="default: one epoch")
     parser.add_argument("--top-k", type=int, default=64, help="kdistill_cache: entries kept")
+    parser.add_argument(
+        "--tail-samples",
+        type=int,
+        default=32,
+        help="kdistill_cache: of the top-k entries, how many are drawn from the teacher's "
+        "tail (0: the plain top k with one tail bucket)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="student init and data order")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
@@ -489,7 +501,9 @@ def main() -> None:
                 if variant == "trl_gkd":
                     record, model, rows = run_trl(setup)
                 else:
-                    record, model, rows = run_kdistill(setup, variant.split("_")[1], args.top_k)
+                    record, model, rows = run_kdistill(
+                        setup, variant.split("_")[1], args.top_k, args.tail_samples
+                    )
                 if torch.get_num_threads() != threads:
                     raise RuntimeError(
                         f"{variant} changed the torch thread count to "
@@ -573,6 +587,7 @@ def main() -> None:
                 "seq_len": data.seq_len,
                 "tokens_per_step": setup.tokens_per_step,
                 "top_k": args.top_k,
+                "tail_samples": args.tail_samples,
                 "seed": args.seed,
                 "threads": threads,
                 "rounds": args.rounds,
