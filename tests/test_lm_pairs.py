@@ -416,3 +416,21 @@ def test_too_few_pairs_to_split(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"leave no validation pair.*data\.pairs\.val"):
         _data(tmp_path, {"pairs": {"train": str(path)}, "val_fraction": 0.1,
                          "tokenizer": {"vocab_size": 270}})  # fmt: skip
+
+
+def test_plan_counts_completion_tokens_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`kdistill plan` of a pairs recipe sizes the loss for the tokens that count (the
+    completions), not for every position of the padded rows."""
+    from kdistill.cli import main
+
+    recipe = _write(tmp_path / "recipe.yaml", pairs_recipe(tmp_path))
+    argv = ["plan", str(recipe), "--steps", "1", "--json", "--stage", "baseline"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    (stage,) = result["stages"]
+    data = _data(tmp_path, pairs_recipe(tmp_path)["data"])
+    micro = min(16, len(data.train))  # train.batch_size sequences, one process
+    expected = int((data.train_labels[:micro] != IGNORE_INDEX).sum())
+    assert stage["loss"]["tokens"] == expected < micro * data.seq_len

@@ -1135,8 +1135,13 @@ def _lm_stage(
         )
     head: dict[str, int] = {}  # the student's output layer, noted by the first build
 
+    def labels_of(rows: Tensor | slice) -> Tensor:
+        """The training labels of `rows`: their own with prompt/completion pairs (-100 on
+        the prompt and padding), else the packed sequences shifted by one."""
+        return data.train[rows, 1:] if data.train_labels is None else data.train_labels[rows]
+
     def loss(micro_batch: int) -> LossMemory:
-        tokens = int((data.train[:micro_batch, 1:] != IGNORE_INDEX).sum())
+        tokens = int((labels_of(slice(0, micro_batch)) != IGNORE_INDEX).sum())
         if objective.divergence is None:
             kind, with_ce = "cross_entropy", False
         else:
@@ -1174,8 +1179,8 @@ def _lm_stage(
         optimizer = make_optimizer(model, settings.optimizer)
 
         def micro_step(rows: Tensor, scale: float, counter: SavedTensors | None = None) -> _Probe:
-            sequences = data.train[rows].to(device)
-            inputs, labels = sequences[:, :-1], sequences[:, 1:]
+            inputs = data.train[rows, :-1].to(device)
+            labels = labels_of(rows).to(device)
             with largest_layer(teachers) as layer:
                 teacher_out = signal(inputs, rows) if signal is not None else None
             handed = _tensor_bytes(teacher_out, _weight_storages(teachers))
@@ -1202,7 +1207,7 @@ def _lm_stage(
         def step(i: int) -> None:
             model.train()
             rows = _step_rows(order, i, settings.batch_size, steps_per_epoch)
-            counted = int((data.train[rows, 1:] != IGNORE_INDEX).sum())
+            counted = int((labels_of(rows) != IGNORE_INDEX).sum())
             for part in rows.chunk(settings.grad_accum):
                 micro_step(part, 1.0 / max(counted, 1))
             if settings.grad_clip is not None:
