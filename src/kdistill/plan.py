@@ -74,17 +74,22 @@ from kdistill.teachers import DTYPES
 # a recipe: counted once, on the loss functions alone, with `profiled_peak` (CPU, torch
 # 2.13, 2,048 tokens, vocabulary 2,048, chunks of 512 and 2,048 tokens, the larger count
 # kept; skew_reverse_kl assumed equal to skew_kl), consistent with BENCHMARKS.md §5 (full
-# logits: 7 for forward KL, 11 for JSD) and checked by tests/test_plan.py.
+# logits: 7 for forward KL, 11 for JSD) and checked by tests/test_plan.py. Forward KL's
+# chunk gradient is closed form ((q − p)/T, no autograd graph), so it keeps 6 where the
+# same loss over full logits through autograd keeps 7 (NAIVE_LOSS_COPIES).
 # "cross_entropy" is the teacher and baseline stages' loss (chunked_cross_entropy).
 LOSS_COPIES = {
     "cross_entropy": 3,
-    "kl": 7,
+    "kl": 6,
     "reverse_kl": 8,
     "tvd": 8,
     "jsd": 12,
     "skew_kl": 11,
     "skew_reverse_kl": 11,
 }
+# The same loss over full (tokens × vocabulary) logits through autograd, as a naive
+# implementation (or TRL) computes it: the "loss, naive" row of a plan.
+NAIVE_LOSS_COPIES = {**LOSS_COPIES, "kl": 7}
 OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 1}
 MEASURE_METHOD = {
     "cpu": "torch.profiler allocation events (peak of live tensor bytes)",
@@ -105,7 +110,7 @@ class LossMemory:
     chunk_size: int  # tokens per chunk the run uses (at most `tokens`)
     copies: int  # LOSS_COPIES[kind]
     chunked_bytes: int  # what the run's chunked loss holds at its peak
-    naive_bytes: int  # copies × tokens × vocab float32: the same loss on full logits
+    naive_bytes: int  # NAIVE_LOSS_COPIES × tokens × vocab float32: the same loss on full logits
 
 
 @dataclass
@@ -1027,7 +1032,7 @@ def lm_loss_memory(
         chunk_size=chunk,
         copies=copies,
         chunked_bytes=copies * chunk * columns * 4 + stored,
-        naive_bytes=copies * tokens * columns * 4,
+        naive_bytes=NAIVE_LOSS_COPIES[kind] * tokens * columns * 4,
     )
 
 
@@ -1439,7 +1444,8 @@ def format_plan(result: Plan) -> str:
                 (
                     "loss, naive",
                     loss.naive_bytes,
-                    f"{loss.copies} × ({loss.tokens:,} tokens × {loss.vocab:,}) float32 "
+                    f"{loss.naive_bytes // max(loss.tokens * loss.vocab * 4, 1)} × "
+                    f"({loss.tokens:,} tokens × {loss.vocab:,}) float32 "
                     "(not used; for comparison)",
                 )
             )
