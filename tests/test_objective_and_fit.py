@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,16 @@ from kdistill.data import build
 from kdistill.losses import cross_entropy, kd_loss
 from kdistill.losses.objective import LossInputs, Objective
 from kdistill.models import build_model
-from kdistill.recipe import DataConfig, LossTerm, ModelSpec, Schedule, TrainConfig
+from kdistill.recipe import (
+    DataConfig,
+    LossTerm,
+    ModelSpec,
+    OptimizerConfig,
+    Schedule,
+    TrainConfig,
+)
 from kdistill.teachers import LiveTeacher
-from kdistill.train import fit, lr_factor
+from kdistill.train import fit, lr_factor, make_optimizer, uses_fused_kernel
 
 
 def _inputs() -> LossInputs:
@@ -81,6 +89,37 @@ def test_lr_factor_warmup_and_shapes() -> None:
     onecycle = LRScheduleConfig(name="onecycle")
     values = [lr_factor(onecycle, s, 100, 10) for s in range(100)]
     assert max(values) == pytest.approx(1.0, abs=0.05) and values[-1] < 0.01
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"name": "adamw", "lr": 0.01, "weight_decay": 0.05},
+        {"name": "adam", "lr": 0.01, "weight_decay": 0.01},
+        {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
+    ],
+)
+def test_fused_optimizer_takes_the_same_steps_as_the_reference(config: dict) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    reference = copy.deepcopy(model)
+    optimizer = make_optimizer(model, OptimizerConfig(**config))
+    assert optimizer.defaults["fused"] is True
+    cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+    kwargs = {k: v for k, v in config.items() if k != "name"}
+    reference_optimizer = cls[config["name"]](reference.parameters(), foreach=False, **kwargs)
+    for step in range(5):
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(step))
+        for net, opt in ((model, optimizer), (reference, reference_optimizer)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for fused_p, reference_p in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(fused_p, reference_p, rtol=1e-5, atol=1e-6)
+    moved = torch.nn.Linear(2, 2)
+    assert not uses_fused_kernel([])
+    assert not uses_fused_kernel([moved.weight.to_sparse()])
+    assert not uses_fused_kernel([moved.weight.long()])
 
 
 def test_grad_accumulation_gives_the_same_weights(shared_data: Path, tmp_path: Path) -> None:

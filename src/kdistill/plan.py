@@ -318,6 +318,8 @@ class _StageSpec:
 def _plan_stage(
     spec: _StageSpec, steps: int, device: torch.device, available: int, extra: int
 ) -> StagePlan:
+    from kdistill.train import uses_fused_kernel
+
     settings = spec.settings
     session = spec.build()
     try:
@@ -337,10 +339,14 @@ def _plan_stage(
         if optimizer.name == "sgd" and optimizer.momentum == 0:
             states = 0
         optimizer_bytes = states * gradient_bytes
-        # CUDA's default (foreach) Adam takes a temporary of every state at once; the
-        # CPU's loop one parameter at a time, two temporaries of it (the denominator)
+        # make_optimizer picks torch's fused kernels, which update in place; the
+        # foreach path takes a temporary of every state at once, the per-parameter
+        # loop two temporaries of the largest parameter (the denominator)
         largest = max((p.numel() * p.element_size() for p in trainable), default=0)
-        temp = 0 if states == 0 else gradient_bytes if device.type == "cuda" else 2 * largest
+        if states == 0 or uses_fused_kernel(trainable):
+            temp = 0
+        else:
+            temp = gradient_bytes if device.type == "cuda" else 2 * largest
         seconds = _time_steps(session, steps, device)
         probe = session.probe()
     finally:
