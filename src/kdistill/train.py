@@ -96,9 +96,7 @@ def make_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimi
             fused=fused,
         )
     optim_cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-    return optim_cls(
-        params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused
-    )
+    return optim_cls(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused)
 
 
 FUSED_DEVICES = ("cpu", "cuda")
