@@ -82,7 +82,7 @@ class FitResult:
 def make_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     """The recipe's optimizer over the trainable parameters, with torch's fused kernel
     where it applies: one pass over each parameter instead of a dozen elementwise ops.
-    On CPU that makes an AdamW step over a 15.6 M-parameter text student 9× faster
+    On CPU that makes an AdamW step over a 15.6 M-parameter text student 7-10× faster
     (BENCHMARKS.md §2); the arithmetic is the same to float rounding."""
     params = [p for p in model.parameters() if p.requires_grad]
     fused = uses_fused_kernel(params)
