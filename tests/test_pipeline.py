@@ -10,6 +10,7 @@ import yaml
 
 import kdistill
 from kdistill.cli import main
+from kdistill.errors import CacheError
 from kdistill.pipeline import baseline_terms
 from kdistill.recipe import LossTerm
 
@@ -149,3 +150,10 @@ def test_cache_dir_reuses_another_runs_teacher_logits(
     assert (cache / "logits.npy").stat().st_mtime_ns == written
     assert not (tmp_path / "second" / "cache").exists()
     assert (tmp_path / "second" / "distill" / "seed4" / "eval.json").is_file()
+    # the run's cache/ folder instead of the cache in it: the error names the subfolder,
+    # and nothing there is touched
+    tiny["teacher"]["cache_dir"] = str(first / "cache")
+    with pytest.raises(CacheError, match="caches in the subfolders teacher-seed0") as error:
+        kdistill.distill(tiny, output_dir=tmp_path / "third", quiet=True)
+    assert str(cache) in str(error.value)
+    assert (cache / "logits.npy").stat().st_mtime_ns == written

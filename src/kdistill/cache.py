@@ -76,6 +76,13 @@ def open_cache(
     manifest_path = folder / "manifest.json"
     rebuild = f"delete {folder} (or run `kdistill cache RECIPE --overwrite`) to rebuild it"
     if not manifest_path.is_file() or not (folder / "logits.npy").is_file():
+        inner = sorted(p.parent.name for p in folder.glob("*/manifest.json"))
+        if inner:  # a run's cache/ folder, one level above the caches themselves
+            raise CacheError(
+                f"teacher cache {folder} holds no cache itself but caches in the subfolders "
+                f"{', '.join(inner)}; point teacher.cache_dir at one of them, for example "
+                f"{folder / inner[0]}"
+            )
         raise CacheError(f"teacher cache {folder} is incomplete (no manifest or logits); {rebuild}")
     try:
         manifest = json.loads(manifest_path.read_text())
