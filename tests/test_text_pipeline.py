@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from kdistill.cli import main
@@ -118,3 +119,27 @@ def test_minilm2_student_with_hidden_and_relation_losses(
     teacher = json.loads((tmp_path / "run" / "teacher" / "seed0" / "eval.json").read_text())
     # four of six encoder layers (1.77M parameters each) gone; embeddings (11.7M) kept
     assert teacher["cost"]["params"] - distill["cost"]["params"] == 4 * 1_774_464
+    # each stage of a Hugging Face model is exported as a save_pretrained folder with its
+    # tokenizer; the fine-tuned teacher's folder is a `location` for a student built from
+    # its layers
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    from kdistill.models.hf import load_sequence_classifier, student_from_teacher
+
+    teacher_hf = tmp_path / "run" / "teacher" / "seed0" / "hf"
+    assert (teacher_hf / "tokenizer.json").is_file()
+    exported = AutoModelForSequenceClassification.from_pretrained(teacher_hf)
+    trained = load_file(tmp_path / "run" / "teacher" / "seed0" / "model.safetensors")
+    layer5 = "bert.encoder.layer.5.output.dense.weight"
+    assert torch.equal(exported.state_dict()[layer5], trained[f"hf.{layer5}"])
+    student_hf = tmp_path / "run" / "distill" / "seed0" / "hf"
+    assert (
+        AutoModelForSequenceClassification.from_pretrained(student_hf).config.num_hidden_layers == 2
+    )
+    source = load_sequence_classifier(str(teacher_hf), num_labels=2)
+    student = student_from_teacher(source, num_layers=2, layers=[2, 5])
+    copied = student.hf.state_dict()["bert.encoder.layer.1.output.dense.weight"]
+    assert torch.equal(copied, trained[f"hf.{layer5}"])
+    classifier = student.hf.state_dict()["classifier.weight"]
+    assert torch.equal(classifier, trained["hf.classifier.weight"])

@@ -9,6 +9,7 @@ Run folder:
     recipe.yaml  run.json  results.json  results.md  plots/
     teacher/seed0/   baseline/seed<k>/   distill/seed<k>/    each with
         model.safetensors  model.json  best.safetensors  eval.json  metrics.jsonl  checkpoints/
+        hf/   (Hugging Face models) the final weights as a save_pretrained folder + tokenizer
     cache/teacher-seed<k>/   teacher logits, when teacher.cache is on
 """
 
@@ -46,6 +47,7 @@ from kdistill.errors import CheckpointError, RunDirError, TrainingError
 from kdistill.evaluate import cost, predict, quality
 from kdistill.losses.objective import Objective, reads_teacher
 from kdistill.models import build_model
+from kdistill.models.hf import HFClassifier, save_hf
 from kdistill.recipe import DataConfig, LossTerm, ModelSpec, Recipe, TrainConfig
 from kdistill.report import write_report
 from kdistill.teachers import CachedTeacher, EnsembleTeacher, LiveTeacher, combine_members
@@ -481,6 +483,10 @@ def _finish_stage(
             evaluation["texts_truncated"] = data.truncated(model)
         stage_dir.mkdir(parents=True, exist_ok=True)
         save_weights(model, stage_dir / "model.safetensors")
+        if isinstance(model, HFClassifier):
+            # a folder transformers loads as is, and a `location` for a later recipe: a
+            # student built from this (fine-tuned) teacher's layers, or the teacher itself
+            save_hf(model, stage_dir / "hf", model.kdistill_tokenizer, overwrite=True)
         atomic_write_json(
             stage_dir / "model.json",
             {
