@@ -143,3 +143,51 @@ def test_minilm2_student_with_hidden_and_relation_losses(
     assert torch.equal(copied, trained[f"hf.{layer5}"])
     classifier = student.hf.state_dict()["classifier.weight"]
     assert torch.equal(classifier, trained["hf.classifier.weight"])
+
+
+@pytest.mark.slow
+def test_student_built_from_the_runs_own_teacher(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`location: teacher` copies the recipe's fine-tuned teacher (its layers, embeddings,
+    head and tokenizer), here loaded from teacher.checkpoint for a baseline-only run."""
+    from safetensors.torch import load_file
+
+    from kdistill.data import build
+    from kdistill.models.text_build import build_text_model
+    from kdistill.recipe import DataConfig, ModelSpec
+
+    monkeypatch.setenv("KDISTILL_DATA", str(shared_data))
+    for folder in "abc":
+        (tmp_path / folder).mkdir()
+    first = sst2_recipe(seeds=[0], stages=["teacher"], student=None)
+    first["data"]["text"].pop("transfer")
+    first["teacher"]["cache"] = False
+    assert run(first, tmp_path / "a") == 0
+    teacher_dir = tmp_path / "a" / "run" / "teacher" / "seed0"
+    student = {"name": "hf_student", "args": {"location": "teacher", "num_layers": 2}}
+    second = sst2_recipe(seeds=[0], stages=["baseline"], student={"model": student})
+    second["data"]["text"].pop("transfer")
+    second["teacher"]["checkpoint"] = str(teacher_dir)
+    second["train"]["optimizer"]["lr"] = 1e-12  # the trained weights stay the copied ones
+    assert run(second, tmp_path / "b") == 0
+    trained = load_file(teacher_dir / "model.safetensors")
+    baseline = load_file(tmp_path / "b" / "run" / "baseline" / "seed0" / "model.safetensors")
+    for mine, theirs in (
+        ("1.output.dense.weight", "3.output.dense.weight"),
+        ("0.attention.self.query.weight", "0.attention.self.query.weight"),
+    ):
+        prefix = "hf.bert.encoder.layer."
+        torch.testing.assert_close(baseline[prefix + mine], trained[prefix + theirs])
+    torch.testing.assert_close(baseline["hf.classifier.weight"], trained["hf.classifier.weight"])
+    # no teacher to copy: refused when the recipe loads, before anything runs
+    lonely = sst2_recipe(seeds=[0], stages=["baseline"], student={"model": student})
+    lonely.pop("teacher")
+    assert run(lonely, tmp_path / "c") == 2
+    # a teacher that is not a Hugging Face model: refused by name
+    data = build(DataConfig.model_validate(second["data"]), shared_data)
+    bilstm = build_text_model(
+        ModelSpec(name="bilstm", args={"embedding_dim": 8, "hidden_size": 4}), data, where="t"
+    )
+    with pytest.raises(Exception, match="needs a Hugging Face teacher"):
+        build_text_model(ModelSpec(**student), data, where="student.model", teacher=bilstm)

@@ -66,6 +66,8 @@ class Context:
     quiet: bool
     console: Console
     teacher_test: dict[int, torch.Tensor] = field(default_factory=dict)
+    # the main teacher of each teacher seed, for students built from its layers
+    teachers: dict[int, nn.Module] = field(default_factory=dict)
 
     @property
     def is_main(self) -> bool:
@@ -105,7 +107,9 @@ def run(
         _check_models(recipe, data)
         stages = set(recipe.stages)
         guides: dict[int, Guide] = {}
-        if recipe.teacher is not None and ({"teacher", "assistant", "distill"} & stages):
+        if recipe.teacher is not None and (
+            {"teacher", "assistant", "distill"} & stages or recipe.student_from_teacher
+        ):
             teacher_seeds = recipe.seeds if recipe.teacher.every_seed else recipe.seeds[:1]
             for seed in teacher_seeds:
                 guides[seed] = _teacher_stage(ctx, seed)
@@ -162,13 +166,16 @@ def refuse_fsdp(distributed_type: DistributedType) -> None:
 # ----------------------------------------------------------------------- stages
 
 
-def make_model(data: DataBundle | TextData, spec: ModelSpec, *, where: str) -> nn.Module:
-    """A model for this data: text models get their tokenizer (see models/text_build.py)."""
+def make_model(
+    data: DataBundle | TextData, spec: ModelSpec, *, where: str, teacher: nn.Module | None = None
+) -> nn.Module:
+    """A model for this data: text models get their tokenizer (see models/text_build.py);
+    `teacher` is the source of an `hf_student` built with `location: teacher`."""
     if data.is_text:
         from kdistill.models.text_build import build_text_model
 
         assert isinstance(data, TextData)
-        return build_text_model(spec, data, where=where)
+        return build_text_model(spec, data, where=where, teacher=teacher)
     return build_model(
         spec, input_shape=data.input_shape, num_classes=data.num_classes, where=where
     )
@@ -188,14 +195,18 @@ def _check_models(recipe: Recipe, data: DataBundle | TextData) -> None:
     not exist or shapes no projector bridges fail now and not after the teacher has trained
     for hours. Each stage seeds its own build, so this does not change any weights."""
     specs: list[tuple[ModelSpec, str]] = []
-    if recipe.teacher is not None and {"teacher", "assistant", "distill"} & set(recipe.stages):
+    if recipe.teacher is not None and (
+        {"teacher", "assistant", "distill"} & set(recipe.stages) or recipe.student_from_teacher
+    ):
         specs.append((recipe.teacher.model, "teacher.model"))
         specs += [(m.model, f"teacher.members.{m.name}.model") for m in recipe.teacher.members]
     if recipe.assistant is not None and "assistant" in recipe.stages:
         specs.append((recipe.assistant.model, "assistant.model"))
     if recipe.student is not None and {"baseline", "distill"} & set(recipe.stages):
         specs.append((recipe.student.model, "student.model"))
-    built = {where: make_model(data, spec, where=where) for spec, where in specs}
+    built: dict[str, nn.Module] = {}
+    for spec, where in specs:  # the teacher first: a student may be built from it
+        built[where] = make_model(data, spec, where=where, teacher=built.get("teacher.model"))
     objective = Objective(recipe.objective)
     if "distill" not in recipe.stages or not objective.feature_terms:
         return
@@ -237,6 +248,7 @@ def _teacher_stage(ctx: Context, seed: int) -> Guide:
     assert recipe.teacher is not None
     checkpoint = resolve_weights(recipe.teacher.checkpoint) if recipe.teacher.checkpoint else None
     models = {"main": _one_teacher(ctx, seed, "teacher", recipe.teacher.model, checkpoint)}
+    ctx.teachers[seed] = models["main"]
     for member in recipe.teacher.members:
         weights = resolve_weights(member.checkpoint) if member.checkpoint else None
         models[member.name] = _one_teacher(
@@ -297,7 +309,8 @@ def _student_stage(ctx: Context, stage: str, seed: int, *, guide: Guide | None) 
         spec, where = recipe.student.model, "student.model"
     stage_dir = ctx.run_dir / stage / f"seed{seed}"
     torch.manual_seed(seed)  # baseline and distill start from the same weights for a seed
-    model = make_model(ctx.data, spec, where=where)
+    teacher = ctx.teachers.get(seed) or next(iter(ctx.teachers.values()), None)
+    model = make_model(ctx.data, spec, where=where, teacher=teacher)
     if (stage_dir / "eval.json").exists() and (stage_dir / "model.safetensors").exists():
         if ctx.is_main:
             ctx.console.log(f"{stage} seed {seed}: finished earlier in {stage_dir}, skipping")

@@ -798,8 +798,14 @@ def _classifier_stage(
 
     def build() -> _Session:
         nonlocal order, worst
+        source = None
+        if where == "student.model" and recipe.student_from_teacher:
+            # an untrained copy of the teacher: the student copies its shapes, and the plan
+            # counts memory and time, not accuracy
+            source = make_model(stage_data, teacher_cfg.model, where="teacher.model")
         torch.manual_seed(seed)
-        model = make_model(stage_data, spec, where=where).to(device)
+        model = make_model(stage_data, spec, where=where, teacher=source).to(device)
+        del source
         signal: Any = None
         if reads_teacher:
             if cached:

@@ -409,6 +409,15 @@ class Recipe(Strict):
             raise ValueError("name at least one stage: teacher, baseline, distill")
         return stages
 
+    @property
+    def student_from_teacher(self) -> bool:
+        """Whether the student copies the recipe's teacher (hf_student, location: teacher)."""
+        return (
+            self.student is not None
+            and self.student.model.name == "hf_student"
+            and self.student.model.args.get("location") == "teacher"
+        )
+
     @model_validator(mode="after")
     def _check(self) -> Recipe:
         needs_teacher = "teacher" in self.stages or "distill" in self.stages
@@ -425,6 +434,15 @@ class Recipe(Strict):
             raise ValueError(
                 "the distill stage needs a trained teacher: add 'teacher' to stages "
                 "or set teacher.checkpoint"
+            )
+        if self.student_from_teacher and (
+            self.teacher is None
+            or ("teacher" not in self.stages and self.teacher.checkpoint is None)
+        ):
+            raise ValueError(
+                "student.model.args.location 'teacher' builds the student from the recipe's "
+                "trained teacher: add a 'teacher' section and either the 'teacher' stage or "
+                "teacher.checkpoint"
             )
         if (
             self.teacher is not None

@@ -5,9 +5,11 @@ Names a recipe may use with a text dataset:
     hf           args: location (folder, pkg://package/folder, or hub id), reset_head,
                  attn_implementation; tokenizer: the model's own unless `tokenizer` says
     hf_student   a smaller encoder of a pretrained one (DistilBERT-style): args: location
-                 (the pretrained source), num_layers, layers (which source layers to copy),
-                 hidden_size, intermediate_size, num_heads, init (teacher_layers |
-                 embeddings | random). Baseline and distill start from the same copy.
+                 (the pretrained source, or "teacher": the recipe's teacher as this run
+                 trained or loaded it, with its tokenizer), num_layers, layers (which
+                 source layers to copy), hidden_size, intermediate_size, num_heads, init
+                 (teacher_layers | embeddings | random). Baseline and distill start from
+                 the same copy.
     bilstm       Tang et al. (2019); textcnn: Kim (2014). args as in models/text.py, plus
                  embedding_from (a location: copy that model's token embeddings; the
                  tokenizer must then be that model's), vocab_min_freq, vocab_size.
@@ -28,6 +30,7 @@ from kdistill.data.text import VocabTokenizer
 from kdistill.data.text_task import TextData
 from kdistill.errors import ModelError
 from kdistill.models.hf import (
+    HFClassifier,
     load_sequence_classifier,
     load_tokenizer,
     resolve_model_location,
@@ -40,10 +43,29 @@ from kdistill.recipe import ModelSpec
 TEXT_ZOO = ("hf", "hf_student", "bilstm", "textcnn")
 
 
-def build_text_model(spec: ModelSpec, data: TextData, *, where: str) -> nn.Module:
+TEACHER_LOCATION = "teacher"  # hf_student's location naming the recipe's own teacher
+
+
+def build_text_model(
+    spec: ModelSpec, data: TextData, *, where: str, teacher: nn.Module | None = None
+) -> nn.Module:
+    """The model `spec` names, for this data. `teacher` is the recipe's teacher, which an
+    `hf_student` with `location: teacher` copies its layers from."""
     args: dict[str, Any] = dict(spec.args)
     id2label = dict(enumerate(data.class_names))
-    if spec.name in ("hf", "hf_student"):
+    if spec.name == "hf_student" and args.get("location") == TEACHER_LOCATION:
+        args.pop("location")
+        source = _teacher_source(teacher, where)
+        try:
+            model = student_from_teacher(source, where=where, **args)
+        except TypeError as exc:
+            raise ModelError(f"{where}.args: {exc}") from None
+        if spec.tokenizer is None:
+            tokenizer, key = source.kdistill_tokenizer, source.kdistill_tokenizer_key
+        else:
+            tokenizer = load_tokenizer(spec.tokenizer, where=f"{where}.tokenizer")
+            key = f"hf:{resolve_model_location(spec.tokenizer).target}"
+    elif spec.name in ("hf", "hf_student"):
         location = _location(args, where)
         source = load_sequence_classifier(
             location,
@@ -108,6 +130,21 @@ def build_text_model(spec: ModelSpec, data: TextData, *, where: str) -> nn.Modul
     model.kdistill_tokenizer = tokenizer  # type: ignore[assignment]
     model.kdistill_tokenizer_key = key  # type: ignore[assignment]
     return model
+
+
+def _teacher_source(teacher: nn.Module | None, where: str) -> HFClassifier:
+    if teacher is None:
+        raise ModelError(
+            f"{where}.args.location: 'teacher' copies the layers of the recipe's teacher, and "
+            "this recipe has none for the stage; add a teacher (trained by the teacher stage or "
+            "loaded from teacher.checkpoint), or name a model folder, pkg:// folder or hub id"
+        )
+    if not isinstance(teacher, HFClassifier):
+        raise ModelError(
+            f"{where}.args.location: 'teacher' needs a Hugging Face teacher (name: hf); the "
+            f"teacher is a {type(teacher).__name__}. Name a pretrained encoder instead"
+        )
+    return teacher
 
 
 def _location(args: dict[str, Any], where: str) -> str:
