@@ -83,11 +83,23 @@ def test_bilstm_from_minilm_with_transfer_set(
         record = json.loads(metrics_file.read_text().splitlines()[-1])
         assert record["tokens_per_second"] > 0 and 0 < record["data_share"] < 1
         assert 0 <= record["padding_share"] < 1 and record["samples_per_second"] > 0
+    # `kdistill cache` finds the run's cache (transfer texts included) up to date, and
+    # `kdistill eval` re-measures a text student from its folder alone
+    recipe_path = tmp_path / "recipe.yaml"
+    assert main(["cache", str(recipe_path), "--output-dir", str(tmp_path / "run")]) == 0
+    assert "up to date" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "run" / "distill" / "seed1"), "--json"]) == 0
+    measured = json.loads(capsys.readouterr().out)
+    recorded = json.loads((tmp_path / "run" / "distill" / "seed1" / "eval.json").read_text())
+    assert measured["test"]["accuracy"] == pytest.approx(recorded["test"]["accuracy"])
 
 
 @pytest.mark.slow
 def test_minilm2_student_with_hidden_and_relation_losses(
-    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shared_data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("KDISTILL_DATA", str(shared_data))
     recipe = sst2_recipe(seeds=[0], stages=["teacher", "distill"])
@@ -133,6 +145,11 @@ def test_minilm2_student_with_hidden_and_relation_losses(
     trained = load_file(tmp_path / "run" / "teacher" / "seed0" / "model.safetensors")
     layer5 = "bert.encoder.layer.5.output.dense.weight"
     assert torch.equal(exported.state_dict()[layer5], trained[f"hf.{layer5}"])
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run" / "distill" / "seed0"), "--json"]) == 0
+    measured = json.loads(capsys.readouterr().out)
+    assert measured["test"]["accuracy"] == pytest.approx(distill["test"]["accuracy"])
+    assert measured["cost"]["params"] == distill["cost"]["params"]
     student_hf = tmp_path / "run" / "distill" / "seed0" / "hf"
     assert (
         AutoModelForSequenceClassification.from_pretrained(student_hf).config.num_hidden_layers == 2

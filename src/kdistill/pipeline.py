@@ -658,16 +658,25 @@ def evaluate_checkpoint(
     if data_cfg is None:
         raise CheckpointError("say which data to evaluate on: --data SOURCE[:PATH]")
     bundle = build_data(data_cfg, data_dir)
-    net = build_model(
-        spec, input_shape=bundle.input_shape, num_classes=bundle.num_classes, where="model"
-    )
+    exported = weights.parent / "hf"
+    if model is None and spec.name in ("hf", "hf_student") and exported.is_dir():
+        # the stage's save_pretrained folder: it needs neither the source model nor, for
+        # a student built with `location: teacher`, the teacher
+        spec = ModelSpec(name="hf", args={"location": str(exported)})
+    net = make_model(bundle, spec, where="model")
     load_weights(net, weights)
     start = time.perf_counter()
-    logits = predict(net, bundle.test.x, to_input=bundle.to_input, batch_size=1000, device="cpu")
+    xs, to_input, order = bundle.eval_feed(net, "test")
+    logits = predict(net, xs, to_input=to_input, batch_size=256, device="cpu", order=order)
+    example = bundle.example_input(net)
     return {
         "checkpoint": str(weights),
         "test": quality(logits, bundle.test.y),
-        "cost": cost(net, input_shape=bundle.input_shape, device="cpu"),
+        "cost": (
+            cost(net, device="cpu", example_input=example)
+            if example is not None
+            else cost(net, input_shape=bundle.input_shape, device="cpu")
+        ),
         "seconds": round(time.perf_counter() - start, 3),
     }
 
@@ -693,13 +702,9 @@ def cache_teacher(
             f"no trained teacher at {weights}; run the teacher stage first "
             f"(kdistill run RECIPE --set stages=[teacher]) or set teacher.checkpoint"
         )
-    bundle = build_data(recipe.data, data_dir)
-    model = build_model(
-        recipe.teacher.model,
-        input_shape=bundle.input_shape,
-        num_classes=bundle.num_classes,
-        where="teacher.model",
-    )
+    # the rows the distill stage reads: with text, the transfer texts too
+    bundle = build_data(recipe.data, data_dir).for_distill()
+    model = make_model(bundle, recipe.teacher.model, where="teacher.model")
     load_weights(model, weights)
     folder = run_dir / "cache" / f"teacher-seed{seed}"
     sha = file_sha256(weights)
