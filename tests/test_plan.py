@@ -112,6 +112,67 @@ def test_plan_of_the_shakespeare_recipe_agrees_with_its_measurement(
     assert "time per step" in text and "estimated peak" in text
 
 
+def test_text_plan_times_ordinary_batches_and_measures_the_longest(
+    data_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SST-2 with a BiLSTM: the estimate within 25% of the measured peak, and the
+    timed steps are ordinary batches, not the batch of the longest texts (which once
+    stood for the whole epoch when --steps was 1)."""
+    overrides = [
+        "--set=data.limit_train=400",
+        "--set=data.limit_test=32",
+        "--set=data.text.transfer=null",
+        "--set=student.model.args={embedding_dim: 32, hidden_size: 16}",
+    ]
+    argv = ["plan", "sst2_bilstm_from_minilm", *overrides, "--stage", "baseline"]
+    assert main([*argv, "--steps", "2", "--measure", "--json"]) == 0
+    (stage,) = json.loads(capsys.readouterr().out)["stages"]
+    assert 0.75 <= stage["peak_bytes"] / stage["measured_peak_bytes"] <= 1.25
+    assert len(stage["step_seconds_all"]) == 2
+    assert stage["forward_bytes"] > 0  # the LSTM's output, held beside its per-step pieces
+
+
+def test_layer_tensors_count_only_what_autograd_does_not_save() -> None:
+    """A linear stack keeps nearly every layer's input and output for backward; only
+    the pre-activation is not (ReLU saves its output), and it lives until ReLU returns.
+    An LSTM's (B, T, 2H) output is not saved by anything: it is the transient."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    x = torch.randn(16, 32)
+    with SavedTensors([mlp]) as saved, planning.LayerTensors([mlp]) as layers:
+        saved.add(mlp(x))
+    assert layers.largest_unsaved(saved) == 16 * 64 * 4  # the (16, 64) pre-activation
+
+    lstm = torch.nn.LSTM(8, 16, batch_first=True, bidirectional=True)
+    x = torch.randn(4, 10, 8)
+    with SavedTensors([lstm]) as saved, planning.LayerTensors([lstm]) as layers:
+        output, _ = lstm(x)
+        saved.add(output.max(dim=1).values)
+    assert layers.largest_unsaved(saved) >= 4 * 10 * 32 * 4  # the output, float32
+
+
+def test_heaviest_step_is_run_untimed_after_the_warm_up() -> None:
+    calls: list[str] = []
+    session = planning._Session(
+        trained=torch.nn.Linear(1, 1),
+        teachers=[],
+        optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1),
+        step=lambda i: calls.append(f"step{i}"),
+        probe=lambda: planning._Probe(0, 0, 0, 0),
+        heaviest=lambda: calls.append("heaviest"),
+    )
+    real_sync = planning._synchronize
+    try:  # a timed step is what runs between two synchronizations
+        planning._synchronize = lambda device: calls.append("|")  # type: ignore[assignment]
+        assert len(planning._time_steps(session, 2, torch.device("cpu"))) == 2
+    finally:
+        planning._synchronize = real_sync
+    assert calls == ["step0", "heaviest", "|", "step1", "|", "|", "step2", "|"]
+    calls.clear()
+    planning.measure_peak(lambda: session, 2, torch.device("cpu"))
+    assert calls == ["step0", "heaviest", "step1", "step2"]
+
+
 # ------------------------------------------------------------- hand counts
 
 

@@ -23,7 +23,10 @@ For every stage that trains a model (teacher, assistant, baseline, seqkd, distil
 - an estimated peak: weights + optimizer state + the largest of the step's phases
 
       teacher forward  accumulated grads + teacher's largest layer in + out
-      forward + loss   accumulated grads + teacher output + activations + loss
+      forward + loss   accumulated grads + teacher output + activations + the larger
+                       of the loss and the largest input + output of one of the
+                       trained model's layers that autograd does not save
+                       (classifiers; LayerTensors: nn.LSTM's output, for one)
       backward         gradients + teacher output + activations walked in reverse,
                        each layer with its output's and input's gradients
                        (SavedTensors.backward_bytes)
@@ -162,6 +165,7 @@ class StagePlan:
     prefix: str = "train"  # YAML section of the stage's training settings
     chunk_setting: int | None = None  # its chunk_size, language models
     notes: list[str] = field(default_factory=list)
+    forward_bytes: int = 0  # measured: the largest layer input + output autograd did not save
 
     @property
     def stage_seconds(self) -> float:
@@ -286,6 +290,7 @@ class _Probe:
     activation_backward_bytes: int
     teacher_output_bytes: int
     teacher_forward_bytes: int
+    forward_bytes: int = 0  # the trained model's largest layer input + output not saved
 
 
 @dataclass
@@ -298,6 +303,10 @@ class _Session:
     step: Callable[[int], None]  # optimizer step i (0: the warm-up)
     probe: Callable[[], _Probe]
     close: Callable[[], None] = lambda: None
+    # one untimed step on the stage's largest inputs (the longest texts), run after the
+    # warm-up so the optimizer holds its state: the measured peak includes it, the
+    # step time does not (it would stand for every step of the epoch)
+    heaviest: Callable[[], None] | None = None
 
 
 @dataclass
@@ -364,6 +373,7 @@ def _plan_stage(
         "activations_backward": probe.activation_backward_bytes,
         "teacher_output": probe.teacher_output_bytes,
         "teacher_forward": probe.teacher_forward_bytes,
+        "forward": probe.forward_bytes,
         "loss": loss.chunked_bytes if loss is not None else 0,
     }
     phases = estimate_phases(parts, grad_accum=settings.grad_accum)
@@ -391,6 +401,7 @@ def _plan_stage(
         activation_backward_bytes=probe.activation_backward_bytes,
         teacher_output_bytes=probe.teacher_output_bytes,
         teacher_forward_bytes=probe.teacher_forward_bytes,
+        forward_bytes=probe.forward_bytes,
         loss=loss,
         cache=spec.cache,
         step_seconds=statistics.median(seconds),
@@ -414,13 +425,14 @@ def _plan_stage(
 def estimate_phases(parts: Mapping[str, int], *, grad_accum: int) -> dict[str, int]:
     """Estimated bytes of each phase of an optimizer step (module docstring), from the
     parts: weights, optimizer, gradients, optimizer_temp, activations, activations_backward,
-    teacher_output, teacher_forward, loss."""
+    teacher_output, teacher_forward, loss, and forward (optional: the trained model's
+    largest layer input + output, held beside the activations while that layer runs)."""
     static = parts["weights"] + parts["optimizer"]
     accumulated = parts["gradients"] if grad_accum > 1 else 0
     held = parts["teacher_output"] + parts["activations"]
     return {
         "teacher forward": static + accumulated + parts["teacher_forward"],
-        "forward + loss": static + accumulated + held + parts["loss"],
+        "forward + loss": static + accumulated + held + max(parts["loss"], parts.get("forward", 0)),
         "backward": static
         + parts["gradients"]
         + parts["teacher_output"]
@@ -439,8 +451,9 @@ def _weights(model: nn.Module) -> tuple[int, int, int]:
 
 
 def _time_steps(session: _Session, steps: int, device: torch.device) -> list[float]:
-    """Seconds of each of `steps` optimizer steps after one warm-up step."""
-    session.step(0)
+    """Seconds of each of `steps` optimizer steps after one warm-up step (and the
+    untimed heaviest step, where the stage has one)."""
+    _warm_up(session)
     seconds = []
     for i in range(1, steps + 1):
         _synchronize(device)
@@ -449,6 +462,12 @@ def _time_steps(session: _Session, steps: int, device: torch.device) -> list[flo
         _synchronize(device)
         seconds.append(time.perf_counter() - start)
     return seconds
+
+
+def _warm_up(session: _Session) -> None:
+    session.step(0)
+    if session.heaviest is not None:
+        session.heaviest()
 
 
 def _synchronize(device: torch.device) -> None:
@@ -468,7 +487,8 @@ def measure_peak(build: Callable[[], _Session], steps: int, device: torch.device
     def run() -> None:
         session = build()
         try:
-            for i in range(steps + 1):
+            _warm_up(session)
+            for i in range(1, steps + 1):
                 session.step(i)
             _synchronize(device)
         finally:
@@ -578,6 +598,45 @@ class SavedTensors:
 
     def __exit__(self, *exc: object) -> None:
         self._hooks.__exit__(*exc)
+
+
+class LayerTensors:
+    """The input and output tensors of every leaf module of `models` run inside the
+    block, kept (so no storage is reused) to be compared with what autograd saved.
+
+    `largest_unsaved(saved)`: the largest bytes of one layer's input + output that
+    autograd did not save, i.e. what the forward pass holds beside the activations
+    while that layer runs. Usually nothing: a linear layer's input is saved, its
+    output saved by the next layer. An nn.LSTM's output is not saved (only its
+    per-step pieces are), and it exists next to them until the layer returns."""
+
+    def __init__(self, models: list[nn.Module]) -> None:
+        self.models = models
+        self.layers: list[tuple[Any, Any]] = []
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> LayerTensors:
+        self.handles = [
+            module.register_forward_hook(lambda m, a, o: self.layers.append((a, o)))
+            for model in self.models
+            for module in model.modules()
+            if not list(module.children())
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def largest_unsaved(self, saved: SavedTensors) -> int:
+        held = set(saved.storages) | saved.skip
+        return max(
+            (_tensor_bytes((args, output), exclude=held) for args, output in self.layers),
+            default=0,
+        )
+
+    def clear(self) -> None:
+        self.layers.clear()
 
 
 @contextlib.contextmanager
@@ -868,7 +927,11 @@ def _classifier_stage(
             with largest_layer(teacher_models) as layer:
                 teacher_logits = signal(x_teacher, idx) if signal is not None else None
             teacher_output = _tensor_bytes(teacher_logits, _weight_storages(teacher_models))
-            with counter or contextlib.nullcontext(), _autocast(settings.precision, device):
+            with (
+                counter or contextlib.nullcontext(),
+                _autocast(settings.precision, device),
+                LayerTensors([trainee] if counter is not None else []) as layers,
+            ):
                 logits = trainee(**x) if isinstance(x, Mapping) else trainee(x)
                 mask = x.get("attention_mask") if isinstance(x, Mapping) else None
                 total, _ = objective(
@@ -880,14 +943,19 @@ def _classifier_stage(
             (total / settings.batch_size).backward()
             if counter is None:
                 return _Probe(0, 0, teacher_output, layer[0])
-            return _Probe(counter.bytes, counter.backward_bytes, teacher_output, layer[0])
+            forward = layers.largest_unsaved(counter)
+            layers.clear()
+            return _Probe(counter.bytes, counter.backward_bytes, teacher_output, layer[0], forward)
 
         def step(i: int) -> None:
+            run_step(_step_rows(order, i, settings.batch_size, steps_per_epoch))
+
+        def heaviest() -> None:
+            assert worst is not None
+            run_step(worst.repeat(settings.grad_accum))
+
+        def run_step(rows: Tensor) -> None:
             trainee.train()
-            rows = _step_rows(order, i, settings.batch_size, steps_per_epoch)
-            if i == 1 and worst is not None:
-                # the longest texts, once the optimizer holds its state: the worst step
-                rows = worst.repeat(settings.grad_accum)
             for idx in rows.chunk(settings.grad_accum):
                 micro_step(idx)
             if settings.grad_clip is not None:
@@ -910,6 +978,7 @@ def _classifier_stage(
             step,
             probe,
             close=objective.unbind,
+            heaviest=heaviest if worst is not None else None,
         )
 
     teacher_text = None
@@ -919,7 +988,7 @@ def _classifier_stage(
     if stage_data.is_text:
         notes.append(
             "activations measured on the micro-batch of the longest texts (the stage's worst "
-            "case); the first timed step runs them too"
+            "case); the step time is of ordinary batches, without that step"
         )
     return _StageSpec(
         name=name,
@@ -1285,7 +1354,13 @@ def advice(stage: StagePlan, spec: _StageSpec, parts: dict[str, int], budget: in
 
     # 1. smaller micro-batches: activations, teacher outputs and the loss scale with them
     batch = settings.batch_size
-    per_sample = ("activations", "activations_backward", "teacher_output", "teacher_forward")
+    per_sample = (
+        "activations",
+        "activations_backward",
+        "teacher_output",
+        "teacher_forward",
+        "forward",
+    )
     best = None
     for accum in range(stage.grad_accum + 1, batch + 1):
         if batch % accum:
@@ -1432,6 +1507,15 @@ def format_plan(result: Plan) -> str:
                     "teacher output",
                     stage.teacher_output_bytes,
                     "handed to the loss per micro-batch, measured",
+                )
+            )
+        if stage.forward_bytes:
+            rows.append(
+                (
+                    "forward",
+                    stage.forward_bytes,
+                    "transient: a layer's input + output that autograd does not save, "
+                    "largest of the trained model's, measured",
                 )
             )
         if stage.teacher_forward_bytes:

@@ -16,7 +16,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -103,7 +103,7 @@ FUSED_DEVICES = ("cpu", "cuda")
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def uses_fused_kernel(params: list[torch.Tensor]) -> bool:
+def uses_fused_kernel(params: Sequence[torch.Tensor]) -> bool:
     """Whether torch's fused optimizer kernels take these parameters: dense floating
     point tensors, all on one CPU or CUDA device. Anything else (sparse, MPS, a mix of
     devices) keeps the per-parameter implementation."""
