@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from kdistill.checkpoint import atomic_write_json, file_sha256
-from kdistill.data import DataBundle
+from kdistill.data import DataBundle, TextData
 from kdistill.errors import CacheError
 from kdistill.evaluate import predict
 
@@ -33,7 +33,7 @@ FORMAT_VERSION = 1
 def write_cache(
     folder: Path,
     teacher: nn.Module,
-    bundle: DataBundle,
+    bundle: DataBundle | TextData,
     *,
     teacher_sha256: str,
     dtype: str = "float32",
@@ -70,7 +70,7 @@ def write_cache(
 
 
 def open_cache(
-    folder: Path, *, teacher_sha256: str, bundle: DataBundle, verify: bool = True
+    folder: Path, *, teacher_sha256: str, bundle: DataBundle | TextData, verify: bool = True
 ) -> torch.Tensor:
     """The cached logits (N, C) as a memory-mapped tensor, after checking they fit this run."""
     manifest_path = folder / "manifest.json"

@@ -368,6 +368,7 @@ def _inspect(args: argparse.Namespace) -> str:
     from kdistill.taps import module_tree
 
     if args.model.endswith((".yaml", ".yml")):
+        from kdistill.data import TextData
         from kdistill.data import build as build_data
         from kdistill.recipe import load_recipe
 
@@ -377,6 +378,11 @@ def _inspect(args: argparse.Namespace) -> str:
             raise RecipeError(f"{args.model}: the recipe has no {args.role} section")
         spec = section.model
         data = build_data(recipe.data.model_copy(update={"limit_test": 1}), args.data_dir)
+        if isinstance(data, TextData):
+            raise RecipeError(
+                f"{args.model}: inspect builds image and tabular models; this recipe's data "
+                f"(source {recipe.data.source}) is text, and inspect does not build text models"
+            )
         input_shape, num_classes = data.input_shape, data.num_classes
         sample = data.to_input(data.train.x[:2])
     else:

@@ -198,6 +198,7 @@ def cost(
         )
     device = torch.device(device)
     _check_model_device(model, device)
+    inputs: torch.Tensor | dict[str, torch.Tensor]
     if example_input is not None:
         if (
             input_shape is not None

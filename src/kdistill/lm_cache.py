@@ -805,6 +805,7 @@ def _spec_mismatches(manifest: dict[str, Any], expect: TopKCacheSpec) -> list[st
     found = []
     for field in fields(TopKCacheSpec):
         expected = getattr(expect, field.name)
+        stored: object
         if field.name == "encoding":
             stored = _stored_encoding(manifest)
         elif field.name == "tail_samples":  # absent: a plain top-k cache

@@ -60,7 +60,7 @@ MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 class Context:
     recipe: Recipe
     run_dir: Path
-    data: DataBundle
+    data: DataBundle | TextData
     accelerator: Accelerator
     resume: bool
     quiet: bool
@@ -181,7 +181,7 @@ def make_model(
     )
 
 
-def sample_inputs(data: DataBundle | TextData, model: nn.Module, device: torch.device) -> Any:
+def sample_inputs(data: DataBundle | TextData, model: nn.Module, device: str | torch.device) -> Any:
     """A few training inputs for `model`, for the dry pass that sizes projectors."""
     rows = torch.arange(min(8, len(data.train)))
     if isinstance(data, TextData):
@@ -492,7 +492,7 @@ def _finish_stage(
             if example is not None
             else cost(model, input_shape=data.input_shape, device=device)
         )
-        if data.is_text:
+        if isinstance(data, TextData):
             evaluation["texts_truncated"] = data.truncated(model)
         stage_dir.mkdir(parents=True, exist_ok=True)
         save_weights(model, stage_dir / "model.safetensors")

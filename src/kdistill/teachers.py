@@ -10,7 +10,7 @@ be attached to them (empty for a cache).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +55,7 @@ class EnsembleTeacher:
         members: dict[str, nn.Module],
         *,
         combine: str = "logits",
-        weights: list[float] | str = "equal",
+        weights: list[float] | Literal["equal", "confidence"] = "equal",
         precision: str = "fp32",
     ) -> None:
         self.members = [LiveTeacher(m, precision=precision) for m in members.values()]
@@ -70,7 +70,9 @@ class EnsembleTeacher:
             member.to(device)
         return self
 
-    def __call__(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor | Mapping[str, torch.Tensor], indices: torch.Tensor
+    ) -> torch.Tensor:
         logits = torch.stack([member(x, indices) for member in self.members])  # (M, B, C)
         return combine_members(logits, combine=self.combine, weights=self.fixed)
 

@@ -49,7 +49,15 @@ from kdistill.recipe import LRScheduleConfig, OptimizerConfig, TrainConfig
 
 
 class TeacherSignal(Protocol):
-    def __call__(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor: ...
+    """Logits (B, C) for an input batch (a tensor, or token ids and masks by name) and the
+    batch's indices into the training split; `models` names the live modules (see
+    kdistill.teachers)."""
+
+    models: dict[str, nn.Module]
+
+    def __call__(
+        self, x: torch.Tensor | Mapping[str, torch.Tensor], indices: torch.Tensor
+    ) -> torch.Tensor: ...
 
 
 class Trainee(nn.Module):
@@ -279,7 +287,7 @@ def fit(
             epoch = state["epoch"]
             tick = time.perf_counter()
             shuffle = torch.Generator().manual_seed(seed * 1009 + epoch)
-            if data.is_text:  # batches of similar lengths (data.text.bucket_batches)
+            if isinstance(data, TextData):  # batches of similar lengths (bucket_batches)
                 order = data.train_order(student, batch, shuffle)
             else:
                 order = torch.randperm(n_train, generator=shuffle)
@@ -299,7 +307,9 @@ def fit(
                     with contextlib.nullcontext() if last else accelerator.no_sync(model):
                         built = time.perf_counter()
                         samples += len(idx)
-                        if data.is_text:  # each model reads its own tokenization
+                        x: torch.Tensor | dict[str, torch.Tensor]  # the student's input
+                        x_teacher: torch.Tensor | dict[str, torch.Tensor]
+                        if isinstance(data, TextData):  # each model reads its own tokenization
                             x = _to(data.batch(student, "train", idx), device)
                             tokens += int(x["attention_mask"].sum())
                             padded += x["attention_mask"].numel()

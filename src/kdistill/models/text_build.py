@@ -53,6 +53,9 @@ def build_text_model(
     `hf_student` with `location: teacher` copies its layers from."""
     args: dict[str, Any] = dict(spec.args)
     id2label = dict(enumerate(data.class_names))
+    model: nn.Module
+    tokenizer: Any  # a Hugging Face fast tokenizer or a VocabTokenizer
+    key: str
     if spec.name == "hf_student" and args.get("location") == TEACHER_LOCATION:
         args.pop("location")
         source = _teacher_source(teacher, where)
@@ -61,7 +64,9 @@ def build_text_model(
         except TypeError as exc:
             raise ModelError(f"{where}.args: {exc}") from None
         if spec.tokenizer is None:
-            tokenizer, key = source.kdistill_tokenizer, source.kdistill_tokenizer_key
+            tokenizer, source_key = source.kdistill_tokenizer, source.kdistill_tokenizer_key
+            assert isinstance(source_key, str)  # build_text_model built the teacher
+            key = source_key
         else:
             tokenizer = load_tokenizer(spec.tokenizer, where=f"{where}.tokenizer")
             key = f"hf:{resolve_model_location(spec.tokenizer).target}"
@@ -77,7 +82,7 @@ def build_text_model(
         )
         if spec.name == "hf_student":
             try:
-                model: nn.Module = student_from_teacher(source, where=where, **args)
+                model = student_from_teacher(source, where=where, **args)
             except TypeError as exc:
                 raise ModelError(f"{where}.args: {exc}") from None
         else:
@@ -127,7 +132,8 @@ def build_text_model(
             f"{where}.name: {spec.name!r} is not a text model; with a text dataset use one of "
             f"{', '.join(TEXT_ZOO)}"
         )
-    model.kdistill_tokenizer = tokenizer  # type: ignore[assignment]
+    model.kdistill_tokenizer = tokenizer
+    # torch annotates nn.Module.__setattr__ with Tensor | Module, but stores any value
     model.kdistill_tokenizer_key = key  # type: ignore[assignment]
     return model
 
