@@ -208,3 +208,37 @@ def test_student_built_from_the_runs_own_teacher(
     )
     with pytest.raises(Exception, match="needs a Hugging Face teacher"):
         build_text_model(ModelSpec(**student), data, where="student.model", teacher=bilstm)
+
+
+def test_inspect_lists_the_module_paths_of_text_models(
+    shared_data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`kdistill inspect RECIPE` on text recipes: the paths a tap names (here those of a
+    2-layer student built from the teacher, and of a BiLSTM), with output shapes from one
+    batch of real sentences in each model's own tokenization."""
+    monkeypatch.setenv("KDISTILL_DATA", str(shared_data))
+    student = {"name": "hf_student", "args": {"location": "teacher", "num_layers": 2}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(sst2_recipe(student={"model": student})))
+    assert main(["inspect", str(path), "--depth", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "hf_student: text (2 classes)" in out
+    assert "hf.bert.encoder.layer.1 " in out and "hf.bert.encoder.layer.2 " not in out
+    row = next(
+        line for line in out.splitlines() if line.startswith("          hf.bert.encoder.layer.1 ")
+    )
+    assert row.split()[1] == "BertLayer" and row.rstrip().endswith(", 384)")
+
+    assert main(["inspect", str(path), "--role", "teacher", "--depth", "5"]) == 0
+    assert "hf.bert.encoder.layer.5 " in capsys.readouterr().out
+
+    path.write_text(yaml.safe_dump(sst2_recipe()))
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "bilstm: text (2 classes)" in out
+    assert [line.split()[:2] for line in out.splitlines() if line.startswith("  lstm ")] == [
+        ["lstm", "LSTM"]
+    ]

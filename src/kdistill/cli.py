@@ -370,6 +370,7 @@ def _inspect(args: argparse.Namespace) -> str:
     if args.model.endswith((".yaml", ".yml")):
         from kdistill.data import TextData
         from kdistill.data import build as build_data
+        from kdistill.pipeline import make_model, sample_inputs
         from kdistill.recipe import load_recipe
 
         recipe = load_recipe(args.model)
@@ -379,10 +380,17 @@ def _inspect(args: argparse.Namespace) -> str:
         spec = section.model
         data = build_data(recipe.data.model_copy(update={"limit_test": 1}), args.data_dir)
         if isinstance(data, TextData):
-            raise RecipeError(
-                f"{args.model}: inspect builds image and tabular models; this recipe's data "
-                f"(source {recipe.data.source}) is text, and inspect does not build text models"
-            )
+            # each text model brings its tokenizer; a student built from the teacher
+            # (`location: teacher`) copies an untrained teacher here: same modules
+            source = None
+            if args.role == "student" and recipe.student_from_teacher:
+                assert recipe.teacher is not None
+                source = make_model(data, recipe.teacher.model, where="teacher.model")
+            where = f"{args.role}.model"
+            model = make_model(data, spec, where=where, teacher=source).eval()
+            header = f"{spec.name}: text ({data.num_classes} classes), a batch of 8 sentences"
+            sample = sample_inputs(data, model, "cpu")
+            return header + "\n" + module_tree(model, sample, max_depth=args.depth)
         input_shape, num_classes = data.input_shape, data.num_classes
         sample = data.to_input(data.train.x[:2])
     else:
