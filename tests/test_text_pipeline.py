@@ -164,10 +164,15 @@ def test_minilm2_student_with_hidden_and_relation_losses(
 
 @pytest.mark.slow
 def test_student_built_from_the_runs_own_teacher(
-    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shared_data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """`location: teacher` copies the recipe's fine-tuned teacher (its layers, embeddings,
-    head and tokenizer), here loaded from teacher.checkpoint for a baseline-only run."""
+    head and tokenizer), here loaded from teacher.checkpoint for a baseline-only run.
+    The bare encoder's "new head" note is said where the head is trained, not where
+    teacher.checkpoint replaces it."""
     from safetensors.torch import load_file
 
     from kdistill.data import build
@@ -181,6 +186,9 @@ def test_student_built_from_the_runs_own_teacher(
     first["data"]["text"].pop("transfer")
     first["teacher"]["cache"] = False
     assert run(first, tmp_path / "a") == 0
+    new_head = "has no sequence-classification head"
+    assert sum(new_head in r.getMessage() for r in caplog.records) == 1
+    caplog.clear()
     teacher_dir = tmp_path / "a" / "run" / "teacher" / "seed0"
     student = {"name": "hf_student", "args": {"location": "teacher", "num_layers": 2}}
     second = sst2_recipe(seeds=[0], stages=["baseline"], student={"model": student})
@@ -188,6 +196,7 @@ def test_student_built_from_the_runs_own_teacher(
     second["teacher"]["checkpoint"] = str(teacher_dir)
     second["train"]["optimizer"]["lr"] = 1e-12  # the trained weights stay the copied ones
     assert run(second, tmp_path / "b") == 0
+    assert not any(new_head in r.getMessage() for r in caplog.records)
     trained = load_file(teacher_dir / "model.safetensors")
     baseline = load_file(tmp_path / "b" / "run" / "baseline" / "seed0" / "model.safetensors")
     for mine, theirs in (

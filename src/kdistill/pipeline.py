@@ -15,6 +15,7 @@ Run folder:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as dt
 import json
@@ -47,7 +48,7 @@ from kdistill.errors import CheckpointError, RunDirError, TrainingError
 from kdistill.evaluate import cost, predict, quality
 from kdistill.losses.objective import Objective, reads_teacher
 from kdistill.models import build_model
-from kdistill.models.hf import HFClassifier, save_hf
+from kdistill.models.hf import HFClassifier, save_hf, weights_follow
 from kdistill.recipe import DataConfig, LossTerm, ModelSpec, Recipe, TrainConfig
 from kdistill.report import write_report
 from kdistill.teachers import CachedTeacher, EnsembleTeacher, LiveTeacher, combine_members
@@ -206,7 +207,8 @@ def _check_models(recipe: Recipe, data: DataBundle | TextData) -> None:
         specs.append((recipe.student.model, "student.model"))
     built: dict[str, nn.Module] = {}
     for spec, where in specs:  # the teacher first: a student may be built from it
-        built[where] = make_model(data, spec, where=where, teacher=built.get("teacher.model"))
+        with weights_follow():  # built to check, then thrown away: the stages say the notes
+            built[where] = make_model(data, spec, where=where, teacher=built.get("teacher.model"))
     objective = Objective(recipe.objective)
     if "distill" not in recipe.stages or not objective.feature_terms:
         return
@@ -268,7 +270,9 @@ def _one_teacher(
     # members get their own seeds, so two members of one architecture differ
     members = [m.name for m in recipe.teacher.members]
     torch.manual_seed(seed if stage == "teacher" else seed + 1000 * (members.index(stage[8:]) + 1))
-    model = make_model(ctx.data, spec, where=where)
+    trained = (stage_dir / "eval.json").exists() and (stage_dir / "model.safetensors").exists()
+    with weights_follow() if checkpoint is not None or trained else contextlib.nullcontext():
+        model = make_model(ctx.data, spec, where=where)
     if checkpoint is not None:
         try:
             load_weights(model, checkpoint)
@@ -285,7 +289,7 @@ def _one_teacher(
         if "teacher" in recipe.stages and not (stage_dir / "eval.json").exists():
             _finish_stage(ctx, stage, seed, model, spec, None, train_seconds=0.0)
         return model
-    if (stage_dir / "eval.json").exists() and (stage_dir / "model.safetensors").exists():
+    if trained:
         load_weights(model, stage_dir / "model.safetensors")
         if ctx.is_main:
             ctx.console.log(f"{stage} seed {seed}: already trained in {stage_dir}, reusing it")

@@ -26,6 +26,7 @@ implementation.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import importlib.util
 import logging
@@ -447,9 +448,25 @@ def load_sequence_classifier(
         )
     if info["unexpected_keys"]:
         notes.append(f"checkpoint weights not used: {', '.join(sorted(info['unexpected_keys']))}")
-    for note in notes:
-        log.warning("%s: %s", where, note)
+    if not _QUIET_NOTES.get():
+        for note in notes:
+            log.warning("%s: %s", where, note)
     return HFClassifier(hf, load_notes=notes)
+
+
+_QUIET_NOTES: contextvars.ContextVar[bool] = contextvars.ContextVar("quiet_notes", default=False)
+
+
+@contextlib.contextmanager
+def weights_follow() -> Iterator[None]:
+    """Models built inside the block do not log what loading changed (a new head): their
+    weights are replaced next (teacher.checkpoint, a stage trained earlier) or they are
+    built for a check and thrown away. The notes stay in `load_notes`."""
+    token = _QUIET_NOTES.set(True)
+    try:
+        yield
+    finally:
+        _QUIET_NOTES.reset(token)
 
 
 def load_tokenizer(
