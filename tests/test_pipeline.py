@@ -150,6 +150,13 @@ def test_cache_dir_reuses_another_runs_teacher_logits(
     assert (cache / "logits.npy").stat().st_mtime_ns == written
     assert not (tmp_path / "second" / "cache").exists()
     assert (tmp_path / "second" / "distill" / "seed4" / "eval.json").is_file()
+    # `kdistill cache` checks the same folder the run reads, and writes nothing elsewhere
+    path = tmp_path / "second.yaml"
+    path.write_text(yaml.safe_dump(tiny))
+    assert main(["cache", str(path), "--output-dir", str(tmp_path / "second")]) == 0
+    said = "".join(capsys.readouterr().err.split())  # rich wraps the long path
+    assert f"teachercache{cache}isuptodate" in said
+    assert not (tmp_path / "second" / "cache").exists()
     # the run's cache/ folder instead of the cache in it: the error names the subfolder,
     # and nothing there is touched
     tiny["teacher"]["cache_dir"] = str(first / "cache")

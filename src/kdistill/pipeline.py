@@ -418,9 +418,7 @@ def _teacher_signal(ctx: Context, guide: Guide) -> TeacherSignal:
             f"teacher weights {weights} are missing; cannot fingerprint the cache"
         )
     teacher_sha = file_sha256(weights)
-    folder = ctx.run_dir / "cache" / f"{guide.stage}-seed{guide.seed}"
-    if recipe.teacher.cache_dir is not None:
-        folder = Path(recipe.teacher.cache_dir)
+    folder = cache_folder(recipe, ctx.run_dir, guide.stage, guide.seed)
     hit = folder.exists()
     if ctx.is_main and not hit:
         manifest = write_cache(
@@ -441,6 +439,15 @@ def _teacher_signal(ctx: Context, guide: Guide) -> TeacherSignal:
             "(teacher weights and data match; no teacher pass)"
         )
     return CachedTeacher(cache).to(device)
+
+
+def cache_folder(recipe: Recipe, run_dir: Path, stage: str, seed: int) -> Path:
+    """Where a stage's teacher logits are cached: teacher.cache_dir when the recipe names
+    one (a cache written by another run), else <run>/cache/<stage>-seed<k>."""
+    assert recipe.teacher is not None
+    if recipe.teacher.cache_dir is not None:
+        return Path(recipe.teacher.cache_dir)
+    return run_dir / "cache" / f"{stage}-seed{seed}"
 
 
 def _finish_stage(
@@ -708,15 +715,21 @@ def cache_teacher(
         )
     # the rows the distill stage reads: with text, the transfer texts too
     bundle = build_data(recipe.data, data_dir).for_distill()
-    model = make_model(bundle, recipe.teacher.model, where="teacher.model")
-    load_weights(model, weights)
-    folder = run_dir / "cache" / f"teacher-seed{seed}"
+    folder = cache_folder(recipe, run_dir, "teacher", seed)
     sha = file_sha256(weights)
     if folder.exists() and not overwrite:
         open_cache(folder, teacher_sha256=sha, bundle=bundle)  # refuses a stale one
         return {"folder": str(folder), "reused": True}
+    with weights_follow():
+        model = make_model(bundle, recipe.teacher.model, where="teacher.model")
+    load_weights(model, weights)
     manifest = write_cache(
-        folder, model, bundle, teacher_sha256=sha, dtype=recipe.teacher.cache_dtype
+        folder,
+        model,
+        bundle,
+        teacher_sha256=sha,
+        dtype=recipe.teacher.cache_dtype,
+        batch_size=recipe.train.eval_batch_size,
     )
     return {"folder": str(folder), "reused": False, **manifest}
 
