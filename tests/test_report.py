@@ -256,6 +256,19 @@ def test_print_table(run_dir):
         assert expected in text
 
 
+def test_print_table_to_a_log_file_is_markdown(run_dir):
+    """Not a terminal (a run under nohup, CI): rich would cut every cell of a 12-column
+    table to 80 columns; the log gets the markdown rows, every value whole."""
+    import io
+
+    out = io.StringIO()
+    print_table(write_report(run_dir), Console(file=out))  # a file: not a terminal
+    lines = out.getvalue().splitlines()
+    assert "| stage | seeds | test accuracy % |" in lines[1]
+    assert any(line.startswith("| distill |") and "98.25 ± 0.35" in line for line in lines)
+    assert not any("…" in line for line in lines)
+
+
 def test_curves_from_trainer_lines(tmp_path):
     """The trainer writes one train line per epoch that carries val_accuracy."""
     run = tmp_path / "run"

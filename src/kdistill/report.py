@@ -398,23 +398,39 @@ def markdown_table(columns: tuple[str, ...], rows: list[list[str]]) -> list[str]
 
 
 def print_table(results: dict[str, Any], console: Console) -> None:
-    """Print the tables of results.md to a terminal with rich."""
-    table = Table(title=f"Results: {results['recipe'] or 'unnamed recipe'}")
-    for i, column in enumerate(COLUMNS):
-        table.add_column(column, justify="left" if i == 0 else "right")
-    for row in table_rows(results):
-        table.add_row(*row)
-    console.print(table)
+    """Print the tables of results.md: with rich on a terminal, as markdown elsewhere."""
+    title = f"Results: {results['recipe'] or 'unnamed recipe'}"
+    show_table(console, title, COLUMNS, table_rows(results))
     console.print(gap_line(results))
     rows = best_rows(results)
     if rows:
-        best = Table(title="Best-on-validation checkpoints", caption=BEST_SENTENCE)
-        for i, column in enumerate(BEST_COLUMNS):
-            best.add_column(column, justify="left" if i == 0 else "right")
-        for row in rows:
-            best.add_row(*row)
-        console.print(best)
+        show_table(
+            console, "Best-on-validation checkpoints", BEST_COLUMNS, rows, caption=BEST_SENTENCE
+        )
         console.print(gap_line(results, best=True))
+
+
+def show_table(
+    console: Console,
+    title: str,
+    columns: tuple[str, ...],
+    rows: list[list[str]],
+    *,
+    caption: str | None = None,
+) -> None:
+    """A rich table on a terminal. In a log file (not a terminal, 80 columns by default)
+    rich would cut every cell to a few characters, so the markdown table goes there."""
+    if not console.is_terminal:
+        lines = [title, *markdown_table(columns, rows)] + ([caption] if caption else [])
+        for line in lines:
+            console.print(line, soft_wrap=True, markup=False, highlight=False)
+        return
+    table = Table(title=title, caption=caption)
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
 
 
 def format_value(value: Any, fmt: str | Callable[[Any], str]) -> str:

@@ -19,7 +19,6 @@ from typing import Any
 
 import yaml
 from rich.console import Console
-from rich.table import Table
 
 from kdistill.report import (
     collect,
@@ -27,6 +26,7 @@ from kdistill.report import (
     format_si,
     format_value,
     markdown_table,
+    show_table,
     write_atomic,
 )
 
@@ -195,13 +195,11 @@ def write_lm_report(run_dir: str | Path) -> dict[str, Any]:
 
 
 def print_lm_table(results: dict[str, Any], console: Console) -> None:
-    table = Table(
-        title=f"Results: {results['recipe'] or 'unnamed recipe'}",
+    show_table(
+        console,
+        f"Results: {results['recipe'] or 'unnamed recipe'}",
+        COLUMNS,
+        table_rows(results),
         caption=results.get("split_sentence", SPLIT_SENTENCE),
     )
-    for i, column in enumerate(COLUMNS):
-        table.add_column(column, justify="left" if i == 0 else "right")
-    for row in table_rows(results):
-        table.add_row(*row)
-    console.print(table)
     console.print(gap_line(results))
