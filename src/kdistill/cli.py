@@ -370,7 +370,7 @@ def _inspect(args: argparse.Namespace) -> str:
     if args.model.endswith((".yaml", ".yml")):
         from kdistill.data import TextData
         from kdistill.data import build as build_data
-        from kdistill.pipeline import make_model, sample_inputs
+        from kdistill.pipeline import make_model, sample_inputs, untrained_teacher_source
         from kdistill.recipe import load_recipe
 
         recipe = load_recipe(args.model)
@@ -380,13 +380,10 @@ def _inspect(args: argparse.Namespace) -> str:
         spec = section.model
         data = build_data(recipe.data.model_copy(update={"limit_test": 1}), args.data_dir)
         if isinstance(data, TextData):
-            # each text model brings its tokenizer; a student built from the teacher
-            # (`location: teacher`) copies an untrained teacher here: same modules
-            source = None
-            if args.role == "student" and recipe.student_from_teacher:
-                assert recipe.teacher is not None
-                source = make_model(data, recipe.teacher.model, where="teacher.model")
+            # each text model brings its tokenizer; a student built from the teacher's
+            # layers (`location: teacher`) has the same modules from an untrained one
             where = f"{args.role}.model"
+            source = untrained_teacher_source(recipe, data, where)
             model = make_model(data, spec, where=where, teacher=source).eval()
             header = f"{spec.name}: text ({data.num_classes} classes), a batch of 8 sentences"
             sample = sample_inputs(data, model, "cpu")

@@ -441,6 +441,29 @@ def _teacher_signal(ctx: Context, guide: Guide) -> TeacherSignal:
     return CachedTeacher(cache).to(device)
 
 
+def data_cost(
+    data: DataBundle | TextData, model: nn.Module, device: str | torch.device
+) -> dict[str, Any]:
+    """evaluate.cost on this data's input: real token ids for text, a random batch of
+    the input shape otherwise."""
+    example = data.example_input(model)
+    if example is not None:
+        return cost(model, device=device, example_input=example)
+    return cost(model, input_shape=data.input_shape, device=device)
+
+
+def untrained_teacher_source(
+    recipe: Recipe, data: DataBundle | TextData, where: str
+) -> nn.Module | None:
+    """For a build that only needs shapes (plan, inspect): an untrained teacher for a
+    student built from the teacher's layers (`location: teacher`), else None."""
+    if where != "student.model" or not recipe.student_from_teacher:
+        return None
+    assert recipe.teacher is not None
+    with weights_follow():
+        return make_model(data, recipe.teacher.model, where="teacher.model")
+
+
 def cache_folder(recipe: Recipe, run_dir: Path, stage: str, seed: int) -> Path:
     """Where a stage's teacher logits are cached: teacher.cache_dir when the recipe names
     one (a cache written by another run), else <run>/cache/<stage>-seed<k>."""
@@ -497,12 +520,7 @@ def _finish_stage(
         evaluation["best"] = {"epoch": best_epoch, **measure(best_model)}
     evaluation["train_seconds"] = round(train_seconds, 3)
     if ctx.is_main:
-        example = data.example_input(model)
-        evaluation["cost"] = (
-            cost(model, device=device, example_input=example)
-            if example is not None
-            else cost(model, input_shape=data.input_shape, device=device)
-        )
+        evaluation["cost"] = data_cost(data, model, device)
         if isinstance(data, TextData):
             evaluation["texts_truncated"] = data.truncated(model)
         stage_dir.mkdir(parents=True, exist_ok=True)
@@ -679,15 +697,10 @@ def evaluate_checkpoint(
     start = time.perf_counter()
     xs, to_input, order = bundle.eval_feed(net, "test")
     logits = predict(net, xs, to_input=to_input, batch_size=256, device="cpu", order=order)
-    example = bundle.example_input(net)
     return {
         "checkpoint": str(weights),
         "test": quality(logits, bundle.test.y),
-        "cost": (
-            cost(net, device="cpu", example_input=example)
-            if example is not None
-            else cost(net, input_shape=bundle.input_shape, device="cpu")
-        ),
+        "cost": data_cost(bundle, net, "cpu"),
         "seconds": round(time.perf_counter() - start, 3),
     }
 

@@ -616,12 +616,7 @@ class LayerTensors:
         self.handles: list[Any] = []
 
     def __enter__(self) -> LayerTensors:
-        self.handles = [
-            module.register_forward_hook(lambda m, a, o: self.layers.append((a, o)))
-            for model in self.models
-            for module in model.modules()
-            if not list(module.children())
-        ]
+        self.handles = _hook_leaves(self.models, lambda m, a, o: self.layers.append((a, o)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -648,17 +643,22 @@ def largest_layer(models: list[nn.Module]) -> Iterator[list[int]]:
     def hook(module: nn.Module, args: Any, output: Any) -> None:
         found[0] = max(found[0], _tensor_bytes(args) + _tensor_bytes(output))
 
-    handles = [
-        module.register_forward_hook(hook)
-        for model in models
-        for module in model.modules()
-        if not list(module.children())
-    ]
+    handles = _hook_leaves(models, hook)
     try:
         yield found
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _hook_leaves(models: list[nn.Module], hook: Callable[..., None]) -> list[Any]:
+    """A forward hook on every leaf module of `models`; returns the handles."""
+    return [
+        module.register_forward_hook(hook)
+        for model in models
+        for module in model.modules()
+        if not list(module.children())
+    ]
 
 
 def _tensor_bytes(value: Any, exclude: set[int] | None = None) -> int:
@@ -824,7 +824,7 @@ def _classifier_stage(
 ) -> _StageSpec:
     """One classifier stage as the pipeline runs it (kdistill.pipeline, kdistill.train)."""
     from kdistill.losses.objective import LossInputs, Objective
-    from kdistill.pipeline import make_model, sample_inputs
+    from kdistill.pipeline import make_model, sample_inputs, untrained_teacher_source
     from kdistill.teachers import CachedTeacher, EnsembleTeacher, LiveTeacher
     from kdistill.train import Trainee, make_optimizer
 
@@ -857,11 +857,8 @@ def _classifier_stage(
 
     def build() -> _Session:
         nonlocal order, worst
-        source = None
-        if where == "student.model" and recipe.student_from_teacher:
-            # an untrained copy of the teacher: the student copies its shapes, and the plan
-            # counts memory and time, not accuracy
-            source = make_model(stage_data, teacher_cfg.model, where="teacher.model")
+        # the plan counts memory and time, not accuracy: an untrained teacher will do
+        source = untrained_teacher_source(recipe, stage_data, where)
         torch.manual_seed(seed)
         model = make_model(stage_data, spec, where=where, teacher=source).to(device)
         del source

@@ -27,6 +27,9 @@ from pydantic import (
 
 from kdistill.errors import RecipeError
 
+# hf_student's `location` naming the recipe's own teacher (models/text_build.py)
+TEACHER_LOCATION = "teacher"
+
 _Schema = TypeVar("_Schema", bound=BaseModel)
 
 StageName = Literal["teacher", "assistant", "baseline", "distill"]
@@ -415,7 +418,7 @@ class Recipe(Strict):
         return (
             self.student is not None
             and self.student.model.name == "hf_student"
-            and self.student.model.args.get("location") == "teacher"
+            and self.student.model.args.get("location") == TEACHER_LOCATION
         )
 
     @model_validator(mode="after")

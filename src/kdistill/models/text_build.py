@@ -38,12 +38,9 @@ from kdistill.models.hf import (
     token_embedding_matrix,
 )
 from kdistill.models.text import bilstm, textcnn
-from kdistill.recipe import ModelSpec
+from kdistill.recipe import TEACHER_LOCATION, ModelSpec
 
 TEXT_ZOO = ("hf", "hf_student", "bilstm", "textcnn")
-
-
-TEACHER_LOCATION = "teacher"  # hf_student's location naming the recipe's own teacher
 
 
 def build_text_model(
