@@ -321,6 +321,29 @@ def test_saved_tensors_count_what_autograd_keeps_once_and_not_weights() -> None:
     assert saved.backward_bytes == 3200 + 1600 + 2 * 1600
 
 
+def test_backward_counts_each_gradient_from_where_it_is_written() -> None:
+    """The embedding's gradient is written last, after the linear layer's backward has
+    run: it is not counted next to that layer's activations."""
+    torch.manual_seed(0)
+    embed = torch.nn.Embedding(1000, 64)  # weight 256,000 bytes
+    layer = torch.nn.Linear(64, 64)  # weight + bias 16,640 bytes
+    idx = torch.randint(0, 1000, (512,))  # 4,096 bytes, saved by the embedding
+    with SavedTensors([embed, layer]) as saved:
+        out = layer(embed(idx))  # the linear layer saves the embedding's output: 131,072
+    with saved.gradients_during(iter([*embed.parameters(), *layer.parameters()])):
+        out.sum().backward()
+    assert saved.bytes == 4096 + 131072
+    # walk at the linear layer's input: held 4,096 + 131,072, its gradients 2 × 131,072,
+    # the linear layer's own gradients just written; the embedding's not yet
+    at_linear = 4096 + 131072 + 2 * 131072 + 16640
+    # walk at the indices: the embedding's gradient too, nothing else held
+    at_indices = 4096 + 256000 + 16640
+    assert saved.backward_with_gradients == max(at_linear, at_indices) == at_linear
+    assert saved.backward_bytes == 4096 + 131072 + 2 * 131072
+    # the former estimate: every gradient next to the whole walk
+    assert saved.backward_with_gradients < saved.backward_bytes + 256000 + 16640
+
+
 @pytest.mark.parametrize(("kind", "chunk"), [("kl", 128), ("jsd", 128), ("kl", None)])
 def test_lm_loss_memory_matches_the_measured_loss(kind: str, chunk: int | None) -> None:
     """LOSS_COPIES against the real chunked loss's peak, measured from allocations."""

@@ -27,9 +27,10 @@ For every stage that trains a model (teacher, assistant, baseline, seqkd, distil
                        of the loss and the largest input + output of one of the
                        trained model's layers that autograd does not save
                        (classifiers; LayerTensors: nn.LSTM's output, for one)
-      backward         gradients + teacher output + activations walked in reverse,
-                       each layer with its output's and input's gradients
-                       (SavedTensors.backward_bytes)
+      backward         teacher output + activations walked in reverse, each layer
+                       with its output's and input's gradients, plus the parameter
+                       gradients written by then (SavedTensors: measured where the
+                       backward pass writes each; all of them with grad_accum > 1)
       optimizer step   gradients + the optimizer's temporaries
 
   ("accumulated grads" only with train.grad_accum > 1: the earlier micro-batches'),
@@ -166,6 +167,9 @@ class StagePlan:
     chunk_setting: int | None = None  # its chunk_size, language models
     notes: list[str] = field(default_factory=list)
     forward_bytes: int = 0  # measured: the largest layer input + output autograd did not save
+    # measured: activation_backward_bytes with each parameter's gradient counted from
+    # where the backward pass writes it (SavedTensors.backward_with_gradients)
+    backward_bytes: int | None = None
 
     @property
     def stage_seconds(self) -> float:
@@ -291,6 +295,8 @@ class _Probe:
     teacher_output_bytes: int
     teacher_forward_bytes: int
     forward_bytes: int = 0  # the trained model's largest layer input + output not saved
+    # activations + the parameter gradients written so far, over the backward walk
+    backward_bytes: int | None = None
 
 
 @dataclass
@@ -376,6 +382,8 @@ def _plan_stage(
         "forward": probe.forward_bytes,
         "loss": loss.chunked_bytes if loss is not None else 0,
     }
+    if probe.backward_bytes is not None:
+        parts["backward"] = probe.backward_bytes
     phases = estimate_phases(parts, grad_accum=settings.grad_accum)
     peak_phase = max(phases, key=lambda name: phases[name])
     peak = phases[peak_phase]
@@ -402,6 +410,7 @@ def _plan_stage(
         teacher_output_bytes=probe.teacher_output_bytes,
         teacher_forward_bytes=probe.teacher_forward_bytes,
         forward_bytes=probe.forward_bytes,
+        backward_bytes=probe.backward_bytes,
         loss=loss,
         cache=spec.cache,
         step_seconds=statistics.median(seconds),
@@ -425,18 +434,21 @@ def _plan_stage(
 def estimate_phases(parts: Mapping[str, int], *, grad_accum: int) -> dict[str, int]:
     """Estimated bytes of each phase of an optimizer step (module docstring), from the
     parts: weights, optimizer, gradients, optimizer_temp, activations, activations_backward,
-    teacher_output, teacher_forward, loss, and forward (optional: the trained model's
-    largest layer input + output, held beside the activations while that layer runs)."""
+    teacher_output, teacher_forward, loss; forward (optional: the trained model's
+    largest layer input + output, held beside the activations while that layer runs);
+    backward (optional: activations_backward with each gradient counted from where the
+    backward pass writes it; used without accumulation, where no gradient exists before
+    the backward pass)."""
     static = parts["weights"] + parts["optimizer"]
     accumulated = parts["gradients"] if grad_accum > 1 else 0
     held = parts["teacher_output"] + parts["activations"]
+    backward = parts["gradients"] + parts["activations_backward"]
+    if grad_accum == 1 and "backward" in parts:
+        backward = parts["backward"]
     return {
         "teacher forward": static + accumulated + parts["teacher_forward"],
         "forward + loss": static + accumulated + held + max(parts["loss"], parts.get("forward", 0)),
-        "backward": static
-        + parts["gradients"]
-        + parts["teacher_output"]
-        + parts["activations_backward"],
+        "backward": static + parts["teacher_output"] + backward,
         "optimizer step": static + parts["gradients"] + parts["optimizer_temp"],
     }
 
@@ -558,27 +570,45 @@ class SavedTensors:
     still held and, when the tensor takes a gradient (an activation, not an input, a mask
     or indices), the gradients of that layer's output and input exist too, about two
     more of its size: max_i (s_1 + ... + s_i + 2 s_i [s_i takes a gradient]).
+
+    `gradients_during(parameters)` around the backward call records where in that walk
+    each parameter's gradient is first written (the smallest saved position unpacked so
+    far when its gradient accumulates). `backward_with_gradients` then adds to each step
+    of the walk only the gradients written by then: a word embedding's gradient, written
+    last, is not counted next to the activations of the first layers' backward.
     """
 
     def __init__(self, exclude: list[nn.Module]) -> None:
         self.skip = _weight_storages(exclude)
         # storage -> (bytes, whether a tensor on it takes a gradient), in the order saved
         self.storages: dict[int, tuple[int, bool]] = {}
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self.positions: dict[int, int] = {}  # storage -> its index in `storages`
+        self.walk: float = float("inf")  # smallest saved position the backward has read
+        self.gradients: list[tuple[float, int]] = []  # (walk position when written, bytes)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
-    def _pack(self, tensor: Tensor) -> Tensor:
-        self.add(tensor)
+    def _pack(self, tensor: Tensor) -> tuple[int | None, Tensor]:
+        return self.add(tensor), tensor
+
+    def _unpack(self, packed: tuple[int | None, Tensor]) -> Tensor:
+        position, tensor = packed
+        if position is not None:
+            self.walk = min(self.walk, position)
         return tensor
 
-    def add(self, tensor: Any) -> None:
-        """Count a tensor held outside autograd's saved set (a model's output)."""
+    def add(self, tensor: Any) -> int | None:
+        """Count a tensor held outside autograd's saved set (a model's output); returns
+        its storage's position in the saved order (None: not counted)."""
         if not isinstance(tensor, Tensor) or tensor.is_sparse or tensor.device.type == "meta":
-            return
+            return None
         storage = tensor.untyped_storage()
         key = storage.data_ptr()
-        if key and key not in self.skip:
-            _, grad = self.storages.get(key, (0, False))
-            self.storages[key] = (storage.nbytes(), grad or tensor.requires_grad)
+        if not key or key in self.skip:
+            return None
+        _, grad = self.storages.get(key, (0, False))
+        self.positions.setdefault(key, len(self.storages))
+        self.storages[key] = (storage.nbytes(), grad or tensor.requires_grad)
+        return self.positions[key]
 
     @property
     def bytes(self) -> int:
@@ -586,11 +616,45 @@ class SavedTensors:
 
     @property
     def backward_bytes(self) -> int:
+        return self._walk_peak(lambda position: 0)
+
+    @property
+    def backward_with_gradients(self) -> int:
+        """`backward_bytes` plus, at each step of the walk, the parameter gradients
+        written by then (needs `gradients_during` around the backward call)."""
+
+        def gradients_at(position: int) -> int:
+            return sum(size for where, size in self.gradients if where >= position)
+
+        return max(self._walk_peak(gradients_at), gradients_at(0))
+
+    def _walk_peak(self, gradients_at: Callable[[int], int]) -> int:
         held, peak = 0, 0
-        for size, grad in self.storages.values():
+        for position, (size, grad) in enumerate(self.storages.values()):
             held += size
-            peak = max(peak, held + (2 * size if grad else 0))
+            peak = max(peak, held + (2 * size if grad else 0) + gradients_at(position))
         return peak
+
+    @contextlib.contextmanager
+    def gradients_during(self, parameters: Iterator[nn.Parameter]) -> Iterator[None]:
+        """Record where each of `parameters` first gets its gradient in the backward
+        pass run inside the block (the parameters start without gradients)."""
+        seen: set[int] = set()
+
+        def written(param: Tensor) -> None:
+            if id(param) not in seen:
+                seen.add(id(param))
+                self.gradients.append((self.walk, param.numel() * param.element_size()))
+
+        self.walk = float("inf")
+        handles = [
+            p.register_post_accumulate_grad_hook(written) for p in parameters if p.requires_grad
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def __enter__(self) -> SavedTensors:
         self._hooks.__enter__()
@@ -937,12 +1001,21 @@ def _classifier_stage(
                 )
             if counter is not None:
                 counter.add(logits)
-            (total / settings.batch_size).backward()
             if counter is None:
+                (total / settings.batch_size).backward()
                 return _Probe(0, 0, teacher_output, layer[0])
+            with counter.gradients_during(trainee.parameters()):
+                (total / settings.batch_size).backward()
             forward = layers.largest_unsaved(counter)
             layers.clear()
-            return _Probe(counter.bytes, counter.backward_bytes, teacher_output, layer[0], forward)
+            return _Probe(
+                counter.bytes,
+                counter.backward_bytes,
+                teacher_output,
+                layer[0],
+                forward,
+                counter.backward_with_gradients,
+            )
 
         def step(i: int) -> None:
             run_step(_step_rows(order, i, settings.batch_size, steps_per_epoch))
@@ -1282,10 +1355,18 @@ def _lm_stage(
                 vocab_size=data.vocab_size,
                 chunk_size=settings.chunk_size,
             )
-            (total * scale).backward()
             if counter is None:
+                (total * scale).backward()
                 return _Probe(0, 0, handed, layer[0])
-            return _Probe(counter.bytes, counter.backward_bytes, handed, layer[0])
+            with counter.gradients_during(model.parameters()):
+                (total * scale).backward()
+            return _Probe(
+                counter.bytes,
+                counter.backward_bytes,
+                handed,
+                layer[0],
+                backward_bytes=counter.backward_with_gradients,
+            )
 
         def step(i: int) -> None:
             model.train()
