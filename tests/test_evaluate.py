@@ -168,6 +168,47 @@ def test_cost_linear():
     assert model.training
 
 
+def test_cost_single_sample_latency_runs_each_text_unpadded():
+    """latency_ms_single times one input at a time; a text is cut to its attention
+    mask, so each forward sees that text's own length."""
+
+    class Recorder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.widths: list[tuple[int, ...]] = []
+
+        def forward(self, input_ids, attention_mask):
+            self.widths.append(tuple(input_ids.shape))
+            return self.embed(input_ids).sum(1)
+
+    ids = torch.tensor([[1, 2, 3, 0, 0], [4, 5, 6, 7, 8], [9, 0, 0, 0, 0]])
+    mask = (ids != 0).long()
+    model = Recorder()
+    c = cost(
+        model,
+        example_input={"input_ids": ids, "attention_mask": mask},
+        device="cpu",
+        repeats=2,
+        warmup=1,
+        single=3,
+    )
+    assert c["latency_ms_single"] > 0
+    # after the FLOP count, the warm-up and the 2 timed batches: 1 warm-up of the first
+    # text alone, then each text once at its own length
+    assert model.widths[-4:] == [(1, 3), (1, 3), (1, 5), (1, 1)]
+    assert (
+        cost(
+            model,
+            example_input={"input_ids": ids, "attention_mask": mask},
+            device="cpu",
+            repeats=1,
+            warmup=0,
+        )["latency_ms_single"]
+        is None
+    )
+
+
 def test_cost_integer_example_input_and_tied_weights():
     class TinyLM(nn.Module):
         def __init__(self):

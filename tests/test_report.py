@@ -26,6 +26,7 @@ def cost(params):
         "flops": 2 * params,
         "latency_ms": 1.5,
         "latency_ms_per_sample": 1.5 / 256,
+        "latency_ms_single": 0.25,
         "batch_size": 256,
         "size_bytes": 4 * params + 400,
         "device": "cpu",
@@ -183,7 +184,8 @@ def test_write_report_files(run_dir):
     assert "| teacher | 1 | 99.00 | 100 | 0.0500 | 1.00 | — | 2.00 M | 4.00 M |" in md
     assert "| baseline | 2 | 96.50 ± 0.71 | 350 ± 70.7 | 0.0500 | 1.00 | 96.50 |" in md
     assert "| distill | 2 | 98.25 ± 0.35 | 175 ± 35.4 |" in md
-    assert "| 50.00 K | 100.00 K | 1.50 | 0.20 | 2m 05s |" in md  # distill cost, train time
+    # distill cost (latency of one sample, of a batch), train time
+    assert "| 50.00 K | 100.00 K | 0.25 | 1.50 | 0.20 | 2m 05s |" in md
     assert "Gap recovered by distillation: 70.0 %" in md
     assert "measured on the test set once" in md
     assert "| distill | 2 | 2, 2 | 98.70 ± 0.71 | 98.50 ± 0.71 | 150 ± 70.7 |" in md

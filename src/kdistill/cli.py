@@ -268,6 +268,11 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
                 f"({test['errors']} errors), NLL {test['nll']:.4f}, ECE {test['ece']:.4f}; "
                 f"{cost['params']:,} params, {cost['flops']:,} FLOPs/sample, "
                 f"{cost['latency_ms']:.2f} ms per batch of {cost['batch_size']}"
+                + (
+                    f", {cost['latency_ms_single']:.2f} ms per sample alone"
+                    if cost.get("latency_ms_single") is not None
+                    else ""
+                )
             )
         return 0
     if args.command == "cache":

@@ -170,6 +170,7 @@ def cost(
     repeats: int = 20,
     warmup: int = 3,
     example_input: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+    single: int = 0,
 ) -> dict[str, Any]:
     """What running `model` costs, measured on `device` (the model must already be there).
 
@@ -187,6 +188,10 @@ def cost(
       latency_ms             median wall time of one forward pass of the batch over
                              `repeats` passes after `warmup` untimed ones
       latency_ms_per_sample  latency_ms / batch_size
+      latency_ms_single      with `single` > 0: the median wall time of one forward pass
+                             of one sample (batch 1), over the batch's first `single`
+                             samples, each once, after `warmup` untimed passes; a text
+                             sample cut to its attention mask (no padding). None otherwise
       batch_size             the batch size used
       size_bytes             size of the weights saved as a safetensors file
       device                 the device, as a string
@@ -246,6 +251,7 @@ def cost(
                 run()
                 _synchronize(device)
                 times.append(time.perf_counter() - start)
+            single_ms = _single_latency(model, inputs, min(single, batch_size), warmup, device)
     finally:
         model.train(was_training)
 
@@ -255,11 +261,49 @@ def cost(
         "flops": round(flop_counter.get_total_flops() / batch_size),
         "latency_ms": latency_ms,
         "latency_ms_per_sample": latency_ms / batch_size,
+        "latency_ms_single": single_ms,
         "batch_size": batch_size,
         "size_bytes": _safetensors_size(model),
         "device": str(device),
         "threads": torch.get_num_threads(),
     }
+
+
+def _single_latency(
+    model: nn.Module,
+    inputs: torch.Tensor | Mapping[str, torch.Tensor],
+    n: int,
+    warmup: int,
+    device: torch.device,
+) -> float | None:
+    """Median ms of one forward pass of one sample, over the first `n` samples of
+    `inputs` (each timed once, after `warmup` untimed passes of the first); a sample of
+    a mapping with an attention_mask is cut to its length. None when n is 0."""
+    if n < 1:
+        return None
+
+    def sample(i: int) -> Callable[[], Any]:
+        if isinstance(inputs, Mapping):
+            row = {k: v[i : i + 1] for k, v in inputs.items()}
+            mask = row.get("attention_mask")
+            if mask is not None and mask.dim() == 2:
+                length = max(int(mask.sum()), 1)
+                row = {k: v[:, :length] if v.dim() == 2 else v for k, v in row.items()}
+            return lambda: model(**row)
+        one = inputs[i : i + 1]
+        return lambda: model(one)
+
+    runs = [sample(i) for i in range(n)]
+    for _ in range(warmup):
+        runs[0]()
+    _synchronize(device)
+    times = []
+    for run in runs:
+        start = time.perf_counter()
+        run()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000.0
 
 
 def _safetensors_size(model: nn.Module) -> int:

@@ -441,15 +441,20 @@ def _teacher_signal(ctx: Context, guide: Guide) -> TeacherSignal:
     return CachedTeacher(cache).to(device)
 
 
+# samples timed one at a time (batch 1) for the results' latency per sample
+SINGLE_SAMPLES = 64
+
+
 def data_cost(
     data: DataBundle | TextData, model: nn.Module, device: str | torch.device
 ) -> dict[str, Any]:
-    """evaluate.cost on this data's input: real token ids for text, a random batch of
-    the input shape otherwise."""
+    """evaluate.cost on this data's input: real token ids for text (the first test
+    sentences), a random batch of the input shape otherwise; with the latency of one
+    sample at a time over the first SINGLE_SAMPLES of them."""
     example = data.example_input(model)
     if example is not None:
-        return cost(model, device=device, example_input=example)
-    return cost(model, input_shape=data.input_shape, device=device)
+        return cost(model, device=device, example_input=example, single=SINGLE_SAMPLES)
+    return cost(model, input_shape=data.input_shape, device=device, single=SINGLE_SAMPLES)
 
 
 def untrained_teacher_source(

@@ -41,6 +41,7 @@ COLUMNS = (
     "agreement %",
     "params",
     "FLOPs/sample",
+    "latency ms/sample",
     "latency ms/batch",
     "size MB",
     "train time",
@@ -307,6 +308,7 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
                 format_value(test.get("agreement"), _percent),
                 format_value(cost.get("params"), format_si),
                 format_value(cost.get("flops"), format_si),
+                format_value(cost.get("latency_ms_single"), "{:.2f}"),
                 format_value(cost.get("latency_ms"), "{:.2f}"),
                 format_value(cost.get("size_bytes"), lambda b: f"{b / 1e6:.2f}"),
                 format_value(stage["train_seconds"], format_duration),
@@ -367,9 +369,12 @@ def cost_line(results: dict[str, Any]) -> str:
     if not settings:
         return ""
     return (
-        "Latency: median wall time of one forward pass of a "
+        "Latency: median wall time of one forward pass of one input (ms/sample: batch 1, "
+        "each of the latency batch's first inputs once; a text at its own length, "
+        "unpadded) and of a "
         + "; ".join(settings)
-        + ". FLOPs as counted by torch.utils.flop_counter; size of the safetensors weights."
+        + " (ms/batch). FLOPs as counted by torch.utils.flop_counter; size of the "
+        "safetensors weights."
     )
 
 
