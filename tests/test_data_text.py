@@ -550,3 +550,23 @@ def test_train_order_is_deterministic_per_generator_seed() -> None:
     b = data.train_order(model, 16, torch.Generator().manual_seed(5))
     c = data.train_order(model, 16, torch.Generator().manual_seed(6))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_distill_data_puts_transfer_texts_after_train_and_builds_them_once() -> None:
+    """A distill stage's training texts are the labelled ones then the transfer ones
+    (unlabelled); the concatenation is built once, not for every batch the loop reads."""
+    from kdistill.data.text import UNLABELLED
+    from kdistill.data.text_task import TextData
+
+    data, model = _toy_text_data(50, bucket_batches=None)
+    transfer = TextSplit.unlabelled(["w1 w2 w3", "w4"])
+    plain = TextData(data.bundle, 64, transfer)
+    distill = plain.for_distill()
+    assert len(plain.train) == 50 and len(distill.train) == 52
+    assert distill.train is distill.train  # cached
+    assert distill.train.split.texts[50:] == ["w1 w2 w3", "w4"]
+    assert distill.train.split.labels[50:].tolist() == [UNLABELLED, UNLABELLED]
+    # the tokenization follows the rows: the transfer texts' token counts come last
+    lengths = distill.tokenized(model, "train").lengths
+    assert lengths[50:].tolist() == [3, 1]
+    assert len(plain.tokenized(model, "train").lengths) == 50

@@ -16,6 +16,7 @@ labels skip those rows.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,8 +75,10 @@ class TextData:
     is_image = False
     is_text = True
 
-    @property
+    @functools.cached_property
     def train(self) -> TextPart:
+        """The training texts, with the transfer texts after them in a distill stage's
+        data; built once (the training loop reads it for every batch)."""
         split = self.bundle.train
         if self.with_transfer and self.transfer is not None:
             split = TextSplit.concat([split, self.transfer])
@@ -126,9 +129,9 @@ class TextData:
 
     def tokenized(self, model: nn.Module, split: str) -> TokenizedTexts:
         tokenizer, key = _tokenizer_of(model)
-        part: TextPart = getattr(self, split)
         cache_key = (key, split, self.with_transfer and split == "train")
         if cache_key not in self._tokenized:
+            part: TextPart = getattr(self, split)
             collator = TextCollator(tokenizer, max_length=self.max_length)
             self._tokenized[cache_key] = collator.tokenize(part.split.texts)
         return self._tokenized[cache_key]
