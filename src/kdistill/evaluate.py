@@ -235,27 +235,19 @@ def cost(
     try:
         with torch.inference_mode():
             flop_counter = FlopCounterMode(display=False)
-            run = (
-                (lambda: model(**inputs))
-                if isinstance(inputs, Mapping)
-                else (lambda: model(inputs))
-            )
+            run = _forward(model, inputs)
             with flop_counter:
                 run()
-            for _ in range(warmup):
-                run()
-            _synchronize(device)
-            times: list[float] = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                run()
-                _synchronize(device)
-                times.append(time.perf_counter() - start)
-            single_ms = _single_latency(model, inputs, min(single, batch_size), warmup, device)
+            latency_ms = _median_ms([run] * repeats, warmup, device)
+            n = min(single, batch_size)
+            single_ms = (
+                _median_ms([_forward(model, _one(inputs, i)) for i in range(n)], warmup, device)
+                if n > 0
+                else None
+            )
     finally:
         model.train(was_training)
 
-    latency_ms = statistics.median(times) * 1000.0
     return {
         "params": sum(p.numel() for p in model.parameters()),
         "flops": round(flop_counter.get_total_flops() / batch_size),
@@ -269,38 +261,36 @@ def cost(
     }
 
 
-def _single_latency(
-    model: nn.Module,
-    inputs: torch.Tensor | Mapping[str, torch.Tensor],
-    n: int,
-    warmup: int,
-    device: torch.device,
-) -> float | None:
-    """Median ms of one forward pass of one sample, over the first `n` samples of
-    `inputs` (each timed once, after `warmup` untimed passes of the first); a sample of
-    a mapping with an attention_mask is cut to its length. None when n is 0."""
-    if n < 1:
-        return None
+def _forward(
+    model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor]
+) -> Callable[[], Any]:
+    return (lambda: model(**inputs)) if isinstance(inputs, Mapping) else (lambda: model(inputs))
 
-    def sample(i: int) -> Callable[[], Any]:
-        if isinstance(inputs, Mapping):
-            row = {k: v[i : i + 1] for k, v in inputs.items()}
-            mask = row.get("attention_mask")
-            if mask is not None and mask.dim() == 2:
-                length = max(int(mask.sum()), 1)
-                row = {k: v[:, :length] if v.dim() == 2 else v for k, v in row.items()}
-            return lambda: model(**row)
-        one = inputs[i : i + 1]
-        return lambda: model(one)
 
-    runs = [sample(i) for i in range(n)]
+def _one(
+    inputs: torch.Tensor | Mapping[str, torch.Tensor], i: int
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Sample i of a batch, as a batch of 1; a text cut to its attention mask."""
+    if not isinstance(inputs, Mapping):
+        return inputs[i : i + 1]
+    row = {k: v[i : i + 1] for k, v in inputs.items()}
+    mask = row.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        length = max(int(mask.sum()), 1)
+        row = {k: v[:, :length] if v.dim() == 2 else v for k, v in row.items()}
+    return row
+
+
+def _median_ms(calls: list[Callable[[], Any]], warmup: int, device: torch.device) -> float:
+    """Median wall time in ms of each of `calls`, run once in order after `warmup`
+    untimed runs of the first."""
     for _ in range(warmup):
-        runs[0]()
+        calls[0]()
     _synchronize(device)
     times = []
-    for run in runs:
+    for call in calls:
         start = time.perf_counter()
-        run()
+        call()
         _synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1000.0
