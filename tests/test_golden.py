@@ -1,0 +1,57 @@
+"""Golden values: every shipped recipe, reduced to a few steps per stage, must train to the
+same losses, metrics, quality numbers and final weights as the code that wrote
+tests/golden/*.json (float32 values at 1e-6 relative). The files are read-only here;
+`python scripts/golden.py` regenerates them, in a commit of its own that says why."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _golden_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("kdistill_golden", ROOT / "scripts" / "golden.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+golden = _golden_module()
+
+
+def test_every_shipped_recipe_has_a_golden_configuration() -> None:
+    from kdistill.recipes import shipped
+
+    covered = {recipe for recipe, _ in golden.CONFIGS.values()}
+    assert covered == set(shipped()), "add the new recipe to scripts/golden.py CONFIGS"
+    for name in golden.CONFIGS:
+        assert golden.golden_path(name).is_file(), f"run: python scripts/golden.py {name}"
+
+
+def test_compare_finds_a_changed_value() -> None:
+    values = {"losses": [1.0, 2.0], "distill/seed0": {"weights": {"w": [3.0, 4.0, 5.0]}}}
+    assert golden.compare(values, values) == []
+    moved = {"losses": [1.0, 2.0], "distill/seed0": {"weights": {"w": [3.0, 4.00001, 5.0]}}}
+    assert golden.compare(values, moved) == ["/distill/seed0/weights/w[1]: 4.00001, golden 4.0"]
+    assert golden.compare(values, {"losses": [1.0]}) != []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(golden.CONFIGS))
+def test_golden(name: str, shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KDISTILL_DATA", str(shared_data))
+    expected = json.loads(golden.golden_path(name).read_text())
+    actual = json.loads(json.dumps(golden.record(name)))  # the same float round trip
+    problems = golden.compare(expected, actual)
+    assert not problems, f"{len(problems)} values differ from the golden file:\n" + "\n".join(
+        problems[:20]
+    )
