@@ -479,3 +479,55 @@ def test_all_problems_are_reported_at_once():
 def test_loss_input_error_is_a_value_error():
     with pytest.raises(ValueError):
         kd_loss(S, T, temperature=-1.0)
+
+
+# ------------------------------------------------------------- masked classes (−inf)
+
+_DIVERGENCE_LOSSES = ["kd", "kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"]
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in _DIVERGENCE_LOSSES if n != "reverse_kl"] + ["soft_target_ce"]
+)
+def test_a_masked_teacher_class_gives_finite_values_and_gradients(name: str) -> None:
+    """A teacher logit of −inf (a masked class) has probability 0: the loss is what it is
+    with that class's logit very low, and neither it nor the gradient is NaN."""
+    fn = LOGIT_LOSSES[name]
+    kwargs = {"temperature": 2.0}
+    torch.manual_seed(0)
+    student = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(4, 5, dtype=torch.float64)
+    masked, nearly = teacher.clone(), teacher.clone()
+    masked[:, 2] = -math.inf
+    nearly[:, 2] = -1e4  # probability exp(-5000): 0 in float64 as well
+    value = fn(student, masked, **kwargs)
+    assert torch.isfinite(value)
+    (grad,) = torch.autograd.grad(value, student)
+    assert torch.isfinite(grad).all()
+    assert_close(value, fn(student, nearly, **kwargs))
+    (near_grad,) = torch.autograd.grad(fn(student, nearly, **kwargs), student)
+    assert_close(grad, near_grad)
+
+
+def test_reverse_kl_is_infinite_not_nan_where_the_teacher_masks_a_class() -> None:
+    """KL(p_s ‖ p_t) is +inf when the student puts mass on a class the teacher rules out."""
+    student, teacher = torch.zeros(2, 3), torch.zeros(2, 3)
+    teacher[:, 0] = -math.inf
+    assert LOGIT_LOSSES["reverse_kl"](student, teacher).item() == math.inf
+    student[:, 0] = -math.inf  # both rule it out: finite again, and 0 here
+    assert LOGIT_LOSSES["reverse_kl"](student, teacher).item() == 0.0
+
+
+def test_the_logit_and_token_losses_share_one_divergence() -> None:
+    """The classifier's losses and the language-model token losses compute the same
+    divergences (kdistill.losses.divergences): equal values on the same rows."""
+    from kdistill.losses.lm import token_divergence
+
+    torch.manual_seed(1)
+    student, teacher = torch.randn(6, 9), torch.randn(6, 9)
+    pairs = {"kl": "kl", "reverse_kl": "reverse_kl", "jsd": "jsd", "skew_kl": "skew_kl",
+             "skew_reverse_kl": "skew_reverse_kl", "tvd": "tvd"}  # fmt: skip
+    for logit_name, kind in pairs.items():
+        ours = LOGIT_LOSSES[logit_name](student, teacher, reduction="sum")
+        tokens = token_divergence(student, teacher, kind).sum()  # type: ignore[arg-type]
+        assert_close(ours, tokens, msg=logit_name)

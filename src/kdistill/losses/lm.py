@@ -69,12 +69,13 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint as recompute
 
 from kdistill.errors import LossInputError
-from kdistill.losses.logits import _POSITIVE, _UNIT, _Interval, _log_mixture, _range_errors
+from kdistill.losses.divergences import KINDS, Kind
+from kdistill.losses.divergences import divergence as _divergence
+from kdistill.losses.logits import _POSITIVE, _UNIT, _Interval, _range_errors
 
-Kind = Literal["kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"]
-KINDS: tuple[str, ...] = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
 IGNORE_INDEX = -100
 # chunk_size=None: as many tokens as keep one float32 (chunk × vocabulary) logits tensor
 # within 128 MiB (667 tokens at GPT-2's 50,257); a chunk step holds about ten of them.
@@ -94,36 +95,6 @@ class TokenLosses(NamedTuple):
 
 
 # ----- the math: one place --------------------------------------------------------------
-
-
-def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """KL(p ‖ q) = Σ_v p_v (log p_v − log q_v) per row, with 0·log 0 = 0: (N, V) -> (N,)."""
-    p = log_p.exp()
-    # where, not a product with 0: the masked entries may be −inf − (−inf) = NaN, and
-    # where's backward sends them a zero gradient instead of NaN.
-    difference = torch.where(p > 0, log_p - log_q, 0.0)
-    return (p * difference).sum(dim=-1)
-
-
-def _divergence(log_q: Tensor, log_p: Tensor, kind: str, *, beta: float, alpha: float) -> Tensor:
-    """Per-row divergence between normalised log-probabilities: (N, V), (N, V) -> (N,).
-
-    log_q is the student's, log_p the teacher's; the formulas are in the module docstring.
-    """
-    if kind == "kl" or (kind == "jsd" and beta == 0):
-        return _kl(log_p, log_q)
-    if kind == "reverse_kl" or (kind == "jsd" and beta == 1):
-        return _kl(log_q, log_p)
-    if kind == "jsd":
-        log_m = _log_mixture(log_p, log_q, beta)  # (N, V) log(β p + (1 − β) q)
-        return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
-    if kind == "skew_kl":
-        return _kl(log_p, _log_mixture(log_p, log_q, alpha))
-    if kind == "skew_reverse_kl":
-        return _kl(log_q, _log_mixture(log_q, log_p, alpha))
-    if kind == "tvd":
-        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=-1)
-    raise AssertionError(f"unvalidated kind {kind!r}")
 
 
 def _collapse_to_buckets(log_q: Tensor, topk_ids: Tensor, *, with_tail: bool) -> Tensor:
@@ -705,6 +676,52 @@ class _ChunkedLMLoss(torch.autograd.Function):
                 total.addcmul_(grad, scale)
             results.append(total.to(dtype))
         return results[0], results[1], results[2], None
+
+
+def chunked_cross_entropy(
+    hidden: Tensor,
+    head_weight: Tensor,
+    head_bias: Tensor | None,
+    labels: Tensor,
+    *,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Σ over counted tokens of −log softmax(h Wᵀ + b)[label], in float32.
+
+    The logits of `chunk_size` tokens exist at a time; each chunk's are recomputed in
+    the backward pass (activation checkpointing) instead of being kept. Shapes: hidden
+    (B, T, H), labels (B, T) with -100 where a token does not count. Returns ().
+    """
+    rows = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
+    flat_labels = labels.reshape(-1)  # (N,)
+    counted = flat_labels != IGNORE_INDEX
+    if not counted.all():
+        rows, flat_labels = rows[counted], flat_labels[counted]
+    if len(flat_labels) == 0:
+        return hidden.sum().float() * 0.0  # zero, with zero gradients
+    chunk = chunk_size or max(1, CHUNK_ELEMENTS // head_weight.shape[0])
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, len(flat_labels), chunk):
+        piece = slice(start, start + chunk)
+        if torch.is_grad_enabled():
+            total = total + recompute(
+                _cross_entropy_sum,
+                rows[piece],
+                head_weight,
+                head_bias,
+                flat_labels[piece],
+                use_reentrant=False,
+            )
+        else:
+            total = total + _cross_entropy_sum(
+                rows[piece], head_weight, head_bias, flat_labels[piece]
+            )
+    return total
+
+
+def _cross_entropy_sum(rows: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor) -> Tensor:
+    logits = F.linear(rows.to(weight.dtype), weight, bias).float()  # (c, V)
+    return F.cross_entropy(logits, labels, reduction="sum")
 
 
 def chunked_divergence(

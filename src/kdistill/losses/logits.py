@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdistill.errors import LossInputError
+from kdistill.losses import divergences
+from kdistill.losses.divergences import divergence, kl
 
 Reduction = Literal["mean", "sum", "none"]
 _REDUCTIONS = ("mean", "sum", "none")
@@ -184,18 +186,6 @@ def _log_probs(
     )
 
 
-def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """KL(p ‖ q) = Σ_c p_c (log p_c − log q_c) per row: (B, C), (B, C) -> (B,)."""
-    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
-
-
-def _log_mixture(log_p: Tensor, log_q: Tensor, weight: float) -> Tensor:
-    """log(w·p + (1 − w)·q) computed in log space, so tiny probabilities stay exact."""
-    log_w = math.log(weight) if weight > 0 else -math.inf
-    log_1_minus_w = math.log1p(-weight) if weight < 1 else -math.inf
-    return torch.logaddexp(log_p + log_w, log_q + log_1_minus_w)
-
-
 def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
     if reduction == "mean":
         return per_sample.mean()
@@ -256,7 +246,7 @@ def soft_target_cross_entropy(
         ranges={"temperature": (temperature, _POSITIVE)},
     )
     log_p_s, log_p_t = _log_probs(student_logits, teacher_logits, temperature)
-    per_sample = -(log_p_t.exp() * log_p_s).sum(dim=-1)  # (B,)
+    per_sample = divergences.cross_entropy(log_p_t, log_p_s)  # (B,)
     return _reduce(per_sample, reduction)
 
 
@@ -282,7 +272,7 @@ def kl_divergence(
         ranges={"temperature": (temperature, _POSITIVE)},
     )
     log_p_s, log_p_t = _log_probs(student_logits, teacher_logits, temperature)
-    return _reduce(_kl(log_p_t, log_p_s), reduction)
+    return _reduce(divergence(log_p_s, log_p_t, "kl"), reduction)
 
 
 def reverse_kl_divergence(
@@ -306,7 +296,7 @@ def reverse_kl_divergence(
         ranges={"temperature": (temperature, _POSITIVE)},
     )
     log_p_s, log_p_t = _log_probs(student_logits, teacher_logits, temperature)
-    return _reduce(_kl(log_p_s, log_p_t), reduction)
+    return _reduce(divergence(log_p_s, log_p_t, "reverse_kl"), reduction)
 
 
 def kd_loss(
@@ -331,7 +321,7 @@ def kd_loss(
         ranges={"temperature": (temperature, _POSITIVE)},
     )
     log_p_s, log_p_t = _log_probs(student_logits, teacher_logits, temperature)
-    return _reduce(temperature**2 * _kl(log_p_t, log_p_s), reduction)
+    return _reduce(temperature**2 * divergence(log_p_s, log_p_t, "kl"), reduction)
 
 
 def jsd_loss(
@@ -365,14 +355,7 @@ def jsd_loss(
         ranges={"beta": (beta, _UNIT), "temperature": (temperature, _POSITIVE)},
     )
     log_p_s, log_p_t = _log_probs(student_logits, teacher_logits, temperature)
-    if beta == 0:
-        per_sample = _kl(log_p_t, log_p_s)
-    elif beta == 1:
-        per_sample = _kl(log_p_s, log_p_t)
-    else:
-        log_m = _log_mixture(log_p_t, log_p_s, beta)  # (B, C)
-        per_sample = beta * _kl(log_p_t, log_m) + (1 - beta) * _kl(log_p_s, log_m)
-    return _reduce(per_sample, reduction)
+    return _reduce(divergence(log_p_s, log_p_t, "jsd", beta=beta), reduction)
 
 
 def skew_kl_loss(
@@ -399,8 +382,7 @@ def skew_kl_loss(
         ranges={"alpha": (alpha, _UNIT), "temperature": (temperature, _POSITIVE)},
     )
     log_p_s, log_p_t = _log_probs(student_logits, teacher_logits, temperature)
-    log_m = _log_mixture(log_p_t, log_p_s, alpha)  # (B, C)
-    return _reduce(_kl(log_p_t, log_m), reduction)
+    return _reduce(divergence(log_p_s, log_p_t, "skew_kl", alpha=alpha), reduction)
 
 
 def skew_reverse_kl_loss(
@@ -426,8 +408,7 @@ def skew_reverse_kl_loss(
         ranges={"alpha": (alpha, _UNIT), "temperature": (temperature, _POSITIVE)},
     )
     log_p_s, log_p_t = _log_probs(student_logits, teacher_logits, temperature)
-    log_m = _log_mixture(log_p_s, log_p_t, alpha)  # (B, C)
-    return _reduce(_kl(log_p_s, log_m), reduction)
+    return _reduce(divergence(log_p_s, log_p_t, "skew_reverse_kl", alpha=alpha), reduction)
 
 
 def total_variation_loss(
@@ -452,8 +433,7 @@ def total_variation_loss(
         ranges={"temperature": (temperature, _POSITIVE)},
     )
     log_p_s, log_p_t = _log_probs(student_logits, teacher_logits, temperature)
-    per_sample = 0.5 * (log_p_t.exp() - log_p_s.exp()).abs().sum(dim=-1)  # (B,)
-    return _reduce(per_sample, reduction)
+    return _reduce(divergence(log_p_s, log_p_t, "tvd"), reduction)
 
 
 def logit_mse_loss(
@@ -523,12 +503,12 @@ def dkd_loss(
     student, teacher = _as_float(student_logits, teacher_logits)
     target_mask = F.one_hot(labels.long(), student.shape[-1]).bool()  # (B, C)
     z_s, z_t = student / temperature, teacher / temperature  # (B, C)
-    tckd = _kl(
+    tckd = kl(
         _target_vs_rest_log_probs(z_t, target_mask), _target_vs_rest_log_probs(z_s, target_mask)
     )  # (B,)
     # -1000 rather than -inf: the target's probability underflows to 0 while its log
     # stays finite, so 0 · (log p_t − log p_s) is 0 instead of NaN.
-    nckd = _kl(
+    nckd = kl(
         F.log_softmax(z_t - 1000.0 * target_mask, dim=-1),
         F.log_softmax(z_s - 1000.0 * target_mask, dim=-1),
     )  # (B,)
