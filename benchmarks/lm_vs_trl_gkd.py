@@ -11,8 +11,8 @@ teacher/seed0/hf and the run's tokenizer) distilled into the recipe's 2x128 GPT-
 student by token-level forward KL(teacher ‖ student) at temperature 1, in one process,
 on the CPU, in float32, with the same torch thread count, in this order:
 
-  kdistill_live   kdistill.lm.fit_lm, live teacher (chunked loss from hidden states)
-  kdistill_cache  kdistill.lm.fit_lm, the teacher's top-k (--top-k; of them
+  kdistill_live   kdistill.train.fit (LMSteps), live teacher (chunked loss from hidden states)
+  kdistill_cache  kdistill.train.fit (LMSteps), the teacher's top-k (--top-k; of them
                   --tail-samples drawn from the teacher's tail, as the recipe's cache)
                   read from a cache written once before training by
                   kdistill.lm.teachers.write_teacher_cache
@@ -25,7 +25,7 @@ on the CPU, in float32, with the same torch thread count, in this order:
 Same work for all: the student is built once (seed --seed) and saved with
 save_pretrained, and every variant loads it from that folder; the teacher is loaded from
 the same folder. The training sequences are the recipe's packed 128-token sequences
-(kdistill.lm.data.build_lm_data on data.corpus), in fit_lm's epoch-0 order, 16 per step
+(kdistill.lm.data.build_lm_data on data.corpus), in fit's epoch-0 order, 16 per step
 (train.batch_size), one epoch (or the first --steps × 16 sequences, an epoch of
 --steps steps). TRL reads them in that order (train_sampling_strategy="sequential"),
 and the sequence indices each framework trained on are recorded and compared. TRL's
@@ -49,7 +49,7 @@ Measured:
   the same for both frameworks), so model loading, optimizer and dataloader setup, the
   first step's one-time costs and everything after the last step (kdistill's
   end-of-epoch validation and checkpoint, TRL's end-of-training bookkeeping) are out;
-  the counted tokens are those of steps 2..N. The whole train call (fit_lm, or
+  the counted tokens are those of steps 2..N. The whole train call (fit, or
   trainer.train()) is also reported, as call s.
 - the cache write time (kdistill_cache) separately: it is paid once per teacher and
   dataset and is not in the training loop's time.
@@ -69,7 +69,7 @@ both); the training is the same in every round (same start, data, order and seed
 
 Remaining differences: load from other processes on the machine shows up as noise; TRL
 passes an all-ones attention_mask to both models (kdistill passes none); kdistill
-gives fit_lm only the first validation sequence so that its own end-of-epoch
+gives fit only the first validation sequence so that its own end-of-epoch
 validation costs nothing (the common evaluation follows); TRL's per-step
 bookkeeping (callbacks, FLOP and token counters, logging) is part of its loop, as
 kdistill's is of its. kdistill computes the divergence from hidden states and the
@@ -104,15 +104,15 @@ from transformers.utils import logging as transformers_logging
 
 import kdistill
 from kdistill.data.lm_text import IGNORE_INDEX, dataset_fingerprint
-from kdistill.lm import fit_lm, load_lm_recipe
+from kdistill.lm import load_lm_recipe
 from kdistill.lm.data import LMData, build_lm_data
 from kdistill.lm.models import CausalLM, check_same_tokenizer, model_tokenizer, weights_fingerprint
 from kdistill.lm.recipe import LMLossTerm, LMModelSpec, LMRecipe, LMTrainConfig
 from kdistill.lm.teachers import CachedLMTeacher, LiveLMTeacher, write_teacher_cache
-from kdistill.lm.train import LMObjective
 from kdistill.lm_cache import TopKCacheSpec, open_topk_cache
 from kdistill.pipeline import make_accelerator
-from kdistill.train import lr_factor, make_optimizer
+from kdistill.tasks.causal_lm import LMObjective, LMSteps
+from kdistill.train import fit, lr_factor, make_optimizer
 
 VARIANTS = ("kdistill_live", "kdistill_cache", "trl_gkd")
 RECIPE = Path("recipes/shakespeare_gpt_small_from_gpt.yaml")
@@ -128,12 +128,12 @@ class Setup:
     data: LMData
     settings: LMTrainConfig  # the recipe's train section
     train: Tensor  # (N, seq_len + 1): the training sequences of this run
-    order: Tensor  # (steps · batch,): fit_lm's epoch-0 order of those sequences
+    order: Tensor  # (steps · batch,): fit's epoch-0 order of those sequences
     steps: int
     teacher_dir: Path
     tokenizer_file: Path
     student_dir: Path  # the untrained student, save_pretrained
-    work: Path  # scratch folder for caches, fit_lm's files and TRL's output_dir
+    work: Path  # scratch folder for caches, fit's files and TRL's output_dir
     seed: int
 
     @property
@@ -229,7 +229,7 @@ def prepare(args: argparse.Namespace, work: Path) -> Setup:
             f"got {steps}"
         )
     train = data.train[: steps * batch] if args.steps else data.train
-    # fit_lm's epoch-0 order (kdistill.lm.train: randperm seeded seed * 1009 + epoch)
+    # fit's epoch-0 order (kdistill.train.order_seed: randperm seeded seed * 1009 + epoch)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 1009))
     order = order[: steps * batch]
 
@@ -256,7 +256,7 @@ def prepare(args: argparse.Namespace, work: Path) -> Setup:
 def make_scheduler(
     optimizer: torch.optim.Optimizer, settings: LMTrainConfig, steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """The schedule fit_lm builds (kdistill.train.lr_factor, floored at min_lr)."""
+    """The schedule fit builds (kdistill.train.lr_factor, floored at min_lr)."""
     cfg = settings.lr_schedule
     floor = cfg.min_lr / settings.optimizer.lr
 
@@ -284,7 +284,7 @@ class RecordingTeacher:
 def run_kdistill(
     setup: Setup, signal: str, top_k: int, tail_samples: int
 ) -> tuple[dict[str, Any], Any, Tensor]:
-    """Train with fit_lm; return the measurements, the trained HF model, the rows seen."""
+    """Train with fit; return the measurements, the trained HF model, the rows seen."""
     teacher = setup.load_teacher()
     student = setup.load_student()
     record: dict[str, Any] = {}
@@ -328,26 +328,35 @@ def run_kdistill(
     out_dir = setup.work / f"kdistill_{signal}"
     with StepClock() as clock:
         started = time.perf_counter()
-        result = fit_lm(
+        settings = setup.settings.model_copy(
+            update={"epochs": 1, "eval_every": None, "checkpoint_every": None}
+        )
+        accelerator = make_accelerator("fp32")
+        steps = LMSteps(
             student,
             train=train,
             val=setup.data.val[:1],  # its own end-of-epoch validation: negligible
             objective=LMObjective(divergence=FORWARD_KL),
             teacher=teacher_signal,
-            settings=setup.settings.model_copy(
-                update={"epochs": 1, "eval_every": None, "checkpoint_every": None}
-            ),
+            settings=settings,
             vocab_size=setup.data.vocab_size,
+            accelerator=accelerator,
+            seed=setup.seed,
+        )
+        result = fit(
+            student,
+            steps,
+            settings=settings,
             seed=setup.seed,
             out_dir=out_dir,
-            accelerator=make_accelerator("fp32"),
+            accelerator=accelerator,
             quiet=True,
             console=Console(quiet=True),  # its epoch line shows the 1-sequence validation
             label=f"kdistill {signal}",
         )
         record["call_seconds"] = time.perf_counter() - started
-    if result.tokens != setup.steps * setup.tokens_per_step:
-        raise RuntimeError(f"fit_lm counted {result.tokens} tokens, expected the same as TRL")
+    if result.units != setup.steps * setup.tokens_per_step:
+        raise RuntimeError(f"fit counted {result.units} tokens, expected the same as TRL")
     record.update(clock.loop(setup.steps, setup.tokens_per_step))
     epoch = next(
         json.loads(line)
@@ -523,7 +532,7 @@ def main() -> None:
             }
         for variant, rows in rows_seen.items():
             if not torch.equal(rows, setup.order):
-                raise RuntimeError(f"{variant} trained on other sequences than fit_lm's order")
+                raise RuntimeError(f"{variant} trained on other sequences than fit's order")
 
     ratios: dict[str, float] = {}
     paired: dict[str, list[float]] = {}  # tokens/s ratio to TRL within each round
@@ -557,7 +566,7 @@ def main() -> None:
     print(f"\n{header}\n")
     print(
         "tokens/s: training loop from the end of step 1 to the end of the last step; "
-        "call s: the whole fit_lm / trainer.train() call. The top-k cache is written once "
+        "call s: the whole fit / trainer.train() call. The top-k cache is written once "
         "before training; its time is listed apart and not counted in tokens/s.\n"
     )
     print("| variant | tokens/s | loop s | call s | cache write s | train loss | val loss/token |")

@@ -39,6 +39,7 @@ from kdistill.data import build
 from kdistill.losses.objective import Objective
 from kdistill.models import build_model
 from kdistill.recipe import DataConfig, LossTerm, ModelSpec, TrainConfig
+from kdistill.tasks.classify import ClassifierSteps
 from kdistill.teachers import CachedTeacher, LiveTeacher
 from kdistill.train import fit
 
@@ -85,8 +86,10 @@ def main() -> None:
     def run_fit(name: str, objective: Objective, signal: object) -> float:
         model = student()
         start = time.perf_counter()
-        fit(model, data=data, objective=objective, teacher=signal, settings=settings, seed=0,  # type: ignore[arg-type]
-            out_dir=work / name, accelerator=accelerator, quiet=True, label=name)  # fmt: skip
+        steps = ClassifierSteps(model, data=data, objective=objective, teacher=signal,  # type: ignore[arg-type]
+                                settings=settings, accelerator=accelerator, seed=0, label=name)  # fmt: skip
+        fit(model, steps, settings=settings, seed=0, out_dir=work / name,
+            accelerator=accelerator, quiet=True, label=name)  # fmt: skip
         return time.perf_counter() - start
 
     def run_handwritten() -> float:

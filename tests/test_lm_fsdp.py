@@ -5,7 +5,7 @@ FSDP keeps a unit's parameters whole only while its forward (and backward) runs;
 output layer lives in the root unit and is a flat shard otherwise. kdistill's chunked
 loss reads that layer, so the loop computes the loss inside the student's forward
 (`CausalLM.forward(head_loss=...)`). This test runs exactly that call, the one
-`fit_lm` makes, and checks the summed loss and every gradient against one process;
+`fit` makes on a language model, and checks the summed loss and every gradient against one process;
 it also checks that reading the head after the forward, the old way, meets a shard.
 """
 
@@ -26,7 +26,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStr
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 from kdistill.lm.models import CausalLM
-from kdistill.lm.train import LMObjective, step_losses
+from kdistill.tasks.causal_lm import LMObjective, step_losses
 from kdistill.lm.recipe import LMLossTerm
 
 def build(seed):

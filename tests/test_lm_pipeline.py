@@ -18,11 +18,12 @@ from accelerate import Accelerator
 from conftest import fails_cleanly as _fails
 from conftest import run_cli as _run
 from conftest import write_recipe as _write
+from helpers import fit_lm
 from safetensors.torch import load_file
 
 from kdistill.cli import main
 from kdistill.data.lm_text import count_characters
-from kdistill.lm import CausalLM, LMObjective, chunked_cross_entropy, fit_lm
+from kdistill.lm import CausalLM, LMObjective, chunked_cross_entropy
 from kdistill.lm.models import build_causal_lm
 from kdistill.lm.recipe import LMLossTerm, LMModelSpec, LMTrainConfig
 from kdistill.lm.teachers import LiveLMTeacher
@@ -158,6 +159,40 @@ def test_saved_model_is_a_hugging_face_folder(finished: Path) -> None:
         assert torch.allclose(hf(input_ids=ids).logits, ours.logits(ours.eval()(ids)), atol=1e-5)
 
 
+def test_eval_measures_a_stage_folder_as_the_run_did(
+    finished: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`kdistill eval` on a language-model stage: the run's validation numbers again, from
+    the folder alone (the stage's tokenizer, the recipe's data), with no traceback."""
+    folder = finished / "distill" / "seed0"
+    assert main(["eval", str(folder), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    recorded = json.loads((folder / "eval.json").read_text())["val"]
+    assert result["task"] == "causal_lm"
+    assert result["val"]["tokens"] == recorded["tokens"]
+    assert result["val"]["loss"] == pytest.approx(recorded["loss"], rel=1e-5)
+    assert result["val"]["bpc"] == pytest.approx(recorded["bpc"], rel=1e-5)
+    assert (
+        result["cost"]["params"] == json.loads((folder / "eval.json").read_text())["cost"]["params"]
+    )
+    assert main(["eval", str(folder)]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    assert main(["eval", str(folder), "--data", "mnist"]) == 2
+    assert "language-model stage" in capsys.readouterr().err
+
+
+def test_inspect_shows_a_language_model_recipes_modules(
+    lm_env: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write(tmp_path / "r.yaml", tiny_lm_recipe())
+    assert main(["inspect", str(path), "--role", "teacher", "--depth", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("teacher: causal LM, vocabulary 300, input (2, 32) token ids")
+    assert "hf.transformer.h.1" in out and "(2, 32, 32)" in out  # layer 2 of 2, width 32
+    assert main(["inspect", str(path), "--role", "assistant"]) == 2
+    assert "no assistant section" in capsys.readouterr().err
+
+
 def test_cache_is_reused_and_reported(finished: Path, capsys: pytest.CaptureFixture[str]) -> None:
     manifest = json.loads((finished / "cache" / "topk-teacher-seed0" / MANIFEST).read_text())
     assert manifest["complete"] and manifest["k"] == 8
@@ -225,7 +260,7 @@ def test_killed_cache_job_resumes_from_its_last_shard(
 def test_interrupted_run_resumes_to_the_same_weights(
     lm_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kdistill.lm.train as lm_train
+    import kdistill.tasks.causal_lm as lm_train
 
     recipe = tiny_lm_recipe(stages=["baseline"])
     recipe["student"]["model"]["config"]["resid_pdrop"] = 0.2  # resume must restore the RNG

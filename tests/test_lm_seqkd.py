@@ -18,14 +18,15 @@ from accelerate import Accelerator
 from conftest import fails_cleanly as _fails
 from conftest import run_cli as _run
 from conftest import write_recipe as _write
+from helpers import fit_lm
 from tokenizers import Tokenizer
 
 import kdistill.lm.seqkd as seqkd_module
-import kdistill.lm.train as lm_train
+import kdistill.tasks.causal_lm as lm_train
 from kdistill.checkpoint import load_weights
 from kdistill.data.lm_text import IGNORE_INDEX, load_tokenizer, tokenizer_fingerprint
 from kdistill.errors import DataError, TrainingError
-from kdistill.lm import LMObjective, fit_lm
+from kdistill.lm import LMObjective
 from kdistill.lm.generate import generate, row_uniforms, sample_next
 from kdistill.lm.models import CausalLM, build_causal_lm, weights_fingerprint
 from kdistill.lm.recipe import (

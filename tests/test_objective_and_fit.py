@@ -21,6 +21,7 @@ from kdistill.recipe import (
     Schedule,
     TrainConfig,
 )
+from kdistill.tasks.classify import ClassifierSteps
 from kdistill.teachers import LiveTeacher
 from kdistill.train import fit, lr_factor, make_optimizer, uses_fused_kernel
 
@@ -132,8 +133,10 @@ def test_grad_accumulation_gives_the_same_weights(shared_data: Path, tmp_path: P
         torch.manual_seed(0)
         model = build_model(spec, input_shape=data.input_shape, num_classes=data.num_classes)
         settings = TrainConfig(epochs=2, batch_size=64, grad_accum=accum, optimizer={"lr": 0.1})
-        fit(model, data=data, objective=objective, teacher=None, settings=settings, seed=0,
-            out_dir=tmp_path / str(accum), accelerator=accelerator, quiet=True)  # fmt: skip
+        steps = ClassifierSteps(model, data=data, objective=objective, teacher=None,
+                                settings=settings, accelerator=accelerator, seed=0)  # fmt: skip
+        fit(model, steps, settings=settings, seed=0, out_dir=tmp_path / str(accum),
+            accelerator=accelerator, quiet=True)  # fmt: skip
         weights.append({k: v.clone() for k, v in model.state_dict().items()})
     worst = max(float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[0])
     assert worst < 1e-5, worst

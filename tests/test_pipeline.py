@@ -99,8 +99,11 @@ def test_cli_lists_recipes_and_losses(capsys: pytest.CaptureFixture[str]) -> Non
     assert "mnist_hinton" in out and "mnist_quick" in out
     assert main(["recipes", "--losses"]) == 0
     out = capsys.readouterr().out
+    classifier, _, language_model = out.partition("causal language modelling")
     for name in ("kd", "dkd", "dist", "jsd", "skew_kl", "tvd", "bce_kd"):
-        assert f"\n{name} " in "\n" + out
+        assert f"\n  {name} " in classifier
+    for name in ("cross_entropy", "forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"):
+        assert f"\n  {name} " in language_model
 
 
 def test_cache_command_then_distill_reads_it(
@@ -125,6 +128,17 @@ def test_cache_command_then_distill_reads_it(
                  "--set", "stages=[teacher,distill]"]) == 0  # fmt: skip
     assert (cache / "logits.npy").stat().st_mtime_ns == written
     assert (run / "distill" / "seed0" / "eval.json").is_file()
+
+
+def test_cache_without_a_teacher_is_a_recipe_error(tiny: dict, tmp_path: Path) -> None:
+    """The Python API refuses a recipe with no teacher with the user error, not an assert."""
+    from kdistill.errors import RecipeError
+    from kdistill.pipeline import cache_teacher
+    from kdistill.recipe import validate_recipe
+
+    alone = validate_recipe({**tiny, "teacher": None, "stages": ["baseline"]})
+    with pytest.raises(RecipeError, match="no teacher section"):
+        cache_teacher(alone, output_dir=tmp_path / "run")
 
 
 def test_cache_dir_reuses_another_runs_teacher_logits(

@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.text import Text
@@ -57,9 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"kdistill {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    # every command also takes --debug after its name; SUPPRESS keeps the top-level value
+    # when it is not given there
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="run a recipe's stages and write the results table")
+    p = sub.add_parser(
+        "run", parents=[common], help="run a recipe's stages and write the results table"
+    )
     _add_recipe_args(p)
     p.add_argument("--output-dir", help="run folder (default: output.dir, else runs/<name>)")
     _add_data_dir(p)
@@ -68,18 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace what the output folder holds")
     p.add_argument("--quiet", action="store_true", help="log lines only, no progress bars")
-    p.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors"
-    )
 
-    p = sub.add_parser("validate", help="check a recipe without running it")
+    p = sub.add_parser("validate", parents=[common], help="check a recipe without running it")
     _add_recipe_args(p)
-    p.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors"
-    )
 
     p = sub.add_parser(
-        "plan", help="memory and time of each stage, from a few real steps, before training"
+        "plan",
+        parents=[common],
+        help="memory and time of each stage, from a few real steps, before training",
     )
     _add_recipe_args(p)
     _add_data_dir(p)
@@ -103,11 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run the steps again and measure their true peak memory, beside the estimate",
     )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors"
-    )
 
-    p = sub.add_parser("eval", help="measure saved weights on a dataset's test split")
+    p = sub.add_parser(
+        "eval", parents=[common], help="measure saved weights on a dataset's test split"
+    )
     p.add_argument(
         "checkpoint",
         help="a stage folder (runs/X/distill/seed0), a run folder or a .safetensors file",
@@ -122,11 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_dir(p)
     p.add_argument("--json", action="store_true", help="print the measurements as JSON")
-    p.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors"
-    )
 
-    p = sub.add_parser("cache", help="run the recipe's trained teacher once and store its logits")
+    p = sub.add_parser(
+        "cache", parents=[common], help="run the recipe's trained teacher once and store its logits"
+    )
     _add_recipe_args(p)
     p.add_argument(
         "--output-dir",
@@ -134,12 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_dir(p)
     p.add_argument("--overwrite", action="store_true", help="rebuild an existing cache")
-    p.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors"
-    )
 
     p = sub.add_parser(
-        "inspect", help="print a model's modules with output shapes, to pick layers to tap"
+        "inspect",
+        parents=[common],
+        help="print a model's modules with output shapes, to pick layers to tap",
     )
     p.add_argument(
         "model",
@@ -166,22 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--depth", type=int, default=None, help="show modules this deep at most")
     _add_data_dir(p)
-    p.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors"
-    )
 
-    p = sub.add_parser("recipes", help="list the shipped recipes")
+    p = sub.add_parser("recipes", parents=[common], help="list the shipped recipes")
     p.add_argument(
         "--losses", action="store_true", help="list the loss functions a recipe may name"
     )
 
     p = sub.add_parser(
-        "report", help="rebuild results.json, results.md and plots from a run folder"
+        "report",
+        parents=[common],
+        help="rebuild results.json, results.md and plots from a run folder",
     )
     p.add_argument("run_dir", help="a run folder")
-    p.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors"
-    )
     return parser
 
 
@@ -261,6 +259,15 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         )
         if args.json:
             print(json.dumps(result, indent=2))
+        elif result.get("task") == "causal_lm":
+            val, cost = result["val"], result["cost"]
+            print(
+                f"{result['checkpoint']}: validation loss/token {val['loss']:.4f}, perplexity "
+                f"{val['perplexity']:.2f}, {val['bpc']:.4f} bits/character over "
+                f"{val['tokens']:,} tokens; {cost['params']:,} params, "
+                f"{cost['flops_per_token']:,.0f} FLOPs/token, "
+                f"{cost['latency_ms_per_token']:.3f} ms/token"
+            )
         else:
             test, cost = result["test"], result["cost"]
             print(
@@ -292,11 +299,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         return 0
     if args.command == "recipes":
         if args.losses:
-            from kdistill.losses.objective import LOSSES
-
-            for name, fn in sorted(LOSSES.items()):
-                first = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-                print(f"{name:18s} {first}")
+            print(_losses_table())
             return 0
         from kdistill.recipes import describe, shipped
 
@@ -311,6 +314,23 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         console.print(f"wrote {Path(args.run_dir) / 'results.md'}")
         return 0
     raise AssertionError(args.command)
+
+
+def _losses_table() -> str:
+    """Every loss a recipe may name, per task (the `objective` of each recipe kind)."""
+    from kdistill.lm.recipe import DIVERGENCES
+    from kdistill.losses.divergences import DESCRIPTIONS
+    from kdistill.losses.objective import LOSSES
+
+    lines = ["classification (images, tables, text):"]
+    for name, fn in sorted(LOSSES.items()):
+        first = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        lines.append(f"  {name:22s} {first}")
+    lines.append("causal language modelling (task: causal_lm), per token, chunked:")
+    lines.append(f"  {'cross_entropy':22s} next-token cross-entropy on the counted tokens")
+    for name, kind in DIVERGENCES.items():
+        lines.append(f"  {name:22s} {DESCRIPTIONS[kind]}")
+    return "\n".join(lines)
 
 
 def _dispatch_causal_lm(args: argparse.Namespace, console: Console) -> int | None:
@@ -373,15 +393,18 @@ def _inspect(args: argparse.Namespace) -> str:
     from kdistill.taps import module_tree
 
     if args.model.endswith((".yaml", ".yml")):
+        from kdistill import load_recipe
         from kdistill.data import TextData
         from kdistill.data import build as build_data
         from kdistill.pipeline import make_model, sample_inputs, untrained_teacher_source
-        from kdistill.recipe import load_recipe
+        from kdistill.recipe import Recipe
 
         recipe = load_recipe(args.model)
-        section = getattr(recipe, args.role)
+        section = getattr(recipe, args.role, None)
         if section is None:
             raise RecipeError(f"{args.model}: the recipe has no {args.role} section")
+        if not isinstance(recipe, Recipe):
+            return _inspect_causal_lm(recipe, section.model, args)
         spec = section.model
         data = build_data(recipe.data.model_copy(update={"limit_test": 1}), args.data_dir)
         if isinstance(data, TextData):
@@ -414,6 +437,26 @@ def _inspect(args: argparse.Namespace) -> str:
     model = build_model(spec, input_shape=input_shape, num_classes=num_classes, where="model")
     model.eval()
     header = f"{spec.name}: input {tuple(input_shape)}, {num_classes} classes"
+    return header + "\n" + module_tree(model, sample, max_depth=args.depth)
+
+
+def _inspect_causal_lm(recipe: Any, spec: Any, args: argparse.Namespace) -> str:
+    """The modules of a language-model recipe's teacher or student, on two validation
+    sequences of its data (the tokenizer trained in a scratch folder when the recipe
+    trains one)."""
+    import tempfile
+
+    from kdistill.lm.data import build_lm_data
+    from kdistill.taps import module_tree
+
+    with tempfile.TemporaryDirectory() as scratch:
+        data = build_lm_data(recipe.data, data_dir=args.data_dir, tokenizer_dir=Path(scratch))
+    model = data.build_model(spec, f"{args.role}.model").eval()
+    sample = data.val[:2, :-1]  # (2, seq_len) token ids
+    header = (
+        f"{args.role}: causal LM, vocabulary {data.vocab_size}, "
+        f"input {tuple(sample.shape)} token ids"
+    )
     return header + "\n" + module_tree(model, sample, max_depth=args.depth)
 
 

@@ -44,15 +44,16 @@ from kdistill.checkpoint import (
 )
 from kdistill.data import DataBundle, TextData
 from kdistill.data import build as build_data
-from kdistill.errors import CheckpointError, RunDirError, TrainingError
+from kdistill.errors import CheckpointError, RecipeError, RunDirError, TrainingError
 from kdistill.evaluate import cost, predict, quality
 from kdistill.losses.objective import Objective, reads_teacher
 from kdistill.models import build_model
 from kdistill.models.hf import HFClassifier, save_hf, weights_follow
 from kdistill.recipe import DataConfig, LossTerm, ModelSpec, Recipe, TrainConfig
 from kdistill.report import write_report
+from kdistill.tasks.classify import ClassifierSteps, TeacherSignal
 from kdistill.teachers import CachedTeacher, EnsembleTeacher, LiveTeacher, combine_members
-from kdistill.train import TeacherSignal, fit
+from kdistill.train import fit
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -365,17 +366,26 @@ def _train_and_finish(
     extras: nn.Module | None = None,
 ) -> nn.Module:
     """Train one stage into <run>/<stage>/seed<k>/, then measure and record it."""
-    result = fit(
+    label = f"{stage} seed {seed}"
+    steps = ClassifierSteps(
         model,
         data=ctx.data if stage in ("teacher", "baseline") else ctx.data.for_distill(),
         objective=objective,
         teacher=signal,
         settings=settings,
+        accelerator=ctx.accelerator,
+        seed=seed,
+        label=label,
+    )
+    result = fit(
+        model,
+        steps,
+        settings=settings,
         seed=seed,
         out_dir=ctx.run_dir / stage / f"seed{seed}",
         accelerator=ctx.accelerator,
         resume=ctx.resume,
-        label=f"{stage} seed {seed}",
+        label=label,
         quiet=ctx.quiet,
         tensorboard=ctx.recipe.output.tensorboard,
         console=ctx.console,
@@ -679,10 +689,21 @@ def evaluate_checkpoint(
     data_dir: str | Path | None = None,
     model: ModelSpec | None = None,
 ) -> dict[str, Any]:
-    """Measure saved weights on a dataset's test split: quality and cost."""
+    """Measure saved weights on a dataset's test split: quality and cost. A language-model
+    stage folder is measured on its recipe's validation text (kdistill.lm.pipeline)."""
     weights = resolve_weights(checkpoint)
     info_path = weights.with_name("model.json")
     info = json.loads(info_path.read_text()) if info_path.exists() else None
+    if info is not None and info.get("task") == "causal_lm":
+        if data is not None or model is not None:
+            raise RecipeError(
+                f"{weights.parent} is a language-model stage: it is measured on the "
+                "validation text of the recipe it was trained with, so --data and --model "
+                "do not apply; leave them out"
+            )
+        from kdistill.lm.pipeline import evaluate_lm_checkpoint
+
+        return evaluate_lm_checkpoint(weights, info, data_dir=data_dir)
     if model is None and info is None:
         raise CheckpointError(
             f"{weights} has no model.json beside it, so its architecture is unknown; pass --model NAME"
@@ -718,7 +739,11 @@ def cache_teacher(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run the recipe's trained teacher once over the training split and store its logits."""
-    assert recipe.teacher is not None
+    if recipe.teacher is None:
+        raise RecipeError(
+            f"recipe {recipe.name!r} has no teacher section, so there is no teacher to cache; "
+            "add teacher: {model: ...} (and train it with the teacher stage)"
+        )
     run_dir = Path(output_dir or recipe.output.dir or Path("runs") / recipe.name)
     seed = recipe.seeds[0]
     weights = (

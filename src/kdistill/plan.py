@@ -1092,7 +1092,7 @@ def _lm_stages(
     recipe: Any, data_dir: str | Path | None, device: torch.device, steps: int
 ) -> tuple[list[_StageSpec], int, str, list[str]]:
     from kdistill.lm.data import build_lm_data
-    from kdistill.lm.train import LMObjective
+    from kdistill.tasks.causal_lm import LMObjective
 
     with tempfile.TemporaryDirectory(prefix="kdistill-plan-") as folder:
         data = build_lm_data(recipe.data, data_dir=data_dir, tokenizer_dir=Path(folder))
@@ -1154,7 +1154,7 @@ def lm_loss_memory(
     chunk_size: int | None,
 ) -> LossMemory:
     """The memory of a language-model loss over one micro-batch of `tokens` counted tokens,
-    as kdistill.lm.train computes it (chunked) and over full logits (naive).
+    as kdistill.tasks.causal_lm computes it (chunked) and over full logits (naive).
 
     kind "cross_entropy" (chunked_cross_entropy: each chunk's logits are recomputed in the
     backward pass): LOSS_COPIES × chunk × head_rows float32 tensors, plus the gradient of
@@ -1259,7 +1259,7 @@ def _lm_stage(
     from kdistill.lm.models import CausalLM
     from kdistill.lm.recipe import DIVERGENCES
     from kdistill.lm.teachers import LiveLMTeacher
-    from kdistill.lm.train import step_losses
+    from kdistill.tasks.causal_lm import step_losses
     from kdistill.train import make_optimizer
 
     spec, where = trained

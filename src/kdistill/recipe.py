@@ -289,6 +289,9 @@ class TrainConfig(Strict):
         None, ge=1, description="also checkpoint every N optimizer steps (end of epoch always)"
     )
     eval_batch_size: int = Field(1000, ge=1)
+    eval_every: int | None = Field(
+        None, ge=1, description="also measure the validation split every N optimizer steps"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -1,22 +1,29 @@
-"""`fit`: the training loop, on Hugging Face Accelerate.
+"""`fit`: the one training loop of every stage of every task, on Hugging Face Accelerate.
 
-One loop serves the teacher, baseline and distill stages: the objective decides
-what is computed, the teacher (live or cached) supplies logits when the objective
-needs them. Data stays in memory; each optimizer step takes `batch_size` samples
-of a per-epoch seeded permutation, each process takes its share, and the share is
-split into `grad_accum` micro-batches. Losses are summed and divided by the global
-number of samples in the step, so the gradient is the same however the batch is
-split (processes × accumulation). Checkpoints hold everything needed to resume
-mid-epoch and reach the same weights as an uninterrupted run.
+The loop knows nothing of a task. The task hands it a `TrainSteps` object: the order
+of the training rows in an epoch, what a step's loss is divided by, the loss of a
+micro-batch of rows, and the validation score. `fit` owns the rest, once for every
+task: resume, micro-batch accumulation with `no_sync`, the non-finite check,
+clipping, the optimizer and learning-rate steps, checkpoints, best weights, early
+stopping and metrics.jsonl.
+
+Each optimizer step takes `batch_size` rows of a per-epoch seeded order; each process
+takes its share, split into `grad_accum` micro-batches. A micro-batch's loss is a sum
+(over samples, or over counted tokens) and is divided by the step's global count,
+which every process knows, so the gradient is the same however the step is split
+(processes × accumulation); DDP averages over processes, so each scales by the world
+size. Checkpoints hold everything needed to resume mid-epoch and reach the same
+weights as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,24 +47,90 @@ from kdistill.checkpoint import (
     save_training_state,
     save_weights,
 )
-from kdistill.data import DataBundle, TextData
-from kdistill.data.augment import jitter, random_crop, random_flip
 from kdistill.errors import TrainingError
-from kdistill.evaluate import predict, quality
-from kdistill.losses.objective import LossInputs, Objective
 from kdistill.recipe import LRScheduleConfig, OptimizerConfig, TrainConfig
 
+# ------------------------------------------------------------------------- seeds
 
-class TeacherSignal(Protocol):
-    """Logits (B, C) for an input batch (a tensor, or token ids and masks by name) and the
-    batch's indices into the training split; `models` names the live modules (see
-    kdistill.teachers)."""
 
-    models: dict[str, nn.Module]
+def dropout_seed(seed: int, rank: int) -> int:
+    """The global torch generator of process `rank` during training (dropout masks)."""
+    return seed * 7919 + rank
 
-    def __call__(
-        self, x: torch.Tensor | Mapping[str, torch.Tensor], indices: torch.Tensor
-    ) -> torch.Tensor: ...
+
+def order_seed(seed: int, epoch: int) -> int:
+    """The generator of an epoch's order of training rows, the same on every process."""
+    return seed * 1009 + epoch
+
+
+def augment_seed(seed: int, rank: int) -> int:
+    """The generator of process `rank`'s random input augmentation."""
+    return seed * 104729 + rank
+
+
+# --------------------------------------------------------------------- the seam
+
+
+@dataclass(frozen=True)
+class StepCount:
+    """What one optimizer step's loss is divided by: `total`, the samples or counted
+    tokens of the whole step (all processes); `local`, this process's part of them, for
+    the logged mean."""
+
+    total: int
+    local: int
+
+
+@dataclass(frozen=True)
+class Validation:
+    """A validation measurement: the score that picks the best epoch, and the fields
+    metrics.jsonl records (`val_accuracy`, `val_loss`, ...)."""
+
+    score: float
+    fields: dict[str, float]
+
+
+class TrainSteps(Protocol):
+    """What a task hands `fit` for one stage (see kdistill.tasks)."""
+
+    unit: str  # what the loss is counted over: "samples" or "tokens"
+    higher_is_better: bool  # of Validation.score
+    num_rows: int  # training rows; an epoch is num_rows // batch_size steps
+
+    def epoch_order(self, generator: torch.Generator, batch_size: int) -> torch.Tensor:
+        """The epoch's order of training rows (N,), read `batch_size` at a time."""
+        ...
+
+    def count(self, rows: torch.Tensor, share: torch.Tensor, step: int) -> StepCount:
+        """Start optimizer step `step` (counted from 0 over the whole stage) on the global
+        `rows`, of which this process trains on `share`."""
+        ...
+
+    def loss(
+        self, model: nn.Module, rows: torch.Tensor, *, progress: float
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The summed loss of a micro-batch of rows (differentiable, a 0-dim tensor) and
+        its unweighted terms; `model` is the prepared (maybe DDP-wrapped) model."""
+        ...
+
+    def validate(self, student: nn.Module) -> Validation | None:
+        """Measure the student on the validation split; None when there is none."""
+        ...
+
+    def epoch_fields(self, units: int, seconds: float) -> dict[str, Any]:
+        """The task's fields of an epoch record (throughput, counts), then reset the
+        per-epoch counters; units: samples or tokens trained on so far in the stage."""
+        ...
+
+    def describe(self, label: str, epochs: int, record: dict[str, Any]) -> str:
+        """The log line of a metrics record (an epoch's, or a mid-epoch validation)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """What must survive a resume besides the model and optimizer (RNG states, counters)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class Trainee(nn.Module):
@@ -75,16 +148,6 @@ class Trainee(nn.Module):
 
 def student_of(model: nn.Module) -> nn.Module:
     return model.student if isinstance(model, Trainee) else model
-
-
-@dataclass
-class FitResult:
-    epochs_run: int
-    steps: int
-    seconds: float
-    best_epoch: int | None
-    best_val_accuracy: float | None
-    stopped_early: bool
 
 
 def make_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -174,12 +237,42 @@ def progress_bar(console: Console, quiet: bool) -> Progress | contextlib.nullcon
     )
 
 
+@dataclass
+class FitResult:
+    epochs_run: int
+    steps: int
+    units: int  # samples or counted tokens trained on, all processes
+    seconds: float
+    best_epoch: int | None
+    best_score: float | None  # the validation score of the best epoch
+    stopped_early: bool
+
+
+@dataclass
+class FitState:
+    """The loop's counters; saved in every checkpoint with the task's own state."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    units: int = 0
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    seconds: float = 0.0
+    running_loss: float = 0.0  # of the current epoch, this process
+    running_count: int = 0
+
+    def improved(self, score: float, higher_is_better: bool, min_delta: float) -> bool:
+        if higher_is_better:
+            return score > self.best_score + min_delta
+        return score < self.best_score - min_delta
+
+
 def fit(
     model: nn.Module,
+    steps: TrainSteps,
     *,
-    data: DataBundle | TextData,
-    objective: Objective,
-    teacher: TeacherSignal | None,
     settings: TrainConfig,
     seed: int,
     out_dir: Path,
@@ -197,265 +290,308 @@ def fit(
     model and are saved in its checkpoints, but not in best.safetensors.
     """
     console = console or Console(stderr=True)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    is_main = accelerator.is_main_process
-    device = accelerator.device
-    n_train, batch = len(data.train), settings.batch_size
-    steps_per_epoch = n_train // batch
-    if steps_per_epoch == 0:
-        raise TrainingError(
-            f"{label}: train.batch_size ({batch}) is larger than the training split "
-            f"({n_train} samples); lower train.batch_size"
-        )
-    total_steps = settings.epochs * steps_per_epoch
-    if objective.needs_teacher and teacher is None:
-        raise TrainingError(f"{label}: the objective needs a teacher, but none was given")
-    if not objective.needs_teacher:
-        teacher = None  # never run a teacher whose output no term reads
-
-    student = model
-    teacher_model = next(iter(getattr(teacher, "models", {}).values()), None)
-    if extras is not None and len(list(extras.children())):
-        model = Trainee(model, extras)
-    optimizer = make_optimizer(model, settings.optimizer)
+    steps_per_epoch, total_steps = _schedule(steps, settings, accelerator, label)
+    trainee = Trainee(model, extras) if extras is not None and any(extras.children()) else model
+    optimizer = make_optimizer(trainee, settings.optimizer)
     scheduler = make_scheduler(optimizer, settings.lr_schedule, total_steps, steps_per_epoch)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    torch.manual_seed(seed * 7919 + rank)  # dropout masks
-    augment_rng = torch.Generator().manual_seed(seed * 104729 + rank)
-
-    ckpt_dir = out_dir / "checkpoints"
-    metrics_path = out_dir / "metrics.jsonl"
-    state: dict[str, Any] = {
-        "epoch": 0,
-        "step_in_epoch": 0,
-        "global_step": 0,
-        "best_val": -1.0,
-        "best_epoch": -1,
-        "bad_epochs": 0,
-        "seconds": 0.0,
-        "running": [0.0, 0],  # loss sum, samples, of the current epoch
-    }
-    latest = latest_training_state(ckpt_dir) if resume else None
+    prepared, optimizer = accelerator.prepare(trainee, optimizer)
+    torch.manual_seed(dropout_seed(seed, accelerator.process_index))
+    state = FitState(best_score=-math.inf if steps.higher_is_better else math.inf)
+    log = _MetricsLog(out_dir, label, settings.epochs, steps, accelerator, console, tensorboard)
+    checkpoints = _Checkpoints(out_dir / "checkpoints", trainee, optimizer, scheduler, steps, state)
+    latest = checkpoints.restore() if resume else None
     if latest is not None:
-        saved = load_training_state(latest, accelerator.unwrap_model(model))
-        optimizer.load_state_dict(saved.pop("optimizer"))
-        scheduler.load_state_dict(saved.pop("scheduler"))
-        torch.set_rng_state(saved.pop("torch_rng"))
-        augment_rng.set_state(saved.pop("augment_rng"))
-        state.update(saved)
-        if is_main:
-            truncate_metrics(metrics_path, state["global_step"])
-            console.log(f"{label}: resuming from {latest.name} (epoch {state['epoch'] + 1})")
-    elif is_main and metrics_path.exists():
-        metrics_path.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
+        log.resumed(state, latest)
+    log.start(resumed=state.global_step > 0)
+    started = time.perf_counter() - state.seconds
 
-    writer = _tensorboard_writer(out_dir) if tensorboard and is_main else None
-    grad_accum = settings.grad_accum
-    augment = settings.augment
-    if augment.random and not data.is_image:
-        raise TrainingError(
-            f"{label}: train.augment (jitter, crop, flip) works on images; "
-            f"this dataset's samples have shape {tuple(data.input_shape)}. Remove train.augment"
-        )
+    def elapsed() -> float:
+        return time.perf_counter() - started
+
     stopped_early = False
-    train_x, train_y = data.train.x, data.train.y
-    started = time.perf_counter() - state["seconds"]
-
-    def checkpoint() -> None:
-        state["seconds"] = time.perf_counter() - started
-        if is_main:
-            save_training_state(
-                ckpt_dir,
-                step=state["global_step"],
-                model=accelerator.unwrap_model(model),
-                state={
-                    **state,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "augment_rng": augment_rng.get_state(),
-                },
-            )
-        accelerator.wait_for_everyone()
-
-    with progress_bar(console, quiet or not is_main) as bar:
+    with progress_bar(console, quiet or not accelerator.is_main_process) as bar:
+        log.bar = bar
         task = bar.add_task(label, total=total_steps, info="") if bar else None
         if bar is not None and task is not None:
-            bar.update(task, completed=state["global_step"])
-        while state["epoch"] < settings.epochs and not stopped_early:
-            epoch = state["epoch"]
-            tick = time.perf_counter()
-            shuffle = torch.Generator().manual_seed(seed * 1009 + epoch)
-            if isinstance(data, TextData):  # batches of similar lengths (bucket_batches)
-                order = data.train_order(student, batch, shuffle)
-            else:
-                order = torch.randperm(n_train, generator=shuffle)
-            model.train()
-            first = state["step_in_epoch"]
-            # throughput of this process: time drawing the order and building batches,
-            # samples, text tokens
-            data_seconds, samples, tokens, padded = time.perf_counter() - tick, 0, 0, 0
+            bar.update(task, completed=state.global_step)
+        while state.epoch < settings.epochs and not stopped_early:
+            epoch, tick = state.epoch, time.perf_counter()
+            generator = torch.Generator().manual_seed(order_seed(seed, epoch))
+            order = steps.epoch_order(generator, settings.batch_size)
+            prepared.train()
+            first, units_since = state.step_in_epoch, 0
             for step in range(first, steps_per_epoch):
-                share = order[step * batch : (step + 1) * batch][rank::world]
-                micro_batches = share.chunk(grad_accum)
-                progress = state["global_step"] / total_steps
-                step_loss = 0.0
-                terms: dict[str, torch.Tensor] = {}
-                for i, idx in enumerate(micro_batches):
-                    last = i == len(micro_batches) - 1
-                    with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                        built = time.perf_counter()
-                        samples += len(idx)
-                        x: torch.Tensor | dict[str, torch.Tensor]  # the student's input
-                        x_teacher: torch.Tensor | dict[str, torch.Tensor]
-                        if isinstance(data, TextData):  # each model reads its own tokenization
-                            x = _to(data.batch(student, "train", idx), device)
-                            tokens += int(x["attention_mask"].sum())
-                            padded += x["attention_mask"].numel()
-                            x_teacher = x
-                            if teacher_model is not None:
-                                x_teacher = _to(data.batch(teacher_model, "train", idx), device)
-                        else:
-                            xb = train_x[idx]
-                            if augment.jitter:
-                                xb = jitter(xb, augment.jitter, augment_rng)
-                            if augment.crop:
-                                xb = random_crop(xb, augment.crop, augment_rng)
-                            if augment.flip:
-                                xb = random_flip(xb, augment_rng)
-                            x = x_teacher = data.to_input(xb).to(device, non_blocking=True)
-                        data_seconds += time.perf_counter() - built
-                        y = train_y[idx].to(device, non_blocking=True)
-                        teacher_logits = teacher(x_teacher, idx) if teacher is not None else None
-                        with accelerator.autocast():
-                            logits = model(**x) if isinstance(x, Mapping) else model(x)
-                        mask = x.get("attention_mask") if isinstance(x, Mapping) else None
-                        total, parts = objective(
-                            LossInputs(
-                                logits.float(), y, teacher_logits, indices=idx, attention_mask=mask
-                            ),
-                            progress,
-                        )
-                        # sum over this micro-batch / global samples; DDP averages over processes
-                        accelerator.backward(total * (world / batch))
-                    step_loss += total.item()
-                    for name, value in parts.items():
-                        terms[name] = terms.get(name, 0.0) + value
-                if not math.isfinite(step_loss):
-                    raise_non_finite(label, step_loss, epoch, state["global_step"], ckpt_dir, terms)
-                if settings.grad_clip is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                state["global_step"] += 1
-                state["step_in_epoch"] = step + 1
-                state["running"][0] += step_loss
-                state["running"][1] += len(share)
+                rows = order[step * settings.batch_size : (step + 1) * settings.batch_size]
+                count, step_loss, terms = _optimizer_step(
+                    prepared, rows, steps, state, settings, accelerator, optimizer, scheduler,
+                    progress=state.global_step / total_steps, label=label,
+                    checkpoint_folder=checkpoints.folder,
+                )  # fmt: skip
+                state.step_in_epoch = step + 1
+                units_since += count.total
                 if bar is not None and task is not None:
-                    rate = (step + 1 - first) * batch / max(time.perf_counter() - tick, 1e-9)
-                    shown = "  ".join(f"{k} {float(v) / len(share):.4f}" for k, v in terms.items())
-                    bar.update(
-                        task,
-                        advance=1,
-                        info=f"epoch {epoch + 1}/{settings.epochs}  loss {step_loss / len(share):.4f}"
-                        f" ({shown})  {rate:,.0f} samples/s",
-                    )
-                if (
-                    settings.checkpoint_every
-                    and state["global_step"] % settings.checkpoint_every == 0
-                ):
-                    checkpoint()
-
-            # end of epoch: validation, metrics, best weights, early stopping, checkpoint
-            loss_sum, seen = state["running"]
-            epoch_seconds = max(time.perf_counter() - tick, 1e-9)
-            record: dict[str, Any] = {
-                "epoch": epoch + 1,
-                "step": state["global_step"],
-                "split": "train",
-                "loss": loss_sum / max(seen, 1),
-                "lr": scheduler.get_last_lr()[0],
-                "seconds": round(time.perf_counter() - started, 3),
-                # this process, the steps run in this epoch (after a resume: since it)
-                "samples_per_second": round(samples / epoch_seconds, 2),
-                "data_share": round(data_seconds / epoch_seconds, 5),
-            }
-            if data.is_text and padded:
-                record["tokens_per_second"] = round(tokens / epoch_seconds, 1)
-                record["padding_share"] = round(1 - tokens / padded, 4)
-            if len(data.val):
-                val_x, val_input, val_order = data.eval_feed(student, "val")
-                logits = predict(
-                    student_of(accelerator.unwrap_model(model)),
-                    val_x,
-                    to_input=val_input,
-                    order=val_order,
-                    batch_size=settings.eval_batch_size,
-                    device=device,
-                )
-                val = quality(logits, data.val.y)
-                record.update(val_accuracy=val["accuracy"], val_nll=val["nll"])
-                if val["accuracy"] > state["best_val"] + (
-                    settings.early_stopping.min_delta if settings.early_stopping else 0.0
-                ):
-                    state.update(best_val=val["accuracy"], best_epoch=epoch + 1, bad_epochs=0)
-                    if is_main:
-                        save_weights(
-                            student_of(accelerator.unwrap_model(model)),
-                            out_dir / "best.safetensors",
-                        )
-                else:
-                    state["bad_epochs"] += 1
-                if (
-                    settings.early_stopping
-                    and state["bad_epochs"] >= settings.early_stopping.patience
-                ):
-                    stopped_early = True
-            if is_main:
-                with open(metrics_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
-                if writer is not None:
-                    for key in ("loss", "lr", "val_accuracy", "val_nll"):
-                        if key in record:
-                            writer.add_scalar(f"{label}/{key}", record[key], state["global_step"])
-                if quiet or bar is None:
-                    console.log(_epoch_line(label, settings.epochs, record))
-                else:
-                    bar.console.log(_epoch_line(label, settings.epochs, record))
-            state.update(epoch=epoch + 1, step_in_epoch=0, running=[0.0, 0])
-            checkpoint()
-    if writer is not None:
-        writer.close()
-    seconds = time.perf_counter() - started
+                    rate = units_since / max(time.perf_counter() - tick, 1e-9)
+                    info = log.step_info(epoch, count, step_loss, terms, rate)
+                    bar.update(task, advance=1, info=info)
+                if settings.eval_every and state.global_step % settings.eval_every == 0:
+                    log.validation(state, steps.validate(student_of(trainee)), elapsed())
+                if settings.checkpoint_every and state.global_step % settings.checkpoint_every == 0:
+                    checkpoints.save(accelerator, elapsed())
+            stopped_early = _end_epoch(
+                state, steps, settings, log, trainee, scheduler, out_dir, accelerator,
+                seconds=elapsed(), epoch_seconds=max(time.perf_counter() - tick, 1e-9),
+            )  # fmt: skip
+            checkpoints.save(accelerator, elapsed())
+    log.close()
     return FitResult(
-        epochs_run=state["epoch"],
-        steps=state["global_step"],
-        seconds=seconds,
-        best_epoch=state["best_epoch"] if state["best_epoch"] > 0 else None,
-        best_val_accuracy=state["best_val"] if state["best_epoch"] > 0 else None,
+        epochs_run=state.epoch,
+        steps=state.global_step,
+        units=state.units,
+        seconds=elapsed(),
+        best_epoch=state.best_epoch if state.best_epoch > 0 else None,
+        best_score=state.best_score if state.best_epoch > 0 else None,
         stopped_early=stopped_early,
     )
 
 
-def _to(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def _schedule(
+    steps: TrainSteps, settings: TrainConfig, accelerator: Accelerator, label: str
+) -> tuple[int, int]:
+    """(optimizer steps per epoch, in all); refuses a batch the data or processes cannot fill."""
+    batch, world = settings.batch_size, accelerator.num_processes
+    steps_per_epoch = steps.num_rows // batch
+    if steps_per_epoch == 0:
+        raise TrainingError(
+            f"{label}: train.batch_size ({batch} {steps.unit[:-1]} rows) is larger than the "
+            f"training split ({steps.num_rows} rows); lower train.batch_size or add data"
+        )
+    if batch // world < settings.grad_accum:
+        raise TrainingError(
+            f"{label}: {batch} rows per step over {world} processes leave fewer than one row "
+            f"per micro-batch at train.grad_accum = {settings.grad_accum}; lower grad_accum"
+        )
+    return steps_per_epoch, settings.epochs * steps_per_epoch
 
 
-def _epoch_line(label: str, epochs: int, record: dict[str, Any]) -> str:
-    line = f"{label} epoch {record['epoch']}/{epochs}: loss {record['loss']:.4f}"
-    if "val_accuracy" in record:
-        line += f", val accuracy {100 * record['val_accuracy']:.2f}%"
-    rate = f"{record['samples_per_second']:,.0f} samples/s"
-    if "tokens_per_second" in record:
-        rate += f", {record['tokens_per_second']:,.0f} tokens/s"
-    data = f"data {100 * record['data_share']:.1f}% of step time"
-    return line + f" ({record['seconds']:.0f}s; {rate}; {data})"
+def _optimizer_step(
+    model: nn.Module,
+    rows: torch.Tensor,
+    steps: TrainSteps,
+    state: FitState,
+    settings: TrainConfig,
+    accelerator: Accelerator,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    *,
+    progress: float,
+    label: str,
+    checkpoint_folder: Path,
+) -> tuple[StepCount, float, dict[str, float]]:
+    """One optimizer step over the global `rows`: this process's share in micro-batches."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    share = rows[rank::world]
+    count = steps.count(rows, share, state.global_step)
+    scale = world / max(count.total, 1)
+    step_loss, terms = 0.0, dict[str, float]()
+    micro_batches = share.chunk(settings.grad_accum)
+    for i, micro in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            loss, parts = steps.loss(model, micro, progress=progress)
+            accelerator.backward(loss * scale)
+        step_loss += float(loss.detach())
+        for name, value in parts.items():
+            terms[name] = terms.get(name, 0.0) + value
+    if not math.isfinite(step_loss):
+        raise_non_finite(label, step_loss, state.epoch, state.global_step, checkpoint_folder, terms)
+    if settings.grad_clip is not None:
+        accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    state.global_step += 1
+    state.units += count.total
+    state.running_loss += step_loss
+    state.running_count += count.local
+    return count, step_loss, terms
+
+
+def _end_epoch(
+    state: FitState,
+    steps: TrainSteps,
+    settings: TrainConfig,
+    log: _MetricsLog,
+    trainee: nn.Module,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    out_dir: Path,
+    accelerator: Accelerator,
+    *,
+    seconds: float,
+    epoch_seconds: float,
+) -> bool:
+    """Validation, the epoch record, best weights, early stopping; True to stop early."""
+    epoch = state.epoch
+    record: dict[str, Any] = {
+        "epoch": epoch + 1,
+        "step": state.global_step,
+        "split": "train",
+        "loss": state.running_loss / max(state.running_count, 1),
+        "lr": scheduler.get_last_lr()[0],
+        "seconds": round(seconds, 3),
+        **steps.epoch_fields(state.units, epoch_seconds),
+    }
+    stop = False
+    validation = steps.validate(student_of(trainee))
+    if validation is not None:
+        record.update(validation.fields)
+        stopping = settings.early_stopping
+        min_delta = stopping.min_delta if stopping else 0.0
+        if state.improved(validation.score, steps.higher_is_better, min_delta):
+            state.best_score, state.best_epoch, state.bad_epochs = (
+                validation.score,
+                epoch + 1,
+                0,
+            )
+            if accelerator.is_main_process:
+                save_weights(student_of(trainee), out_dir / "best.safetensors")
+        else:
+            state.bad_epochs += 1
+        stop = stopping is not None and state.bad_epochs >= stopping.patience
+    log.write(record, state.global_step)
+    state.epoch, state.step_in_epoch = epoch + 1, 0
+    state.running_loss, state.running_count = 0.0, 0
+    return stop
+
+
+class _Checkpoints:
+    """checkpoints/step-<N>/: the trainee's weights, the optimizer, the schedule, the RNG,
+    the loop's counters and the task's state."""
+
+    def __init__(
+        self,
+        folder: Path,
+        trainee: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LambdaLR,
+        steps: TrainSteps,
+        state: FitState,
+    ) -> None:
+        self.folder, self.trainee, self.optimizer, self.scheduler = (
+            folder,
+            trainee,
+            optimizer,
+            scheduler,
+        )
+        self.steps, self.state = steps, state
+
+    def save(self, accelerator: Accelerator, seconds: float) -> None:
+        self.state.seconds = seconds
+        if accelerator.is_main_process:
+            save_training_state(
+                self.folder,
+                step=self.state.global_step,
+                model=self.trainee,
+                state={
+                    "loop": dataclasses.asdict(self.state),
+                    "task": self.steps.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                },
+            )
+        accelerator.wait_for_everyone()
+
+    def restore(self) -> Path | None:
+        """Load the newest checkpoint, if any; returns its folder."""
+        latest = latest_training_state(self.folder)
+        if latest is None:
+            return None
+        saved = load_training_state(latest, self.trainee)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["torch_rng"])
+        self.steps.load_state_dict(saved["task"])
+        for name, value in saved["loop"].items():
+            setattr(self.state, name, value)
+        return latest
+
+
+class _MetricsLog:
+    """metrics.jsonl, the log lines, TensorBoard (main process only)."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        label: str,
+        epochs: int,
+        steps: TrainSteps,
+        accelerator: Accelerator,
+        console: Console,
+        tensorboard: bool,
+    ) -> None:
+        self.path, self.label, self.epochs, self.steps = (
+            out_dir / "metrics.jsonl",
+            label,
+            epochs,
+            steps,
+        )
+        self.is_main, self.console, self.out_dir = accelerator.is_main_process, console, out_dir
+        self.tensorboard = tensorboard
+        self.writer: Any = None
+        self.bar: Progress | None = None
+
+    def resumed(self, state: FitState, checkpoint: Path) -> None:
+        if self.is_main:
+            truncate_metrics(self.path, state.global_step)
+            self.console.log(
+                f"{self.label}: resuming from {checkpoint.name} (epoch {state.epoch + 1})"
+            )
+
+    def start(self, *, resumed: bool) -> None:
+        if self.is_main and not resumed and self.path.exists():
+            self.path.unlink()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.tensorboard and self.is_main:
+            self.writer = _tensorboard_writer(self.out_dir)
+
+    def write(self, record: dict[str, Any], step: int) -> None:
+        if not self.is_main:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key in ("loss", "lr") or key.startswith("val_"):
+                    self.writer.add_scalar(f"{self.label}/{key}", value, step)
+        line = self.steps.describe(self.label, self.epochs, record)
+        (self.console if self.bar is None else self.bar.console).log(line)
+
+    def validation(self, state: FitState, validation: Validation | None, seconds: float) -> None:
+        """A mid-epoch validation record (train.eval_every)."""
+        if validation is None:
+            return
+        fields = {k.removeprefix("val_"): v for k, v in validation.fields.items()}
+        record = {"epoch": state.epoch + 1, "step": state.global_step, "split": "val", **fields}
+        self.write({**record, "seconds": round(seconds, 3)}, state.global_step)
+
+    def step_info(
+        self, epoch: int, count: StepCount, loss: float, terms: dict[str, float], rate: float
+    ) -> str:
+        """The progress bar's text: the step's loss per sample or token, and its terms."""
+        per = max(count.local, 1)
+        shown = "  ".join(f"{name} {value / per:.4f}" for name, value in terms.items())
+        return (
+            f"epoch {epoch + 1}/{self.epochs}  loss/{self.steps.unit[:-1]} {loss / per:.4f} "
+            f"({shown})  {rate:,.0f} {self.steps.unit}/s"
+        )
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def raise_non_finite(
-    label: str, value: float, epoch: int, step: int, ckpt_dir: Path, terms: dict[str, torch.Tensor]
+    label: str, value: float, epoch: int, step: int, ckpt_dir: Path, terms: dict[str, float]
 ) -> None:
     last = latest_training_state(ckpt_dir)
     where = f"the last checkpoint before it is {last}" if last else "no checkpoint was written yet"

@@ -6,27 +6,52 @@
     print(results["gap_recovered"])
 
 `kdistill run / validate / cache / report` dispatch here when the recipe (or the run
-folder's recipe.yaml) says `task: causal_lm`.
+folder's recipe.yaml) says `task: causal_lm`. The names below are imported on first
+use, so that the task module (`kdistill.tasks.causal_lm`) may import this package's
+modules without importing the pipeline that imports it.
 """
 
 from __future__ import annotations
 
-from kdistill.lm.models import CausalLM, build_causal_lm
-from kdistill.lm.pipeline import cache_lm_teacher, run_lm
-from kdistill.lm.recipe import LMRecipe, is_lm_recipe, load_lm_recipe, validate_lm_recipe
-from kdistill.lm.report import collect_lm, print_lm_table, write_lm_report
-from kdistill.lm.train import LMObjective, chunked_cross_entropy, evaluate_lm, fit_lm
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kdistill.lm.models import CausalLM, build_causal_lm
+    from kdistill.lm.pipeline import cache_lm_teacher, run_lm
+    from kdistill.lm.recipe import LMRecipe, is_lm_recipe, load_lm_recipe, validate_lm_recipe
+    from kdistill.lm.report import collect_lm, print_lm_table, write_lm_report
+    from kdistill.losses.lm import chunked_cross_entropy
+    from kdistill.tasks.causal_lm import LMObjective, LMSteps, evaluate_lm
+
+_WHERE = {
+    "CausalLM": "kdistill.lm.models",
+    "build_causal_lm": "kdistill.lm.models",
+    "cache_lm_teacher": "kdistill.lm.pipeline",
+    "run_lm": "kdistill.lm.pipeline",
+    "LMRecipe": "kdistill.lm.recipe",
+    "is_lm_recipe": "kdistill.lm.recipe",
+    "load_lm_recipe": "kdistill.lm.recipe",
+    "validate_lm_recipe": "kdistill.lm.recipe",
+    "collect_lm": "kdistill.lm.report",
+    "print_lm_table": "kdistill.lm.report",
+    "write_lm_report": "kdistill.lm.report",
+    "chunked_cross_entropy": "kdistill.losses.lm",
+    "LMObjective": "kdistill.tasks.causal_lm",
+    "LMSteps": "kdistill.tasks.causal_lm",
+    "evaluate_lm": "kdistill.tasks.causal_lm",
+}
 
 __all__ = [
     "CausalLM",
     "LMObjective",
     "LMRecipe",
+    "LMSteps",
     "build_causal_lm",
     "cache_lm_teacher",
     "chunked_cross_entropy",
     "collect_lm",
     "evaluate_lm",
-    "fit_lm",
     "is_lm_recipe",
     "load_lm_recipe",
     "print_lm_table",
@@ -34,3 +59,9 @@ __all__ = [
     "validate_lm_recipe",
     "write_lm_report",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'kdistill.lm' has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name]), name)

@@ -1,7 +1,7 @@
 """Text generation by a `CausalLM`: seeded sampling with a key/value cache.
 
 Used by sequence-level KD (the teacher writes completions, `kdistill.lm.seqkd`) and by
-on-policy distillation (the student writes continuations, `kdistill.lm.train`). Each
+on-policy distillation (the student writes continuations, `kdistill.tasks.causal_lm`). Each
 next token is drawn from the model's distribution over the tokenizer's ids
 [0, vocab_size) (padded rows of the output layer never win):
 

@@ -37,6 +37,7 @@ import copy
 import math
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,14 @@ from rich.console import Console
 
 from kdistill import __version__
 from kdistill.checkpoint import atomic_write_json, atomic_write_text, load_weights, save_weights
-from kdistill.data.lm_text import bits_per_character, save_tokenizer, tokenizer_fingerprint
-from kdistill.errors import CheckpointError, DataError
+from kdistill.data.lm_text import (
+    TOKENIZER_FILE,
+    bits_per_character,
+    load_tokenizer,
+    save_tokenizer,
+    tokenizer_fingerprint,
+)
+from kdistill.errors import CheckpointError, DataError, RecipeError
 from kdistill.evaluate import cost
 from kdistill.lm.data import LMData, build_lm_data
 from kdistill.lm.models import (
@@ -59,6 +66,7 @@ from kdistill.lm.models import (
     weights_fingerprint,
 )
 from kdistill.lm.recipe import (
+    LMDataConfig,
     LMModelSpec,
     LMRecipe,
     LMTrainConfig,
@@ -82,7 +90,6 @@ from kdistill.lm.teachers import (
     LMTeacherSignal,
     write_teacher_cache,
 )
-from kdistill.lm.train import LMObjective, evaluate_lm, fit_lm
 from kdistill.lm_cache import TopKCacheSpec, open_topk_cache
 from kdistill.models.hf import quiet_transformers
 from kdistill.pipeline import (
@@ -92,6 +99,8 @@ from kdistill.pipeline import (
     resolve_weights,
     write_status,
 )
+from kdistill.tasks.causal_lm import LMObjective, LMSteps, evaluate_lm
+from kdistill.train import fit
 
 MEASURED_SPLIT = "validation: the last data.val_fraction of the corpus, by character position"
 MEASURED_PAIRS = (
@@ -461,9 +470,10 @@ def _train_and_finish(
     train: SeqKDRows | None = None,
     on_policy: OnPolicyConfig | None = None,
 ) -> CausalLM:
-    """Train with fit_lm on the run's rows (packed corpus or pairs), or on `train` (the
+    """Train with fit on the run's rows (packed corpus or pairs), or on `train` (the
     seqkd rows), and finish."""
-    result = fit_lm(
+    label = f"{stage} seed {seed}"
+    steps = LMSteps(
         model,
         train=ctx.data.train if train is None else train.train,
         train_labels=ctx.data.train_labels if train is None else train.labels,
@@ -474,16 +484,25 @@ def _train_and_finish(
         teacher=signal,
         settings=settings,
         vocab_size=ctx.data.vocab_size,
+        accelerator=ctx.accelerator,
+        seed=seed,
+        label=label,
+    )
+    result = fit(
+        model,
+        steps,
+        settings=settings,
         seed=seed,
         out_dir=ctx.run_dir / stage / f"seed{seed}",
         accelerator=ctx.accelerator,
         resume=ctx.resume,
-        label=f"{stage} seed {seed}",
+        label=label,
         quiet=ctx.quiet,
+        tensorboard=ctx.recipe.output.tensorboard,
         console=ctx.console,
     )
     model = ctx.accelerator.unwrap_model(model)
-    _finish_stage(ctx, stage, seed, model, spec, result.seconds, result.tokens)
+    _finish_stage(ctx, stage, seed, model, spec, result.seconds, result.units)
     ctx.accelerator.free_memory()
     return model
 
@@ -704,6 +723,42 @@ def _export_hf(model: CausalLM, data: LMData, folder: Path) -> None:
     os.replace(tmp, folder)
 
 
+# ------------------------------------------------------------------ kdistill eval
+
+
+def evaluate_lm_checkpoint(
+    weights: Path, info: dict[str, Any], *, data_dir: str | Path | None = None
+) -> dict[str, Any]:
+    """`kdistill eval` of a language-model stage folder: loss per token, perplexity and
+    bits per character on the validation split of the data it was trained on, tokenized
+    with the stage's own tokenizer (hf/tokenizer.json), and the cost per token."""
+    stage_dir = weights.parent
+    exported = stage_dir / "hf"
+    if not (exported / TOKENIZER_FILE).is_file():
+        raise CheckpointError(
+            f"{stage_dir} has no hf/{TOKENIZER_FILE}, so the tokenizer the model reads is "
+            "unknown; evaluate a stage folder written by `kdistill run`"
+        )
+    start = time.perf_counter()
+    data = build_lm_data(
+        LMDataConfig.model_validate(info["data"]),
+        data_dir=data_dir,
+        tokenizer_dir=exported,
+        tokenizer=load_tokenizer(exported),
+    )
+    with quiet_transformers():
+        model = data.build_model(LMModelSpec(path=str(exported)), "model")
+    load_weights(model, weights)
+    device = torch.device("cpu")
+    return {
+        "checkpoint": str(weights),
+        "task": "causal_lm",
+        "val": measure(model, data, batch_size=32, device=device),
+        "cost": _cost(model, data, device),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
 # ------------------------------------------------------------------ kdistill cache
 
 
@@ -721,7 +776,10 @@ def cache_lm_teacher(
     A killed job continues from its last complete shard.
     """
     if recipe.teacher is None:
-        raise CheckpointError("the recipe has no teacher section to cache")
+        raise RecipeError(
+            f"recipe {recipe.name!r} has no teacher section, so there is no teacher to cache; "
+            "add teacher: {model: ...} (and train it with the teacher stage)"
+        )
     run_dir = Path(output_dir or recipe.output.dir or Path("runs") / recipe.name)
     seed = recipe.seeds[0]
     data = build_lm_data(

@@ -60,7 +60,7 @@ wrote (prompt tokens do not count); the text is re-tokenized with the student's
 tokenizer, so a pretrained teacher may bring its own tokenizer (token-level distill
 then cannot run). `on_policy` trains a share λ of the distill stage's steps on
 continuations the student samples from the first `prompt_tokens` tokens of each
-sequence, scored by the live teacher (`kdistill.lm.train`).
+sequence, scored by the live teacher (`kdistill.tasks.causal_lm`).
 
 `load_lm_recipe` reads YAML with `safe_load`, applies `--set` overrides, validates with
 pydantic (`extra="forbid"`) and raises one `RecipeError` listing every problem with its
@@ -474,9 +474,6 @@ class LMTrainConfig(TrainConfig):
 
     batch_size: int = Field(32, ge=1, description="sequences per optimizer step, all processes")
     eval_batch_size: int = Field(32, ge=1, description="sequences per validation batch")
-    eval_every: int | None = Field(
-        None, ge=1, description="also measure validation loss every N optimizer steps"
-    )
     chunk_size: int | None = Field(
         None, ge=1, description="tokens per chunk of the loss (default: ~128 MiB of logits)"
     )
