@@ -7,8 +7,8 @@ Each configuration is a shipped recipe with overrides that shrink its data and
 training to seconds (one thread, the recipe's own seeds cut to the ones listed). For
 every stage and seed it records
 
-- the loss of every optimizer step, as it reaches the backward pass (the sum over the
-  step's micro-batches of the scaled loss handed to `Accelerator.backward`);
+- the loss of every micro-batch as the backward pass starts from it (the summed loss
+  scaled by world size / the step's count of samples or tokens);
 - the epoch records of metrics.jsonl, without the wall-clock fields;
 - the quality numbers of eval.json (accuracy, NLL, loss per token, ...), without
   timings;
@@ -139,21 +139,20 @@ def weights_checksum(path: Path) -> dict[str, list[float]]:
 
 @contextmanager
 def record_backward_losses() -> Iterator[list[float]]:
-    """Every value handed to Accelerator.backward, in order."""
-    from accelerate import Accelerator
-
+    """Every loss a backward pass starts from (`Tensor.backward`, which Accelerate's
+    backward calls too), in order."""
     seen: list[float] = []
-    original = Accelerator.backward
+    original = torch.Tensor.backward
 
-    def backward(self: Any, loss: torch.Tensor, **kwargs: Any) -> None:
-        seen.append(float(loss.detach()))
-        original(self, loss, **kwargs)
+    def backward(self: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        seen.append(float(self.detach()))
+        original(self, *args, **kwargs)
 
-    Accelerator.backward = backward  # type: ignore[method-assign]
+    torch.Tensor.backward = backward  # type: ignore[method-assign]
     try:
         yield seen
     finally:
-        Accelerator.backward = original  # type: ignore[method-assign]
+        torch.Tensor.backward = original  # type: ignore[method-assign]
 
 
 def record(name: str) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 import yaml
-from conftest import tiny_recipe
+from helpers import tiny_recipe
 from safetensors.torch import load_file, save_file
 
 from kdistill.checkpoint import save_weights

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_recipe
+from helpers import tiny_recipe
 from safetensors.torch import load_file
 
 from kdistill.cli import main

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import fails_cleanly as _fails
-from conftest import run_cli as _run
-from conftest import write_recipe as _write
+from helpers import fails_cleanly as _fails
+from helpers import run_cli as _run
+from helpers import write_recipe as _write
 
 from kdistill.checkpoint import load_weights
 from kdistill.data.lm_text import IGNORE_INDEX, dataset_fingerprint, load_tokenizer

@@ -15,10 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from conftest import fails_cleanly as _fails
-from conftest import run_cli as _run
-from conftest import write_recipe as _write
+from helpers import fails_cleanly as _fails
 from helpers import fit_lm
+from helpers import run_cli as _run
+from helpers import write_recipe as _write
 from safetensors.torch import load_file
 
 from kdistill.cli import main

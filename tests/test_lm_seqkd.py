@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import fails_cleanly as _fails
-from conftest import run_cli as _run
-from conftest import write_recipe as _write
+from helpers import fails_cleanly as _fails
 from helpers import fit_lm
+from helpers import run_cli as _run
+from helpers import write_recipe as _write
 from tokenizers import Tokenizer
 
 import kdistill.lm.seqkd as seqkd_module

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_recipe
-from conftest import write_recipe as _write
+from helpers import tiny_recipe
+from helpers import write_recipe as _write
 
 import kdistill
 import kdistill.plan as planning

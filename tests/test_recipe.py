@@ -144,7 +144,7 @@ def test_distill_without_teacher_source_rejected() -> None:
     ],
 )
 def test_schedule_values(schedule: object, progress: float, expected: float) -> None:
-    from kdistill.recipe import Schedule
+    from kdistill.schedules import Schedule
 
     value = schedule if isinstance(schedule, float) else Schedule.model_validate(schedule)
     assert schedule_value(value, progress) == pytest.approx(expected)

@@ -8,6 +8,23 @@ keeps its traceback.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
+
+def close_matches(
+    word: str, choices: Iterable[str], *, n: int = 1, cutoff: float = 0.6
+) -> list[str]:
+    """The `n` choices closest to a misspelt `word` (difflib's ratio ≥ cutoff), best first."""
+    return difflib.get_close_matches(word, [c for c in choices if c], n=n, cutoff=cutoff)
+
+
+def suggest(word: str, choices: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the choice closest to `word`, or '' when none is close:
+    the one wording of every "did you mean" in kdistill's messages."""
+    hint = close_matches(word, choices)
+    return f" (did you mean {hint[0]!r}?)" if hint else ""
+
 
 class KdistillError(Exception):
     """Base class: the message is shown to the user as is."""

@@ -10,7 +10,6 @@ allowed, and a "did you mean" for misspelt keys.
 from __future__ import annotations
 
 import copy
-import difflib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -25,7 +24,13 @@ from pydantic import (
     model_validator,
 )
 
-from kdistill.errors import RecipeError
+from kdistill.errors import RecipeError, suggest
+from kdistill.losses.table import check_term
+
+# Schedule and as_schedule are part of the recipe schema; they live in kdistill.schedules
+from kdistill.schedules import Schedule as Schedule
+from kdistill.schedules import ScheduleOrNumber
+from kdistill.schedules import as_schedule as as_schedule
 
 # hf_student's `location` naming the recipe's own teacher (models/text_build.py)
 TEACHER_LOCATION = "teacher"
@@ -133,53 +138,6 @@ class ModelSpec(Strict):
     )
 
 
-# ---------------------------------------------------------------------- schedules
-
-
-class Schedule(Strict):
-    """A value that changes with training progress p in [0, 1] (or by step/epoch milestones).
-
-    constant: start.  linear: start + (end - start) p.  exponential: start (end/start)^p.
-    cosine: end + (start - end)(1 + cos(pi p))/2.  step: start * gamma^(number of
-    milestones passed), milestones given as fractions of training in (0, 1).
-    """
-
-    kind: Literal["constant", "linear", "exponential", "cosine", "step"] = "constant"
-    start: float
-    end: float | None = None
-    gamma: float = Field(0.1, gt=0)
-    milestones: list[float] = Field(default_factory=list)
-    warmup: float = Field(
-        0.0, ge=0, lt=1, description="fraction of training spent ramping 0 -> start first"
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> Schedule:
-        if self.kind in ("linear", "exponential", "cosine") and self.end is None:
-            raise ValueError(f"a '{self.kind}' schedule needs 'end' as well as 'start'")
-        if self.kind == "exponential" and (self.start <= 0 or (self.end or 0) <= 0):
-            raise ValueError("an 'exponential' schedule needs start > 0 and end > 0")
-        if any(not 0 < m < 1 for m in self.milestones):
-            raise ValueError("milestones are fractions of training, each in (0, 1)")
-        return self
-
-    def bounds(self) -> tuple[float, float]:
-        """Smallest and largest value the schedule takes."""
-        values = [self.start] if self.end is None else [self.start, self.end]
-        if self.kind == "step":
-            values.append(self.start * self.gamma ** len(self.milestones))
-        if self.warmup > 0:
-            values.append(0.0)
-        return min(values), max(values)
-
-
-ScheduleOrNumber = float | Schedule
-
-
-def as_schedule(value: ScheduleOrNumber) -> Schedule:
-    return value if isinstance(value, Schedule) else Schedule(kind="constant", start=value)
-
-
 # ---------------------------------------------------------------------- objective
 
 
@@ -239,8 +197,6 @@ class LossTerm(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> LossTerm:
-        from kdistill.losses.objective import check_term  # the loss table lives there
-
         check_term(self)
         return self
 
@@ -556,9 +512,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model that owns the field at `loc`, to suggest near-miss keys."""
-    model: Any = Recipe
+def _model_at(loc: tuple[Any, ...], schema: type[BaseModel]) -> type[BaseModel] | None:
+    """The pydantic model of `schema` that owns the field at `loc`, to suggest near-miss keys."""
+    model: Any = schema
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
@@ -593,17 +549,15 @@ def format_loc(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
-def explain_error(error: dict[str, Any]) -> str:
+def explain_error(error: dict[str, Any], schema: type[BaseModel] | None = None) -> str:
+    """One line for a pydantic error of the recipe schema `schema` (default Recipe)."""
     loc = tuple(error["loc"])
     where = format_loc(loc)
     if error["type"] == "extra_forbidden":
-        owner = _model_at(loc)
+        owner = _model_at(loc, schema or Recipe)
         key = str(loc[-1])
         allowed = sorted(owner.model_fields) if owner else []
-        hint = difflib.get_close_matches(key, allowed, n=1)
-        msg = f"{where}: unknown key {key!r}"
-        if hint:
-            msg += f" (did you mean {hint[0]!r}?)"
+        msg = f"{where}: unknown key {key!r}{suggest(key, allowed)}"
         if allowed:
             msg += f"; allowed here: {', '.join(allowed)}"
         return msg

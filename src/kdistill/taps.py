@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import inspect
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -50,7 +49,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from kdistill.errors import RecipeError
+from kdistill.errors import RecipeError, close_matches
 
 Which = Literal["output", "input"]
 ProjectorKind = Literal["auto", "linear", "conv1x1", "mlp"]
@@ -160,7 +159,7 @@ def _is_container(module: nn.Module) -> bool:
 
 
 def _closest(path: str, names: Sequence[str]) -> str:
-    close = difflib.get_close_matches(path, [n for n in names if n], n=5, cutoff=0.5)
+    close = close_matches(path, names, n=5, cutoff=0.5)
     if close:
         return "Closest names: " + ", ".join(repr(n) for n in close) + "."
     top = [n for n in names if n and "." not in n][:12]

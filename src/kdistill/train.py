@@ -23,13 +23,13 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -71,6 +71,10 @@ def augment_seed(seed: int, rank: int) -> int:
 # --------------------------------------------------------------------- the seam
 
 
+# the unweighted terms of a micro-batch's loss, by name: detached 0-dim tensors or floats
+Terms = Mapping[str, "torch.Tensor | float"]
+
+
 @dataclass(frozen=True)
 class StepCount:
     """What one optimizer step's loss is divided by: `total`, the samples or counted
@@ -108,9 +112,10 @@ class TrainSteps(Protocol):
 
     def loss(
         self, model: nn.Module, rows: torch.Tensor, *, progress: float
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, Terms]:
         """The summed loss of a micro-batch of rows (differentiable, a 0-dim tensor) and
-        its unweighted terms; `model` is the prepared (maybe DDP-wrapped) model."""
+        its unweighted terms (detached tensors or floats, read only when shown); `model` is
+        the prepared (maybe DDP-wrapped) model."""
         ...
 
     def validate(self, student: nn.Module) -> Validation | None:
@@ -295,6 +300,7 @@ def fit(
     optimizer = make_optimizer(trainee, settings.optimizer)
     scheduler = make_scheduler(optimizer, settings.lr_schedule, total_steps, steps_per_epoch)
     prepared, optimizer = accelerator.prepare(trainee, optimizer)
+    optimizer, backward = _unwrapped_optimizer(optimizer, accelerator), _backward_of(accelerator)
     torch.manual_seed(dropout_seed(seed, accelerator.process_index))
     state = FitState(best_score=-math.inf if steps.higher_is_better else math.inf)
     log = _MetricsLog(out_dir, label, settings.epochs, steps, accelerator, console, tensorboard)
@@ -322,16 +328,16 @@ def fit(
             first, units_since = state.step_in_epoch, 0
             for step in range(first, steps_per_epoch):
                 rows = order[step * settings.batch_size : (step + 1) * settings.batch_size]
-                count, step_loss, terms = _optimizer_step(
+                count, step_loss, parts = _optimizer_step(
                     prepared, rows, steps, state, settings, accelerator, optimizer, scheduler,
                     progress=state.global_step / total_steps, label=label,
-                    checkpoint_folder=checkpoints.folder,
+                    checkpoint_folder=checkpoints.folder, backward=backward,
                 )  # fmt: skip
                 state.step_in_epoch = step + 1
                 units_since += count.total
                 if bar is not None and task is not None:
                     rate = units_since / max(time.perf_counter() - tick, 1e-9)
-                    info = log.step_info(epoch, count, step_loss, terms, rate)
+                    info = log.step_info(epoch, count, step_loss, sum_terms(parts), rate)
                     bar.update(task, advance=1, info=info)
                 if settings.eval_every and state.global_step % settings.eval_every == 0:
                     log.validation(state, steps.validate(student_of(trainee)), elapsed())
@@ -352,6 +358,25 @@ def fit(
         best_score=state.best_score if state.best_epoch > 0 else None,
         stopped_early=stopped_early,
     )
+
+
+def autocast_of(accelerator: Accelerator) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    """The forward pass's autocast context: Accelerate's for mixed precision; a plain
+    nullcontext in float32, where Accelerate's would only rebuild its state per call."""
+    if accelerator.mixed_precision == "no":
+        return contextlib.nullcontext
+    return accelerator.autocast
+
+
+def _unwrapped_optimizer(
+    optimizer: torch.optim.Optimizer, accelerator: Accelerator
+) -> torch.optim.Optimizer:
+    """The optimizer inside Accelerate's wrapper when the wrapper has nothing to do (no
+    gradient scaler, no XLA): its step looks for an optional package and its zero_grad
+    reads a signature on every call, about 0.3 ms a step on a CPU (BENCHMARKS.md §2)."""
+    if accelerator.scaler is not None or accelerator.distributed_type == DistributedType.XLA:
+        return optimizer
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def _schedule(
@@ -386,24 +411,28 @@ def _optimizer_step(
     progress: float,
     label: str,
     checkpoint_folder: Path,
-) -> tuple[StepCount, float, dict[str, float]]:
-    """One optimizer step over the global `rows`: this process's share in micro-batches."""
+    backward: Callable[[torch.Tensor], None],
+) -> tuple[StepCount, float, list[Terms]]:
+    """One optimizer step over the global `rows`: this process's share in micro-batches.
+    Returns the step's count, its summed loss and each micro-batch's terms (summed only
+    where they are shown: `sum_terms`)."""
     rank, world = accelerator.process_index, accelerator.num_processes
-    share = rows[rank::world]
+    share = rows if world == 1 else rows[rank::world]
     count = steps.count(rows, share, state.global_step)
     scale = world / max(count.total, 1)
-    step_loss, terms = 0.0, dict[str, float]()
-    micro_batches = share.chunk(settings.grad_accum)
+    step_loss, parts = 0.0, list[Terms]()
+    micro_batches = (share,) if settings.grad_accum == 1 else share.chunk(settings.grad_accum)
     for i, micro in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            loss, parts = steps.loss(model, micro, progress=progress)
-            accelerator.backward(loss * scale)
+            loss, terms = steps.loss(model, micro, progress=progress)
+            backward(loss * scale)
         step_loss += float(loss.detach())
-        for name, value in parts.items():
-            terms[name] = terms.get(name, 0.0) + value
+        parts.append(terms)
     if not math.isfinite(step_loss):
-        raise_non_finite(label, step_loss, state.epoch, state.global_step, checkpoint_folder, terms)
+        raise_non_finite(
+            label, step_loss, state.epoch, state.global_step, checkpoint_folder, sum_terms(parts)
+        )
     if settings.grad_clip is not None:
         accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)
     optimizer.step()
@@ -413,7 +442,29 @@ def _optimizer_step(
     state.units += count.total
     state.running_loss += step_loss
     state.running_count += count.local
-    return count, step_loss, terms
+    return count, step_loss, parts
+
+
+def sum_terms(parts: Sequence[Terms]) -> dict[str, float]:
+    """The unweighted loss terms of a step: each micro-batch's, summed."""
+    terms: dict[str, float] = {}
+    for micro in parts:
+        for name, value in micro.items():
+            terms[name] = terms.get(name, 0.0) + float(value)
+    return terms
+
+
+def _backward_of(accelerator: Accelerator) -> Callable[[torch.Tensor], None]:
+    """Accelerate's backward where it does more than `loss.backward()` (a gradient scaler,
+    DeepSpeed, Megatron, its own accumulation); `loss.backward()` itself otherwise, which is
+    what Accelerate would call, without dividing the loss by 1 first."""
+    plain = (
+        accelerator.scaler is None
+        and accelerator.gradient_accumulation_steps == 1
+        and accelerator.distributed_type
+        not in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+    )
+    return torch.Tensor.backward if plain else accelerator.backward
 
 
 def _end_epoch(

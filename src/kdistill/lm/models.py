@@ -15,7 +15,6 @@ nothing is downloaded).
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +26,7 @@ from tokenizers import Tokenizer
 from torch import Tensor, nn
 
 from kdistill.data.lm_text import TOKENIZER_FILE, load_tokenizer, tokenizer_fingerprint
-from kdistill.errors import DataError, ModelError
+from kdistill.errors import DataError, ModelError, suggest
 from kdistill.lm.recipe import LMModelSpec
 from kdistill.models.hf import quiet_transformers, resolve_model_location
 
@@ -166,8 +165,7 @@ def _from_config(config: dict[str, Any], *, vocab_size: int, eos_id: int | None,
     options = dict(config)
     model_type = options.pop("type")
     if model_type not in CONFIG_MAPPING:
-        hint = difflib.get_close_matches(model_type, list(CONFIG_MAPPING.keys()), n=1)
-        maybe = f" (did you mean {hint[0]!r}?)" if hint else ""
+        maybe = suggest(model_type, CONFIG_MAPPING.keys())
         raise ModelError(
             f"{where}.config.type: {model_type!r} is not a transformers model type{maybe}; "
             "use one such as gpt2, llama, qwen2, gpt_neox"
@@ -179,8 +177,7 @@ def _from_config(config: dict[str, Any], *, vocab_size: int, eos_id: int | None,
     if unknown:
         details = []
         for key in unknown:
-            hint = difflib.get_close_matches(key, sorted(known), n=1)
-            details.append(f"{key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+            details.append(f"{key!r}{suggest(key, sorted(known))}")
         raise ModelError(
             f"{where}.config: unknown key(s) for a {model_type} config: {', '.join(details)}; "
             f"see transformers' {config_class.__name__} for the keys"

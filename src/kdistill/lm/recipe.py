@@ -70,45 +70,30 @@ overrides and error wording are the classifier recipe's (`kdistill.recipe`).
 
 from __future__ import annotations
 
-import difflib
+import functools
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from kdistill.errors import suggest
+from kdistill.losses.table import LM_DIVERGENCES, LM_LOSS_NAMES, LM_LOSS_PARAMS
 from kdistill.recipe import (
     OutputConfig,
     Precision,
-    ScheduleOrNumber,
     Strict,
     TrainConfig,
     apply_overrides,
-    as_schedule,
     explain_error,
-    first_model,
-    format_loc,
     read_yaml,
     validate_schema,
 )
+from kdistill.schedules import ScheduleOrNumber, as_schedule
 
 TASK = "causal_lm"
 LMStage = Literal["teacher", "baseline", "seqkd", "distill"]
-# recipe name -> `kind` of kdistill.losses.lm.chunked_divergence
-DIVERGENCES = {
-    "forward_kl": "kl",
-    "reverse_kl": "reverse_kl",
-    "jsd": "jsd",
-    "skew_kl": "skew_kl",
-    "skew_reverse_kl": "skew_reverse_kl",
-    "tvd": "tvd",
-}
-LOSS_NAMES = ("cross_entropy", *DIVERGENCES)
-# the keyword parameters each divergence takes, all in [0, 1]
-LOSS_PARAMS = {
-    "jsd": ("beta",),
-    "skew_kl": ("alpha",),
-    "skew_reverse_kl": ("alpha",),
-}
+# the language-model rows of the loss table (kdistill.losses.table)
+DIVERGENCES, LOSS_NAMES, LOSS_PARAMS = LM_DIVERGENCES, LM_LOSS_NAMES, LM_LOSS_PARAMS
 
 
 # --------------------------------------------------------------------------- data
@@ -274,10 +259,9 @@ class LMLossTerm(Strict):
     @classmethod
     def _known_loss(cls, value: Any) -> Any:
         if isinstance(value, str) and value not in LOSS_NAMES:
-            hint = difflib.get_close_matches(value, LOSS_NAMES, n=1)
-            maybe = f" (did you mean {hint[0]!r}?)" if hint else ""
             raise ValueError(
-                f"unknown loss {value!r}{maybe}; language-model losses: {', '.join(LOSS_NAMES)}"
+                f"unknown loss {value!r}{suggest(value, LOSS_NAMES)}; "
+                f"language-model losses: {', '.join(LOSS_NAMES)}"
             )
         return value
 
@@ -305,10 +289,11 @@ class LMLossTerm(Strict):
         allowed = LOSS_PARAMS.get(self.loss, ())
         for name, value in self.params.items():
             if name not in allowed:
-                hint = difflib.get_close_matches(name, allowed, n=1)
-                maybe = f" (did you mean {hint[0]!r}?)" if hint else ""
                 takes = ", ".join(allowed) if allowed else "no parameters"
-                problems.append(f"{self.loss!r} has no parameter {name!r}{maybe}; it takes {takes}")
+                problems.append(
+                    f"{self.loss!r} has no parameter {name!r}{suggest(name, allowed)}; "
+                    f"it takes {takes}"
+                )
             elif not 0 <= value <= 1:
                 problems.append(
                     f"the {name!r} parameter of {self.loss!r} must be a float in [0, 1]; got {value}"
@@ -697,41 +682,14 @@ def is_lm_recipe(raw: Any) -> bool:
     return isinstance(raw, dict) and raw.get("task") == TASK
 
 
-def _owner(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model of LMRecipe that owns the field at `loc` (for key suggestions)."""
-    model: Any = LMRecipe
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
-        if field is None:
-            return None
-        model = first_model(field.annotation)
-        if model is None:
-            return None
-    return model if hasattr(model, "model_fields") else None
-
-
-def _explain_lm(error: dict[str, Any]) -> str:
-    if error["type"] != "extra_forbidden":
-        return explain_error(error)
-    loc = tuple(error["loc"])
-    owner = _owner(loc)
-    key = str(loc[-1])
-    allowed = sorted(owner.model_fields) if owner else []
-    hint = difflib.get_close_matches(key, allowed, n=1)
-    message = f"{format_loc(loc)}: unknown key {key!r}"
-    if hint:
-        message += f" (did you mean {hint[0]!r}?)"
-    if allowed:
-        message += f"; allowed here: {', '.join(allowed)}"
-    return message
-
-
 def validate_lm_recipe(raw: Any, *, source: str = "recipe") -> LMRecipe:
     """Validate a plain dict (parsed YAML) into an LMRecipe; collect all errors, raise once."""
     return validate_schema(
-        LMRecipe, raw, source=source, explain=_explain_lm, keys="task:, name:, data:"
+        LMRecipe,
+        raw,
+        source=source,
+        explain=functools.partial(explain_error, schema=LMRecipe),
+        keys="task:, name:, data:",
     )
 
 

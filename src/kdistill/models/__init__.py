@@ -8,7 +8,6 @@ receives them too when its signature accepts them and the recipe does not set th
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import importlib.util
 import inspect
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdistill.errors import ModelError
+from kdistill.errors import ModelError, close_matches, suggest
 from kdistill.models.cifar import (
     cnn_student,
     cnn_teacher,
@@ -83,7 +82,7 @@ def _import_factory(name: str, where: str) -> Callable[..., nn.Module]:
     factory = getattr(module, attr, None)
     if not callable(factory):
         found = [n for n in dir(module) if not n.startswith("_")]
-        hint = difflib.get_close_matches(attr, found, n=3)
+        hint = close_matches(attr, found, n=3)
         raise ModelError(
             f"{where}: module {module_name!r} has no callable {attr!r}"
             + (f"; close names: {', '.join(hint)}" if hint else "")
@@ -122,11 +121,9 @@ def build_model(
     elif spec.name in ZOO:
         factory = ZOO[spec.name]
     else:
-        hint = difflib.get_close_matches(spec.name, ZOO, n=1)
         raise ModelError(
-            f"{where}.name: unknown model {spec.name!r}"
-            + (f" (did you mean {hint[0]!r}?)" if hint else "")
-            + f"; the zoo has {', '.join(sorted(ZOO))}, or name your own as 'package.module:factory'"
+            f"{where}.name: unknown model {spec.name!r}{suggest(spec.name, ZOO)}"
+            f"; the zoo has {', '.join(sorted(ZOO))}, or name your own as 'package.module:factory'"
         )
     params = inspect.signature(factory).parameters
     kwargs: dict[str, Any] = dict(spec.args)

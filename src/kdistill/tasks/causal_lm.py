@@ -41,9 +41,8 @@ from kdistill.lm.models import CausalLM
 from kdistill.lm.recipe import DIVERGENCES, LMLossTerm, LMTrainConfig, OnPolicyConfig
 from kdistill.lm.teachers import LiveLMTeacher, LMTeacherSignal
 from kdistill.losses.lm import chunked_cross_entropy, chunked_divergence
-from kdistill.recipe import ScheduleOrNumber
-from kdistill.schedules import schedule_value
-from kdistill.train import StepCount, Validation
+from kdistill.schedules import ScheduleOrNumber, schedule_value
+from kdistill.train import StepCount, Validation, autocast_of
 
 
 @dataclass(frozen=True)
@@ -257,7 +256,7 @@ class LMSteps:
         )
         self.settings, self.vocab_size, self.seed = settings, vocab_size, seed
         self.on_policy = on_policy
-        self.device, self.autocast = accelerator.device, accelerator.autocast
+        self.device, self.autocast = accelerator.device, autocast_of(accelerator)
         self.num_rows = len(train)
         self.on_policy_steps = 0  # of the current epoch
         self._step = 0

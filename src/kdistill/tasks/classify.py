@@ -24,7 +24,7 @@ from kdistill.errors import TrainingError
 from kdistill.evaluate import predict, quality
 from kdistill.losses.objective import LossInputs, Objective
 from kdistill.recipe import TrainConfig
-from kdistill.train import StepCount, Validation, augment_seed
+from kdistill.train import StepCount, Validation, augment_seed, autocast_of
 
 
 class TeacherSignal(Protocol):
@@ -68,7 +68,7 @@ class ClassifierSteps:
         self.teacher = teacher if objective.needs_teacher else None  # never run an unread teacher
         self.teacher_model = next(iter(getattr(self.teacher, "models", {}).values()), None)
         self.device = accelerator.device
-        self.autocast = accelerator.autocast
+        self.autocast = autocast_of(accelerator)
         self.num_rows = len(data.train)
         self.augment_rng = torch.Generator().manual_seed(
             augment_seed(seed, accelerator.process_index)
@@ -94,7 +94,7 @@ class ClassifierSteps:
 
     def loss(
         self, model: nn.Module, rows: torch.Tensor, *, progress: float
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         built = time.perf_counter()
         self.samples += len(rows)
         x, x_teacher = self._inputs(rows)
@@ -105,8 +105,7 @@ class ClassifierSteps:
             logits = model(**x) if isinstance(x, Mapping) else model(x)
         mask = x.get("attention_mask") if isinstance(x, Mapping) else None
         inputs = LossInputs(logits.float(), y, teacher_logits, indices=rows, attention_mask=mask)
-        total, parts = self.objective(inputs, progress)
-        return total, {name: float(value) for name, value in parts.items()}
+        return self.objective(inputs, progress)
 
     def _inputs(
         self, rows: torch.Tensor
