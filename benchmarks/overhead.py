@@ -94,7 +94,9 @@ def main() -> None:
 
     def run_handwritten() -> float:
         model = student()
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)  # as make_optimizer
+        opt = torch.optim.SGD(
+            model.parameters(), lr=0.01, momentum=0.9, fused=True
+        )  # as make_optimizer
         steps = len(data.train) // 128
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))

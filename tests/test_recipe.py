@@ -148,3 +148,21 @@ def test_schedule_values(schedule: object, progress: float, expected: float) -> 
 
     value = schedule if isinstance(schedule, float) else Schedule.model_validate(schedule)
     assert schedule_value(value, progress) == pytest.approx(expected)
+
+
+def test_the_task_picks_the_schema_and_an_unknown_task_is_named(tmp_path: Path) -> None:
+    """`task:` is read in one place (kdistill.tasks): classification is the default and
+    may be written out; a misspelt task gets a suggestion, not the classifier's
+    'unknown key task'."""
+    from kdistill import as_recipe
+    from kdistill.errors import RecipeError
+    from kdistill.recipe import Recipe
+
+    raw = {"name": "t", "data": {"source": "mnist"}, "stages": ["teacher"],
+           "teacher": {"model": {"name": "mlp"}}}  # fmt: skip
+    assert isinstance(as_recipe(raw), Recipe)
+    assert as_recipe({**raw, "task": "classification"}).task == "classification"
+    with pytest.raises(
+        RecipeError, match=r"unknown task 'causal-lm' \(did you mean 'causal_lm'\?\)"
+    ):
+        as_recipe({**raw, "task": "causal-lm"})

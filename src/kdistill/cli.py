@@ -202,13 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace, console: Console) -> int:
     import kdistill
+    from kdistill.tasks import task_of_recipe, task_of_run
 
-    handled = _dispatch_causal_lm(args, console)
-    if handled is not None:
-        return handled
     if args.command == "run":
-        from kdistill.report import print_table
-
         recipe = kdistill.load_recipe(args.recipe, args.overrides)
         results = kdistill.distill(
             recipe,
@@ -219,13 +215,14 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
             quiet=args.quiet,
         )
         if results:
-            print_table(results, Console())
+            task_of_recipe(recipe).function("print_table")(results, Console())
         return 0
     if args.command == "validate":
         recipe = kdistill.load_recipe(args.recipe, args.overrides)
         stages = ", ".join(recipe.stages)
         console.print(
-            f"{args.recipe}: valid recipe {recipe.name!r} (stages: {stages}; seeds: {recipe.seeds})"
+            f"{args.recipe}: valid {task_of_recipe(recipe).name} recipe {recipe.name!r} "
+            f"(stages: {stages}; seeds: {recipe.seeds})"
         )
         return 0
     if args.command == "plan":
@@ -283,16 +280,12 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
             )
         return 0
     if args.command == "cache":
-        from kdistill.pipeline import cache_teacher
-
         recipe = kdistill.load_recipe(args.recipe, args.overrides)
-        if recipe.teacher is None:
-            raise RecipeError(f"{args.recipe}: the recipe has no teacher section to cache")
-        info = cache_teacher(
+        info = task_of_recipe(recipe).function("cache")(
             recipe, output_dir=args.output_dir, data_dir=args.data_dir, overwrite=args.overwrite
         )
         verb = "is up to date" if info["reused"] else "written"
-        console.print(f"teacher cache {info['folder']} {verb}")
+        console.print(f"teacher cache {info['folder']} {verb}", soft_wrap=True)
         return 0
     if args.command == "inspect":
         print(_inspect(args))
@@ -307,10 +300,9 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
             print(f"{name:24s} {describe(path)}")
         return 0
     if args.command == "report":
-        from kdistill.report import print_table, write_report
-
-        results = write_report(Path(args.run_dir))
-        print_table(results, Console())
+        task = task_of_run(Path(args.run_dir))
+        results = task.function("write_report")(Path(args.run_dir))
+        task.function("print_table")(results, Console())
         console.print(f"wrote {Path(args.run_dir) / 'results.md'}")
         return 0
     raise AssertionError(args.command)
@@ -331,57 +323,6 @@ def _losses_table() -> str:
     for name, kind in DIVERGENCES.items():
         lines.append(f"  {name:22s} {DESCRIPTIONS[kind]}")
     return "\n".join(lines)
-
-
-def _dispatch_causal_lm(args: argparse.Namespace, console: Console) -> int | None:
-    """Recipes with `task: causal_lm` (and run folders made from one) go to kdistill.lm;
-    None for everything else, which the classifier path handles."""
-    from kdistill.lm.recipe import is_lm_recipe
-    from kdistill.recipe import read_yaml
-    from kdistill.recipes import find_recipe
-
-    if args.command == "report":
-        path = Path(args.run_dir) / "recipe.yaml"
-    elif args.command in ("run", "validate", "cache"):
-        path = find_recipe(args.recipe)
-    else:
-        return None
-    try:
-        if not (path.is_file() and is_lm_recipe(read_yaml(path))):
-            return None
-    except RecipeError:
-        return None  # the classifier path reports the unreadable file
-    from kdistill import lm
-
-    if args.command == "report":
-        results = lm.write_lm_report(Path(args.run_dir))
-        lm.print_lm_table(results, Console())
-        console.print(f"wrote {Path(args.run_dir) / 'results.md'}")
-        return 0
-    recipe = lm.load_lm_recipe(path, args.overrides)
-    if args.command == "validate":
-        console.print(
-            f"{args.recipe}: valid causal_lm recipe {recipe.name!r} "
-            f"(stages: {', '.join(recipe.stages)}; seeds: {recipe.seeds})"
-        )
-    elif args.command == "cache":
-        info = lm.cache_lm_teacher(
-            recipe, output_dir=args.output_dir, data_dir=args.data_dir, overwrite=args.overwrite
-        )
-        verb = "is up to date" if info["reused"] else "written"
-        console.print(f"teacher top-k cache {info['folder']} {verb}")
-    else:
-        results = lm.run_lm(
-            recipe,
-            output_dir=args.output_dir,
-            data_dir=args.data_dir,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            quiet=args.quiet,
-        )
-        if results:
-            lm.print_lm_table(results, Console())
-    return 0
 
 
 def _inspect(args: argparse.Namespace) -> str:

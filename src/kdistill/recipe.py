@@ -340,6 +340,10 @@ class OutputConfig(Strict):
 
 
 class Recipe(Strict):
+    task: Literal["classification"] = Field(
+        "classification",
+        description="the task (kdistill.tasks.TASKS); this schema's is classification",
+    )
     name: str
     description: str = ""
     data: DataConfig

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from kdistill.lm.models import CausalLM, build_causal_lm
     from kdistill.lm.pipeline import cache_lm_teacher, run_lm
-    from kdistill.lm.recipe import LMRecipe, is_lm_recipe, load_lm_recipe, validate_lm_recipe
+    from kdistill.lm.recipe import LMRecipe, load_lm_recipe, validate_lm_recipe
     from kdistill.lm.report import collect_lm, print_lm_table, write_lm_report
     from kdistill.losses.lm import chunked_cross_entropy
     from kdistill.tasks.causal_lm import LMObjective, LMSteps, evaluate_lm
@@ -30,7 +30,6 @@ _WHERE = {
     "cache_lm_teacher": "kdistill.lm.pipeline",
     "run_lm": "kdistill.lm.pipeline",
     "LMRecipe": "kdistill.lm.recipe",
-    "is_lm_recipe": "kdistill.lm.recipe",
     "load_lm_recipe": "kdistill.lm.recipe",
     "validate_lm_recipe": "kdistill.lm.recipe",
     "collect_lm": "kdistill.lm.report",
@@ -52,7 +51,6 @@ __all__ = [
     "chunked_cross_entropy",
     "collect_lm",
     "evaluate_lm",
-    "is_lm_recipe",
     "load_lm_recipe",
     "print_lm_table",
     "run_lm",

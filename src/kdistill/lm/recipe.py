@@ -677,11 +677,6 @@ class LMRecipe(Strict):
 # ----------------------------------------------------------------- loading, errors
 
 
-def is_lm_recipe(raw: Any) -> bool:
-    """Whether parsed YAML is a language-model recipe (top-level `task: causal_lm`)."""
-    return isinstance(raw, dict) and raw.get("task") == TASK
-
-
 def validate_lm_recipe(raw: Any, *, source: str = "recipe") -> LMRecipe:
     """Validate a plain dict (parsed YAML) into an LMRecipe; collect all errors, raise once."""
     return validate_schema(

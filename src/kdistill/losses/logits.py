@@ -16,10 +16,11 @@ divergences do not, so `kd_loss(T) == T² · kl_divergence(T)`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -74,6 +75,22 @@ def _range_errors(loss: str, ranges: Mapping[str, tuple[object, _Interval]]) -> 
     return errors
 
 
+# The objective calls a term's loss with the same shapes, dtypes and parameter values at
+# every step; once the first call has passed the checks, it skips them (they cost about
+# what the loss itself costs on a small batch: BENCHMARKS.md §2).
+_CHECK_INPUTS = [True]
+
+
+@contextlib.contextmanager
+def inputs_already_checked() -> Iterator[None]:
+    """Skip the input checks of the logit losses inside this block."""
+    _CHECK_INPUTS[0] = False
+    try:
+        yield
+    finally:
+        _CHECK_INPUTS[0] = True
+
+
 def _validate(
     loss: str,
     student_logits: Tensor,
@@ -86,6 +103,8 @@ def _validate(
     min_classes: int = 1,
 ) -> None:
     """Check every input of `loss`; raise one LossInputError listing all problems."""
+    if not _CHECK_INPUTS[0]:
+        return
     errors = _range_errors(loss, ranges)
     if reduction not in _REDUCTIONS:
         errors.append(

@@ -26,6 +26,7 @@ from torch import nn
 from kdistill import taps as tapping
 from kdistill.errors import LossInputError
 from kdistill.losses.features import CRDMemory
+from kdistill.losses.logits import inputs_already_checked
 from kdistill.losses.table import (
     _ATTENTION_MAP_LOSSES,
     _NEEDS_EQUAL_SHAPES,
@@ -67,6 +68,7 @@ class Objective:
             raise LossInputError("an objective needs at least one loss term")
         self.terms = terms
         self.names = self._unique_names(terms)
+        self._checked: set[int] = set()  # terms whose loss has passed its input checks
         # resolved once: __call__ runs every step
         self._weights = [as_schedule(t.weight) for t in terms]
         self._temperatures = [
@@ -287,8 +289,12 @@ class Objective:
                     kwargs["temperature"] = schedule_value(temperature, progress)
                 if student_logits.shape[0] == 0:
                     value = inputs.student_logits.sum() * 0.0
+                elif i in self._checked:  # the first call checked the inputs (logits.py)
+                    with inputs_already_checked():
+                        value = LOSSES[term.loss](student_logits, reduction="sum", **kwargs)
                 else:
                     value = LOSSES[term.loss](student_logits, reduction="sum", **kwargs)
+                    self._checked.add(i)
             parts[name] = value.detach()
             if weight != 0.0:
                 total = weight * value if total is None else total + weight * value

@@ -1,7 +1,98 @@
-"""The tasks: what differs between classification and causal language modelling.
+"""The tasks, and the one place that dispatches on a recipe's `task`.
 
-Each task module holds exactly the differences `fit` and the stages must not know:
-how rows become a batch, forward + loss given the teacher's signal, what the loss is
-divided by (samples or counted tokens), the validation score and its direction.
-Everything else (the loop, checkpoints, resume, metrics) is `kdistill.train.fit`.
+A task module (`tasks/classify.py`, `tasks/causal_lm.py`) holds exactly the
+differences `fit` must not know: how rows become a batch, forward + loss given the
+teacher's signal, what the loss is divided by (samples or counted tokens), the
+validation score and its direction. `TASKS` names, per task, its recipe schema and the
+functions behind the commands (run, cache, report); `load_recipe`, `kdistill.distill`
+and the CLI look a recipe's task up here and nowhere else. A new task adds one row.
 """
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kdistill.errors import RecipeError, suggest
+
+DEFAULT_TASK = "classification"
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task's entry points, as "module:function" names imported on first use (a
+    language-model run does not import the image pipeline, nor the reverse)."""
+
+    name: str
+    summary: str
+    validate: str  # (raw dict, source=...) -> the typed recipe
+    run: str  # (recipe, output_dir=, data_dir=, resume=, overwrite=, quiet=) -> results
+    cache: str  # (recipe, output_dir=, data_dir=, overwrite=) -> {"folder", "reused", ...}
+    write_report: str  # (run_dir) -> results
+    print_table: str  # (results, console) -> None
+
+    def function(self, which: str) -> Callable[..., Any]:
+        module, _, name = getattr(self, which).partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+TASKS: dict[str, Task] = {
+    "classification": Task(
+        "classification",
+        "images, tables and texts into classes",
+        validate="kdistill.recipe:validate_recipe",
+        run="kdistill.pipeline:run",
+        cache="kdistill.pipeline:cache_teacher",
+        write_report="kdistill.report:write_report",
+        print_table="kdistill.report:print_table",
+    ),
+    "causal_lm": Task(
+        "causal_lm",
+        "next-token language modelling (a corpus or prompt/completion pairs)",
+        validate="kdistill.lm.recipe:validate_lm_recipe",
+        run="kdistill.lm.pipeline:run_lm",
+        cache="kdistill.lm.pipeline:cache_lm_teacher",
+        write_report="kdistill.lm.report:write_lm_report",
+        print_table="kdistill.lm.report:print_lm_table",
+    ),
+}
+
+
+def task_named(name: Any, *, source: str = "recipe") -> Task:
+    """The task of a recipe's `task:` value; an unknown one is a RecipeError."""
+    if isinstance(name, str) and name in TASKS:
+        return TASKS[name]
+    raise RecipeError(
+        f"{source}: task: unknown task {name!r}{suggest(str(name), TASKS)}; the tasks are "
+        + ", ".join(f"{t.name} ({t.summary})" for t in TASKS.values())
+    )
+
+
+def task_of(raw: Any, *, source: str = "recipe") -> Task:
+    """The task a parsed recipe names (`task:`, default classification)."""
+    name = raw.get("task", DEFAULT_TASK) if isinstance(raw, dict) else DEFAULT_TASK
+    return task_named(name, source=source)
+
+
+def task_of_recipe(recipe: Any) -> Task:
+    """The task of a validated recipe (its schema's `task` field)."""
+    return TASKS[getattr(recipe, "task", DEFAULT_TASK)]
+
+
+def validate(raw: Any, *, source: str = "recipe") -> Any:
+    """A parsed recipe (a dict) validated by its task's schema."""
+    return task_of(raw, source=source).function("validate")(raw, source=source)
+
+
+def task_of_run(run_dir: Path) -> Task:
+    """The task of a run folder, from the recipe.yaml it holds (classification when it
+    has none, as runs written before the field existed)."""
+    from kdistill.recipe import read_yaml
+
+    path = Path(run_dir) / "recipe.yaml"
+    if not path.is_file():
+        return TASKS[DEFAULT_TASK]
+    return task_of(read_yaml(path), source=str(path))
