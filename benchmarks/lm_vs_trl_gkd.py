@@ -110,7 +110,7 @@ from kdistill.lm.models import CausalLM, check_same_tokenizer, model_tokenizer, 
 from kdistill.lm.recipe import LMLossTerm, LMModelSpec, LMRecipe, LMTrainConfig
 from kdistill.lm.teachers import CachedLMTeacher, LiveLMTeacher, write_teacher_cache
 from kdistill.lm_cache import TopKCacheSpec, open_topk_cache
-from kdistill.pipeline import make_accelerator
+from kdistill.stages import make_accelerator
 from kdistill.tasks.causal_lm import LMObjective, LMSteps
 from kdistill.train import fit, lr_factor, make_optimizer
 

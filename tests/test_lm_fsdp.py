@@ -101,7 +101,7 @@ def test_a_run_under_accelerate_fsdp_is_refused_before_training() -> None:
     from accelerate import DistributedType
 
     from kdistill.errors import TrainingError
-    from kdistill.pipeline import refuse_fsdp
+    from kdistill.stages import refuse_fsdp
 
     with pytest.raises(TrainingError, match=r"uses FSDP.*Launch with DDP instead"):
         refuse_fsdp(DistributedType.FSDP)

@@ -17,19 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import datetime as dt
 import json
-import os
-import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from accelerate import Accelerator, DistributedType
+from accelerate import Accelerator
 from rich.console import Console
 from torch import nn
 
@@ -37,23 +32,32 @@ from kdistill import __version__
 from kdistill.cache import open_cache, write_cache
 from kdistill.checkpoint import (
     atomic_write_json,
-    atomic_write_text,
     file_sha256,
     load_weights,
     save_weights,
 )
 from kdistill.data import DataBundle, TextData
 from kdistill.data import build as build_data
-from kdistill.errors import CheckpointError, RecipeError, RunDirError, TrainingError
+from kdistill.errors import CheckpointError, RecipeError
 from kdistill.evaluate import cost, predict, quality
 from kdistill.losses.objective import Objective, reads_teacher
 from kdistill.models import build_model
 from kdistill.models.hf import HFClassifier, save_hf, weights_follow
 from kdistill.recipe import DataConfig, LossTerm, ModelSpec, Recipe, TrainConfig
 from kdistill.report import write_report
+from kdistill.stages import (
+    finish_run,
+    finished,
+    finished_earlier,
+    label,
+    make_accelerator,
+    read_metrics,
+    resolve_weights,
+    run_folder,
+    train_stage,
+)
 from kdistill.tasks.classify import ClassifierSteps, TeacherSignal
 from kdistill.teachers import CachedTeacher, EnsembleTeacher, LiveTeacher, combine_members
-from kdistill.train import fit
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -90,79 +94,50 @@ def run(
     console = console or Console(stderr=True)
     accelerator = make_accelerator(recipe.train.precision)
     run_dir = Path(output_dir or recipe.output.dir or Path("runs") / recipe.name)
-    if accelerator.is_main_process:
-        claim_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    accelerator.wait_for_everyone()
-    data = build_data(recipe.data, data_dir)
-    ctx = Context(recipe, run_dir, data, accelerator, resume, quiet, console)
-    if ctx.is_main:
-        atomic_write_text(
-            run_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
-        )
-        write_status(run_dir, "running")
-        console.log(
-            f"run {recipe.name} → {run_dir} | data: {len(data.train)} train, {len(data.val)} val, "
-            f"{len(data.test)} test, {data.num_classes} classes | {accelerator.num_processes} process(es) "
-            f"on {accelerator.device}"
-        )
-    try:
-        _check_models(recipe, data)
-        stages = set(recipe.stages)
-        guides: dict[int, Guide] = {}
-        if recipe.teacher is not None and (
-            {"teacher", "assistant", "distill"} & stages or recipe.student_from_teacher
-        ):
-            teacher_seeds = recipe.seeds if recipe.teacher.every_seed else recipe.seeds[:1]
-            for seed in teacher_seeds:
-                guides[seed] = _teacher_stage(ctx, seed)
-                if "assistant" in stages:
-                    guides[seed] = _student_stage(ctx, "assistant", seed, guide=guides[seed])
-        for seed in recipe.seeds:
-            guide = guides.get(seed) or next(iter(guides.values()), None)
-            if "baseline" in stages:
-                _student_stage(ctx, "baseline", seed, guide=guide)
-            if "distill" in stages:
-                assert guide is not None  # guaranteed by the recipe's validation
-                for generation in range(1, recipe.generations + 1):
-                    stage = "distill" if generation == 1 else f"distill_gen{generation}"
-                    guide = _student_stage(ctx, stage, seed, guide=guide)
-        accelerator.wait_for_everyone()
-        results: dict[str, Any] = {}
+    with run_folder(
+        recipe,
+        run_dir,
+        accelerator,
+        resume=resume,
+        overwrite=overwrite,
+        setup=lambda: build_data(recipe.data, data_dir),
+    ) as data:
+        assert data is not None
+        ctx = Context(recipe, run_dir, data, accelerator, resume, quiet, console)
         if ctx.is_main:
-            results = write_report(run_dir)
-            write_status(run_dir, "finished")
-        return results
-    except BaseException as exc:
-        if ctx.is_main:
-            write_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}")
-        raise
+            console.log(
+                f"run {recipe.name} → {run_dir} | data: {len(data.train)} train, {len(data.val)} "
+                f"val, {len(data.test)} test, {data.num_classes} classes | "
+                f"{accelerator.num_processes} process(es) on {accelerator.device}"
+            )
+        _run_stages(ctx)
+        return finish_run(run_dir, accelerator, write_report)
 
 
-def make_accelerator(precision: str) -> Accelerator:
-    """One Accelerator per process. Launched as several processes on a machine without
-    a GPU (`accelerate launch --num_processes 2`, torchrun), Accelerate only forms a
-    gloo process group when told to use the CPU, so say so."""
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(
-        mixed_precision=MIXED_PRECISION[precision],
-        cpu=several and not torch.cuda.is_available(),
-    )
-    refuse_fsdp(accelerator.distributed_type)
-    return accelerator
-
-
-def refuse_fsdp(distributed_type: DistributedType) -> None:
-    """Stop before training under FSDP: the loss is FSDP-ready, but weights and
-    checkpoints are saved from the unwrapped module, which FSDP leaves as flat shards,
-    so a run would end with files that do not load."""
-    if distributed_type == DistributedType.FSDP:
-        raise TrainingError(
-            "this launch uses FSDP (accelerate config distributed_type: FSDP); kdistill "
-            "does not save FSDP-sharded weights and checkpoints yet, so the run would write "
-            "files that do not load. Launch with DDP instead (accelerate launch --multi_gpu "
-            "--num_processes N ...), which keeps a whole copy of the student per device; "
-            "README 'Scale' says what is FSDP-ready"
-        )
+def _run_stages(ctx: Context) -> None:
+    """The teacher (or teachers) and assistant once (or per seed), then per seed the
+    baseline and the distill stage (with its born-again generations)."""
+    recipe = ctx.recipe
+    _check_models(recipe, ctx.data)
+    stages = set(recipe.stages)
+    guides: dict[int, Guide] = {}
+    if recipe.teacher is not None and (
+        {"teacher", "assistant", "distill"} & stages or recipe.student_from_teacher
+    ):
+        teacher_seeds = recipe.seeds if recipe.teacher.every_seed else recipe.seeds[:1]
+        for seed in teacher_seeds:
+            guides[seed] = _teacher_stage(ctx, seed)
+            if "assistant" in stages:
+                guides[seed] = _student_stage(ctx, "assistant", seed, guide=guides[seed])
+    for seed in recipe.seeds:
+        guide = guides.get(seed) or next(iter(guides.values()), None)
+        if "baseline" in stages:
+            _student_stage(ctx, "baseline", seed, guide=guide)
+        if "distill" in stages:
+            assert guide is not None  # guaranteed by the recipe's validation
+            for generation in range(1, recipe.generations + 1):
+                stage = "distill" if generation == 1 else f"distill_gen{generation}"
+                guide = _student_stage(ctx, stage, seed, guide=guide)
 
 
 # ----------------------------------------------------------------------- stages
@@ -271,7 +246,7 @@ def _one_teacher(
     # members get their own seeds, so two members of one architecture differ
     members = [m.name for m in recipe.teacher.members]
     torch.manual_seed(seed if stage == "teacher" else seed + 1000 * (members.index(stage[8:]) + 1))
-    trained = (stage_dir / "eval.json").exists() and (stage_dir / "model.safetensors").exists()
+    trained = finished(stage_dir)
     with weights_follow() if checkpoint is not None or trained else contextlib.nullcontext():
         model = make_model(ctx.data, spec, where=where)
     if checkpoint is not None:
@@ -292,8 +267,7 @@ def _one_teacher(
         return model
     if trained:
         load_weights(model, stage_dir / "model.safetensors")
-        if ctx.is_main:
-            ctx.console.log(f"{stage} seed {seed}: already trained in {stage_dir}, reusing it")
+        finished_earlier(ctx, stage, seed, reused="reusing it")
         return model
     objective = Objective(recipe.teacher.objective or [LossTerm(loss="cross_entropy")])
     return _train_and_finish(
@@ -316,9 +290,7 @@ def _student_stage(ctx: Context, stage: str, seed: int, *, guide: Guide | None) 
     torch.manual_seed(seed)  # baseline and distill start from the same weights for a seed
     teacher = ctx.teachers.get(seed) or next(iter(ctx.teachers.values()), None)
     model = make_model(ctx.data, spec, where=where, teacher=teacher)
-    if (stage_dir / "eval.json").exists() and (stage_dir / "model.safetensors").exists():
-        if ctx.is_main:
-            ctx.console.log(f"{stage} seed {seed}: finished earlier in {stage_dir}, skipping")
+    if finished_earlier(ctx, stage, seed):
         load_weights(model, stage_dir / "model.safetensors")
         return Guide({"main": model}, stage, seed)
     signal: TeacherSignal | None = None
@@ -366,7 +338,6 @@ def _train_and_finish(
     extras: nn.Module | None = None,
 ) -> nn.Module:
     """Train one stage into <run>/<stage>/seed<k>/, then measure and record it."""
-    label = f"{stage} seed {seed}"
     steps = ClassifierSteps(
         model,
         data=ctx.data if stage in ("teacher", "baseline") else ctx.data.for_distill(),
@@ -375,22 +346,9 @@ def _train_and_finish(
         settings=settings,
         accelerator=ctx.accelerator,
         seed=seed,
-        label=label,
+        label=label(stage, seed),
     )
-    result = fit(
-        model,
-        steps,
-        settings=settings,
-        seed=seed,
-        out_dir=ctx.run_dir / stage / f"seed{seed}",
-        accelerator=ctx.accelerator,
-        resume=ctx.resume,
-        label=label,
-        quiet=ctx.quiet,
-        tensorboard=ctx.recipe.output.tensorboard,
-        console=ctx.console,
-        extras=extras,
-    )
+    result = train_stage(ctx, stage, seed, model, steps, settings=settings, extras=extras)
     model = ctx.accelerator.unwrap_model(model)
     _finish_stage(ctx, stage, seed, model, spec, guide, train_seconds=result.seconds)
     ctx.accelerator.free_memory()
@@ -594,92 +552,7 @@ def _teacher_logits(ctx: Context, guide: Guide) -> torch.Tensor:
     )
 
 
-# --------------------------------------------------------------- run folder state
-
-
-def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    status_path = run_dir / "run.json"
-    if run_dir.exists() and any(run_dir.iterdir()):
-        status = _read_status(status_path)
-        if overwrite:
-            for child in run_dir.iterdir():
-                if child.is_dir():
-                    shutil.rmtree(child)
-                else:
-                    child.unlink()
-        elif status is None:
-            raise RunDirError(
-                f"output folder {run_dir} is not empty and holds no kdistill run; choose another "
-                "--output-dir, or pass --overwrite to clear it"
-            )
-        elif status.get("status") == "finished" and not resume:
-            raise RunDirError(
-                f"output folder {run_dir} already holds a finished run "
-                f"({status.get('finished', 'earlier')}); pass --overwrite to replace it, "
-                "--resume to add missing stages, or choose another --output-dir. "
-                f"`kdistill report {run_dir}` rebuilds its report"
-            )
-        elif status.get("status") != "finished" and not resume:
-            raise RunDirError(
-                f"output folder {run_dir} holds an unfinished run (status {status.get('status')}); "
-                "pass --resume to continue it from its last checkpoint, or --overwrite to start over"
-            )
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-
-def _read_status(path: Path) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return {"status": "unknown"}
-
-
-def write_status(run_dir: Path, status: str, error: str | None = None) -> None:
-    path = run_dir / "run.json"
-    record = _read_status(path) or {"started": _now()}
-    record.update(status=status, kdistill=__version__, argv=sys.argv)
-    record["finished" if status == "finished" else "updated"] = _now()
-    # a record describes the latest attempt: no "finished" while failed, no stale error
-    if status != "finished":
-        record.pop("finished", None)
-    record.pop("error", None)
-    if error:
-        record["error"] = error
-    atomic_write_json(path, record)
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [
-        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-    ]
-
-
 # ------------------------------------------------------------- other entry points
-
-
-def resolve_weights(path_text: str | Path) -> Path:
-    """A weights file, a stage folder (holding model.safetensors) or a run folder (its teacher)."""
-    path = Path(path_text)
-    candidates = [
-        path,
-        path / "model.safetensors",
-        path / "teacher" / "seed0" / "model.safetensors",
-    ]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise CheckpointError(
-        f"no weights found at {path}: looked for {', '.join(str(c) for c in candidates)}. "
-        "Point to a .safetensors file, a stage folder or a finished run folder"
-    )
 
 
 def evaluate_checkpoint(

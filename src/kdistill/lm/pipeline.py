@@ -43,12 +43,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from accelerate import Accelerator
 from rich.console import Console
 
 from kdistill import __version__
-from kdistill.checkpoint import atomic_write_json, atomic_write_text, load_weights, save_weights
+from kdistill.checkpoint import atomic_write_json, load_weights, save_weights
 from kdistill.data.lm_text import (
     TOKENIZER_FILE,
     bits_per_character,
@@ -92,15 +91,18 @@ from kdistill.lm.teachers import (
 )
 from kdistill.lm_cache import TopKCacheSpec, open_topk_cache
 from kdistill.models.hf import quiet_transformers
-from kdistill.pipeline import (
-    claim_run_dir,
+from kdistill.stages import (
+    finish_run,
+    finished,
+    finished_earlier,
+    label,
     make_accelerator,
     read_metrics,
     resolve_weights,
-    write_status,
+    run_folder,
+    train_stage,
 )
 from kdistill.tasks.causal_lm import LMObjective, LMSteps, evaluate_lm
-from kdistill.train import fit
 
 MEASURED_SPLIT = "validation: the last data.val_fraction of the corpus, by character position"
 MEASURED_PAIRS = (
@@ -153,66 +155,57 @@ def run_lm(
     console = console or Console(stderr=True)
     accelerator = make_accelerator(recipe.train.precision)
     run_dir = Path(output_dir or recipe.output.dir or Path("runs") / recipe.name)
-    if accelerator.is_main_process:
-        claim_run_dir(run_dir, resume=resume, overwrite=overwrite)
-        write_status(run_dir, "running")
-    accelerator.wait_for_everyone()
-    try:
+    with run_folder(recipe, run_dir, accelerator, resume=resume, overwrite=overwrite):
         data = _build_data(recipe, data_dir, run_dir, accelerator)
         teacher_data = _teacher_data(recipe, data, data_dir, run_dir, console, accelerator)
         ctx = LMContext(
             recipe, run_dir, data, accelerator, resume, quiet, console, teacher_data, data_dir
         )
         if ctx.is_main:
-            atomic_write_text(
-                run_dir / "recipe.yaml",
-                yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False),
-            )
-            info = data.info
-            if recipe.data.pairs is not None:
-                source = (
-                    f"pairs: {info['pairs']['train']:,} train + {info['pairs']['val']:,} val, "
-                    f"{info['tokens']['train']:,} + {info['tokens']['val']:,} completion tokens "
-                    f"counted (vocabulary {data.vocab_size}; prompts cut: "
-                    f"{info['truncated_prompts']['train']} + {info['truncated_prompts']['val']}, "
-                    f"completions cut: {info['truncated_completions']['train']} + "
-                    f"{info['truncated_completions']['val']}), one row of {data.seq_len} each"
-                )
-            else:
-                source = (
-                    f"corpus: {info['characters']['train']:,} train + "
-                    f"{info['characters']['val']:,} val characters, {info['tokens']['train']:,} "
-                    f"+ {info['tokens']['val']:,} tokens ({info['chars_per_token']:.2f} "
-                    f"characters/token, vocabulary {data.vocab_size}), {len(data.train)} + "
-                    f"{len(data.val)} sequences of {data.seq_len}"
-                )
             console.log(
-                f"run {recipe.name} → {run_dir} | {source} | {accelerator.num_processes} "
-                f"process(es) on {accelerator.device}"
+                f"run {recipe.name} → {run_dir} | {_describe_data(data, recipe)} | "
+                f"{accelerator.num_processes} process(es) on {accelerator.device}"
             )
-        _check_models(ctx)
-        stages = set(recipe.stages)
-        teacher = None
-        if recipe.teacher is not None and stages & {"teacher", "seqkd", "distill"}:
-            teacher = _teacher_stage(ctx, recipe.seeds[0])
-        for seed in recipe.seeds:
-            if "baseline" in stages:
-                _student_stage(ctx, "baseline", seed, teacher=None)
-            if "seqkd" in stages:
-                assert teacher is not None
-                _seqkd_stage(ctx, seed, teacher)
-            if "distill" in stages:
-                _student_stage(ctx, "distill", seed, teacher=teacher)
-        accelerator.wait_for_everyone()
-        results: dict[str, Any] = {}
-        if ctx.is_main:
-            results = write_lm_report(run_dir)
-            write_status(run_dir, "finished")
-        return results
-    except BaseException as exc:
-        if accelerator.is_main_process:
-            write_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}")
-        raise
+        _run_stages(ctx)
+        return finish_run(run_dir, accelerator, write_lm_report)
+
+
+def _run_stages(ctx: LMContext) -> None:
+    """The teacher once, then per seed the baseline, seqkd and distill stages."""
+    recipe = ctx.recipe
+    _check_models(ctx)
+    stages = set(recipe.stages)
+    teacher = None
+    if recipe.teacher is not None and stages & {"teacher", "seqkd", "distill"}:
+        teacher = _teacher_stage(ctx, recipe.seeds[0])
+    for seed in recipe.seeds:
+        if "baseline" in stages:
+            _student_stage(ctx, "baseline", seed, teacher=None)
+        if "seqkd" in stages:
+            assert teacher is not None
+            _seqkd_stage(ctx, seed, teacher)
+        if "distill" in stages:
+            _student_stage(ctx, "distill", seed, teacher=teacher)
+
+
+def _describe_data(data: LMData, recipe: LMRecipe) -> str:
+    info = data.info
+    if recipe.data.pairs is not None:
+        return (
+            f"pairs: {info['pairs']['train']:,} train + {info['pairs']['val']:,} val, "
+            f"{info['tokens']['train']:,} + {info['tokens']['val']:,} completion tokens "
+            f"counted (vocabulary {data.vocab_size}; prompts cut: "
+            f"{info['truncated_prompts']['train']} + {info['truncated_prompts']['val']}, "
+            f"completions cut: {info['truncated_completions']['train']} + "
+            f"{info['truncated_completions']['val']}), one row of {data.seq_len} each"
+        )
+    return (
+        f"corpus: {info['characters']['train']:,} train + "
+        f"{info['characters']['val']:,} val characters, {info['tokens']['train']:,} "
+        f"+ {info['tokens']['val']:,} tokens ({info['chars_per_token']:.2f} "
+        f"characters/token, vocabulary {data.vocab_size}), {len(data.train)} + "
+        f"{len(data.val)} sequences of {data.seq_len}"
+    )
 
 
 def _build_data(
@@ -309,21 +302,20 @@ def _teacher_stage(ctx: LMContext, seed: int) -> LMTeacher:
     torch.manual_seed(seed)
     model = ctx.build(recipe.teacher.model, "teacher.model", ctx.teacher_data)
     checkpoint = _teacher_checkpoint(recipe)
-    finished = (stage_dir / "eval.json").exists() and (stage_dir / "model.safetensors").exists()
+    done = finished(stage_dir)
     if checkpoint is not None:
         try:
             load_weights(model, checkpoint)
         except CheckpointError as exc:
             raise CheckpointError(f"teacher.checkpoint: {exc}") from None
     if recipe.teacher.pretrained:
-        if "teacher" in recipe.stages and not finished:
+        if "teacher" in recipe.stages and not done:
             _finish_stage(
                 ctx, "teacher", seed, model, recipe.teacher.model, 0.0, 0, data=ctx.teacher_data
             )
-    elif finished:
+    elif done:
         load_weights(model, stage_dir / "model.safetensors")
-        if ctx.is_main:
-            ctx.console.log(f"teacher seed {seed}: already trained in {stage_dir}, reusing it")
+        finished_earlier(ctx, "teacher", seed, reused="reusing it")
     else:
         model = _train_and_finish(
             ctx,
@@ -341,10 +333,7 @@ def _teacher_stage(ctx: LMContext, seed: int) -> LMTeacher:
 def _student_stage(ctx: LMContext, stage: str, seed: int, *, teacher: LMTeacher | None) -> None:
     recipe = ctx.recipe
     assert recipe.student is not None
-    stage_dir = ctx.run_dir / stage / f"seed{seed}"
-    if (stage_dir / "eval.json").exists() and (stage_dir / "model.safetensors").exists():
-        if ctx.is_main:
-            ctx.console.log(f"{stage} seed {seed}: finished earlier in {stage_dir}, skipping")
+    if finished_earlier(ctx, stage, seed):
         return
     torch.manual_seed(seed)  # baseline and distill start from the same weights for a seed
     model = ctx.build(recipe.student.model, "student.model")
@@ -372,10 +361,7 @@ def _seqkd_stage(ctx: LMContext, seed: int, teacher: LMTeacher) -> None:
     """Train the student on the teacher's completions (written once, shared by seeds)."""
     recipe = ctx.recipe
     assert recipe.student is not None
-    stage_dir = ctx.run_dir / "seqkd" / f"seed{seed}"
-    if (stage_dir / "eval.json").exists() and (stage_dir / "model.safetensors").exists():
-        if ctx.is_main:
-            ctx.console.log(f"seqkd seed {seed}: finished earlier in {stage_dir}, skipping")
+    if finished_earlier(ctx, "seqkd", seed):
         return
     rows = _seqkd_rows(ctx, teacher)
     if len(rows.train) < recipe.train.batch_size:
@@ -472,7 +458,6 @@ def _train_and_finish(
 ) -> CausalLM:
     """Train with fit on the run's rows (packed corpus or pairs), or on `train` (the
     seqkd rows), and finish."""
-    label = f"{stage} seed {seed}"
     steps = LMSteps(
         model,
         train=ctx.data.train if train is None else train.train,
@@ -486,21 +471,9 @@ def _train_and_finish(
         vocab_size=ctx.data.vocab_size,
         accelerator=ctx.accelerator,
         seed=seed,
-        label=label,
+        label=label(stage, seed),
     )
-    result = fit(
-        model,
-        steps,
-        settings=settings,
-        seed=seed,
-        out_dir=ctx.run_dir / stage / f"seed{seed}",
-        accelerator=ctx.accelerator,
-        resume=ctx.resume,
-        label=label,
-        quiet=ctx.quiet,
-        tensorboard=ctx.recipe.output.tensorboard,
-        console=ctx.console,
-    )
+    result = train_stage(ctx, stage, seed, model, steps, settings=settings)
     model = ctx.accelerator.unwrap_model(model)
     _finish_stage(ctx, stage, seed, model, spec, result.seconds, result.units)
     ctx.accelerator.free_memory()
