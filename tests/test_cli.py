@@ -1,0 +1,53 @@
+"""The command line directly: every command takes --debug, before or after its name, and
+an error prints one paragraph (exit 2) unless --debug asks for the traceback."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from kdistill.cli import build_parser, main
+from kdistill.errors import RecipeError
+
+# the arguments each command needs besides --debug
+REQUIRED = {
+    "run": ["r.yaml"],
+    "validate": ["r.yaml"],
+    "plan": ["r.yaml"],
+    "eval": ["runs/x"],
+    "cache": ["r.yaml"],
+    "inspect": ["mlp"],
+    "recipes": [],
+    "report": ["runs/x"],
+}
+
+
+def _commands() -> list[str]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sorted(sub.choices)
+
+
+def test_the_table_above_names_every_command() -> None:
+    assert _commands() == sorted(REQUIRED)
+
+
+@pytest.mark.parametrize("command", sorted(REQUIRED))
+def test_every_command_takes_debug_before_or_after_its_name(command: str) -> None:
+    parser = build_parser()
+    assert parser.parse_args([command, *REQUIRED[command]]).debug is False
+    assert parser.parse_args([command, *REQUIRED[command], "--debug"]).debug is True
+    assert parser.parse_args(["--debug", command, *REQUIRED[command]]).debug is True
+
+
+def test_an_error_is_one_paragraph_unless_debug(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = str(tmp_path / "nope.yaml")
+    assert main(["validate", missing]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
+    with pytest.raises(RecipeError):
+        main(["validate", missing, "--debug"])
