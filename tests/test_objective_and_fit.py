@@ -13,6 +13,7 @@ from kdistill.data import build
 from kdistill.losses import cross_entropy, kd_loss
 from kdistill.losses.objective import LossInputs, Objective
 from kdistill.models import build_model
+from kdistill.optim import lr_factor, make_optimizer, uses_fused_kernel
 from kdistill.recipe import (
     DataConfig,
     LossTerm,
@@ -23,7 +24,7 @@ from kdistill.recipe import (
 )
 from kdistill.tasks.classify import ClassifierSteps
 from kdistill.teachers import LiveTeacher
-from kdistill.train import fit, lr_factor, make_optimizer, uses_fused_kernel
+from kdistill.train import fit
 
 
 def _inputs() -> LossInputs:

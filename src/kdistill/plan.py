@@ -333,7 +333,7 @@ class _StageSpec:
 def _plan_stage(
     spec: _StageSpec, steps: int, device: torch.device, available: int, extra: int
 ) -> StagePlan:
-    from kdistill.train import uses_fused_kernel
+    from kdistill.optim import uses_fused_kernel
 
     settings = spec.settings
     session = spec.build()
@@ -888,9 +888,10 @@ def _classifier_stage(
 ) -> _StageSpec:
     """One classifier stage as the pipeline runs it (kdistill.pipeline, kdistill.train)."""
     from kdistill.losses.objective import LossInputs, Objective
+    from kdistill.optim import make_optimizer
     from kdistill.pipeline import make_model, sample_inputs, untrained_teacher_source
     from kdistill.teachers import CachedTeacher, EnsembleTeacher, LiveTeacher
-    from kdistill.train import Trainee, make_optimizer
+    from kdistill.train import Trainee
 
     teacher_cfg = recipe.teacher
     # the stages that learn from a teacher also train on the transfer texts, if any
@@ -1259,8 +1260,8 @@ def _lm_stage(
     from kdistill.lm.models import CausalLM
     from kdistill.lm.recipe import DIVERGENCES
     from kdistill.lm.teachers import LiveLMTeacher
+    from kdistill.optim import make_optimizer
     from kdistill.tasks.causal_lm import step_losses
-    from kdistill.train import make_optimizer
 
     spec, where = trained
     teacher_cfg = recipe.teacher
