@@ -765,6 +765,35 @@ def _resident_bytes() -> int:
     return 0
 
 
+class _RecordedSignal:
+    """A teacher signal that keeps its last output: the bytes it hands the loss."""
+
+    def __init__(self, signal: Any) -> None:
+        self.signal, self.models = signal, getattr(signal, "models", {})
+        self.last: Any = None
+
+    def __call__(self, x: Any, indices: Tensor) -> Any:
+        self.last = self.signal(x, indices)
+        return self.last
+
+
+@dataclass(frozen=True)
+class _PlanPlacement:
+    """Where the plan runs a stage's steps (kdistill.train.Placement): its device and the
+    recipe's precision, without an Accelerator."""
+
+    device: torch.device
+    precision: str
+    process_index: int = 0
+
+    @property
+    def mixed_precision(self) -> str:
+        return "no" if self.precision == "fp32" else self.precision
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return _autocast(self.precision, self.device)
+
+
 def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -887,9 +916,10 @@ def _classifier_stage(
     seed: int,
 ) -> _StageSpec:
     """One classifier stage as the pipeline runs it (kdistill.pipeline, kdistill.train)."""
-    from kdistill.losses.objective import LossInputs, Objective
+    from kdistill.losses.objective import Objective
     from kdistill.optim import make_optimizer
     from kdistill.pipeline import make_model, sample_inputs, untrained_teacher_source
+    from kdistill.tasks.classify import ClassifierSteps
     from kdistill.teachers import CachedTeacher, EnsembleTeacher, LiveTeacher
     from kdistill.train import Trainee
 
@@ -961,7 +991,6 @@ def _classifier_stage(
             if len(list(extras.children())):
                 trainee = Trainee(model, extras)
         optimizer = make_optimizer(trainee, settings.optimizer)
-        teacher_model = next(iter(models.values()), None)
         if stage_data.is_text and settings.batch_size <= n_train:
             if getattr(stage_data, "bucket_batches", None) is not None:
                 generator = torch.Generator().manual_seed(seed * 1009)
@@ -969,39 +998,36 @@ def _classifier_stage(
             lengths = stage_data.tokenized(model, "train").lengths
             worst = torch.sort(lengths, descending=True, stable=True).indices[:micro]
 
-        def inputs(idx: Tensor) -> tuple[Any, Any]:
-            if stage_data.is_text:  # each model reads its own tokenization
-                x = {k: v.to(device) for k, v in stage_data.batch(model, "train", idx).items()}
-                x_teacher = x
-                if teacher_model is not None:
-                    x_teacher = {
-                        k: v.to(device)
-                        for k, v in stage_data.batch(teacher_model, "train", idx).items()
-                    }
-                return x, x_teacher
-            x = stage_data.to_input(stage_data.train.x[idx]).to(device)
-            return x, x
+        recorded = _RecordedSignal(signal) if signal is not None else None
+        # the stage's own micro-step (kdistill.tasks.classify), with the plan's probes around it
+        steps = ClassifierSteps(
+            model,
+            data=stage_data,
+            objective=objective,
+            teacher=recorded,
+            settings=settings,
+            accelerator=_PlanPlacement(device, settings.precision),
+            seed=seed,
+            label=name,
+        )
 
         def micro_step(idx: Tensor, counter: SavedTensors | None = None) -> _Probe:
-            x, x_teacher = inputs(idx)
-            y = stage_data.train.y[idx].to(device)
             teacher_models = list(models.values())
-            with largest_layer(teacher_models) as layer:
-                teacher_logits = signal(x_teacher, idx) if signal is not None else None
-            teacher_output = _tensor_bytes(teacher_logits, _weight_storages(teacher_models))
-            with (
-                counter or contextlib.nullcontext(),
-                _autocast(settings.precision, device),
-                LayerTensors([trainee] if counter is not None else []) as layers,
-            ):
-                logits = trainee(**x) if isinstance(x, Mapping) else trainee(x)
-                mask = x.get("attention_mask") if isinstance(x, Mapping) else None
-                total, _ = objective(
-                    LossInputs(logits.float(), y, teacher_logits, indices=idx, attention_mask=mask),
-                    0.0,
-                )
+            outputs: list[Any] = []
+            hook = trainee.register_forward_hook(lambda module, args, out: outputs.append(out))
+            try:
+                with (
+                    largest_layer(teacher_models) as layer,
+                    counter or contextlib.nullcontext(),
+                    LayerTensors([trainee] if counter is not None else []) as layers,
+                ):
+                    total, _ = steps.loss(trainee, idx, progress=0.0)
+            finally:
+                hook.remove()
+            last = recorded.last if recorded is not None else None
+            teacher_output = _tensor_bytes(last, _weight_storages(teacher_models))
             if counter is not None:
-                counter.add(logits)
+                counter.add(outputs[-1])
             if counter is None:
                 (total / settings.batch_size).backward()
                 return _Probe(0, 0, teacher_output, layer[0])

@@ -289,7 +289,23 @@ def fit(
     )
 
 
-def autocast_of(accelerator: Accelerator) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+class Placement(Protocol):
+    """Where a task's steps run: what they read of the Accelerator (which is one). `kdistill
+    plan` runs the same steps on a device of its own without an Accelerator."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def process_index(self) -> int: ...
+
+    @property
+    def mixed_precision(self) -> str: ...
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]: ...
+
+
+def autocast_of(accelerator: Placement) -> Callable[[], contextlib.AbstractContextManager[Any]]:
     """The forward pass's autocast context: Accelerate's for mixed precision; a plain
     nullcontext in float32, where Accelerate's would only rebuild its state per call."""
     if accelerator.mixed_precision == "no":

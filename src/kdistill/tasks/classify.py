@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 import torch
-from accelerate import Accelerator
 from torch import nn
 
 from kdistill.data import DataBundle, TextData
@@ -24,7 +23,7 @@ from kdistill.errors import TrainingError
 from kdistill.evaluate import predict, quality
 from kdistill.losses.objective import LossInputs, Objective
 from kdistill.recipe import TrainConfig
-from kdistill.train import StepCount, Validation, augment_seed, autocast_of
+from kdistill.train import Placement, StepCount, Validation, augment_seed, autocast_of
 
 
 class TeacherSignal(Protocol):
@@ -53,7 +52,7 @@ class ClassifierSteps:
         objective: Objective,
         teacher: TeacherSignal | None,
         settings: TrainConfig,
-        accelerator: Accelerator,
+        accelerator: Placement,
         seed: int,
         label: str = "train",
     ) -> None:
