@@ -166,3 +166,22 @@ def test_the_task_picks_the_schema_and_an_unknown_task_is_named(tmp_path: Path) 
         RecipeError, match=r"unknown task 'causal-lm' \(did you mean 'causal_lm'\?\)"
     ):
         as_recipe({**raw, "task": "causal-lm"})
+
+
+def test_cross_field_problems_are_collected_and_raised_once() -> None:
+    """Two unrelated whole-recipe problems come back together, one line each."""
+    raw = {
+        "name": "t",
+        "data": {"source": "mnist"},
+        "stages": ["baseline", "assistant"],  # no student, no assistant section, no teacher
+    }
+    with pytest.raises(RecipeError) as caught:
+        validate_recipe(raw)
+    message = str(caught.value)
+    assert "3 problems in the recipe" in message
+    for needle in (
+        "stages 'baseline' and 'distill' need a 'student' section",
+        "the 'assistant' stage needs an 'assistant' section",
+        "the 'assistant' stage needs a 'teacher' section",
+    ):
+        assert f"\n  - (top level): {needle}" in message

@@ -41,6 +41,13 @@ StageName = Literal["teacher", "assistant", "baseline", "distill"]
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
+def raise_all(problems: list[str]) -> None:
+    """Cross-field checks collect every problem and raise once: one ValueError whose lines
+    are the problems, each listed on its own by `validate_schema`."""
+    if problems:
+        raise ValueError("\n".join(problems))
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
@@ -386,18 +393,19 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
+        problems: list[str] = []
         needs_teacher = "teacher" in self.stages or "distill" in self.stages
         if needs_teacher and self.teacher is None:
-            raise ValueError("stages 'teacher' and 'distill' need a 'teacher' section")
+            problems.append("stages 'teacher' and 'distill' need a 'teacher' section")
         if {"baseline", "distill"} & set(self.stages) and self.student is None:
-            raise ValueError("stages 'baseline' and 'distill' need a 'student' section")
+            problems.append("stages 'baseline' and 'distill' need a 'student' section")
         if (
             "distill" in self.stages
             and "teacher" not in self.stages
             and self.teacher is not None
             and self.teacher.checkpoint is None
         ):
-            raise ValueError(
+            problems.append(
                 "the distill stage needs a trained teacher: add 'teacher' to stages "
                 "or set teacher.checkpoint"
             )
@@ -405,7 +413,7 @@ class Recipe(Strict):
             self.teacher is None
             or ("teacher" not in self.stages and self.teacher.checkpoint is None)
         ):
-            raise ValueError(
+            problems.append(
                 "student.model.args.location 'teacher' builds the student from the recipe's "
                 "trained teacher: add a 'teacher' section and either the 'teacher' stage or "
                 "teacher.checkpoint"
@@ -415,35 +423,36 @@ class Recipe(Strict):
             and self.teacher.train is not None
             and self.teacher.train.precision != self.train.precision
         ):
-            raise ValueError(
+            problems.append(
                 f"teacher.train.precision ({self.teacher.train.precision}) differs from "
                 f"train.precision ({self.train.precision}); one run trains in one precision. "
                 "Use teacher.precision to run the frozen teacher in another dtype"
             )
         if self.teacher is not None and self.teacher.cache and self.train.augment.random:
-            raise ValueError(
+            problems.append(
                 "teacher.cache is true but train.augment randomly changes the student's "
                 "inputs each epoch, so cached teacher outputs would not match them; "
                 "set teacher.cache: false (live teacher) or remove train.augment"
             )
         features = [t for t in self.objective if t.student is not None]
         if self.teacher is not None and self.teacher.cache and features:
-            raise ValueError(
+            problems.append(
                 f"teacher.cache stores logits only, but loss {features[0].loss!r} reads teacher "
                 "features; set teacher.cache: false"
             )
         if "assistant" in self.stages:
             if self.assistant is None:
-                raise ValueError("the 'assistant' stage needs an 'assistant' section (model)")
+                problems.append("the 'assistant' stage needs an 'assistant' section (model)")
             if self.teacher is None:
-                raise ValueError("the 'assistant' stage needs a 'teacher' section")
+                problems.append("the 'assistant' stage needs a 'teacher' section")
         members = self.teacher.member_names() if self.teacher is not None else ["main"]
         for term in self.objective:
             if term.member is not None and term.member not in members:
-                raise ValueError(
+                problems.append(
                     f"loss {term.loss!r} reads features of teacher member {term.member!r}, "
                     f"but the teachers are: {', '.join(members)}"
                 )
+        raise_all(problems)
         return self
 
     def teacher_train(self) -> TrainConfig:
@@ -570,7 +579,7 @@ def explain_error(error: dict[str, Any], schema: type[BaseModel] | None = None) 
     value = error.get("input")
     text = error["msg"].removeprefix("Value error, ")
     if isinstance(value, (dict, list)):  # a whole section: the message says what is wrong
-        return f"{where}: {text}"
+        return "\n".join(f"{where}: {problem}" for problem in text.split("\n"))
     return f"{where}: {text} (got {value!r})"
 
 
@@ -658,7 +667,8 @@ def validate_schema(
     except ValidationError as exc:
         details: list[dict[str, Any]] = [dict(e) for e in exc.errors()]
         errors = _drop_inherited(_dedupe_union_errors(details), written)
-        lines = [explain(e) for e in errors]
+        # a cross-field check raises its problems together, one per line (raise_all)
+        lines = [line for e in errors for line in explain(e).split("\n")]
         noun = "problem" if len(lines) == 1 else "problems"
         raise RecipeError(
             f"{source}: {len(lines)} {noun} in the recipe:\n  - "

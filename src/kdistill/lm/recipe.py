@@ -85,6 +85,7 @@ from kdistill.recipe import (
     TrainConfig,
     apply_overrides,
     explain_error,
+    raise_all,
     read_yaml,
     validate_schema,
 )
@@ -561,33 +562,34 @@ class LMRecipe(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> LMRecipe:
+        problems: list[str] = []
         stages = set(self.stages)
         if stages & {"teacher", "seqkd", "distill"} and self.teacher is None:
-            raise ValueError("stages 'teacher', 'seqkd' and 'distill' need a 'teacher' section")
+            problems.append("stages 'teacher', 'seqkd' and 'distill' need a 'teacher' section")
         if stages & {"baseline", "seqkd", "distill"} and self.student is None:
-            raise ValueError("stages 'baseline', 'seqkd' and 'distill' need a 'student' section")
+            problems.append("stages 'baseline', 'seqkd' and 'distill' need a 'student' section")
         if "seqkd" in stages and self.seqkd is None:
-            raise ValueError(
+            problems.append(
                 "the seqkd stage needs a 'seqkd' section saying how the teacher writes, at "
                 "least seqkd: {generation: {max_new_tokens: 64}}"
             )
         divergences = [t for t in self.objective if t.is_divergence]
         if len(divergences) > 1:
-            raise ValueError(
+            problems.append(
                 f"the objective has {len(divergences)} divergence terms "
                 f"({', '.join(t.loss for t in divergences)}); give one divergence (plus, "
                 "optionally, cross_entropy)"
             )
         if sum(t.loss == "cross_entropy" for t in self.objective) > 1:
-            raise ValueError("the objective lists cross_entropy twice; give it once")
+            problems.append("the objective lists cross_entropy twice; give it once")
         if "distill" in stages and not divergences:
-            raise ValueError(
+            problems.append(
                 "the distill stage's objective has no divergence term, so it would not read "
                 f"the teacher; add one of {', '.join(DIVERGENCES)}"
             )
         teacher = self.teacher
         if teacher is not None and teacher.cache.tail_samples >= teacher.cache.top_k:
-            raise ValueError(
+            problems.append(
                 f"teacher.cache.tail_samples ({teacher.cache.tail_samples}) must be below "
                 f"teacher.cache.top_k ({teacher.cache.top_k}): the entries are the top_k − "
                 "tail_samples most likely tokens plus tail_samples drawn from the rest"
@@ -595,33 +597,33 @@ class LMRecipe(Strict):
         sampled = teacher is not None and teacher.signal == "cache" and teacher.cache.tail_samples
         unbiased = ("forward_kl",)
         if sampled and any(t.loss not in unbiased for t in divergences):
-            raise ValueError(
+            problems.append(
                 f"teacher.cache.tail_samples > 0 estimates the teacher's tail by sampling, "
                 f"which is unbiased for forward_kl only (its gradient is linear in the "
                 f"teacher's probabilities); the objective uses {divergences[0].loss}. Use "
                 "forward_kl, or tail_samples: 0 (the top-k with one tail bucket)"
             )
         if self.samples.count and self.samples.prompt_tokens >= self.data.seq_len:
-            raise ValueError(
+            problems.append(
                 f"samples.prompt_tokens ({self.samples.prompt_tokens}) must be shorter than "
                 f"data.seq_len ({self.data.seq_len}), the context the models are trained on"
             )
         seqkd = self.seqkd
         if seqkd is not None and seqkd.prompts is None and seqkd.prefix_tokens >= self.data.seq_len:
-            raise ValueError(
+            problems.append(
                 f"seqkd.prefix_tokens ({seqkd.prefix_tokens}) must be shorter than data.seq_len "
                 f"({self.data.seq_len}): each prompt is the start of a training sequence"
             )
         pairs = self.data.pairs
         if pairs is not None and seqkd is not None and seqkd.prompts is None:
-            raise ValueError(
+            problems.append(
                 "with data.pairs, seqkd needs seqkd.prompts: its default prompts are the "
                 "first tokens of packed corpus sequences, which pair rows are not. To have the "
                 f"teacher answer the training prompts, set seqkd.prompts: {pairs.train} and "
                 f"seqkd.prompt_field: {pairs.prompt_field}"
             )
         if pairs is not None and self.on_policy is not None:
-            raise ValueError(
+            problems.append(
                 "on_policy does not work with data.pairs yet: it continues the first "
                 "on_policy.prompt_tokens tokens of each training row, which in a pair row may "
                 "run past the prompt into the completion or the padding. Remove on_policy, or "
@@ -631,7 +633,7 @@ class LMRecipe(Strict):
         if on_policy is not None:
             length = on_policy.prompt_tokens + on_policy.max_new_tokens
             if length > self.data.seq_len:
-                raise ValueError(
+                problems.append(
                     f"on_policy.prompt_tokens + on_policy.max_new_tokens = {length} is more than "
                     f"data.seq_len ({self.data.seq_len}), the context the student trains on; "
                     "lower one of them"
@@ -640,18 +642,18 @@ class LMRecipe(Strict):
         if teacher is not None:
             for stage in ("seqkd", "distill"):
                 if stage in stages and "teacher" not in stages and not teacher.pretrained:
-                    raise ValueError(
+                    problems.append(
                         f"the {stage} stage needs a trained teacher: add 'teacher' to stages, "
                         "set teacher.checkpoint, or give teacher.model.path"
                     )
             if teacher.signal == "cache" and on_policy is not None and on_policy.probability > 0:
-                raise ValueError(
+                problems.append(
                     "on_policy needs teacher.signal: live. A cache holds the teacher's "
                     "outputs on the training sequences only, so it cannot score the tokens "
                     "the student writes; use signal: live or remove on_policy"
                 )
             if teacher.train is not None and teacher.train.precision != self.train.precision:
-                raise ValueError(
+                problems.append(
                     f"teacher.train.precision ({teacher.train.precision}) differs from "
                     f"train.precision ({self.train.precision}); one run trains in one "
                     "precision. Use teacher.precision for the frozen teacher's dtype"
@@ -659,11 +661,12 @@ class LMRecipe(Strict):
             if teacher.signal == "cache" and divergences:
                 temperature = as_schedule(divergences[0].temperature or 1.0)
                 if temperature.kind != "constant" or temperature.warmup:
-                    raise ValueError(
+                    problems.append(
                         "teacher.signal is cache, which stores the teacher's log-probabilities "
                         "at one temperature, but the divergence's temperature is a schedule; "
                         "give a constant temperature or use signal: live"
                     )
+        raise_all(problems)
         return self
 
     def teacher_train(self) -> LMTrainConfig:
