@@ -51,3 +51,20 @@ def test_an_error_is_one_paragraph_unless_debug(
     assert "does not exist" in err and "Traceback" not in err
     with pytest.raises(RecipeError):
         main(["validate", missing, "--debug"])
+
+
+def test_a_reader_that_goes_away_ends_the_listing_quietly() -> None:
+    """`kdistill recipes | head -1`: the pipe closes before kdistill writes; no traceback."""
+    import subprocess
+    import sys
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kdistill.cli", "recipes"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # before the interpreter has even started writing
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 0, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err
