@@ -11,14 +11,12 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from kdistill.errors import LossInputError
+from kdistill.losses.crd import CRDMemory, crd_memory_bytes, crd_nce_loss
 from kdistill.losses.features import (
     BATCH_RELATIONAL,
     FEATURE_LOSSES,
-    CRDMemory,
     attention_loss,
     cc_loss,
-    crd_memory_bytes,
-    crd_nce_loss,
     hint_loss,
     nst_loss,
     pkt_loss,

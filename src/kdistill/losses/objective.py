@@ -25,7 +25,7 @@ from torch import nn
 
 from kdistill import taps as tapping
 from kdistill.errors import LossInputError
-from kdistill.losses.features import CRDMemory
+from kdistill.losses.crd import CRDMemory
 from kdistill.losses.logits import inputs_already_checked
 from kdistill.losses.table import (
     _ATTENTION_MAP_LOSSES,

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from kdistill.errors import LossInputError, suggest
-from kdistill.losses.features import FEATURE_LOSSES, CRDMemory
+from kdistill.losses.crd import CRDMemory
+from kdistill.losses.features import FEATURE_LOSSES
 from kdistill.losses.logits import LOGIT_LOSSES
 from kdistill.losses.transformer import TRANSFORMER_LOSSES
 from kdistill.schedules import as_schedule
