@@ -315,9 +315,9 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
 
 def _losses_table() -> str:
     """Every loss a recipe may name, per task (the `objective` of each recipe kind)."""
-    from kdistill.lm.recipe import DIVERGENCES
     from kdistill.losses.divergences import DESCRIPTIONS
     from kdistill.losses.objective import LOSSES
+    from kdistill.losses.table import LM_DIVERGENCES
 
     lines = ["classification (images, tables, text):"]
     for name, fn in sorted(LOSSES.items()):
@@ -325,7 +325,7 @@ def _losses_table() -> str:
         lines.append(f"  {name:22s} {first}")
     lines.append("causal language modelling (task: causal_lm), per token, chunked:")
     lines.append(f"  {'cross_entropy':22s} next-token cross-entropy on the counted tokens")
-    for name, kind in DIVERGENCES.items():
+    for name, kind in LM_DIVERGENCES.items():
         lines.append(f"  {name:22s} {DESCRIPTIONS[kind]}")
     return "\n".join(lines)
 

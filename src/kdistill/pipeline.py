@@ -267,7 +267,7 @@ def _one_teacher(
         return model
     if trained:
         load_weights(model, stage_dir / "model.safetensors")
-        finished_earlier(ctx, stage, seed, reused="reusing it")
+        finished_earlier(ctx, stage, seed, teacher=True)
         return model
     objective = Objective(recipe.teacher.objective or [LossTerm(loss="cross_entropy")])
     return _train_and_finish(

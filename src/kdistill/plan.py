@@ -1284,8 +1284,8 @@ def _lm_stage(
     """One language-model stage as kdistill.lm.pipeline and fit_lm run it."""
     from kdistill.data.lm_text import IGNORE_INDEX
     from kdistill.lm.models import CausalLM
-    from kdistill.lm.recipe import DIVERGENCES
     from kdistill.lm.teachers import LiveLMTeacher
+    from kdistill.losses.table import LM_DIVERGENCES
     from kdistill.optim import make_optimizer
     from kdistill.tasks.causal_lm import step_losses
 
@@ -1328,7 +1328,7 @@ def _lm_stage(
         if objective.divergence is None:
             kind, with_ce = "cross_entropy", False
         else:
-            kind = DIVERGENCES[objective.divergence.loss]
+            kind = LM_DIVERGENCES[objective.divergence.loss]
             with_ce = objective.ce_weight is not None and objective.at(0.0)[0] > 0
         return lm_loss_memory(
             kind=kind,

@@ -60,14 +60,17 @@ def finished(folder: Path) -> bool:
     return (folder / "eval.json").exists() and (folder / "model.safetensors").exists()
 
 
-def finished_earlier(ctx: RunContext, stage: str, seed: int, *, reused: str = "skipping") -> bool:
-    """Whether the stage finished in an earlier attempt of this run; says so when it did."""
+def finished_earlier(ctx: RunContext, stage: str, seed: int, *, teacher: bool = False) -> bool:
+    """Whether the stage finished in an earlier attempt of this run; says so when it did
+    (a teacher is reused by the stages after it, a student stage is skipped)."""
     folder = stage_dir(ctx.run_dir, stage, seed)
     if not finished(folder):
         return False
     if ctx.is_main:
-        verb = "already trained" if reused == "reusing it" else "finished earlier"
-        ctx.console.log(f"{stage} seed {seed}: {verb} in {folder}, {reused}")
+        done = (
+            "already trained in {}, reusing it" if teacher else "finished earlier in {}, skipping"
+        )
+        ctx.console.log(f"{stage} seed {seed}: " + done.format(folder))
     return True
 
 

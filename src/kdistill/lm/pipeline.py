@@ -315,7 +315,7 @@ def _teacher_stage(ctx: LMContext, seed: int) -> LMTeacher:
             )
     elif done:
         load_weights(model, stage_dir / "model.safetensors")
-        finished_earlier(ctx, "teacher", seed, reused="reusing it")
+        finished_earlier(ctx, "teacher", seed, teacher=True)
     else:
         model = _train_and_finish(
             ctx,

@@ -91,12 +91,7 @@ from kdistill.recipe import (
 )
 from kdistill.schedules import ScheduleOrNumber, as_schedule
 
-TASK = "causal_lm"
 LMStage = Literal["teacher", "baseline", "seqkd", "distill"]
-# the language-model rows of the loss table (kdistill.losses.table)
-DIVERGENCES, LOSS_NAMES, LOSS_PARAMS = LM_DIVERGENCES, LM_LOSS_NAMES, LM_LOSS_PARAMS
-
-
 # --------------------------------------------------------------------------- data
 
 
@@ -259,10 +254,10 @@ class LMLossTerm(Strict):
     @field_validator("loss", mode="before")
     @classmethod
     def _known_loss(cls, value: Any) -> Any:
-        if isinstance(value, str) and value not in LOSS_NAMES:
+        if isinstance(value, str) and value not in LM_LOSS_NAMES:
             raise ValueError(
-                f"unknown loss {value!r}{suggest(value, LOSS_NAMES)}; "
-                f"language-model losses: {', '.join(LOSS_NAMES)}"
+                f"unknown loss {value!r}{suggest(value, LM_LOSS_NAMES)}; "
+                f"language-model losses: {', '.join(LM_LOSS_NAMES)}"
             )
         return value
 
@@ -287,7 +282,7 @@ class LMLossTerm(Strict):
                         f"the temperature of {self.loss!r} must stay in (0, inf) over "
                         f"training; it reaches {low}"
                     )
-        allowed = LOSS_PARAMS.get(self.loss, ())
+        allowed = LM_LOSS_PARAMS.get(self.loss, ())
         for name, value in self.params.items():
             if name not in allowed:
                 takes = ", ".join(allowed) if allowed else "no parameters"
@@ -585,7 +580,7 @@ class LMRecipe(Strict):
         if "distill" in stages and not divergences:
             problems.append(
                 "the distill stage's objective has no divergence term, so it would not read "
-                f"the teacher; add one of {', '.join(DIVERGENCES)}"
+                f"the teacher; add one of {', '.join(LM_DIVERGENCES)}"
             )
         teacher = self.teacher
         if teacher is not None and teacher.cache.tail_samples >= teacher.cache.top_k:

@@ -38,9 +38,10 @@ from kdistill.data.lm_text import IGNORE_INDEX
 from kdistill.errors import TrainingError
 from kdistill.lm.generate import derived_seed, generate, row_uniforms
 from kdistill.lm.models import CausalLM
-from kdistill.lm.recipe import DIVERGENCES, LMLossTerm, LMTrainConfig, OnPolicyConfig
+from kdistill.lm.recipe import LMLossTerm, LMTrainConfig, OnPolicyConfig
 from kdistill.lm.teachers import LiveLMTeacher, LMTeacherSignal
 from kdistill.losses.lm import chunked_cross_entropy, chunked_divergence
+from kdistill.losses.table import LM_DIVERGENCES
 from kdistill.schedules import ScheduleOrNumber, schedule_value
 from kdistill.train import StepCount, Validation, autocast_of
 
@@ -102,7 +103,7 @@ def step_losses(
         weight,
         bias,
         labels=labels,
-        kind=DIVERGENCES[term.loss],  # type: ignore[arg-type]
+        kind=LM_DIVERGENCES[term.loss],  # type: ignore[arg-type]
         beta=term.params.get("beta", 0.5),
         alpha=term.params.get("alpha", 0.1),
         temperature=temperature,
