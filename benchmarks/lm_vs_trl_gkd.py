@@ -104,13 +104,13 @@ from transformers.utils import logging as transformers_logging
 
 import kdistill
 from kdistill.data.lm_text import IGNORE_INDEX, dataset_fingerprint
-from kdistill.lm import load_lm_recipe
 from kdistill.lm.data import LMData, build_lm_data
 from kdistill.lm.models import CausalLM, check_same_tokenizer, model_tokenizer, weights_fingerprint
-from kdistill.lm.recipe import LMLossTerm, LMModelSpec, LMRecipe, LMTrainConfig
 from kdistill.lm.teachers import CachedLMTeacher, LiveLMTeacher, write_teacher_cache
 from kdistill.lm_cache import TopKCacheSpec, open_topk_cache
 from kdistill.optim import lr_factor, make_optimizer
+from kdistill.recipe import load_recipe
+from kdistill.recipe.causal_lm import LMLossTerm, LMModelSpec, LMRecipe, LMTrainConfig
 from kdistill.stages import make_accelerator
 from kdistill.tasks.causal_lm import LMObjective, LMSteps
 from kdistill.train import fit
@@ -198,7 +198,7 @@ def validation_loss(model: Any, sequences: Tensor, *, batch_size: int = 64) -> f
 
 def prepare(args: argparse.Namespace, work: Path) -> Setup:
     """Read the recipe and the data, check the teacher, build and save the student."""
-    recipe = load_lm_recipe(args.recipe)
+    recipe = load_recipe(args.recipe)
     teacher_dir = args.run / "teacher" / "seed0" / "hf"
     tokenizer_dir = args.run / "tokenizer"
     needed = (teacher_dir / "config.json", teacher_dir / "model.safetensors", tokenizer_dir)

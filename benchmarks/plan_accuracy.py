@@ -48,8 +48,8 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     import kdistill
-    from kdistill.lm.recipe import LMRecipe
     from kdistill.plan import _classifier_stages, _lm_stages
+    from kdistill.recipe.causal_lm import LMRecipe
 
     recipe = kdistill.load_recipe(args.recipe, args.overrides)
     stages = _lm_stages if isinstance(recipe, LMRecipe) else _classifier_stages

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from kdistill.cli import main
 from kdistill.lm.models import CausalLM
-from kdistill.lm.recipe import LMTrainConfig
+from kdistill.recipe.causal_lm import LMTrainConfig
 from kdistill.tasks.causal_lm import LMSteps
 from kdistill.train import FitResult, fit
 

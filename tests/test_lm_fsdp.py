@@ -27,7 +27,7 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 from kdistill.lm.models import CausalLM
 from kdistill.tasks.causal_lm import LMObjective, step_losses
-from kdistill.lm.recipe import LMLossTerm
+from kdistill.recipe.causal_lm import LMLossTerm
 
 def build(seed):
     torch.manual_seed(seed)

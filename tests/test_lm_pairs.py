@@ -23,8 +23,9 @@ from kdistill.checkpoint import load_weights
 from kdistill.data.lm_text import IGNORE_INDEX, dataset_fingerprint, load_tokenizer
 from kdistill.lm.data import LMData, build_lm_data
 from kdistill.lm.models import EOS_TOKEN, build_causal_lm
-from kdistill.lm.recipe import LMDataConfig, LMModelSpec, validate_lm_recipe
 from kdistill.lm_cache import MANIFEST
+from kdistill.recipe import validate_recipe
+from kdistill.recipe.causal_lm import LMDataConfig, LMModelSpec
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "quick", "night", "bread"]
 STUDENT = {"config": {"type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2}}
@@ -399,14 +400,14 @@ def test_combinations_that_cannot_work_with_pairs() -> None:
         "student": {"model": STUDENT},
     }
     with pytest.raises(RecipeError, match=r"on_policy does not work with data\.pairs"):
-        validate_lm_recipe({**base, "on_policy": {"max_new_tokens": 4, "prompt_tokens": 4}})
+        validate_recipe({**base, "on_policy": {"max_new_tokens": 4, "prompt_tokens": 4}})
     seqkd = {"generation": {"max_new_tokens": 4}}
     stages = ["teacher", "seqkd"]
     with pytest.raises(RecipeError, match=r"seqkd\.prompts: t\.jsonl"):
-        validate_lm_recipe({**base, "stages": stages, "seqkd": seqkd})
-    validate_lm_recipe({**base, "stages": stages, "seqkd": {**seqkd, "prompts": "t.jsonl"}})
+        validate_recipe({**base, "stages": stages, "seqkd": seqkd})
+    validate_recipe({**base, "stages": stages, "seqkd": {**seqkd, "prompts": "t.jsonl"}})
     with pytest.raises(RecipeError, match=r"val_fraction has no effect"):
-        validate_lm_recipe({**base, "data": {**base["data"], "val_fraction": 0.2}})
+        validate_recipe({**base, "data": {**base["data"], "val_fraction": 0.2}})
 
 
 def test_too_few_pairs_to_split(tmp_path: Path) -> None:

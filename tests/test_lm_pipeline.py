@@ -25,9 +25,9 @@ from kdistill.cli import main
 from kdistill.data.lm_text import count_characters
 from kdistill.lm import CausalLM, LMObjective, chunked_cross_entropy
 from kdistill.lm.models import build_causal_lm
-from kdistill.lm.recipe import LMLossTerm, LMModelSpec, LMTrainConfig
 from kdistill.lm.teachers import LiveLMTeacher
 from kdistill.lm_cache import MANIFEST
+from kdistill.recipe.causal_lm import LMLossTerm, LMModelSpec, LMTrainConfig
 
 
 def tiny_lm_recipe(**changes: Any) -> dict[str, Any]:

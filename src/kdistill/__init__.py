@@ -21,30 +21,27 @@ __version__ = "0.1.0"
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Any:
     """Read a YAML recipe (a path or a shipped recipe's name), apply overrides, validate
-    it with its task's schema (`kdistill.recipe.Recipe`, `kdistill.lm.LMRecipe`, ...)."""
-    from kdistill.recipe import apply_overrides, read_yaml
+    it with its task's schema (`kdistill.recipe.Recipe`, `kdistill.recipe.causal_lm.LMRecipe`,
+    ...)."""
+    from kdistill.recipe import load_recipe as load_file
     from kdistill.recipes import find_recipe
-    from kdistill.tasks import validate
 
-    found = find_recipe(path)
-    raw = apply_overrides(read_yaml(found), overrides or [])
-    return validate(raw, source=str(found))
+    return load_file(find_recipe(path), overrides)
 
 
 def as_recipe(recipe: Any, overrides: list[str] | None = None) -> Any:
     """A validated recipe from a recipe object, a dict or a YAML path, with overrides."""
     from pydantic import BaseModel
 
-    from kdistill.recipe import apply_overrides
-    from kdistill.tasks import validate
+    from kdistill.recipe import apply_overrides, validate_recipe
 
     if isinstance(recipe, (str, Path)):
         return load_recipe(recipe, overrides)
     if isinstance(recipe, dict):
-        return validate(apply_overrides(recipe, overrides or []), source="recipe dict")
+        return validate_recipe(apply_overrides(recipe, overrides or []), source="recipe dict")
     if isinstance(recipe, BaseModel) and overrides:
         raw = apply_overrides(recipe.model_dump(mode="json"), overrides)
-        return validate(raw, source=f"recipe {getattr(recipe, 'name', '')}")
+        return validate_recipe(raw, source=f"recipe {getattr(recipe, 'name', '')}")
     return recipe
 
 

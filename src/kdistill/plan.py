@@ -218,7 +218,7 @@ def plan(
     the steps once more under an independent peak-memory measurement. stages: only
     these of the recipe's stages (default: all).
     """
-    from kdistill.lm.recipe import LMRecipe
+    from kdistill.recipe.causal_lm import LMRecipe
 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise RecipeError(f"--steps must be a positive integer (timed steps); got {steps!r}")

@@ -1,7 +1,8 @@
 """Language-model distillation: recipes with `task: causal_lm`.
 
-    from kdistill.lm import load_lm_recipe, run_lm
-    recipe = load_lm_recipe("recipes/shakespeare_gpt_small_from_gpt.yaml", ["seeds=[0]"])
+    from kdistill import load_recipe
+    from kdistill.lm import run_lm
+    recipe = load_recipe("recipes/shakespeare_gpt_small_from_gpt.yaml", ["seeds=[0]"])
     results = run_lm(recipe, output_dir="runs/shakespeare")
     print(results["gap_recovered"])
 
@@ -19,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from kdistill.lm.models import CausalLM, build_causal_lm
     from kdistill.lm.pipeline import cache_lm_teacher, run_lm
-    from kdistill.lm.recipe import LMRecipe, load_lm_recipe, validate_lm_recipe
     from kdistill.lm.report import collect_lm, print_lm_table, write_lm_report
     from kdistill.losses.lm import chunked_cross_entropy
+    from kdistill.recipe.causal_lm import LMRecipe
     from kdistill.tasks.causal_lm import LMObjective, LMSteps, evaluate_lm
 
 _WHERE = {
@@ -29,9 +30,7 @@ _WHERE = {
     "build_causal_lm": "kdistill.lm.models",
     "cache_lm_teacher": "kdistill.lm.pipeline",
     "run_lm": "kdistill.lm.pipeline",
-    "LMRecipe": "kdistill.lm.recipe",
-    "load_lm_recipe": "kdistill.lm.recipe",
-    "validate_lm_recipe": "kdistill.lm.recipe",
+    "LMRecipe": "kdistill.recipe.causal_lm",
     "collect_lm": "kdistill.lm.report",
     "print_lm_table": "kdistill.lm.report",
     "write_lm_report": "kdistill.lm.report",
@@ -51,10 +50,8 @@ __all__ = [
     "chunked_cross_entropy",
     "collect_lm",
     "evaluate_lm",
-    "load_lm_recipe",
     "print_lm_table",
     "run_lm",
-    "validate_lm_recipe",
     "write_lm_report",
 ]
 

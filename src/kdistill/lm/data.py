@@ -40,7 +40,7 @@ from kdistill.data.lm_text import (
 from kdistill.data.paths import DATA_ENV_VAR, resolve_data_root
 from kdistill.errors import DataError
 from kdistill.lm.models import EOS_TOKEN, CausalLM, build_causal_lm
-from kdistill.lm.recipe import LMDataConfig, LMModelSpec, PairsConfig
+from kdistill.recipe.causal_lm import LMDataConfig, LMModelSpec, PairsConfig
 
 TRAINED_ON = "trained_on.json"
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from kdistill.lm.models import CausalLM
-from kdistill.lm.recipe import GenerationConfig
+from kdistill.recipe.causal_lm import GenerationConfig
 
 
 class Generated(NamedTuple):

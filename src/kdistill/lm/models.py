@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from kdistill.data.lm_text import TOKENIZER_FILE, load_tokenizer, tokenizer_fingerprint
 from kdistill.errors import DataError, ModelError, suggest
-from kdistill.lm.recipe import LMModelSpec
 from kdistill.models.hf import quiet_transformers, resolve_model_location
+from kdistill.recipe.causal_lm import LMModelSpec
 
 EOS_TOKEN = "<|endoftext|>"
 # config keys that give a model's context length, by model family

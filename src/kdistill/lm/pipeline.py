@@ -64,14 +64,6 @@ from kdistill.lm.models import (
     model_tokenizer,
     weights_fingerprint,
 )
-from kdistill.lm.recipe import (
-    LMDataConfig,
-    LMModelSpec,
-    LMRecipe,
-    LMTrainConfig,
-    OnPolicyConfig,
-    SamplesConfig,
-)
 from kdistill.lm.report import write_lm_report
 from kdistill.lm.seqkd import (
     SeqKDRows,
@@ -91,6 +83,14 @@ from kdistill.lm.teachers import (
 )
 from kdistill.lm_cache import TopKCacheSpec, open_topk_cache
 from kdistill.models.hf import quiet_transformers
+from kdistill.recipe.causal_lm import (
+    LMDataConfig,
+    LMModelSpec,
+    LMRecipe,
+    LMTrainConfig,
+    OnPolicyConfig,
+    SamplesConfig,
+)
 from kdistill.stages import (
     finish_run,
     finished,

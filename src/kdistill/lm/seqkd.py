@@ -3,7 +3,7 @@ Distillation", EMNLP): the teacher writes completions of a set of prompts, the s
 learns them with next-token cross-entropy on the completion tokens only.
 
 The recipe's `seqkd` section says where the prompts come from and how the teacher
-writes (`kdistill.lm.recipe.SeqKDConfig`):
+writes (`kdistill.recipe.causal_lm.SeqKDConfig`):
 
     stages: [teacher, baseline, seqkd]
     seqkd:
@@ -62,7 +62,7 @@ from kdistill.errors import CacheError, DataError
 from kdistill.lm.data import LMData, data_files
 from kdistill.lm.generate import derived_seed, generate, row_uniforms
 from kdistill.lm.models import EOS_TOKEN, CausalLM
-from kdistill.lm.recipe import SeqKDConfig, SeqKDGeneration
+from kdistill.recipe.causal_lm import SeqKDConfig, SeqKDGeneration
 
 GENERATIONS = "generations.jsonl"
 MANIFEST = "manifest.json"

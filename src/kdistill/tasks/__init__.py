@@ -3,9 +3,10 @@
 A task module (`tasks/classify.py`, `tasks/causal_lm.py`) holds exactly the
 differences `fit` must not know: how rows become a batch, forward + loss given the
 teacher's signal, what the loss is divided by (samples or counted tokens), the
-validation score and its direction. `TASKS` names, per task, its recipe schema and the
-functions behind the commands (run, cache, report); `load_recipe`, `kdistill.distill`
-and the CLI look a recipe's task up here and nowhere else. A new task adds one row.
+validation score and its direction. `TASKS` names, per task, its recipe schema (a branch
+of the union `kdistill.recipe.load` validates against) and the functions behind the
+commands (run, cache, report); the recipe loader, `kdistill.distill` and the CLI look a
+recipe's task up here and nowhere else. A new task adds one row.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class Task:
 
     name: str
     summary: str
-    validate: str  # (raw dict, source=...) -> the typed recipe
+    schema: str  # the task's recipe schema, one branch of `kdistill.recipe.recipe_union`
     run: str  # (recipe, output_dir=, data_dir=, resume=, overwrite=, quiet=) -> results
     cache: str  # (recipe, output_dir=, data_dir=, overwrite=) -> {"folder", "reused", ...}
     write_report: str  # (run_dir) -> results
@@ -43,7 +44,7 @@ TASKS: dict[str, Task] = {
     "classification": Task(
         "classification",
         "images, tables and texts into classes",
-        validate="kdistill.recipe:validate_recipe",
+        schema="kdistill.recipe.classification:Recipe",
         run="kdistill.pipeline:run",
         cache="kdistill.pipeline:cache_teacher",
         write_report="kdistill.report:write_report",
@@ -52,7 +53,7 @@ TASKS: dict[str, Task] = {
     "causal_lm": Task(
         "causal_lm",
         "next-token language modelling (a corpus or prompt/completion pairs)",
-        validate="kdistill.lm.recipe:validate_lm_recipe",
+        schema="kdistill.recipe.causal_lm:LMRecipe",
         run="kdistill.lm.pipeline:run_lm",
         cache="kdistill.lm.pipeline:cache_lm_teacher",
         write_report="kdistill.lm.report:write_lm_report",
@@ -80,11 +81,6 @@ def task_of(raw: Any, *, source: str = "recipe") -> Task:
 def task_of_recipe(recipe: Any) -> Task:
     """The task of a validated recipe (its schema's `task` field)."""
     return TASKS[getattr(recipe, "task", DEFAULT_TASK)]
-
-
-def validate(raw: Any, *, source: str = "recipe") -> Any:
-    """A parsed recipe (a dict) validated by its task's schema."""
-    return task_of(raw, source=source).function("validate")(raw, source=source)
 
 
 def task_of_run(run_dir: Path) -> Task:

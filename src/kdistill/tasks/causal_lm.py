@@ -38,10 +38,10 @@ from kdistill.data.lm_text import IGNORE_INDEX
 from kdistill.errors import TrainingError
 from kdistill.lm.generate import derived_seed, generate, row_uniforms
 from kdistill.lm.models import CausalLM
-from kdistill.lm.recipe import LMLossTerm, LMTrainConfig, OnPolicyConfig
 from kdistill.lm.teachers import LiveLMTeacher, LMTeacherSignal
 from kdistill.losses.lm import chunked_cross_entropy, chunked_divergence
 from kdistill.losses.table import LM_DIVERGENCES
+from kdistill.recipe.causal_lm import LMLossTerm, LMTrainConfig, OnPolicyConfig
 from kdistill.schedules import ScheduleOrNumber, schedule_value
 from kdistill.train import StepCount, Validation, autocast_of
 

@@ -1,4 +1,4 @@
-"""The language-model recipe (`task: causal_lm`): one typed schema, like the classifier's.
+"""The language-model recipe (`task: causal_lm`): the causal_lm task's sections.
 
     task: causal_lm
     name: shakespeare_gpt_small_from_gpt
@@ -62,36 +62,32 @@ then cannot run). `on_policy` trains a share λ of the distill stage's steps on
 continuations the student samples from the first `prompt_tokens` tokens of each
 sequence, scored by the live teacher (`kdistill.tasks.causal_lm`).
 
-`load_lm_recipe` reads YAML with `safe_load`, applies `--set` overrides, validates with
-pydantic (`extra="forbid"`) and raises one `RecipeError` listing every problem with its
-YAML path, the bad value and a "did you mean" for misspelt keys. The value parsing,
-overrides and error wording are the classifier recipe's (`kdistill.recipe`).
+The training, output and seed sections are `recipe/common.py`'s; loading, overrides
+and error messages are `recipe/load.py`'s, as for every task.
 """
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from kdistill.errors import suggest
 from kdistill.losses.table import LM_DIVERGENCES, LM_LOSS_NAMES, LM_LOSS_PARAMS
-from kdistill.recipe import (
+from kdistill.recipe.common import (
     OutputConfig,
     Precision,
+    RecipeBase,
+    Seeds,
     Strict,
     TrainConfig,
-    apply_overrides,
-    explain_error,
     raise_all,
-    read_yaml,
-    validate_schema,
 )
 from kdistill.schedules import ScheduleOrNumber, as_schedule
 
 LMStage = Literal["teacher", "baseline", "seqkd", "distill"]
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -523,7 +519,7 @@ class SamplesConfig(Strict):
     temperature: float = Field(0.0, ge=0.0, description="0: greedy; > 0: seeded sampling")
 
 
-class LMRecipe(Strict):
+class LMRecipe(RecipeBase):
     task: Literal["causal_lm"]
     name: str
     description: str = ""
@@ -542,18 +538,11 @@ class LMRecipe(Strict):
     )
     train: LMTrainConfig = Field(default_factory=LMTrainConfig)
     stages: list[LMStage] = Field(default=["teacher", "baseline", "distill"])
-    seeds: Annotated[list[int], Field(min_length=1)] = Field(default_factory=lambda: [0])
+    seeds: Seeds = Field(default_factory=lambda: [0])
     samples: SamplesConfig = Field(default_factory=SamplesConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
-    @field_validator("stages")
-    @classmethod
-    def _stages_unique(cls, stages: list[str]) -> list[str]:
-        if not stages:
-            raise ValueError("name at least one stage: teacher, baseline, seqkd, distill")
-        if len(set(stages)) != len(stages):
-            raise ValueError(f"each stage may appear once; got {stages}")
-        return stages
+    STAGES = "teacher, baseline, seqkd, distill"
 
     @model_validator(mode="after")
     def _check(self) -> LMRecipe:
@@ -670,23 +659,3 @@ class LMRecipe(Strict):
 
     def divergence(self) -> LMLossTerm | None:
         return next((t for t in self.objective if t.is_divergence), None)
-
-
-# ----------------------------------------------------------------- loading, errors
-
-
-def validate_lm_recipe(raw: Any, *, source: str = "recipe") -> LMRecipe:
-    """Validate a plain dict (parsed YAML) into an LMRecipe; collect all errors, raise once."""
-    return validate_schema(
-        LMRecipe,
-        raw,
-        source=source,
-        explain=functools.partial(explain_error, schema=LMRecipe),
-        keys="task:, name:, data:",
-    )
-
-
-def load_lm_recipe(path: str | Path, overrides: list[str] | None = None) -> LMRecipe:
-    """Read, override and validate a language-model recipe file."""
-    raw = apply_overrides(read_yaml(path), overrides or [])
-    return validate_lm_recipe(raw, source=str(path))

@@ -1,0 +1,114 @@
+"""The parts every task's recipe shares: the strict base model, the training, output
+and seed sections, and the checks that do not depend on the task.
+
+A task's recipe (`recipe/classification.py`, `recipe/causal_lm.py`) lists its fields in
+the order users write them and takes these sections as they are; `RecipeBase` adds the
+checks of the stage list and the seeds.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Precision = Literal["fp32", "bf16", "fp16"]
+Seeds = Annotated[list[int], Field(min_length=1)]
+
+
+def raise_all(problems: list[str]) -> None:
+    """Cross-field checks collect every problem and raise once: one ValueError whose lines
+    are the problems, each listed on its own by `recipe.load.validate_recipe`."""
+    if problems:
+        raise ValueError("\n".join(problems))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class AugmentConfig(Strict):
+    """Random input augmentation, applied per batch during training only."""
+
+    jitter: int = Field(0, ge=0, le=8, description="max shift in pixels (Hinton's ±2)")
+    crop: int = Field(
+        0, ge=0, le=16, description="random crop after zero padding by this many pixels (CIFAR: 4)"
+    )
+    flip: bool = Field(False, description="random horizontal flip with probability 0.5")
+
+    @property
+    def random(self) -> bool:
+        """Whether the inputs change from epoch to epoch."""
+        return bool(self.jitter or self.crop or self.flip)
+
+
+class OptimizerConfig(Strict):
+    name: Literal["sgd", "adamw", "adam"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class LRScheduleConfig(Strict):
+    name: Literal["constant", "cosine", "step", "onecycle", "linear"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    milestones: list[int] = Field(default_factory=list, description="step: epochs")
+    gamma: float = Field(0.1, gt=0)
+    min_lr: float = Field(0.0, ge=0)
+
+
+class EarlyStoppingConfig(Strict):
+    patience: int = Field(5, ge=1, description="epochs without validation improvement")
+    min_delta: float = Field(0.0, ge=0)
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1, description="samples per optimizer step, all processes")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    lr_schedule: LRScheduleConfig = Field(default_factory=LRScheduleConfig)
+    grad_clip: float | None = Field(None, gt=0, description="max global gradient norm")
+    precision: Precision = "fp32"
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    early_stopping: EarlyStoppingConfig | None = None
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="also checkpoint every N optimizer steps (end of epoch always)"
+    )
+    eval_batch_size: int = Field(1000, ge=1)
+    eval_every: int | None = Field(
+        None, ge=1, description="also measure the validation split every N optimizer steps"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of grad_accum "
+                f"({self.grad_accum}): each optimizer step sees batch_size samples"
+            )
+        return self
+
+
+class OutputConfig(Strict):
+    dir: str | None = Field(None, description="run folder; default runs/<recipe name>")
+    tensorboard: bool = False
+    plots: bool = True
+
+
+class RecipeBase(Strict):
+    """The checks every task's recipe makes. A subclass declares `stages` (a list of its
+    stage names); `STAGES` names the stages to suggest when the list is empty."""
+
+    STAGES: ClassVar[str]
+
+    @field_validator("stages", check_fields=False)
+    @classmethod
+    def _stages_unique(cls, stages: list[str]) -> list[str]:
+        if not stages:
+            raise ValueError(f"name at least one stage: {cls.STAGES}")
+        if len(set(stages)) != len(stages):
+            raise ValueError(f"each stage may appear once; got {stages}")
+        return stages
