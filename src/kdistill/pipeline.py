@@ -46,20 +46,20 @@ from kdistill.models.hf import HFClassifier, save_hf, weights_follow
 from kdistill.recipe import DataConfig, LossTerm, ModelSpec, Recipe, TrainConfig
 from kdistill.report import write_report
 from kdistill.stages import (
+    StageTable,
     finish_run,
+    finish_stage,
     finished,
     finished_earlier,
     label,
     make_accelerator,
-    read_metrics,
     resolve_weights,
     run_folder,
+    run_stages,
     train_stage,
 )
 from kdistill.tasks.classify import ClassifierSteps, TeacherSignal
 from kdistill.teachers import CachedTeacher, EnsembleTeacher, LiveTeacher, combine_members
-
-MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
 @dataclass
@@ -119,25 +119,12 @@ def _run_stages(ctx: Context) -> None:
     baseline and the distill stage (with its born-again generations)."""
     recipe = ctx.recipe
     _check_models(recipe, ctx.data)
-    stages = set(recipe.stages)
-    guides: dict[int, Guide] = {}
+    teacher_seeds: list[int] = []
     if recipe.teacher is not None and (
-        {"teacher", "assistant", "distill"} & stages or recipe.student_from_teacher
+        {"teacher", "assistant", "distill"} & set(recipe.stages) or recipe.student_from_teacher
     ):
         teacher_seeds = recipe.seeds if recipe.teacher.every_seed else recipe.seeds[:1]
-        for seed in teacher_seeds:
-            guides[seed] = _teacher_stage(ctx, seed)
-            if "assistant" in stages:
-                guides[seed] = _student_stage(ctx, "assistant", seed, guide=guides[seed])
-    for seed in recipe.seeds:
-        guide = guides.get(seed) or next(iter(guides.values()), None)
-        if "baseline" in stages:
-            _student_stage(ctx, "baseline", seed, guide=guide)
-        if "distill" in stages:
-            assert guide is not None  # guaranteed by the recipe's validation
-            for generation in range(1, recipe.generations + 1):
-                stage = "distill" if generation == 1 else f"distill_gen{generation}"
-                guide = _student_stage(ctx, stage, seed, guide=guide)
+    run_stages(ctx, STAGES, teacher_seeds=teacher_seeds, generations=recipe.generations)
 
 
 # ----------------------------------------------------------------------- stages
@@ -221,7 +208,7 @@ class Guide:
     checkpoint: Path | None = None  # teacher.checkpoint, when the weights came from there
 
 
-def _teacher_stage(ctx: Context, seed: int) -> Guide:
+def _teacher_stage(ctx: Context, stage: str, seed: int, guide: None) -> Guide:
     recipe = ctx.recipe
     assert recipe.teacher is not None
     checkpoint = resolve_weights(recipe.teacher.checkpoint) if recipe.teacher.checkpoint else None
@@ -276,7 +263,7 @@ def _one_teacher(
     )  # fmt: skip
 
 
-def _student_stage(ctx: Context, stage: str, seed: int, *, guide: Guide | None) -> Guide:
+def _student_stage(ctx: Context, stage: str, seed: int, guide: Guide | None) -> Guide:
     """Train a student-side model (baseline, assistant, distill, distill_gen<g>) and
     return it as the guide of the next stage in a chain."""
     recipe = ctx.recipe
@@ -322,6 +309,13 @@ def _student_stage(ctx: Context, stage: str, seed: int, *, guide: Guide | None) 
     finally:
         objective.unbind()
     return Guide({"main": model}, stage, seed)
+
+
+STAGES = StageTable(
+    teacher={"teacher": _teacher_stage, "assistant": _student_stage},
+    student={"baseline": _student_stage, "distill": _student_stage},
+    chained=frozenset({"distill"}),
+)
 
 
 def _train_and_finish(
@@ -456,8 +450,7 @@ def _finish_stage(
     *,
     train_seconds: float,
 ) -> None:
-    """Measure the last and best-on-validation weights on test once; write eval.json."""
-    stage_dir = ctx.run_dir / stage / f"seed{seed}"
+    """Measure the last and best-on-validation weights on test once; write the stage."""
     data, device = ctx.data, ctx.accelerator.device
     batch = ctx.recipe.train.eval_batch_size
     teacher_test = _teacher_logits(ctx, guide) if guide is not None else None
@@ -476,34 +469,19 @@ def _finish_stage(
                 out[split_name] = quality(logits, split.y, teacher_logits=reference)
         return out
 
-    evaluation: dict[str, Any] = {"stage": stage, "seed": seed}
-    evaluation.update(measure(model))
-    best_path = stage_dir / "best.safetensors"
-    evaluation["best"] = None
-    metrics = read_metrics(stage_dir / "metrics.jsonl")
-    evaluation["epochs"] = max((m["epoch"] for m in metrics), default=0)
-    if best_path.exists():
-        best_model = copy.deepcopy(model)
-        load_weights(best_model, best_path)
-        best_epoch = max(
-            (m for m in metrics if "val_accuracy" in m),
-            key=lambda m: (m["val_accuracy"], -m["epoch"]),
-            default={"epoch": None},
-        )["epoch"]
-        evaluation["best"] = {"epoch": best_epoch, **measure(best_model)}
-    evaluation["train_seconds"] = round(train_seconds, 3)
-    if ctx.is_main:
-        evaluation["cost"] = data_cost(data, model, device)
+    def main_only() -> dict[str, Any]:
+        out = {"cost": data_cost(data, model, device)}
         if isinstance(data, TextData):
-            evaluation["texts_truncated"] = data.truncated(model)
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        save_weights(model, stage_dir / "model.safetensors")
+            out["texts_truncated"] = data.truncated(model)
+        return out
+
+    def save(folder: Path) -> None:
         if isinstance(model, HFClassifier):
             # a folder transformers loads as is, and a `location` for a later recipe: a
             # student built from this (fine-tuned) teacher's layers, or the teacher itself
-            save_hf(model, stage_dir / "hf", model.kdistill_tokenizer, overwrite=True)
+            save_hf(model, folder / "hf", model.kdistill_tokenizer, overwrite=True)
         atomic_write_json(
-            stage_dir / "model.json",
+            folder / "model.json",
             {
                 "model": spec.model_dump(mode="json"),
                 "num_classes": data.num_classes,
@@ -513,13 +491,17 @@ def _finish_stage(
                 "kdistill": __version__,
             },
         )
-        atomic_write_json(stage_dir / "eval.json", evaluation)
+
+    def summary(evaluation: dict[str, Any]) -> str:
         test = evaluation.get("test", {})
-        ctx.console.log(
-            f"{stage} seed {seed}: test accuracy {100 * test.get('accuracy', float('nan')):.2f}% "
-            f"({test.get('errors', '?')} errors), {train_seconds:.0f}s"
-        )
-    ctx.accelerator.wait_for_everyone()
+        accuracy = 100 * test.get("accuracy", float("nan"))
+        return f"test accuracy {accuracy:.2f}% ({test.get('errors', '?')} errors)"
+
+    finish_stage(
+        ctx, stage, seed, model,
+        measure=measure, best_by=("val_accuracy", True), train_seconds=train_seconds,
+        main_only=main_only, save=save, summary=summary,
+    )  # fmt: skip
 
 
 def _teacher_logits(ctx: Context, guide: Guide) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """What every run and every stage of every task does the same way.
 
-The pipelines (`kdistill.pipeline` for classification, `kdistill.lm.pipeline` for
-causal language models) decide which stages run and what each measures. Written once
-here: the process setup (`make_accelerator`), the run folder (`run_folder`: claimed,
+A task's pipeline (`kdistill.pipeline` for classification, `kdistill.lm.pipeline` for
+causal language models) names its stages in a `StageTable` and says what each trains
+and measures. Written once here: the order the stages run in (`run_stages`), the
+process setup (`make_accelerator`), the run folder (`run_folder`: claimed,
 recipe.yaml, run.json's status running / failed / finished), a stage's folder
 (<run>/<stage>/seed<k>; one whose eval.json and model.safetensors are both there
 finished earlier, and a resumed run reuses it), and training a stage with `fit`.
@@ -10,6 +11,7 @@ finished earlier, and a resumed run reuses it), and training a stage with `fit`.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 import os
@@ -17,6 +19,7 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -27,12 +30,13 @@ from rich.console import Console
 from torch import nn
 
 from kdistill import __version__
-from kdistill.checkpoint import atomic_write_json, atomic_write_text
+from kdistill.checkpoint import atomic_write_json, atomic_write_text, load_weights, save_weights
 from kdistill.errors import CheckpointError, RunDirError, TrainingError
 from kdistill.train import FitResult, TrainSteps, fit
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 T = TypeVar("T")
+M = TypeVar("M", bound=nn.Module)
 
 
 class RunContext(Protocol):
@@ -49,6 +53,58 @@ class RunContext(Protocol):
 
     @property
     def is_main(self) -> bool: ...
+
+
+Stage = Callable[[Any, str, int, Any], Any]
+"""One stage: (the run's context, the stage's name, the seed, its guide: the model
+that teaches it, or None) -> the guide it leaves for the next stage of a chain."""
+
+
+@dataclass(frozen=True)
+class StageTable:
+    """A task's stages by name, in the order they run.
+
+    `teacher` stages run once per teacher seed, each guided by the one before (the
+    teacher, then a teacher assistant): their last result guides that seed's students.
+    The teacher stage itself runs whenever a later stage needs a teacher, listed or not
+    (unlisted, it loads teacher.checkpoint or a pretrained model and measures nothing).
+    `student` stages run per seed in order, each guided by the seed's teacher (or the
+    first seed's, when there is one teacher); `chained` stages repeat for born-again
+    generations, generation g guided by generation g-1 (folders <stage>_gen<g>).
+    """
+
+    teacher: dict[str, Stage]
+    student: dict[str, Stage]
+    chained: frozenset[str] = frozenset()
+
+
+def run_stages(
+    ctx: RunContext, table: StageTable, *, teacher_seeds: list[int], generations: int = 1
+) -> None:
+    """Run the recipe's stages of `table`: the teacher side for each of `teacher_seeds`
+    (none: no stage needs a teacher), then the student side for each of the recipe's
+    seeds."""
+    listed = set(ctx.recipe.stages)
+    guides: dict[int, Any] = {}
+    for seed in teacher_seeds:
+        guide = None
+        for name, stage in table.teacher.items():
+            if name == "teacher" or name in listed:
+                guide = stage(ctx, name, seed, guide)
+        guides[seed] = guide
+    for seed in ctx.recipe.seeds:
+        guide = guides.get(seed) or next(iter(guides.values()), None)
+        for name, stage in table.student.items():
+            if name not in listed:
+                continue
+            if name not in table.chained:
+                stage(ctx, name, seed, guide)
+                continue
+            chain = guide
+            for generation in range(1, generations + 1):
+                chain = stage(
+                    ctx, name if generation == 1 else f"{name}_gen{generation}", seed, chain
+                )
 
 
 def stage_dir(run_dir: Path, stage: str, seed: int) -> Path:
@@ -99,6 +155,59 @@ def train_stage(
         console=ctx.console,
         extras=extras,
     )
+
+
+def finish_stage(
+    ctx: RunContext,
+    stage: str,
+    seed: int,
+    model: M,
+    *,
+    measure: Callable[[M], dict[str, Any]],
+    best_by: tuple[str, bool],
+    train_seconds: float,
+    record: dict[str, Any] | None = None,
+    after: dict[str, Any] | None = None,
+    main_only: Callable[[], dict[str, Any]] = dict,
+    save: Callable[[Path], None],
+    summary: Callable[[dict[str, Any]], str],
+) -> None:
+    """Measure a trained stage's last weights and, when fit kept them, its best-on-
+    validation weights (`best_by`: the metric of metrics.jsonl and whether higher is
+    better; the earliest epoch wins a tie), each once; the main process then writes the
+    stage folder: model.safetensors, what `save` adds, and eval.json last (a folder with
+    eval.json is finished). eval.json holds stage, seed, `record`, the measurements,
+    best, epochs, train_seconds, `after` and `main_only()` (costs, samples), in order."""
+    folder = stage_dir(ctx.run_dir, stage, seed)
+    evaluation: dict[str, Any] = {"stage": stage, "seed": seed, **(record or {})}
+    evaluation.update(measure(model))
+    evaluation["best"] = None
+    metrics = read_metrics(folder / "metrics.jsonl")
+    evaluation["epochs"] = max((m["epoch"] for m in metrics), default=0)
+    if (folder / "best.safetensors").exists():
+        best = copy.deepcopy(model)
+        load_weights(best, folder / "best.safetensors")
+        evaluation["best"] = {"epoch": best_epoch(metrics, *best_by), **measure(best)}
+    evaluation["train_seconds"] = round(train_seconds, 3)
+    evaluation.update(after or {})
+    if ctx.is_main:
+        evaluation.update(main_only())
+        folder.mkdir(parents=True, exist_ok=True)
+        save_weights(model, folder / "model.safetensors")
+        save(folder)
+        atomic_write_json(folder / "eval.json", evaluation)
+        ctx.console.log(f"{stage} seed {seed}: {summary(evaluation)}, {train_seconds:.0f}s")
+    ctx.accelerator.wait_for_everyone()
+
+
+def best_epoch(metrics: list[dict[str, Any]], key: str, higher_is_better: bool) -> int | None:
+    """The epoch of the best validation score among the epoch records (the earliest of
+    equal ones), as fit chose the weights it kept in best.safetensors."""
+    sign = 1.0 if higher_is_better else -1.0
+    scored = [m for m in metrics if key in m]
+    if not scored:
+        return None
+    return int(max(scored, key=lambda m: (sign * m[key], -m["epoch"]))["epoch"])
 
 
 def label(stage: str, seed: int) -> str:

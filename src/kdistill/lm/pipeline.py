@@ -47,7 +47,7 @@ from accelerate import Accelerator
 from rich.console import Console
 
 from kdistill import __version__
-from kdistill.checkpoint import atomic_write_json, load_weights, save_weights
+from kdistill.checkpoint import atomic_write_json, load_weights
 from kdistill.data.lm_text import (
     TOKENIZER_FILE,
     bits_per_character,
@@ -92,14 +92,16 @@ from kdistill.recipe.causal_lm import (
     SamplesConfig,
 )
 from kdistill.stages import (
+    StageTable,
     finish_run,
+    finish_stage,
     finished,
     finished_earlier,
     label,
     make_accelerator,
-    read_metrics,
     resolve_weights,
     run_folder,
+    run_stages,
     train_stage,
 )
 from kdistill.tasks.causal_lm import LMObjective, LMSteps, evaluate_lm
@@ -174,18 +176,12 @@ def _run_stages(ctx: LMContext) -> None:
     """The teacher once, then per seed the baseline, seqkd and distill stages."""
     recipe = ctx.recipe
     _check_models(ctx)
-    stages = set(recipe.stages)
-    teacher = None
-    if recipe.teacher is not None and stages & {"teacher", "seqkd", "distill"}:
-        teacher = _teacher_stage(ctx, recipe.seeds[0])
-    for seed in recipe.seeds:
-        if "baseline" in stages:
-            _student_stage(ctx, "baseline", seed, teacher=None)
-        if "seqkd" in stages:
-            assert teacher is not None
-            _seqkd_stage(ctx, seed, teacher)
-        if "distill" in stages:
-            _student_stage(ctx, "distill", seed, teacher=teacher)
+    needs_teacher = recipe.teacher is not None and set(recipe.stages) & {
+        "teacher",
+        "seqkd",
+        "distill",
+    }
+    run_stages(ctx, STAGES, teacher_seeds=recipe.seeds[:1] if needs_teacher else [])
 
 
 def _describe_data(data: LMData, recipe: LMRecipe) -> str:
@@ -293,7 +289,7 @@ def _teacher_checkpoint(recipe: LMRecipe) -> Path | None:
     return resolve_weights(recipe.teacher.checkpoint)
 
 
-def _teacher_stage(ctx: LMContext, seed: int) -> LMTeacher:
+def _teacher_stage(ctx: LMContext, stage: str, seed: int, guide: None) -> LMTeacher:
     """Load the teacher from teacher.checkpoint or model.path, reuse one trained earlier in
     this run folder, or train it; measure it when the stage is listed."""
     recipe = ctx.recipe
@@ -330,7 +326,7 @@ def _teacher_stage(ctx: LMContext, seed: int) -> LMTeacher:
     return LMTeacher(model, seed, weights_fingerprint(model))
 
 
-def _student_stage(ctx: LMContext, stage: str, seed: int, *, teacher: LMTeacher | None) -> None:
+def _student_stage(ctx: LMContext, stage: str, seed: int, teacher: LMTeacher | None) -> None:
     recipe = ctx.recipe
     assert recipe.student is not None
     if finished_earlier(ctx, stage, seed):
@@ -357,7 +353,7 @@ def _student_stage(ctx: LMContext, stage: str, seed: int, *, teacher: LMTeacher 
     )
 
 
-def _seqkd_stage(ctx: LMContext, seed: int, teacher: LMTeacher) -> None:
+def _seqkd_stage(ctx: LMContext, stage: str, seed: int, teacher: LMTeacher) -> None:
     """Train the student on the teacher's completions (written once, shared by seeds)."""
     recipe = ctx.recipe
     assert recipe.student is not None
@@ -441,6 +437,12 @@ def _seqkd_rows(ctx: LMContext, teacher: LMTeacher) -> SeqKDRows:
             f"{info['left_out']} empty ones left out)"
         )
     return rows
+
+
+STAGES = StageTable(
+    teacher={"teacher": _teacher_stage},
+    student={"baseline": _student_stage, "seqkd": _seqkd_stage, "distill": _student_stage},
+)
 
 
 def _train_and_finish(
@@ -609,45 +611,14 @@ def _finish_stage(
 ) -> None:
     """Measure the last and best-on-validation weights once; write the stage folder.
     data: the corpus as the model tokenizes it (default the run's)."""
-    stage_dir = ctx.run_dir / stage / f"seed{seed}"
     data, device = data or ctx.data, ctx.accelerator.device
     batch = ctx.recipe.train.eval_batch_size
     model = model.to(device)
-    evaluation: dict[str, Any] = {
-        "stage": stage,
-        "seed": seed,
-        "task": "causal_lm",
-        "measured_split": MEASURED_SPLIT if data.val_labels is None else MEASURED_PAIRS,
-        "val": measure(model, data, batch_size=batch, device=device),
-        "best": None,
-    }
-    metrics = read_metrics(stage_dir / "metrics.jsonl")
-    evaluation["epochs"] = max((m["epoch"] for m in metrics), default=0)
-    best_path = stage_dir / "best.safetensors"
-    if best_path.exists():
-        best = copy.deepcopy(model)
-        load_weights(best, best_path)
-        best_epoch = min(
-            (m for m in metrics if "val_loss" in m),
-            key=lambda m: (m["val_loss"], m["epoch"]),
-            default={"epoch": None},
-        )["epoch"]
-        evaluation["best"] = {
-            "epoch": best_epoch,
-            "val": measure(best, data, batch_size=batch, device=device),
-        }
-    evaluation["train_seconds"] = round(train_seconds, 3)
-    evaluation["train_tokens"] = train_tokens
-    if ctx.is_main:
-        evaluation["cost"] = _cost(model, data, device)
-        evaluation["samples"] = generate_samples(
-            model, data, ctx.recipe.samples, seed=seed, device=device
-        )
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        save_weights(model, stage_dir / "model.safetensors")
-        _export_hf(model, data, stage_dir / "hf")
+
+    def save(folder: Path) -> None:
+        _export_hf(model, data, folder / "hf")
         atomic_write_json(
-            stage_dir / "model.json",
+            folder / "model.json",
             {
                 "task": "causal_lm",
                 "model": spec.model_dump(mode="json"),
@@ -659,13 +630,34 @@ def _finish_stage(
                 "kdistill": __version__,
             },
         )
-        atomic_write_json(stage_dir / "eval.json", evaluation)
+
+    def summary(evaluation: dict[str, Any]) -> str:
         val = evaluation["val"]
-        ctx.console.log(
-            f"{stage} seed {seed}: val loss/token {val['loss']:.4f}, perplexity "
-            f"{val['perplexity']:.2f}, {val['bpc']:.4f} bits/character, {train_seconds:.0f}s"
+        return (
+            f"val loss/token {val['loss']:.4f}, perplexity {val['perplexity']:.2f}, "
+            f"{val['bpc']:.4f} bits/character"
         )
-    ctx.accelerator.wait_for_everyone()
+
+    finish_stage(
+        ctx,
+        stage,
+        seed,
+        model,
+        measure=lambda weights: {"val": measure(weights, data, batch_size=batch, device=device)},
+        best_by=("val_loss", False),
+        train_seconds=train_seconds,
+        record={
+            "task": "causal_lm",
+            "measured_split": MEASURED_SPLIT if data.val_labels is None else MEASURED_PAIRS,
+        },
+        after={"train_tokens": train_tokens},
+        main_only=lambda: {
+            "cost": _cost(model, data, device),
+            "samples": generate_samples(model, data, ctx.recipe.samples, seed=seed, device=device),
+        },
+        save=save,
+        summary=summary,
+    )
 
 
 def _cost(model: CausalLM, data: LMData, device: Any) -> dict[str, Any]:

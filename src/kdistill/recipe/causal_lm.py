@@ -546,6 +546,16 @@ class LMRecipe(RecipeBase):
 
     @model_validator(mode="after")
     def _check(self) -> LMRecipe:
+        raise_all(
+            self._stage_problems()
+            + self._objective_problems()
+            + self._cache_problems()
+            + self._length_problems()
+            + self._teacher_problems()
+        )
+        return self
+
+    def _stage_problems(self) -> list[str]:
         problems: list[str] = []
         stages = set(self.stages)
         if stages & {"teacher", "seqkd", "distill"} and self.teacher is None:
@@ -557,6 +567,10 @@ class LMRecipe(RecipeBase):
                 "the seqkd stage needs a 'seqkd' section saying how the teacher writes, at "
                 "least seqkd: {generation: {max_new_tokens: 64}}"
             )
+        return problems
+
+    def _objective_problems(self) -> list[str]:
+        problems: list[str] = []
         divergences = [t for t in self.objective if t.is_divergence]
         if len(divergences) > 1:
             problems.append(
@@ -566,20 +580,27 @@ class LMRecipe(RecipeBase):
             )
         if sum(t.loss == "cross_entropy" for t in self.objective) > 1:
             problems.append("the objective lists cross_entropy twice; give it once")
-        if "distill" in stages and not divergences:
+        if "distill" in self.stages and not divergences:
             problems.append(
                 "the distill stage's objective has no divergence term, so it would not read "
                 f"the teacher; add one of {', '.join(LM_DIVERGENCES)}"
             )
+        return problems
+
+    def _cache_problems(self) -> list[str]:
+        problems: list[str] = []
         teacher = self.teacher
-        if teacher is not None and teacher.cache.tail_samples >= teacher.cache.top_k:
+        if teacher is None:
+            return problems
+        if teacher.cache.tail_samples >= teacher.cache.top_k:
             problems.append(
                 f"teacher.cache.tail_samples ({teacher.cache.tail_samples}) must be below "
                 f"teacher.cache.top_k ({teacher.cache.top_k}): the entries are the top_k − "
                 "tail_samples most likely tokens plus tail_samples drawn from the rest"
             )
-        sampled = teacher is not None and teacher.signal == "cache" and teacher.cache.tail_samples
+        divergences = [t for t in self.objective if t.is_divergence]
         unbiased = ("forward_kl",)
+        sampled = teacher.signal == "cache" and teacher.cache.tail_samples
         if sampled and any(t.loss not in unbiased for t in divergences):
             problems.append(
                 f"teacher.cache.tail_samples > 0 estimates the teacher's tail by sampling, "
@@ -587,16 +608,22 @@ class LMRecipe(RecipeBase):
                 f"teacher's probabilities); the objective uses {divergences[0].loss}. Use "
                 "forward_kl, or tail_samples: 0 (the top-k with one tail bucket)"
             )
-        if self.samples.count and self.samples.prompt_tokens >= self.data.seq_len:
+        return problems
+
+    def _length_problems(self) -> list[str]:
+        """Prompts, samples and on-policy continuations must fit the trained context."""
+        problems: list[str] = []
+        seq_len = self.data.seq_len
+        if self.samples.count and self.samples.prompt_tokens >= seq_len:
             problems.append(
                 f"samples.prompt_tokens ({self.samples.prompt_tokens}) must be shorter than "
-                f"data.seq_len ({self.data.seq_len}), the context the models are trained on"
+                f"data.seq_len ({seq_len}), the context the models are trained on"
             )
         seqkd = self.seqkd
-        if seqkd is not None and seqkd.prompts is None and seqkd.prefix_tokens >= self.data.seq_len:
+        if seqkd is not None and seqkd.prompts is None and seqkd.prefix_tokens >= seq_len:
             problems.append(
                 f"seqkd.prefix_tokens ({seqkd.prefix_tokens}) must be shorter than data.seq_len "
-                f"({self.data.seq_len}): each prompt is the start of a training sequence"
+                f"({seq_len}): each prompt is the start of a training sequence"
             )
         pairs = self.data.pairs
         if pairs is not None and seqkd is not None and seqkd.prompts is None:
@@ -614,44 +641,48 @@ class LMRecipe(RecipeBase):
                 "train on a corpus (data.corpus)"
             )
         on_policy = self.on_policy
-        if on_policy is not None:
-            length = on_policy.prompt_tokens + on_policy.max_new_tokens
-            if length > self.data.seq_len:
+        if on_policy is not None and on_policy.prompt_tokens + on_policy.max_new_tokens > seq_len:
+            problems.append(
+                f"on_policy.prompt_tokens + on_policy.max_new_tokens = "
+                f"{on_policy.prompt_tokens + on_policy.max_new_tokens} is more than "
+                f"data.seq_len ({seq_len}), the context the student trains on; lower one of them"
+            )
+        return problems
+
+    def _teacher_problems(self) -> list[str]:
+        problems: list[str] = []
+        teacher, stages = self.teacher, set(self.stages)
+        if teacher is None:
+            return problems
+        for stage in ("seqkd", "distill"):
+            if stage in stages and "teacher" not in stages and not teacher.pretrained:
                 problems.append(
-                    f"on_policy.prompt_tokens + on_policy.max_new_tokens = {length} is more than "
-                    f"data.seq_len ({self.data.seq_len}), the context the student trains on; "
-                    "lower one of them"
+                    f"the {stage} stage needs a trained teacher: add 'teacher' to stages, "
+                    "set teacher.checkpoint, or give teacher.model.path"
                 )
-        teacher = self.teacher
-        if teacher is not None:
-            for stage in ("seqkd", "distill"):
-                if stage in stages and "teacher" not in stages and not teacher.pretrained:
-                    problems.append(
-                        f"the {stage} stage needs a trained teacher: add 'teacher' to stages, "
-                        "set teacher.checkpoint, or give teacher.model.path"
-                    )
-            if teacher.signal == "cache" and on_policy is not None and on_policy.probability > 0:
+        on_policy = self.on_policy
+        if teacher.signal == "cache" and on_policy is not None and on_policy.probability > 0:
+            problems.append(
+                "on_policy needs teacher.signal: live. A cache holds the teacher's "
+                "outputs on the training sequences only, so it cannot score the tokens "
+                "the student writes; use signal: live or remove on_policy"
+            )
+        if teacher.train is not None and teacher.train.precision != self.train.precision:
+            problems.append(
+                f"teacher.train.precision ({teacher.train.precision}) differs from "
+                f"train.precision ({self.train.precision}); one run trains in one "
+                "precision. Use teacher.precision for the frozen teacher's dtype"
+            )
+        divergence = self.divergence()
+        if teacher.signal == "cache" and divergence is not None:
+            temperature = as_schedule(divergence.temperature or 1.0)
+            if temperature.kind != "constant" or temperature.warmup:
                 problems.append(
-                    "on_policy needs teacher.signal: live. A cache holds the teacher's "
-                    "outputs on the training sequences only, so it cannot score the tokens "
-                    "the student writes; use signal: live or remove on_policy"
+                    "teacher.signal is cache, which stores the teacher's log-probabilities "
+                    "at one temperature, but the divergence's temperature is a schedule; "
+                    "give a constant temperature or use signal: live"
                 )
-            if teacher.train is not None and teacher.train.precision != self.train.precision:
-                problems.append(
-                    f"teacher.train.precision ({teacher.train.precision}) differs from "
-                    f"train.precision ({self.train.precision}); one run trains in one "
-                    "precision. Use teacher.precision for the frozen teacher's dtype"
-                )
-            if teacher.signal == "cache" and divergences:
-                temperature = as_schedule(divergences[0].temperature or 1.0)
-                if temperature.kind != "constant" or temperature.warmup:
-                    problems.append(
-                        "teacher.signal is cache, which stores the teacher's log-probabilities "
-                        "at one temperature, but the divergence's temperature is a schedule; "
-                        "give a constant temperature or use signal: live"
-                    )
-        raise_all(problems)
-        return self
+        return problems
 
     def teacher_train(self) -> LMTrainConfig:
         assert self.teacher is not None
