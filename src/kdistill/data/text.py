@@ -50,7 +50,7 @@ import hashlib
 import json
 import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -1131,11 +1131,3 @@ def length_buckets(
         batches.extend(members.split(batch_size))
     shuffle = torch.randperm(len(batches), generator=generator)
     return [batches[i] for i in shuffle.tolist()]
-
-
-def iter_batches(
-    tokenized: TokenizedTexts, labels: torch.Tensor, batches: Sequence[torch.Tensor]
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Padded batches with their `labels` (B,) and the example `index` (B,)."""
-    for index in batches:
-        yield {**tokenized.batch(index), "labels": labels[index], "index": index}
