@@ -99,3 +99,12 @@ def fails_cleanly(capsys: pytest.CaptureFixture[str], argv: list[str], *needles:
     for needle in needles:
         assert needle in flat, flat
     return flat
+
+
+def naive_pad(sequences: list[list[int]], pad_id: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids and attention masks of `sequences` right-padded with `pad_id` to the longest."""
+    width = max(len(s) for s in sequences)
+    return (
+        [s + [pad_id] * (width - len(s)) for s in sequences],
+        [[1] * len(s) + [0] * (width - len(s)) for s in sequences],
+    )

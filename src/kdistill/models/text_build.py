@@ -26,8 +26,8 @@ from typing import Any
 
 from torch import nn
 
-from kdistill.data.text import VocabTokenizer
 from kdistill.data.text_task import TextData
+from kdistill.data.text_tokenizers import VocabTokenizer
 from kdistill.errors import ModelError
 from kdistill.models.hf import (
     HFClassifier,
