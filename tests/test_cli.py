@@ -68,3 +68,34 @@ def test_a_reader_that_goes_away_ends_the_listing_quietly() -> None:
     err = process.stderr.read().decode()
     assert process.wait(timeout=60) == 0, err
     assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+def test_every_command_is_an_api_function_of_its_name() -> None:
+    """The CLI verbs and kdistill.api are the same functions (eval is api.evaluate)."""
+    import argparse
+
+    from kdistill import api
+    from kdistill.cli import build_parser
+
+    (commands,) = [
+        action.choices
+        for action in build_parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+    ]
+    assert set(commands) == {
+        "run",
+        "validate",
+        "plan",
+        "eval",
+        "cache",
+        "inspect",
+        "recipes",
+        "report",
+    }
+    for command in commands:
+        assert callable(getattr(api, {"eval": "evaluate"}.get(command, command))), command
+    assert "mnist_quick" in api.recipes()
+    recipe = api.validate("mnist_quick", ["train.epochs=2"])
+    assert recipe.train.epochs == 2 and recipe.task == "classification"
+    with pytest.raises(RecipeError, match="did you mean 'train'"):
+        api.validate({"name": "x", "data": {"source": "mnist"}, "trian": {}})

@@ -206,12 +206,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, console: Console) -> int:
-    import kdistill
-    from kdistill.tasks import task_of_recipe, task_of_run
+    """Call the API function of the command's name (kdistill.api) and print its result."""
+    from kdistill import api
+    from kdistill.stages import resolve_weights
+    from kdistill.tasks import task_of_checkpoint, task_of_recipe, task_of_run
 
-    if args.command == "run":
-        recipe = kdistill.load_recipe(args.recipe, args.overrides)
-        results = kdistill.distill(
+    command = args.command
+    if command in ("run", "validate", "cache"):
+        recipe = api.load_recipe(args.recipe, args.overrides)
+        task = task_of_recipe(recipe)
+    if command == "run":
+        results = api.run(
             recipe,
             output_dir=args.output_dir,
             data_dir=args.data_dir,
@@ -220,22 +225,24 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
             quiet=args.quiet,
         )
         if results:
-            task_of_recipe(recipe).function("print_table")(results, Console())
-        return 0
-    if args.command == "validate":
-        recipe = kdistill.load_recipe(args.recipe, args.overrides)
-        stages = ", ".join(recipe.stages)
+            task.function("print_table")(results, Console())
+    elif command == "validate":
         console.print(
-            f"{args.recipe}: valid {task_of_recipe(recipe).name} recipe {recipe.name!r} "
-            f"(stages: {stages}; seeds: {recipe.seeds})"
+            f"{args.recipe}: valid {task.name} recipe {recipe.name!r} "
+            f"(stages: {', '.join(recipe.stages)}; seeds: {recipe.seeds})"
         )
-        return 0
-    if args.command == "plan":
-        from kdistill.plan import format_plan, plan
+    elif command == "cache":
+        info = api.cache(
+            recipe, output_dir=args.output_dir, data_dir=args.data_dir, overwrite=args.overwrite
+        )
+        verb = "is up to date" if info["reused"] else "written"
+        console.print(f"teacher cache {info['folder']} {verb}", soft_wrap=True)
+    elif command == "plan":
+        from kdistill.plan import format_plan
 
-        recipe = kdistill.load_recipe(args.recipe, args.overrides)
-        planned = plan(
-            recipe,
+        planned = api.plan(
+            args.recipe,
+            args.overrides,
             data_dir=args.data_dir,
             steps=args.steps,
             measure=args.measure,
@@ -243,74 +250,61 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
             console=console,
         )
         print(json.dumps(planned.to_json(), indent=2) if args.json else format_plan(planned))
-        return 0
-    if args.command == "eval":
-        from kdistill.pipeline import evaluate_checkpoint
-        from kdistill.recipe import DataConfig, ModelSpec
-
-        data = None
-        if args.data:
-            source, _, path = args.data.partition(":")
-            try:
-                data = DataConfig(source=source, path=path or None, val_fraction=0.0)
-            except Exception as exc:
-                raise RecipeError(f"--data {args.data}: {exc}") from None
-        model = ModelSpec(name=args.model) if args.model else None
-        result = evaluate_checkpoint(
-            args.checkpoint, data=data, data_dir=args.data_dir, model=model
+    elif command == "eval":
+        result = api.evaluate(
+            args.checkpoint, data=args.data, model=args.model, data_dir=args.data_dir
         )
-        if args.json:
-            print(json.dumps(result, indent=2))
-        elif result.get("task") == "causal_lm":
-            val, cost = result["val"], result["cost"]
-            print(
-                f"{result['checkpoint']}: validation loss/token {val['loss']:.4f}, perplexity "
-                f"{val['perplexity']:.2f}, {val['bpc']:.4f} bits/character over "
-                f"{val['tokens']:,} tokens; {cost['params']:,} params, "
-                f"{cost['flops_per_token']:,.0f} FLOPs/token, "
-                f"{cost['latency_ms_per_token']:.3f} ms/token"
+        summary = task_of_checkpoint(resolve_weights(args.checkpoint)).function("eval_summary")
+        print(json.dumps(result, indent=2) if args.json else summary(result))
+    elif command == "inspect":
+        print(
+            api.inspect(
+                args.model,
+                role=args.role,
+                input_shape=_input_shape(args.input_shape),
+                num_classes=args.num_classes,
+                args=_model_args(args.arg),
+                depth=args.depth,
+                data_dir=args.data_dir,
             )
-        else:
-            test, cost = result["test"], result["cost"]
-            print(
-                f"{result['checkpoint']}: test accuracy {100 * test['accuracy']:.2f}% "
-                f"({test['errors']} errors), NLL {test['nll']:.4f}, ECE {test['ece']:.4f}; "
-                f"{cost['params']:,} params, {cost['flops']:,} FLOPs/sample, "
-                f"{cost['latency_ms']:.2f} ms per batch of {cost['batch_size']}"
-                + (
-                    f", {cost['latency_ms_single']:.2f} ms per sample alone"
-                    if cost.get("latency_ms_single") is not None
-                    else ""
-                )
-            )
-        return 0
-    if args.command == "cache":
-        recipe = kdistill.load_recipe(args.recipe, args.overrides)
-        info = task_of_recipe(recipe).function("cache")(
-            recipe, output_dir=args.output_dir, data_dir=args.data_dir, overwrite=args.overwrite
         )
-        verb = "is up to date" if info["reused"] else "written"
-        console.print(f"teacher cache {info['folder']} {verb}", soft_wrap=True)
-        return 0
-    if args.command == "inspect":
-        print(_inspect(args))
-        return 0
-    if args.command == "recipes":
+    elif command == "recipes":
         if args.losses:
             print(_losses_table())
             return 0
-        from kdistill.recipes import describe, shipped
+        from kdistill.recipes import describe
 
-        for name, path in shipped().items():
+        for name, path in api.recipes().items():
             print(f"{name:24s} {describe(path)}")
-        return 0
-    if args.command == "report":
-        task = task_of_run(Path(args.run_dir))
-        results = task.function("write_report")(Path(args.run_dir))
-        task.function("print_table")(results, Console())
+    elif command == "report":
+        results = api.report(args.run_dir)
+        task_of_run(Path(args.run_dir)).function("print_table")(results, Console())
         console.print(f"wrote {Path(args.run_dir) / 'results.md'}")
-        return 0
-    raise AssertionError(args.command)
+    else:
+        raise AssertionError(command)
+    return 0
+
+
+def _input_shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(n) for n in text.split(","))
+    except ValueError:
+        raise RecipeError(
+            f"--input-shape {text!r}: write sizes separated by commas, e.g. 3,32,32"
+        ) from None
+
+
+def _model_args(items: list[str]) -> dict[str, Any]:
+    """`--arg KEY=VALUE` options, each value parsed as YAML."""
+    import yaml
+
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise RecipeError(f"--arg {item!r}: write KEY=VALUE, for example --arg width=2")
+        options[key] = yaml.safe_load(value)
+    return options
 
 
 def _losses_table() -> str:
@@ -328,82 +322,6 @@ def _losses_table() -> str:
     for name, kind in LM_DIVERGENCES.items():
         lines.append(f"  {name:22s} {DESCRIPTIONS[kind]}")
     return "\n".join(lines)
-
-
-def _inspect(args: argparse.Namespace) -> str:
-    import torch
-    import yaml
-
-    from kdistill.models import build_model
-    from kdistill.recipe import ModelSpec
-    from kdistill.taps import module_tree
-
-    if args.model.endswith((".yaml", ".yml")):
-        from kdistill import load_recipe
-        from kdistill.data import TextData
-        from kdistill.data import build as build_data
-        from kdistill.pipeline import make_model, sample_inputs, untrained_teacher_source
-        from kdistill.recipe import Recipe
-
-        recipe = load_recipe(args.model)
-        section = getattr(recipe, args.role, None)
-        if section is None:
-            raise RecipeError(f"{args.model}: the recipe has no {args.role} section")
-        if not isinstance(recipe, Recipe):
-            return _inspect_causal_lm(recipe, section.model, args)
-        spec = section.model
-        data = build_data(recipe.data.model_copy(update={"limit_test": 1}), args.data_dir)
-        if isinstance(data, TextData):
-            # each text model brings its tokenizer; a student built from the teacher's
-            # layers (`location: teacher`) has the same modules from an untrained one
-            where = f"{args.role}.model"
-            source = untrained_teacher_source(recipe, data, where)
-            model = make_model(data, spec, where=where, teacher=source).eval()
-            header = f"{spec.name}: text ({data.num_classes} classes), a batch of 8 sentences"
-            sample = sample_inputs(data, model, "cpu")
-            return header + "\n" + module_tree(model, sample, max_depth=args.depth)
-        input_shape, num_classes = data.input_shape, data.num_classes
-        sample = data.to_input(data.train.x[:2])
-    else:
-        options = {}
-        for item in args.arg:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise RecipeError(f"--arg {item!r}: write KEY=VALUE, for example --arg width=2")
-            options[key] = yaml.safe_load(value)
-        spec = ModelSpec(name=args.model, args=options)
-        try:
-            input_shape = tuple(int(n) for n in args.input_shape.split(","))
-        except ValueError:
-            raise RecipeError(
-                f"--input-shape {args.input_shape!r}: write sizes separated by commas, e.g. 3,32,32"
-            ) from None
-        num_classes = args.num_classes
-        sample = torch.randn(2, *input_shape)
-    model = build_model(spec, input_shape=input_shape, num_classes=num_classes, where="model")
-    model.eval()
-    header = f"{spec.name}: input {tuple(input_shape)}, {num_classes} classes"
-    return header + "\n" + module_tree(model, sample, max_depth=args.depth)
-
-
-def _inspect_causal_lm(recipe: Any, spec: Any, args: argparse.Namespace) -> str:
-    """The modules of a language-model recipe's teacher or student, on two validation
-    sequences of its data (the tokenizer trained in a scratch folder when the recipe
-    trains one)."""
-    import tempfile
-
-    from kdistill.lm.data import build_lm_data
-    from kdistill.taps import module_tree
-
-    with tempfile.TemporaryDirectory() as scratch:
-        data = build_lm_data(recipe.data, data_dir=args.data_dir, tokenizer_dir=Path(scratch))
-    model = data.build_model(spec, f"{args.role}.model").eval()
-    sample = data.val[:2, :-1]  # (2, seq_len) token ids
-    header = (
-        f"{args.role}: causal LM, vocabulary {data.vocab_size}, "
-        f"input {tuple(sample.shape)} token ids"
-    )
-    return header + "\n" + module_tree(model, sample, max_depth=args.depth)
 
 
 if __name__ == "__main__":

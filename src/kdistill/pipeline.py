@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from pydantic import ValidationError
 from rich.console import Console
 from torch import nn
 
@@ -58,6 +59,7 @@ from kdistill.stages import (
     run_stages,
     train_stage,
 )
+from kdistill.taps import module_tree
 from kdistill.tasks.classify import ClassifierSteps, TeacherSignal
 from kdistill.teachers import CachedTeacher, EnsembleTeacher, LiveTeacher, combine_members
 
@@ -538,38 +540,30 @@ def _teacher_logits(ctx: Context, guide: Guide) -> torch.Tensor:
 
 
 def evaluate_checkpoint(
-    checkpoint: str | Path,
+    weights: Path,
     *,
-    data: DataConfig | None = None,
+    data: str | None = None,
+    model: str | None = None,
     data_dir: str | Path | None = None,
-    model: ModelSpec | None = None,
 ) -> dict[str, Any]:
-    """Measure saved weights on a dataset's test split: quality and cost. A language-model
-    stage folder is measured on its recipe's validation text (kdistill.lm.pipeline)."""
-    weights = resolve_weights(checkpoint)
+    """Measure a classifier's saved weights on a dataset's test split: quality and cost.
+    data: "SOURCE[:PATH]" (default: the data in model.json beside the weights); model:
+    a zoo name or module:factory (default: the model in model.json)."""
     info_path = weights.with_name("model.json")
     info = json.loads(info_path.read_text()) if info_path.exists() else None
-    if info is not None and info.get("task") == "causal_lm":
-        if data is not None or model is not None:
-            raise RecipeError(
-                f"{weights.parent} is a language-model stage: it is measured on the "
-                "validation text of the recipe it was trained with, so --data and --model "
-                "do not apply; leave them out"
-            )
-        from kdistill.lm.pipeline import evaluate_lm_checkpoint
-
-        return evaluate_lm_checkpoint(weights, info, data_dir=data_dir)
-    if model is None and info is None:
+    data_cfg = _data_option(data)
+    model_spec = ModelSpec(name=model) if model else None
+    if model_spec is None and info is None:
         raise CheckpointError(
             f"{weights} has no model.json beside it, so its architecture is unknown; pass --model NAME"
         )
-    spec = model or ModelSpec.model_validate(info["model"])  # type: ignore[index]
-    data_cfg = data or (DataConfig.model_validate(info["data"]) if info else None)
+    spec = model_spec or ModelSpec.model_validate(info["model"])  # type: ignore[index]
+    data_cfg = data_cfg or (DataConfig.model_validate(info["data"]) if info else None)
     if data_cfg is None:
         raise CheckpointError("say which data to evaluate on: --data SOURCE[:PATH]")
     bundle = build_data(data_cfg, data_dir)
     exported = weights.parent / "hf"
-    if model is None and spec.name in ("hf", "hf_student") and exported.is_dir():
+    if model_spec is None and spec.name in ("hf", "hf_student") and exported.is_dir():
         # the stage's save_pretrained folder: it needs neither the source model nor, for
         # a student built with `location: teacher`, the teacher
         spec = ModelSpec(name="hf", args={"location": str(exported)})
@@ -584,6 +578,40 @@ def evaluate_checkpoint(
         "cost": data_cost(bundle, net, "cpu"),
         "seconds": round(time.perf_counter() - start, 3),
     }
+
+
+def _data_option(data: str | None) -> DataConfig | None:
+    """`--data SOURCE[:PATH]` as a data section (all of it the test split's source)."""
+    if data is None:
+        return None
+    source, _, path = data.partition(":")
+    try:
+        return DataConfig(source=source, path=path or None, val_fraction=0.0)
+    except ValidationError as exc:
+        problems = "; ".join(error["msg"] for error in exc.errors())
+        raise RecipeError(f"--data {data}: {problems}") from None
+
+
+def inspect_recipe(
+    recipe: Recipe, role: str, *, depth: int | None, data_dir: str | Path | None
+) -> str:
+    """The modules of a recipe's teacher, student or assistant, with their output shapes
+    on a batch of the recipe's data."""
+    spec = getattr(recipe, role).model
+    data = build_data(recipe.data.model_copy(update={"limit_test": 1}), data_dir)
+    where = f"{role}.model"
+    if isinstance(data, TextData):
+        # each text model brings its tokenizer; a student built from the teacher's
+        # layers (`location: teacher`) has the same modules from an untrained one
+        source = untrained_teacher_source(recipe, data, where)
+        model = make_model(data, spec, where=where, teacher=source).eval()
+        header = f"{spec.name}: text ({data.num_classes} classes), a batch of 8 sentences"
+        return (
+            header + "\n" + module_tree(model, sample_inputs(data, model, "cpu"), max_depth=depth)
+        )
+    model = make_model(data, spec, where=where).eval()
+    header = f"{spec.name}: input {tuple(data.input_shape)}, {data.num_classes} classes"
+    return header + "\n" + module_tree(model, data.to_input(data.train.x[:2]), max_depth=depth)
 
 
 def cache_teacher(

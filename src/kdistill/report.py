@@ -602,3 +602,16 @@ def _quality_figure(fig: Figure, points: list[tuple[str, int, float, float]]) ->
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     return fig
+
+
+def eval_summary(result: dict[str, Any]) -> str:
+    """One line for `kdistill eval` of a classifier's weights."""
+    test, cost = result["test"], result["cost"]
+    alone = cost.get("latency_ms_single")
+    return (
+        f"{result['checkpoint']}: test accuracy {100 * test['accuracy']:.2f}% "
+        f"({test['errors']} errors), NLL {test['nll']:.4f}, ECE {test['ece']:.4f}; "
+        f"{cost['params']:,} params, {cost['flops']:,} FLOPs/sample, "
+        f"{cost['latency_ms']:.2f} ms per batch of {cost['batch_size']}"
+        + (f", {alone:.2f} ms per sample alone" if alone is not None else "")
+    )

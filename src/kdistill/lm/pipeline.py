@@ -34,9 +34,11 @@ and latency per token; `samples`: a few generated continuations.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +106,7 @@ from kdistill.stages import (
     run_stages,
     train_stage,
 )
+from kdistill.taps import module_tree
 from kdistill.tasks.causal_lm import LMObjective, LMSteps, evaluate_lm
 
 MEASURED_SPLIT = "validation: the last data.val_fraction of the corpus, by character position"
@@ -692,12 +695,23 @@ def _export_hf(model: CausalLM, data: LMData, folder: Path) -> None:
 
 
 def evaluate_lm_checkpoint(
-    weights: Path, info: dict[str, Any], *, data_dir: str | Path | None = None
+    weights: Path,
+    *,
+    data: str | None = None,
+    model: str | None = None,
+    data_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """`kdistill eval` of a language-model stage folder: loss per token, perplexity and
     bits per character on the validation split of the data it was trained on, tokenized
     with the stage's own tokenizer (hf/tokenizer.json), and the cost per token."""
     stage_dir = weights.parent
+    if data is not None or model is not None:
+        raise RecipeError(
+            f"{stage_dir} is a language-model stage: it is measured on the validation text "
+            "of the recipe it was trained with, so --data and --model do not apply; leave "
+            "them out"
+        )
+    info = json.loads((stage_dir / "model.json").read_text())
     exported = stage_dir / "hf"
     if not (exported / TOKENIZER_FILE).is_file():
         raise CheckpointError(
@@ -705,23 +719,39 @@ def evaluate_lm_checkpoint(
             "unknown; evaluate a stage folder written by `kdistill run`"
         )
     start = time.perf_counter()
-    data = build_lm_data(
+    corpus = build_lm_data(
         LMDataConfig.model_validate(info["data"]),
         data_dir=data_dir,
         tokenizer_dir=exported,
         tokenizer=load_tokenizer(exported),
     )
     with quiet_transformers():
-        model = data.build_model(LMModelSpec(path=str(exported)), "model")
-    load_weights(model, weights)
+        net = corpus.build_model(LMModelSpec(path=str(exported)), "model")
+    load_weights(net, weights)
     device = torch.device("cpu")
     return {
         "checkpoint": str(weights),
         "task": "causal_lm",
-        "val": measure(model, data, batch_size=32, device=device),
-        "cost": _cost(model, data, device),
+        "val": measure(net, corpus, batch_size=32, device=device),
+        "cost": _cost(net, corpus, device),
         "seconds": round(time.perf_counter() - start, 3),
     }
+
+
+def inspect_lm_recipe(
+    recipe: LMRecipe, role: str, *, depth: int | None, data_dir: str | Path | None
+) -> str:
+    """The modules of a language-model recipe's teacher or student, on two validation
+    sequences of its data (the tokenizer trained in a scratch folder when the recipe
+    trains one)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        data = build_lm_data(recipe.data, data_dir=data_dir, tokenizer_dir=Path(scratch))
+    model = data.build_model(getattr(recipe, role).model, f"{role}.model").eval()
+    sample = data.val[:2, :-1]  # (2, seq_len) token ids
+    header = (
+        f"{role}: causal LM, vocabulary {data.vocab_size}, input {tuple(sample.shape)} token ids"
+    )
+    return header + "\n" + module_tree(model, sample, max_depth=depth)
 
 
 # ------------------------------------------------------------------ kdistill cache

@@ -203,3 +203,15 @@ def print_lm_table(results: dict[str, Any], console: Console) -> None:
         caption=results.get("split_sentence", SPLIT_SENTENCE),
     )
     console.print(gap_line(results))
+
+
+def eval_summary(result: dict[str, Any]) -> str:
+    """One line for `kdistill eval` of a language model's stage folder."""
+    val, cost = result["val"], result["cost"]
+    return (
+        f"{result['checkpoint']}: validation loss/token {val['loss']:.4f}, perplexity "
+        f"{val['perplexity']:.2f}, {val['bpc']:.4f} bits/character over "
+        f"{val['tokens']:,} tokens; {cost['params']:,} params, "
+        f"{cost['flops_per_token']:,.0f} FLOPs/token, "
+        f"{cost['latency_ms_per_token']:.3f} ms/token"
+    )

@@ -32,8 +32,11 @@ class Task:
     schema: str  # the task's recipe schema, one branch of `kdistill.recipe.recipe_union`
     run: str  # (recipe, output_dir=, data_dir=, resume=, overwrite=, quiet=) -> results
     cache: str  # (recipe, output_dir=, data_dir=, overwrite=) -> {"folder", "reused", ...}
+    evaluate: str  # (weights, data=, model=, data_dir=) -> measurements of saved weights
+    inspect: str  # (recipe, role, depth=, data_dir=) -> the role's modules, as text
     write_report: str  # (run_dir) -> results
     print_table: str  # (results, console) -> None
+    eval_summary: str  # (the measurements of `evaluate`) -> one line for the terminal
 
     def function(self, which: str) -> Callable[..., Any]:
         module, _, name = getattr(self, which).partition(":")
@@ -47,8 +50,11 @@ TASKS: dict[str, Task] = {
         schema="kdistill.recipe.classification:Recipe",
         run="kdistill.pipeline:run",
         cache="kdistill.pipeline:cache_teacher",
+        evaluate="kdistill.pipeline:evaluate_checkpoint",
+        inspect="kdistill.pipeline:inspect_recipe",
         write_report="kdistill.report:write_report",
         print_table="kdistill.report:print_table",
+        eval_summary="kdistill.report:eval_summary",
     ),
     "causal_lm": Task(
         "causal_lm",
@@ -56,8 +62,11 @@ TASKS: dict[str, Task] = {
         schema="kdistill.recipe.causal_lm:LMRecipe",
         run="kdistill.lm.pipeline:run_lm",
         cache="kdistill.lm.pipeline:cache_lm_teacher",
+        evaluate="kdistill.lm.pipeline:evaluate_lm_checkpoint",
+        inspect="kdistill.lm.pipeline:inspect_lm_recipe",
         write_report="kdistill.lm.report:write_lm_report",
         print_table="kdistill.lm.report:print_lm_table",
+        eval_summary="kdistill.lm.report:eval_summary",
     ),
 }
 
@@ -92,3 +101,14 @@ def task_of_run(run_dir: Path) -> Task:
     if not path.is_file():
         return TASKS[DEFAULT_TASK]
     return task_of(read_yaml(path), source=str(path))
+
+
+def task_of_checkpoint(weights: Path) -> Task:
+    """The task of saved weights, from the model.json beside them (classification when
+    there is none: a bare .safetensors file evaluated with --model)."""
+    import json
+
+    info = Path(weights).with_name("model.json")
+    if not info.is_file():
+        return TASKS[DEFAULT_TASK]
+    return task_named(json.loads(info.read_text()).get("task", DEFAULT_TASK), source=str(info))

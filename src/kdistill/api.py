@@ -1,0 +1,190 @@
+"""The Python API: one function per `kdistill` command, with the command's name.
+
+    import kdistill
+    recipe = kdistill.load_recipe("recipes/mnist_quick.yaml", ["train.epochs=3"])
+    results = kdistill.run(recipe, output_dir="runs/quick")   # kdistill run
+    kdistill.report("runs/quick")                              # kdistill report
+
+A recipe argument may be a recipe object, a dict with the recipe's keys, a YAML path or
+a shipped recipe's name; `overrides` are `--set` values. Each function looks the task
+up in `kdistill.tasks.TASKS` (from the recipe, the run folder or the stage folder) and
+calls that task's function; the CLI parses its arguments and calls these.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kdistill.errors import RecipeError
+
+if TYPE_CHECKING:
+    from kdistill.plan import Plan
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Any:
+    """Read a YAML recipe (a path or a shipped recipe's name), apply overrides, validate
+    it with its task's schema (`kdistill.recipe.Recipe`, `kdistill.recipe.causal_lm.LMRecipe`,
+    ...)."""
+    from kdistill.recipe import load_recipe as load_file
+    from kdistill.recipes import find_recipe
+
+    return load_file(find_recipe(path), overrides)
+
+
+def as_recipe(recipe: Any, overrides: list[str] | None = None) -> Any:
+    """A validated recipe from a recipe object, a dict or a YAML path, with overrides."""
+    from pydantic import BaseModel
+
+    from kdistill.recipe import apply_overrides, validate_recipe
+
+    if isinstance(recipe, (str, Path)):
+        return load_recipe(recipe, overrides)
+    if isinstance(recipe, dict):
+        return validate_recipe(apply_overrides(recipe, overrides or []), source="recipe dict")
+    if isinstance(recipe, BaseModel) and overrides:
+        raw = apply_overrides(recipe.model_dump(mode="json"), overrides)
+        return validate_recipe(raw, source=f"recipe {getattr(recipe, 'name', '')}")
+    return recipe
+
+
+def validate(recipe: Any, overrides: list[str] | None = None) -> Any:
+    """The validated recipe; a RecipeError listing every problem when it is not valid."""
+    return as_recipe(recipe, overrides)
+
+
+def run(
+    recipe: Any,
+    overrides: list[str] | None = None,
+    *,
+    output_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Run a recipe's stages; return its results (the content of results.json)."""
+    from kdistill.tasks import task_of_recipe
+
+    recipe = as_recipe(recipe, overrides)
+    return task_of_recipe(recipe).function("run")(
+        recipe,
+        output_dir=output_dir,
+        data_dir=data_dir,
+        resume=resume,
+        overwrite=overwrite,
+        quiet=quiet,
+    )
+
+
+def distill(recipe: Any, *, overrides: list[str] | None = None, **options: Any) -> dict[str, Any]:
+    """`run`, by the name the API had before it had one function per command."""
+    return run(recipe, overrides, **options)
+
+
+def plan(
+    recipe: Any,
+    overrides: list[str] | None = None,
+    *,
+    data_dir: str | Path | None = None,
+    steps: int = 3,
+    measure: bool = False,
+    stages: list[str] | None = None,
+    console: Any = None,
+) -> Plan:
+    """Memory and time of each stage, from a few real steps (`kdistill.plan.plan`)."""
+    from kdistill.plan import plan as plan_recipe
+
+    return plan_recipe(
+        as_recipe(recipe, overrides),
+        data_dir=data_dir,
+        steps=steps,
+        measure=measure,
+        stages=stages,
+        console=console,
+    )
+
+
+def evaluate(
+    checkpoint: str | Path,
+    *,
+    data: str | None = None,
+    model: str | None = None,
+    data_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Measure saved weights (a stage folder, a run folder or a .safetensors file) with
+    their task's metric and cost. `data` ("SOURCE[:PATH]") and `model` (a zoo name or
+    module:factory) apply to classifiers: for other data, or weights without model.json."""
+    from kdistill.stages import resolve_weights
+    from kdistill.tasks import task_of_checkpoint
+
+    weights = resolve_weights(checkpoint)
+    return task_of_checkpoint(weights).function("evaluate")(
+        weights, data=data, model=model, data_dir=data_dir
+    )
+
+
+def cache(
+    recipe: Any,
+    overrides: list[str] | None = None,
+    *,
+    output_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Run the recipe's trained teacher once and store its outputs; {"folder", "reused", ...}."""
+    from kdistill.tasks import task_of_recipe
+
+    recipe = as_recipe(recipe, overrides)
+    return task_of_recipe(recipe).function("cache")(
+        recipe, output_dir=output_dir, data_dir=data_dir, overwrite=overwrite
+    )
+
+
+def report(run_dir: str | Path) -> dict[str, Any]:
+    """Rebuild a run folder's results.json, results.md and plots from its files."""
+    from kdistill.tasks import task_of_run
+
+    return task_of_run(Path(run_dir)).function("write_report")(Path(run_dir))
+
+
+def recipes() -> dict[str, Path]:
+    """The shipped recipes by name."""
+    from kdistill.recipes import shipped
+
+    return shipped()
+
+
+def inspect(
+    model: str,
+    *,
+    role: str = "student",
+    input_shape: tuple[int, ...] = (3, 32, 32),
+    num_classes: int = 10,
+    args: dict[str, Any] | None = None,
+    depth: int | None = None,
+    data_dir: str | Path | None = None,
+) -> str:
+    """A model's modules with their output shapes, to choose layers to tap. `model` is
+    a zoo name or module:factory (built with `args` for `input_shape` and `num_classes`),
+    or a recipe (.yaml), whose `role` model is shown on a batch of the recipe's data."""
+    if model.endswith((".yaml", ".yml")):
+        from kdistill.tasks import task_of_recipe
+
+        recipe = load_recipe(model)
+        section = getattr(recipe, role, None)
+        if section is None:
+            raise RecipeError(f"{model}: the recipe has no {role} section")
+        show = task_of_recipe(recipe).function("inspect")
+        return show(recipe, role, depth=depth, data_dir=data_dir)
+    import torch
+
+    from kdistill.models import build_model
+    from kdistill.recipe import ModelSpec
+    from kdistill.taps import module_tree
+
+    spec = ModelSpec(name=model, args=args or {})
+    built = build_model(spec, input_shape=input_shape, num_classes=num_classes, where="model")
+    header = f"{spec.name}: input {tuple(input_shape)}, {num_classes} classes"
+    sample = torch.randn(2, *input_shape)
+    return header + "\n" + module_tree(built.eval(), sample, max_depth=depth)
