@@ -66,6 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _run_command(sub, common)
+    _validate_command(sub, common)
+    _plan_command(sub, common)
+    _eval_command(sub, common)
+    _cache_command(sub, common)
+    _inspect_command(sub, common)
+    _recipes_command(sub, common)
+    _report_command(sub, common)
+    return parser
+
+
+def _run_command(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "run", parents=[common], help="run a recipe's stages and write the results table"
     )
@@ -78,9 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace what the output folder holds")
     p.add_argument("--quiet", action="store_true", help="log lines only, no progress bars")
 
+
+def _validate_command(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("validate", parents=[common], help="check a recipe without running it")
     _add_recipe_args(p)
 
+
+def _plan_command(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "plan",
         parents=[common],
@@ -109,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
+
+def _eval_command(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "eval", parents=[common], help="measure saved weights on a dataset's test split"
     )
@@ -127,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(p)
     p.add_argument("--json", action="store_true", help="print the measurements as JSON")
 
+
+def _cache_command(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "cache", parents=[common], help="run the recipe's trained teacher once and store its logits"
     )
@@ -138,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(p)
     p.add_argument("--overwrite", action="store_true", help="rebuild an existing cache")
 
+
+def _inspect_command(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "inspect",
         parents=[common],
@@ -169,18 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=None, help="show modules this deep at most")
     _add_data_dir(p)
 
+
+def _recipes_command(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("recipes", parents=[common], help="list the shipped recipes")
     p.add_argument(
         "--losses", action="store_true", help="list the loss functions a recipe may name"
     )
 
+
+def _report_command(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "report",
         parents=[common],
         help="rebuild results.json, results.md and plots from a run folder",
     )
     p.add_argument("run_dir", help="a run folder")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
