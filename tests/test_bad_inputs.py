@@ -489,4 +489,4 @@ def test_error_text_is_printed_verbatim(
     argv = ["cache", str(path), "--output-dir", str(out), "--data-dir", str(shared_data)]
     assert main(argv) == 2
     message = error_message(capsys.readouterr().err)
-    assert "no trained teacher at" in message and "--set stages=[teacher]" in message
+    assert "no trained teacher at" in message and "--set 'stages=[teacher]'" in message

@@ -53,11 +53,15 @@ from kdistill.stages import (
     finished,
     finished_earlier,
     label,
+    log_start,
     make_accelerator,
+    require_teacher,
     resolve_weights,
+    run_dir_of,
     run_folder,
     run_stages,
     train_stage,
+    trained_teacher,
 )
 from kdistill.taps import module_tree
 from kdistill.tasks.classify import ClassifierSteps, TeacherSignal
@@ -95,7 +99,7 @@ def run(
     """Run the recipe's stages and return the results (the content of results.json)."""
     console = console or Console(stderr=True)
     accelerator = make_accelerator(recipe.train.precision)
-    run_dir = Path(output_dir or recipe.output.dir or Path("runs") / recipe.name)
+    run_dir = run_dir_of(recipe, output_dir)
     with run_folder(
         recipe,
         run_dir,
@@ -106,12 +110,11 @@ def run(
     ) as data:
         assert data is not None
         ctx = Context(recipe, run_dir, data, accelerator, resume, quiet, console)
-        if ctx.is_main:
-            console.log(
-                f"run {recipe.name} → {run_dir} | data: {len(data.train)} train, {len(data.val)} "
-                f"val, {len(data.test)} test, {data.num_classes} classes | "
-                f"{accelerator.num_processes} process(es) on {accelerator.device}"
-            )
+        log_start(
+            ctx,
+            f"data: {len(data.train)} train, {len(data.val)} val, {len(data.test)} test, "
+            f"{data.num_classes} classes",
+        )
         _run_stages(ctx)
         return finish_run(run_dir, accelerator, write_report)
 
@@ -622,23 +625,14 @@ def cache_teacher(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run the recipe's trained teacher once over the training split and store its logits."""
-    if recipe.teacher is None:
-        raise RecipeError(
-            f"recipe {recipe.name!r} has no teacher section, so there is no teacher to cache; "
-            "add teacher: {model: ...} (and train it with the teacher stage)"
-        )
-    run_dir = Path(output_dir or recipe.output.dir or Path("runs") / recipe.name)
+    teacher = require_teacher(recipe)
+    run_dir = run_dir_of(recipe, output_dir)
     seed = recipe.seeds[0]
     weights = (
-        resolve_weights(recipe.teacher.checkpoint)
-        if recipe.teacher.checkpoint
-        else run_dir / "teacher" / f"seed{seed}" / "model.safetensors"
+        resolve_weights(teacher.checkpoint)
+        if teacher.checkpoint
+        else trained_teacher(run_dir, seed)
     )
-    if not weights.is_file():
-        raise CheckpointError(
-            f"no trained teacher at {weights}; run the teacher stage first "
-            f"(kdistill run RECIPE --set stages=[teacher]) or set teacher.checkpoint"
-        )
     # the rows the distill stage reads: with text, the transfer texts too
     bundle = build_data(recipe.data, data_dir).for_distill()
     folder = cache_folder(recipe, run_dir, "teacher", seed)
@@ -647,14 +641,14 @@ def cache_teacher(
         open_cache(folder, teacher_sha256=sha, bundle=bundle)  # refuses a stale one
         return {"folder": str(folder), "reused": True}
     with weights_follow():
-        model = make_model(bundle, recipe.teacher.model, where="teacher.model")
+        model = make_model(bundle, teacher.model, where="teacher.model")
     load_weights(model, weights)
     manifest = write_cache(
         folder,
         model,
         bundle,
         teacher_sha256=sha,
-        dtype=recipe.teacher.cache_dtype,
+        dtype=teacher.cache_dtype,
         batch_size=recipe.train.eval_batch_size,
     )
     return {"folder": str(folder), "reused": False, **manifest}

@@ -31,7 +31,7 @@ from torch import nn
 
 from kdistill import __version__
 from kdistill.checkpoint import atomic_write_json, atomic_write_text, load_weights, save_weights
-from kdistill.errors import CheckpointError, RunDirError, TrainingError
+from kdistill.errors import CheckpointError, RecipeError, RunDirError, TrainingError
 from kdistill.train import FitResult, TrainSteps, fit
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -216,6 +216,42 @@ def label(stage: str, seed: int) -> str:
 
 
 # ------------------------------------------------------------------------ the run
+
+
+def run_dir_of(recipe: Any, output_dir: str | Path | None) -> Path:
+    """The run folder: the one asked for, else output.dir, else runs/<recipe name>."""
+    return Path(output_dir or recipe.output.dir or Path("runs") / recipe.name)
+
+
+def log_start(ctx: RunContext, data: str) -> None:
+    """The run's first log line: where it writes, its data (`data`), its processes."""
+    if ctx.is_main:
+        ctx.console.log(
+            f"run {ctx.recipe.name} → {ctx.run_dir} | {data} | "
+            f"{ctx.accelerator.num_processes} process(es) on {ctx.accelerator.device}"
+        )
+
+
+def require_teacher(recipe: Any) -> Any:
+    """The recipe's teacher section, for commands that need one (kdistill cache)."""
+    if recipe.teacher is None:
+        raise RecipeError(
+            f"recipe {recipe.name!r} has no teacher section, so there is no teacher to cache; "
+            "add teacher: {model: ...} (and train it with the teacher stage)"
+        )
+    return recipe.teacher
+
+
+def trained_teacher(run_dir: Path, seed: int) -> Path:
+    """The weights the run folder's teacher stage wrote for `seed`; an error that says
+    how to get them when there are none."""
+    weights = stage_dir(run_dir, "teacher", seed) / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(
+            f"no trained teacher at {weights}; run the teacher stage first "
+            "(kdistill run RECIPE --set 'stages=[teacher]') or set teacher.checkpoint"
+        )
+    return weights
 
 
 @contextmanager

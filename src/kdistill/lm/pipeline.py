@@ -100,11 +100,15 @@ from kdistill.stages import (
     finished,
     finished_earlier,
     label,
+    log_start,
     make_accelerator,
+    require_teacher,
     resolve_weights,
+    run_dir_of,
     run_folder,
     run_stages,
     train_stage,
+    trained_teacher,
 )
 from kdistill.taps import module_tree
 from kdistill.tasks.causal_lm import LMObjective, LMSteps, evaluate_lm
@@ -159,18 +163,14 @@ def run_lm(
     """Run the recipe's stages and return the results (the content of results.json)."""
     console = console or Console(stderr=True)
     accelerator = make_accelerator(recipe.train.precision)
-    run_dir = Path(output_dir or recipe.output.dir or Path("runs") / recipe.name)
+    run_dir = run_dir_of(recipe, output_dir)
     with run_folder(recipe, run_dir, accelerator, resume=resume, overwrite=overwrite):
         data = _build_data(recipe, data_dir, run_dir, accelerator)
         teacher_data = _teacher_data(recipe, data, data_dir, run_dir, console, accelerator)
         ctx = LMContext(
             recipe, run_dir, data, accelerator, resume, quiet, console, teacher_data, data_dir
         )
-        if ctx.is_main:
-            console.log(
-                f"run {recipe.name} → {run_dir} | {_describe_data(data, recipe)} | "
-                f"{accelerator.num_processes} process(es) on {accelerator.device}"
-            )
+        log_start(ctx, _describe_data(data, recipe))
         _run_stages(ctx)
         return finish_run(run_dir, accelerator, write_lm_report)
 
@@ -770,12 +770,8 @@ def cache_lm_teacher(
     folder's teacher stage; the tokenizer from the run folder (or data.tokenizer.path).
     A killed job continues from its last complete shard.
     """
-    if recipe.teacher is None:
-        raise RecipeError(
-            f"recipe {recipe.name!r} has no teacher section, so there is no teacher to cache; "
-            "add teacher: {model: ...} (and train it with the teacher stage)"
-        )
-    run_dir = Path(output_dir or recipe.output.dir or Path("runs") / recipe.name)
+    teacher = require_teacher(recipe)
+    run_dir = run_dir_of(recipe, output_dir)
     seed = recipe.seeds[0]
     data = build_lm_data(
         recipe.data,
@@ -784,19 +780,14 @@ def cache_lm_teacher(
         may_train_tokenizer=False,
     )
     torch.manual_seed(seed)
-    model = data.build_model(recipe.teacher.model, "teacher.model")
+    model = data.build_model(teacher.model, "teacher.model")
     checkpoint = _teacher_checkpoint(recipe)
-    if checkpoint is None and recipe.teacher.model.path is None:
-        checkpoint = run_dir / "teacher" / f"seed{seed}" / "model.safetensors"
-        if not checkpoint.is_file():
-            raise CheckpointError(
-                f"no trained teacher at {checkpoint}; run the teacher stage first "
-                "(kdistill run RECIPE --set 'stages=[teacher]') or set teacher.checkpoint"
-            )
+    if checkpoint is None and teacher.model.path is None:
+        checkpoint = trained_teacher(run_dir, seed)
     if checkpoint is not None:
         load_weights(model, checkpoint)
     check_same_tokenizer(
-        model_tokenizer(recipe.teacher.model, checkpoint),
+        model_tokenizer(teacher.model, checkpoint),
         data.tokenizer,
         where="teacher",
         role="teacher",
@@ -809,7 +800,7 @@ def cache_lm_teacher(
         model.to(device),
         data.train,
         batch_size=recipe.train.eval_batch_size,
-        shard_sequences=recipe.teacher.cache.shard_sequences,
+        shard_sequences=teacher.cache.shard_sequences,
         device=device,
         overwrite=overwrite,
     )
