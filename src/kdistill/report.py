@@ -265,13 +265,17 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
     """
     run_dir = Path(run_dir)
     results = collect(run_dir)
-    as_json = json.dumps(results, indent=2, allow_nan=False) + "\n"
-    write_atomic(run_dir / "results.json", lambda tmp: tmp.write_text(as_json, encoding="utf-8"))
-    markdown = render_markdown(results)
-    write_atomic(run_dir / "results.md", lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
-    files = ["results.json", "results.md"]
+    files = write_results(run_dir, results, render_markdown(results))
     plots, notes = _write_plots(run_dir, results)
     return {**results, "report": {"files": files + plots, "notes": notes}}
+
+
+def write_results(run_dir: Path, results: dict[str, Any], markdown: str) -> list[str]:
+    """results.json and results.md, each written atomically; their names."""
+    as_json = json.dumps(results, indent=2, allow_nan=False) + "\n"
+    write_atomic(run_dir / "results.json", lambda tmp: tmp.write_text(as_json, encoding="utf-8"))
+    write_atomic(run_dir / "results.md", lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
+    return ["results.json", "results.md"]
 
 
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:

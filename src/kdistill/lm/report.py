@@ -13,7 +13,6 @@ ratio holds for bits per character.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from kdistill.report import (
     format_value,
     markdown_table,
     show_table,
-    write_atomic,
+    write_results,
 )
 
 COLUMNS = (
@@ -187,11 +186,8 @@ def write_lm_report(run_dir: str | Path) -> dict[str, Any]:
     """Write `results.json` and `results.md` into the run folder, atomically."""
     run_dir = Path(run_dir)
     results = collect_lm(run_dir)
-    as_json = json.dumps(results, indent=2, allow_nan=False) + "\n"
-    write_atomic(run_dir / "results.json", lambda tmp: tmp.write_text(as_json, encoding="utf-8"))
-    markdown = render_lm_markdown(results)
-    write_atomic(run_dir / "results.md", lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
-    return {**results, "report": {"files": ["results.json", "results.md"], "notes": []}}
+    files = write_results(run_dir, results, render_lm_markdown(results))
+    return {**results, "report": {"files": files, "notes": []}}
 
 
 def print_lm_table(results: dict[str, Any], console: Console) -> None:
