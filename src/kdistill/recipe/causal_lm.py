@@ -521,8 +521,6 @@ class SamplesConfig(Strict):
 
 class LMRecipe(RecipeBase):
     task: Literal["causal_lm"]
-    name: str
-    description: str = ""
     data: LMDataConfig
     teacher: LMTeacherConfig | None = None
     student: LMStudentConfig | None = None

@@ -263,8 +263,6 @@ class Recipe(RecipeBase):
         "classification",
         description="the task (kdistill.tasks.TASKS); this schema's is classification",
     )
-    name: str
-    description: str = ""
     data: DataConfig
     teacher: TeacherConfig | None = None
     student: StudentConfig | None = None

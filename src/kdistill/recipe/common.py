@@ -99,10 +99,16 @@ class OutputConfig(Strict):
 
 
 class RecipeBase(Strict):
-    """The checks every task's recipe makes. A subclass declares `stages` (a list of its
-    stage names); `STAGES` names the stages to suggest when the list is empty."""
+    """What every task's recipe starts with, and the checks each makes. A subclass
+    narrows `task` to its name and declares its sections after these, `stages` (a list
+    of its stage names) among them; `STAGES` names the stages to suggest when the list
+    is empty."""
 
     STAGES: ClassVar[str]
+
+    task: str = Field(description="the task (kdistill.tasks.TASKS)")
+    name: str
+    description: str = ""
 
     @field_validator("stages", check_fields=False)
     @classmethod
