@@ -10,7 +10,6 @@ import yaml
 from kdistill.errors import RecipeError
 from kdistill.recipe import apply_overrides, load_recipe, validate_recipe
 from kdistill.recipes import shipped
-from kdistill.schedules import schedule_value
 
 MINIMAL = {
     "name": "t",
@@ -130,24 +129,6 @@ def test_missing_and_empty_files(tmp_path: Path) -> None:
 def test_distill_without_teacher_source_rejected() -> None:
     raw = {**MINIMAL, "stages": ["distill"]}
     assert "teacher.checkpoint" in _error(raw)
-
-
-@pytest.mark.parametrize(
-    ("schedule", "progress", "expected"),
-    [
-        (3.0, 0.5, 3.0),
-        ({"kind": "linear", "start": 0, "end": 1}, 0.25, 0.25),
-        ({"kind": "exponential", "start": 20, "end": 1}, 0.5, 20 * (1 / 20) ** 0.5),
-        ({"kind": "cosine", "start": 1, "end": 0}, 0.5, 0.5),
-        ({"kind": "step", "start": 1, "gamma": 0.5, "milestones": [0.5, 0.75]}, 0.8, 0.25),
-        ({"kind": "constant", "start": 2, "warmup": 0.5}, 0.25, 1.0),
-    ],
-)
-def test_schedule_values(schedule: object, progress: float, expected: float) -> None:
-    from kdistill.schedules import Schedule
-
-    value = schedule if isinstance(schedule, float) else Schedule.model_validate(schedule)
-    assert schedule_value(value, progress) == pytest.approx(expected)
 
 
 def test_the_task_picks_the_schema_and_an_unknown_task_is_named(tmp_path: Path) -> None:
