@@ -1,5 +1,5 @@
-"""kdistill.cache and kdistill.teachers directly: a cache is complete or refused, and each
-teacher signal returns float32 logits (B, C) a student's graph can read."""
+"""kdistill.cache.dense and kdistill.teachers directly: a cache is complete or refused, and
+each teacher signal returns float32 logits (B, C) a student's graph can read."""
 
 from __future__ import annotations
 

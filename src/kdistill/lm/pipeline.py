@@ -49,6 +49,7 @@ from accelerate import Accelerator
 from rich.console import Console
 
 from kdistill import __version__
+from kdistill.cache import TopKCacheSpec, open_topk_cache, write_teacher_cache
 from kdistill.checkpoint import atomic_write_json, load_weights
 from kdistill.data.lm_text import (
     TOKENIZER_FILE,
@@ -77,13 +78,7 @@ from kdistill.lm.seqkd import (
     teacher_window,
     write_generations,
 )
-from kdistill.lm.teachers import (
-    CachedLMTeacher,
-    LiveLMTeacher,
-    LMTeacherSignal,
-    write_teacher_cache,
-)
-from kdistill.lm_cache import TopKCacheSpec, open_topk_cache
+from kdistill.lm.teachers import CachedLMTeacher, LiveLMTeacher, LMTeacherSignal
 from kdistill.models.hf import quiet_transformers
 from kdistill.recipe.causal_lm import (
     LMDataConfig,
