@@ -107,12 +107,12 @@ from kdistill.cache import TopKCacheSpec, open_topk_cache, write_teacher_cache
 from kdistill.data.lm_text import IGNORE_INDEX, dataset_fingerprint
 from kdistill.lm.data import LMData, build_lm_data
 from kdistill.lm.models import CausalLM, check_same_tokenizer, model_tokenizer, weights_fingerprint
-from kdistill.lm.teachers import CachedLMTeacher, LiveLMTeacher
 from kdistill.optim import lr_factor, make_optimizer
 from kdistill.recipe import load_recipe
 from kdistill.recipe.causal_lm import LMLossTerm, LMModelSpec, LMRecipe, LMTrainConfig
 from kdistill.stages import make_accelerator
 from kdistill.tasks.causal_lm import LMObjective, LMSteps
+from kdistill.teachers import CachedLMTeacher, LiveLMTeacher
 from kdistill.train import fit
 
 VARIANTS = ("kdistill_live", "kdistill_cache", "trl_gkd")

@@ -26,8 +26,8 @@ from kdistill.cli import main
 from kdistill.data.lm_text import count_characters
 from kdistill.lm import CausalLM, LMObjective, chunked_cross_entropy
 from kdistill.lm.models import build_causal_lm
-from kdistill.lm.teachers import LiveLMTeacher
 from kdistill.recipe.causal_lm import LMLossTerm, LMModelSpec, LMTrainConfig
+from kdistill.teachers import LiveLMTeacher
 
 
 def tiny_lm_recipe(**changes: Any) -> dict[str, Any]:

@@ -772,6 +772,10 @@ class _RecordedSignal:
         self.signal, self.models = signal, getattr(signal, "models", {})
         self.last: Any = None
 
+    def to(self, device: torch.device) -> _RecordedSignal:
+        self.signal.to(device)
+        return self
+
     def __call__(self, x: Any, indices: Tensor) -> Any:
         self.last = self.signal(x, indices)
         return self.last
@@ -1285,10 +1289,10 @@ def _lm_stage(
     """One language-model stage as kdistill.lm.pipeline and fit_lm run it."""
     from kdistill.data.lm_text import IGNORE_INDEX
     from kdistill.lm.models import CausalLM
-    from kdistill.lm.teachers import LiveLMTeacher
     from kdistill.losses.table import LM_DIVERGENCES
     from kdistill.optim import make_optimizer
     from kdistill.tasks.causal_lm import step_losses
+    from kdistill.teachers import LiveLMTeacher
 
     spec, where = trained
     teacher_cfg = recipe.teacher

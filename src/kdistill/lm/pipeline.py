@@ -78,7 +78,6 @@ from kdistill.lm.seqkd import (
     teacher_window,
     write_generations,
 )
-from kdistill.lm.teachers import CachedLMTeacher, LiveLMTeacher, LMTeacherSignal
 from kdistill.models.hf import quiet_transformers
 from kdistill.recipe.causal_lm import (
     LMDataConfig,
@@ -103,6 +102,7 @@ from kdistill.stages import (
 )
 from kdistill.taps import module_tree
 from kdistill.tasks.causal_lm import LMObjective, LMSteps, evaluate_lm
+from kdistill.teachers import CachedLMTeacher, LiveLMTeacher, LMTeacherOutput, TeacherSignal
 
 MEASURED_SPLIT = "validation: the last data.val_fraction of the corpus, by character position"
 MEASURED_PAIRS = (
@@ -331,7 +331,7 @@ def _student_stage(ctx: LMContext, stage: str, seed: int, teacher: LMTeacher | N
         return
     torch.manual_seed(seed)  # baseline and distill start from the same weights for a seed
     model = ctx.build(recipe.student.model, "student.model")
-    signal: LMTeacherSignal | None = None
+    signal: TeacherSignal[LMTeacherOutput] | None = None
     if stage == "baseline":
         objective = LMObjective(ce_weight=1.0)
     else:
@@ -450,7 +450,7 @@ def _train_and_finish(
     model: CausalLM,
     spec: LMModelSpec,
     objective: LMObjective,
-    signal: LMTeacherSignal | None,
+    signal: TeacherSignal[LMTeacherOutput] | None,
     *,
     settings: LMTrainConfig,
     train: SeqKDRows | None = None,
@@ -509,7 +509,7 @@ def cache_folder(recipe: LMRecipe, run_dir: Path, seed: int) -> Path:
     return run_dir / "cache" / f"topk-teacher-seed{seed}"
 
 
-def _teacher_signal(ctx: LMContext, teacher: LMTeacher) -> LMTeacherSignal:
+def _teacher_signal(ctx: LMContext, teacher: LMTeacher) -> TeacherSignal[LMTeacherOutput]:
     recipe = ctx.recipe
     assert recipe.teacher is not None
     device = ctx.accelerator.device
