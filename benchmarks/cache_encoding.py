@@ -1,4 +1,4 @@
-"""Size and precision of the top-k teacher cache's two encodings (kdistill.lm_cache).
+"""Size and precision of the top-k teacher cache's two encodings (kdistill.cache.codec).
 
 Bytes per token: `topk_bytes_per_token` for k = 64 and 128 at vocabularies 2,048 and
 50,257, next to dense float16 logits.
@@ -35,16 +35,11 @@ from pathlib import Path
 
 import torch
 
+from kdistill.cache.codec import ENCODINGS, dense_bytes_per_token, topk_bytes_per_token
+from kdistill.cache.manifest import TopKCacheSpec
+from kdistill.cache.topk import open_topk_cache, write_topk_cache
+from kdistill.cache.topk_teacher import teacher_topk
 from kdistill.data import resolve_data_root
-from kdistill.lm_cache import (
-    ENCODINGS,
-    TopKCacheSpec,
-    dense_bytes_per_token,
-    open_topk_cache,
-    teacher_topk,
-    topk_bytes_per_token,
-    write_topk_cache,
-)
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "runs" / "shakespeare_gpt_small_from_gpt"

@@ -15,7 +15,7 @@ on the CPU, in float32, with the same torch thread count, in this order:
   kdistill_cache  kdistill.train.fit (LMSteps), the teacher's top-k (--top-k; of them
                   --tail-samples drawn from the teacher's tail, as the recipe's cache)
                   read from a cache written once before training by
-                  kdistill.lm.teachers.write_teacher_cache
+                  kdistill.cache.write_teacher_cache
   trl_gkd         trl.experimental.gkd.GKDTrainer, live teacher, lmbda 0 (no student
                   generation: always the dataset's sequences), beta 0 (its
                   generalized_jsd_loss is then F.kl_div(student_logp, teacher_logp,
@@ -103,16 +103,16 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers.utils import logging as transformers_logging
 
 import kdistill
+from kdistill.cache import TopKCacheSpec, open_topk_cache, write_teacher_cache
 from kdistill.data.lm_text import IGNORE_INDEX, dataset_fingerprint
 from kdistill.lm.data import LMData, build_lm_data
 from kdistill.lm.models import CausalLM, check_same_tokenizer, model_tokenizer, weights_fingerprint
-from kdistill.lm.teachers import CachedLMTeacher, LiveLMTeacher, write_teacher_cache
-from kdistill.lm_cache import TopKCacheSpec, open_topk_cache
 from kdistill.optim import lr_factor, make_optimizer
 from kdistill.recipe import load_recipe
 from kdistill.recipe.causal_lm import LMLossTerm, LMModelSpec, LMRecipe, LMTrainConfig
 from kdistill.stages import make_accelerator
 from kdistill.tasks.causal_lm import LMObjective, LMSteps
+from kdistill.teachers import CachedLMTeacher, LiveLMTeacher
 from kdistill.train import fit
 
 VARIANTS = ("kdistill_live", "kdistill_cache", "trl_gkd")

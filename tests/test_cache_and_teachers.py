@@ -1,5 +1,6 @@
-"""kdistill.cache and kdistill.teachers directly: a cache is complete or refused, and each
-teacher signal returns float32 logits (B, C) a student's graph can read."""
+"""kdistill.cache.dense and kdistill.teachers directly: a cache is complete or refused,
+each classifier teacher signal returns float32 logits (B, C) a student's graph can
+read, and every signal names its live modules."""
 
 from __future__ import annotations
 
@@ -8,10 +9,26 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdistill.cache import open_cache, write_cache
+from kdistill.cache import (
+    TopKCacheSpec,
+    open_cache,
+    open_topk_cache,
+    teacher_topk,
+    write_cache,
+    write_topk_cache,
+)
 from kdistill.data.bundle import DataBundle, Split
 from kdistill.errors import CacheError
-from kdistill.teachers import CachedTeacher, EnsembleTeacher, LiveTeacher, combine_members
+from kdistill.lm.models import build_causal_lm
+from kdistill.recipe.causal_lm import LMModelSpec
+from kdistill.teachers import (
+    CachedLMTeacher,
+    CachedTeacher,
+    EnsembleTeacher,
+    LiveLMTeacher,
+    LiveTeacher,
+    combine_members,
+)
 
 
 def _bundle(n: int = 20, fingerprint: str = "data-a") -> DataBundle:
@@ -90,3 +107,25 @@ def test_ensemble_combines_members_as_documented() -> None:
     # probabilities: the log of the mean of two equal distributions is that distribution
     mixed = combine_members(stacked, combine="probs", weights=torch.tensor([0.5, 0.5]))
     torch.testing.assert_close(mixed, torch.log_softmax(expected, dim=-1))
+
+
+def test_language_model_signals_name_their_live_modules(tmp_path: Path) -> None:
+    config = {"type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 16}
+    model = build_causal_lm(
+        LMModelSpec(config=config), vocab_size=50, seq_len=3, eos_id=None, where="m"
+    )
+    live = LiveLMTeacher(model).to(torch.device("cpu"))
+    assert list(live.models) == ["main"] and live.models["main"] is model
+
+    spec = TopKCacheSpec(
+        teacher="a" * 64, tokenizer="b" * 64, dataset="c" * 64, k=2, temperature=1.0,
+        seq_len=3, num_sequences=4, vocab_size=50,
+    )  # fmt: skip
+    logits = torch.randn(4, 3, 50, generator=torch.Generator().manual_seed(0))
+    ids, logprobs = teacher_topk(logits, k=2, temperature=1.0)  # (4, 3, 2) each
+    write_topk_cache(tmp_path / "topk", spec, [(0, ids, logprobs)])
+    cached = CachedLMTeacher(open_topk_cache(tmp_path / "topk", expect=spec))
+    assert cached.to(torch.device("cpu")) is cached and cached.models == {}
+    out = cached(torch.zeros(2, 3, dtype=torch.long), torch.tensor([3, 1]))
+    assert out["teacher_topk_ids"].tolist() == ids[[3, 1]].tolist()
+    torch.testing.assert_close(out["teacher_topk_logprobs"], logprobs[[3, 1]].half().float())

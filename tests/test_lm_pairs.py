@@ -19,11 +19,11 @@ from helpers import fails_cleanly as _fails
 from helpers import run_cli as _run
 from helpers import write_recipe as _write
 
+from kdistill.cache.manifest import MANIFEST
 from kdistill.checkpoint import load_weights
 from kdistill.data.lm_text import IGNORE_INDEX, dataset_fingerprint, load_tokenizer
 from kdistill.lm.data import LMData, build_lm_data
 from kdistill.lm.models import EOS_TOKEN, build_causal_lm
-from kdistill.lm_cache import MANIFEST
 from kdistill.recipe import validate_recipe
 from kdistill.recipe.causal_lm import LMDataConfig, LMModelSpec
 

@@ -21,13 +21,13 @@ from helpers import run_cli as _run
 from helpers import write_recipe as _write
 from safetensors.torch import load_file
 
+from kdistill.cache.manifest import MANIFEST
 from kdistill.cli import main
 from kdistill.data.lm_text import count_characters
 from kdistill.lm import CausalLM, LMObjective, chunked_cross_entropy
 from kdistill.lm.models import build_causal_lm
-from kdistill.lm.teachers import LiveLMTeacher
-from kdistill.lm_cache import MANIFEST
 from kdistill.recipe.causal_lm import LMLossTerm, LMModelSpec, LMTrainConfig
+from kdistill.teachers import LiveLMTeacher
 
 
 def tiny_lm_recipe(**changes: Any) -> dict[str, Any]:
@@ -228,7 +228,7 @@ def test_live_teacher_from_checkpoint_and_tokenizer_path(finished: Path, tmp_pat
 def test_killed_cache_job_resumes_from_its_last_shard(
     finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kdistill.lm.teachers as teachers
+    import kdistill.cache.topk_teacher as topk_teacher
 
     run = _copy_without(finished, tmp_path, "distill")
     cache = run / "cache" / "topk-teacher-seed0"
@@ -236,7 +236,7 @@ def test_killed_cache_job_resumes_from_its_last_shard(
     shutil.rmtree(cache)
     recipe = _write(tmp_path / "r.yaml", tiny_lm_recipe())
 
-    real = teachers.topk_batches
+    real = topk_teacher.topk_batches
     firsts: list[int] = []
 
     def dies_after_two_batches(*args: Any, **kwargs: Any) -> Any:
@@ -246,7 +246,7 @@ def test_killed_cache_job_resumes_from_its_last_shard(
                 raise KeyboardInterrupt  # the job is stopped mid-way
             yield batch
 
-    monkeypatch.setattr(teachers, "topk_batches", dies_after_two_batches)
+    monkeypatch.setattr(topk_teacher, "topk_batches", dies_after_two_batches)
     assert main(["cache", str(recipe), "--output-dir", str(run)]) == 130
     partial = json.loads((cache / MANIFEST).read_text())
     assert not partial["complete"] and 0 < partial["sequences_written"] < complete["num_sequences"]

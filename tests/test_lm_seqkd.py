@@ -30,7 +30,6 @@ from kdistill.lm import LMObjective
 from kdistill.lm.generate import generate, row_uniforms, sample_next
 from kdistill.lm.models import CausalLM, build_causal_lm, weights_fingerprint
 from kdistill.lm.seqkd import GENERATIONS, MANIFEST, Prompts, check_prompts, seqkd_rows
-from kdistill.lm.teachers import LiveLMTeacher
 from kdistill.recipe.causal_lm import (
     GenerationConfig,
     LMLossTerm,
@@ -38,6 +37,7 @@ from kdistill.recipe.causal_lm import (
     LMTrainConfig,
     OnPolicyConfig,
 )
+from kdistill.teachers import LiveLMTeacher
 
 STUDENT = {"config": {"type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2}}
 TEACHER = {"config": {"type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2}}

@@ -249,10 +249,10 @@ def test_classifier_cache_size_equals_a_written_cache(data_env: None, tmp_path: 
 
 
 def test_lm_cache_size_equals_a_written_top_k_cache(data_env: None, tmp_path: Path) -> None:
+    from kdistill.cache import write_teacher_cache
     from kdistill.lm.data import build_lm_data
     from kdistill.lm.models import build_causal_lm
     from kdistill.lm.pipeline import cache_spec
-    from kdistill.lm.teachers import write_teacher_cache
 
     recipe = kdistill.load_recipe(
         "shakespeare_gpt_small_from_gpt",

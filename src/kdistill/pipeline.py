@@ -64,8 +64,14 @@ from kdistill.stages import (
     trained_teacher,
 )
 from kdistill.taps import module_tree
-from kdistill.tasks.classify import ClassifierSteps, TeacherSignal
-from kdistill.teachers import CachedTeacher, EnsembleTeacher, LiveTeacher, combine_members
+from kdistill.tasks.classify import ClassifierSteps
+from kdistill.teachers import (
+    CachedTeacher,
+    EnsembleTeacher,
+    LiveTeacher,
+    TeacherSignal,
+    combine_members,
+)
 
 
 @dataclass
@@ -285,7 +291,7 @@ def _student_stage(ctx: Context, stage: str, seed: int, guide: Guide | None) -> 
     if finished_earlier(ctx, stage, seed):
         load_weights(model, stage_dir / "model.safetensors")
         return Guide({"main": model}, stage, seed)
-    signal: TeacherSignal | None = None
+    signal: TeacherSignal[torch.Tensor] | None = None
     extras: nn.Module | None = None
     if stage == "baseline":  # the guide only measures agreement
         objective = Objective(baseline_terms(recipe.objective))
@@ -330,7 +336,7 @@ def _train_and_finish(
     model: nn.Module,
     spec: ModelSpec,
     objective: Objective,
-    signal: TeacherSignal | None,
+    signal: TeacherSignal[torch.Tensor] | None,
     *,
     settings: TrainConfig,
     guide: Guide | None,
@@ -362,7 +368,7 @@ def baseline_terms(objective: list[LossTerm]) -> list[LossTerm]:
     return own or [LossTerm(loss="cross_entropy")]
 
 
-def _teacher_signal(ctx: Context, guide: Guide) -> TeacherSignal:
+def _teacher_signal(ctx: Context, guide: Guide) -> TeacherSignal[torch.Tensor]:
     recipe = ctx.recipe
     assert recipe.teacher is not None
     device = ctx.accelerator.device

@@ -16,8 +16,8 @@ For every stage that trains a model (teacher, assistant, baseline, seqkd, distil
   at train.chunk_size) and naive (the (B, T, V) float32 tensors a full-logits loss
   holds), from LOSS_COPIES below;
 - the teacher cache's size on disk: classifier logits (N × classes × dtype bytes, as
-  kdistill.cache writes them) or a language model's top-k (bytes per token × tokens, as
-  kdistill.lm_cache writes them);
+  kdistill.cache.dense writes them) or a language model's top-k (bytes per token × tokens,
+  as kdistill.cache.topk writes them);
 - the time per optimizer step: the median of `steps` real training steps after one
   warm-up step;
 - an estimated peak: weights + optimizer state + the largest of the step's phases
@@ -772,6 +772,10 @@ class _RecordedSignal:
         self.signal, self.models = signal, getattr(signal, "models", {})
         self.last: Any = None
 
+    def to(self, device: torch.device) -> _RecordedSignal:
+        self.signal.to(device)
+        return self
+
     def __call__(self, x: Any, indices: Tensor) -> Any:
         self.last = self.signal(x, indices)
         return self.last
@@ -1216,8 +1220,9 @@ def lm_loss_memory(
 
 def lm_cache_size(recipe: Any, data: Any) -> CacheSize:
     """The top-k cache of the recipe's teacher over the training sequences, as
-    kdistill.lm_cache writes it: bytes per token × tokens."""
-    from kdistill.lm_cache import TopKCacheSpec, bytes_per_token, new_manifest
+    kdistill.cache.topk writes it: bytes per token × tokens."""
+    from kdistill.cache.codec import bytes_per_token
+    from kdistill.cache.manifest import TopKCacheSpec, new_manifest
 
     assert recipe.teacher is not None
     term = recipe.divergence()
@@ -1249,7 +1254,7 @@ class _TopKStandIn:
     the right shapes and dtypes (as CachedLMTeacher returns them), for given rows."""
 
     def __init__(self, rows: Tensor, seq_len: int, vocab: int, k: int, temperature: float):
-        from kdistill.lm_cache import teacher_topk
+        from kdistill.cache.topk_teacher import teacher_topk
 
         self.position = {int(row): i for i, row in enumerate(rows.tolist())}
         generator = torch.Generator().manual_seed(0)
@@ -1284,10 +1289,10 @@ def _lm_stage(
     """One language-model stage as kdistill.lm.pipeline and fit_lm run it."""
     from kdistill.data.lm_text import IGNORE_INDEX
     from kdistill.lm.models import CausalLM
-    from kdistill.lm.teachers import LiveLMTeacher
     from kdistill.losses.table import LM_DIVERGENCES
     from kdistill.optim import make_optimizer
     from kdistill.tasks.causal_lm import step_losses
+    from kdistill.teachers import LiveLMTeacher
 
     spec, where = trained
     teacher_cfg = recipe.teacher

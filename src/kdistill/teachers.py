@@ -1,22 +1,60 @@
-"""Teacher signals: a live frozen model, an ensemble of them, or logits read from a cache.
+"""Teacher signals: what a distill stage's loss reads of the teacher, batch by batch.
 
-Each is called with the student's input batch and the batch's indices into the
-training split, and returns float32 logits (B, C). A live teacher runs in eval mode
-under `torch.inference_mode()`, in its own precision; a cached teacher ignores the
-inputs and reads rows by index. `models` names the live modules, so feature taps can
-be attached to them (empty for a cache).
+Every signal is a `TeacherSignal`: called with the student's inputs and the batch's
+indices into the training split, it returns what the task's loss reads. A live
+teacher runs frozen, in eval mode, under `torch.inference_mode()`, in its own
+precision; a cached one ignores the inputs and reads rows by index. `models` names
+the live modules, so feature taps can be attached to them (empty for a cache).
+
+Classifiers (`kdistill.tasks.classify`): float32 logits (B, C) for an input batch (a
+tensor, or token ids and masks by name):
+
+- live: `LiveTeacher`, one frozen model;
+- ensemble: `EnsembleTeacher`, several live ones combined (`combine_members`);
+- cached dense: `CachedTeacher`, rows of the logits a `kdistill.cache.dense` cache holds.
+
+Language models (`kdistill.tasks.causal_lm`): for input ids (B, T), the keyword
+arguments of `kdistill.losses.lm.chunked_divergence` that describe the teacher:
+
+- live: `LiveLMTeacher`, `teacher_hidden` (B, T, H_t), `teacher_head_weight` (V_t, H_t)
+  and `teacher_head_bias`; the loss builds the teacher's logits a chunk of tokens at a
+  time (never (B, T, V_t) at once);
+- cached top-k: `CachedLMTeacher`, `teacher_topk_ids` and `teacher_topk_logprobs`
+  (B, T, k), read from a `kdistill.cache.topk` cache written once by
+  `kdistill.cache.write_teacher_cache`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+if TYPE_CHECKING:
+    from kdistill.cache.topk import TopKCache
+    from kdistill.lm.models import CausalLM
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+Output = TypeVar("Output", covariant=True)
+# what a language-model signal returns: chunked_divergence's keyword arguments for the teacher
+LMTeacherOutput = dict[str, torch.Tensor | None]
+
+
+class TeacherSignal(Protocol[Output]):
+    """What the task's loss reads of the teacher (`Output`: logits (B, C) for a
+    classifier, `chunked_divergence` keyword arguments for a language model), for a batch
+    of the student's inputs and the batch's indices into the training split. `models`
+    names the live modules (empty for a cache); `to(device)` moves the signal there."""
+
+    models: dict[str, nn.Module]
+
+    def __call__(self, x: Any, indices: torch.Tensor, /) -> Output: ...
+
+    def to(self, device: torch.device) -> TeacherSignal[Output]: ...
 
 
 class LiveTeacher:
@@ -105,3 +143,41 @@ class CachedTeacher:
 
     def __call__(self, x: Any, indices: torch.Tensor) -> torch.Tensor:
         return self.logits[indices.cpu()].to(self.device, torch.float32)
+
+
+class LiveLMTeacher:
+    def __init__(self, model: CausalLM, *, precision: str = "fp32") -> None:
+        self.model = model.to(DTYPES[precision]).eval().requires_grad_(False)
+        self.models: dict[str, nn.Module] = {"main": self.model}
+
+    def to(self, device: torch.device) -> LiveLMTeacher:
+        self.model.to(device)
+        return self
+
+    def __call__(self, input_ids: torch.Tensor, indices: torch.Tensor) -> LMTeacherOutput:
+        with torch.inference_mode():
+            hidden = self.model(input_ids)  # (B, T, H_t)
+        return {
+            # out of inference mode: the loss reads it inside the student's autograd graph
+            "teacher_hidden": hidden.clone(),
+            "teacher_head_weight": self.model.head_weight,
+            "teacher_head_bias": self.model.head_bias,
+        }
+
+
+class CachedLMTeacher:
+    def __init__(self, cache: TopKCache, device: torch.device | str = "cpu") -> None:
+        self.cache = cache
+        self.device = torch.device(device)
+        self.models: dict[str, nn.Module] = {}
+
+    def to(self, device: torch.device) -> CachedLMTeacher:
+        self.device = device
+        return self
+
+    def __call__(self, input_ids: torch.Tensor, indices: torch.Tensor) -> LMTeacherOutput:
+        ids, logprobs = self.cache.get(indices)  # (B, T, k) each
+        return {
+            "teacher_topk_ids": ids.to(self.device, non_blocking=True),
+            "teacher_topk_logprobs": logprobs.to(self.device, non_blocking=True),
+        }

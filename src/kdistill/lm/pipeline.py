@@ -49,6 +49,7 @@ from accelerate import Accelerator
 from rich.console import Console
 
 from kdistill import __version__
+from kdistill.cache import TopKCacheSpec, open_topk_cache, write_teacher_cache
 from kdistill.checkpoint import atomic_write_json, load_weights
 from kdistill.data.lm_text import (
     TOKENIZER_FILE,
@@ -77,13 +78,6 @@ from kdistill.lm.seqkd import (
     teacher_window,
     write_generations,
 )
-from kdistill.lm.teachers import (
-    CachedLMTeacher,
-    LiveLMTeacher,
-    LMTeacherSignal,
-    write_teacher_cache,
-)
-from kdistill.lm_cache import TopKCacheSpec, open_topk_cache
 from kdistill.models.hf import quiet_transformers
 from kdistill.recipe.causal_lm import (
     LMDataConfig,
@@ -112,6 +106,7 @@ from kdistill.stages import (
 )
 from kdistill.taps import module_tree
 from kdistill.tasks.causal_lm import LMObjective, LMSteps, evaluate_lm
+from kdistill.teachers import CachedLMTeacher, LiveLMTeacher, LMTeacherOutput, TeacherSignal
 
 MEASURED_SPLIT = "validation: the last data.val_fraction of the corpus, by character position"
 MEASURED_PAIRS = (
@@ -336,7 +331,7 @@ def _student_stage(ctx: LMContext, stage: str, seed: int, teacher: LMTeacher | N
         return
     torch.manual_seed(seed)  # baseline and distill start from the same weights for a seed
     model = ctx.build(recipe.student.model, "student.model")
-    signal: LMTeacherSignal | None = None
+    signal: TeacherSignal[LMTeacherOutput] | None = None
     if stage == "baseline":
         objective = LMObjective(ce_weight=1.0)
     else:
@@ -455,7 +450,7 @@ def _train_and_finish(
     model: CausalLM,
     spec: LMModelSpec,
     objective: LMObjective,
-    signal: LMTeacherSignal | None,
+    signal: TeacherSignal[LMTeacherOutput] | None,
     *,
     settings: LMTrainConfig,
     train: SeqKDRows | None = None,
@@ -514,7 +509,7 @@ def cache_folder(recipe: LMRecipe, run_dir: Path, seed: int) -> Path:
     return run_dir / "cache" / f"topk-teacher-seed{seed}"
 
 
-def _teacher_signal(ctx: LMContext, teacher: LMTeacher) -> LMTeacherSignal:
+def _teacher_signal(ctx: LMContext, teacher: LMTeacher) -> TeacherSignal[LMTeacherOutput]:
     recipe = ctx.recipe
     assert recipe.teacher is not None
     device = ctx.accelerator.device

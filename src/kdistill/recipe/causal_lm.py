@@ -477,7 +477,7 @@ class CacheConfig(Strict):
         "exact",
         description="exact: float16 log-probs (516 bytes/token at top_k 128); compact: "
         "bit-packed ids, most log-probs as 8-bit knots (300 bytes/token at top_k 128 over "
-        "50,257 tokens; moves ~0.5% of the probability); see kdistill.lm_cache",
+        "50,257 tokens; moves ~0.5% of the probability); see kdistill.cache.codec",
     )
     dir: str | None = Field(
         None, description="cache folder (default <run>/cache/topk-teacher-seed<k>)"

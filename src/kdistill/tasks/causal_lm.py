@@ -38,11 +38,11 @@ from kdistill.data.lm_text import IGNORE_INDEX
 from kdistill.errors import TrainingError
 from kdistill.lm.generate import derived_seed, generate, row_uniforms
 from kdistill.lm.models import CausalLM
-from kdistill.lm.teachers import LiveLMTeacher, LMTeacherSignal
 from kdistill.losses.lm import chunked_cross_entropy, chunked_divergence
 from kdistill.losses.table import LM_DIVERGENCES
 from kdistill.recipe.causal_lm import LMLossTerm, LMTrainConfig, OnPolicyConfig
 from kdistill.schedules import ScheduleOrNumber, schedule_value
+from kdistill.teachers import LiveLMTeacher, LMTeacherOutput, TeacherSignal
 from kdistill.train import StepCount, Validation, autocast_of
 
 
@@ -231,7 +231,7 @@ class LMSteps:
         train: Tensor,
         val: Tensor,
         objective: LMObjective,
-        teacher: LMTeacherSignal | None,
+        teacher: TeacherSignal[LMTeacherOutput] | None,
         settings: LMTrainConfig,
         vocab_size: int,
         accelerator: Accelerator,
@@ -366,7 +366,10 @@ def _check_rows(label: str, rows: Tensor, labels: Tensor | None, name: str, what
 
 
 def _check_on_policy(
-    label: str, on_policy: OnPolicyConfig, teacher: LMTeacherSignal | None, train: Tensor
+    label: str,
+    on_policy: OnPolicyConfig,
+    teacher: TeacherSignal[LMTeacherOutput] | None,
+    train: Tensor,
 ) -> None:
     if teacher is None:
         raise TrainingError(

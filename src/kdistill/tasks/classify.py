@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,19 +23,8 @@ from kdistill.errors import TrainingError
 from kdistill.evaluate import predict, quality
 from kdistill.losses.objective import LossInputs, Objective
 from kdistill.recipe import TrainConfig
+from kdistill.teachers import TeacherSignal
 from kdistill.train import Placement, StepCount, Validation, augment_seed, autocast_of
-
-
-class TeacherSignal(Protocol):
-    """Logits (B, C) for an input batch (a tensor, or token ids and masks by name) and the
-    batch's indices into the training split; `models` names the live modules (see
-    kdistill.teachers)."""
-
-    models: dict[str, nn.Module]
-
-    def __call__(
-        self, x: torch.Tensor | Mapping[str, torch.Tensor], indices: torch.Tensor
-    ) -> torch.Tensor: ...
 
 
 class ClassifierSteps:
@@ -50,7 +39,7 @@ class ClassifierSteps:
         *,
         data: DataBundle | TextData,
         objective: Objective,
-        teacher: TeacherSignal | None,
+        teacher: TeacherSignal[torch.Tensor] | None,
         settings: TrainConfig,
         accelerator: Placement,
         seed: int,

@@ -1,4 +1,5 @@
-"""Teacher-output cache: the teacher runs once over the training split.
+"""Dense teacher-output cache of a classifier: the teacher runs once over the training
+split and all its logits are stored.
 
 Layout of a cache folder:
     logits.npy      (N, C) float16 or float32, read memory-mapped

@@ -1,4 +1,4 @@
-"""lm_cache: the offline top-k teacher cache: round trip, sizes, resume after a kill,
+"""kdistill.cache.topk: the offline top-k teacher cache: round trip, sizes, resume after a kill,
 and the refusals (stale spec, truncated or corrupted shard, incomplete cache), for
 the exact encoding and the compact one (bit-packed ids, 8-bit knots)."""
 
@@ -16,20 +16,17 @@ import numpy as np
 import pytest
 import torch
 
-from kdistill.errors import CacheError
-from kdistill.lm_cache import (
-    TopKCacheSpec,
-    TopKCacheWriter,
+from kdistill.cache.codec import (
     bytes_per_token,
     dense_bytes_per_token,
-    open_topk_cache,
     pack_bits,
-    teacher_topk,
-    teacher_topk_sampled_tail,
     topk_bytes_per_token,
     unpack_bits,
-    write_topk_cache,
 )
+from kdistill.cache.manifest import TopKCacheSpec
+from kdistill.cache.topk import TopKCacheWriter, open_topk_cache, write_topk_cache
+from kdistill.cache.topk_teacher import teacher_topk, teacher_topk_sampled_tail
+from kdistill.errors import CacheError
 
 N, T, K, V = 10, 6, 4, 300
 
