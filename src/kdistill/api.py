@@ -1,14 +1,16 @@
 """The Python API: one function per `kdistill` command, with the command's name.
 
-    import kdistill
-    recipe = kdistill.load_recipe("recipes/mnist_quick.yaml", ["train.epochs=3"])
-    results = kdistill.run(recipe, output_dir="runs/quick")   # kdistill run
-    kdistill.report("runs/quick")                              # kdistill report
+    from kdistill import api
+    recipe = api.load_recipe("recipes/mnist_quick.yaml", ["train.epochs=3"])
+    results = api.run(recipe, output_dir="runs/quick")   # kdistill run
+    api.report("runs/quick")                              # kdistill report
 
 A recipe argument may be a recipe object, a dict with the recipe's keys, a YAML path or
 a shipped recipe's name; `overrides` are `--set` values. Each function looks the task
 up in `kdistill.tasks.TASKS` (from the recipe, the run folder or the stage folder) and
-calls that task's function; the CLI parses its arguments and calls these.
+calls that task's function; the CLI parses its arguments and calls these. `kdistill`
+itself exports run, validate, inspect and load_recipe (its plan, cache, report, ...
+name the modules that do the work).
 """
 
 from __future__ import annotations
