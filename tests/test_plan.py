@@ -21,15 +21,20 @@ from helpers import tiny_recipe
 from helpers import write_recipe as _write
 
 import kdistill
-import kdistill.plan as planning
+import kdistill.plan.planner as planner
+import kdistill.plan.stage as stage_planning
 from kdistill.cli import main
 from kdistill.plan import (
     SavedTensors,
+    StagePlan,
     lm_cache_size,
     lm_loss_memory,
+    measure_peak,
     plan,
     profiled_peak,
 )
+from kdistill.plan.probes import LayerTensors
+from kdistill.plan.results import NAIVE_LOSS_COPIES
 from kdistill.recipe import validate_recipe
 
 # the shipped LM recipe's models on a slice of the corpus: seconds per stage
@@ -139,13 +144,13 @@ def test_layer_tensors_count_only_what_autograd_does_not_save() -> None:
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
     x = torch.randn(16, 32)
-    with SavedTensors([mlp]) as saved, planning.LayerTensors([mlp]) as layers:
+    with SavedTensors([mlp]) as saved, LayerTensors([mlp]) as layers:
         saved.add(mlp(x))
     assert layers.largest_unsaved(saved) == 16 * 64 * 4  # the (16, 64) pre-activation
 
     lstm = torch.nn.LSTM(8, 16, batch_first=True, bidirectional=True)
     x = torch.randn(4, 10, 8)
-    with SavedTensors([lstm]) as saved, planning.LayerTensors([lstm]) as layers:
+    with SavedTensors([lstm]) as saved, LayerTensors([lstm]) as layers:
         output, _ = lstm(x)
         saved.add(output.max(dim=1).values)
     assert layers.largest_unsaved(saved) >= 4 * 10 * 32 * 4  # the output, float32
@@ -153,32 +158,30 @@ def test_layer_tensors_count_only_what_autograd_does_not_save() -> None:
 
 def test_heaviest_step_is_run_untimed_after_the_warm_up() -> None:
     calls: list[str] = []
-    session = planning._Session(
+    session = stage_planning.Session(
         trained=torch.nn.Linear(1, 1),
         teachers=[],
         optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1),
         step=lambda i: calls.append(f"step{i}"),
-        probe=lambda: planning._Probe(0, 0, 0, 0),
+        probe=lambda: stage_planning.Probe(0, 0, 0, 0),
         heaviest=lambda: calls.append("heaviest"),
     )
-    real_sync = planning._synchronize
+    real_sync = stage_planning._synchronize
     try:  # a timed step is what runs between two synchronizations
-        planning._synchronize = lambda device: calls.append("|")  # type: ignore[assignment]
-        assert len(planning._time_steps(session, 2, torch.device("cpu"))) == 2
+        stage_planning._synchronize = lambda device: calls.append("|")  # type: ignore[assignment]
+        assert len(stage_planning._time_steps(session, 2, torch.device("cpu"))) == 2
     finally:
-        planning._synchronize = real_sync
+        stage_planning._synchronize = real_sync
     assert calls == ["step0", "heaviest", "|", "step1", "|", "|", "step2", "|"]
     calls.clear()
-    planning.measure_peak(lambda: session, 2, torch.device("cpu"))
+    measure_peak(lambda: session, 2, torch.device("cpu"))
     assert calls == ["step0", "heaviest", "step1", "step2"]
 
 
 # ------------------------------------------------------------- hand counts
 
 
-def _classifier_plan(
-    tmp_path: Path, changes: dict[str, Any], stages: list[str]
-) -> list[planning.StagePlan]:
+def _classifier_plan(tmp_path: Path, changes: dict[str, Any], stages: list[str]) -> list[StagePlan]:
     raw = tiny_recipe(**changes)
     raw["data"]["limit_train"] = 500
     recipe = validate_recipe(raw)
@@ -384,7 +387,7 @@ def test_lm_loss_memory_matches_the_measured_loss(kind: str, chunk: int | None) 
     )
     gradient = vocab * hidden * 4  # the weight's .grad, a parameter gradient in a plan
     assert 0.8 <= (expected.chunked_bytes + gradient) / measured <= 1.25
-    assert expected.naive_bytes == planning.NAIVE_LOSS_COPIES[kind] * tokens * vocab * 4
+    assert expected.naive_bytes == NAIVE_LOSS_COPIES[kind] * tokens * vocab * 4
 
 
 # ------------------------------------------------------------------- advice
@@ -394,14 +397,14 @@ def test_advice_when_the_device_is_too_small(
     data_env: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     recipe = kdistill.load_recipe("shakespeare_gpt_small_from_gpt", TINY_SHAKESPEARE)
-    monkeypatch.setattr(planning, "_resident_bytes", lambda: 0)
+    monkeypatch.setattr(planner, "_resident_bytes", lambda: 0)
     (roomy,) = plan(recipe, steps=1, stages=["distill"]).stages
     assert roomy.fits and roomy.advice == []
 
     # room for the weights and the optimizer, and 60% of the estimated peak
     data_bytes = plan(recipe, steps=1, stages=["distill"]).data_bytes
     budget = int(0.6 * roomy.peak_bytes)
-    monkeypatch.setattr(planning, "available_memory", lambda device: (budget + data_bytes, "test"))
+    monkeypatch.setattr(planner, "available_memory", lambda device: (budget + data_bytes, "test"))
     (tight,) = plan(recipe, steps=1, stages=["distill"]).stages
     assert not tight.fits
     advice = "\n".join(tight.advice)
@@ -415,7 +418,7 @@ def test_advice_when_the_device_is_too_small(
     (replanned,) = plan(recipe_accum, steps=1, stages=["distill"]).stages
     assert replanned.peak_bytes <= 1.1 * budget
 
-    monkeypatch.setattr(planning, "available_memory", lambda device: (2**20, "test"))
+    monkeypatch.setattr(planner, "available_memory", lambda device: (2**20, "test"))
     argv = ["plan", "shakespeare_gpt_small_from_gpt", "--steps", "1", "--stage", "distill"]
     assert main([*argv, *[f"--set={item}" for item in TINY_SHAKESPEARE]]) == 0
     text = capsys.readouterr().out
