@@ -117,6 +117,40 @@ def test_plan_of_the_shakespeare_recipe_agrees_with_its_measurement(
     assert "time per step" in text and "estimated peak" in text
 
 
+def test_lm_plan_runs_the_real_training_step(
+    data_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The language-model stages measure LMSteps.loss itself, reading the teacher signal
+    the recipe asks for (here the top-k cache, through the real cache reader)."""
+    from kdistill.lm.teachers import CachedLMTeacher
+    from kdistill.tasks.causal_lm import LMSteps
+
+    losses: list[int] = []
+    reads: list[int] = []
+    real_loss, real_read = LMSteps.loss, CachedLMTeacher.__call__
+
+    def loss(self: LMSteps, model: Any, rows: torch.Tensor, *, progress: float) -> Any:
+        losses.append(len(rows))
+        return real_loss(self, model, rows, progress=progress)
+
+    def read(self: CachedLMTeacher, input_ids: torch.Tensor, indices: torch.Tensor) -> Any:
+        reads.append(len(indices))
+        return real_read(self, input_ids, indices)
+
+    monkeypatch.setattr(LMSteps, "loss", loss)
+    monkeypatch.setattr(CachedLMTeacher, "__call__", read)
+    recipe = kdistill.load_recipe(
+        "shakespeare_gpt_small_from_gpt",
+        [*TINY_SHAKESPEARE, "teacher.signal=cache", "train.grad_accum=2"],
+    )
+    (distill,) = plan(recipe, steps=1, stages=["distill"]).stages
+    # the warm-up and the timed step, 2 micro-batches of 8 sequences each; the probe
+    assert losses == [8] * 5 and reads == [8] * 5
+    # top-k ids (int64) and log-probabilities (float32) of 8 sequences of 32 tokens
+    assert distill.teacher == "cache" and distill.teacher_bytes == 0
+    assert distill.teacher_output_bytes == 8 * 32 * 64 * (8 + 4)
+
+
 def test_text_plan_times_ordinary_batches_and_measures_the_longest(
     data_env: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -322,6 +356,19 @@ def test_saved_tensors_count_what_autograd_keeps_once_and_not_weights() -> None:
     with SavedTensors([layer]) as saved:
         layer(x.detach()).exp()
     assert saved.backward_bytes == 3200 + 1600 + 2 * 1600
+
+
+def test_saved_tensors_leave_out_what_is_saved_while_paused() -> None:
+    """A language model's chunked loss runs inside its forward; the probe pauses there,
+    since lm_loss_memory sizes the loss."""
+    layer = torch.nn.Linear(100, 50)
+    x = torch.randn(8, 100, requires_grad=True)
+    with SavedTensors([layer]) as saved:
+        y = layer(x)  # saves x (8 × 100): counted
+        with saved.paused():
+            y.exp()  # saves its output (8 × 50): not counted
+        y.tanh()  # saves its output (8 × 50): counted again after the block
+    assert saved.bytes == (8 * 100 + 8 * 50) * 4
 
 
 def test_backward_counts_each_gradient_from_where_it_is_written() -> None:

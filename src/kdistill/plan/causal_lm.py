@@ -1,34 +1,54 @@
 """The stages of a language-model recipe, as `kdistill.lm.pipeline` runs them; the
 memory of their chunked losses (`lm_loss_memory`) and of a top-k teacher cache
 (`lm_cache_size`).
+
+Each stage's micro-step is the real `LMSteps.loss` (kdistill.tasks.causal_lm): its rows
+and labels, the teacher signal the recipe asks for (the live teacher, or the cache
+reader over a stand-in for a cache not written yet) and the chunked loss computed
+inside the student's forward, with the plan's probes around it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from kdistill.plan.probes import SavedTensors, largest_layer, tensor_bytes, weight_storages
+from kdistill.plan.probes import (
+    RecordedSignal,
+    SavedTensors,
+    largest_layer,
+    tensor_bytes,
+    weight_storages,
+)
 from kdistill.plan.results import LOSS_COPIES, NAIVE_LOSS_COPIES, CacheSize, LossMemory
 from kdistill.plan.stage import (
+    PlanPlacement,
     Probe,
     Session,
     StageSpec,
     epoch_rows,
-    precision_autocast,
     step_rows,
     steps_in_epoch,
+    training_step,
 )
+
+if TYPE_CHECKING:
+    from kdistill.lm_cache import TopKCache
+    from kdistill.tasks.causal_lm import LMSteps
 
 
 def lm_stages(
     recipe: Any, data_dir: str | Path | None, device: torch.device, steps: int
 ) -> tuple[list[StageSpec], int, str, list[str]]:
+    """The trained stages of a language-model recipe, in the order kdistill.lm.pipeline
+    runs them: teacher, baseline, seqkd, distill."""
     from kdistill.lm.data import build_lm_data
     from kdistill.tasks.causal_lm import LMObjective
 
@@ -156,8 +176,9 @@ def lm_cache_size(recipe: Any, data: Any) -> CacheSize:
 
 
 class _TopKStandIn:
-    """In place of a cache that does not exist yet: top-k ids and log-probabilities of
-    the right shapes and dtypes (as CachedLMTeacher returns them), for given rows."""
+    """In place of a top-k cache that does not exist yet (kdistill.lm_cache.TopKCache):
+    ids and log-probabilities of the right shapes and dtypes for given rows, which the
+    real CachedLMTeacher reads as it reads the cache."""
 
     def __init__(self, rows: Tensor, seq_len: int, vocab: int, k: int, temperature: float):
         from kdistill.lm_cache import teacher_topk
@@ -172,12 +193,29 @@ class _TopKStandIn:
             logprobs.append(one_logprobs.float())
         self.ids, self.logprobs = torch.cat(ids), torch.cat(logprobs)  # (n, T, k)
 
-    def __call__(self, input_ids: Tensor, indices: Tensor) -> dict[str, Tensor | None]:
-        where = torch.tensor([self.position[int(i)] for i in indices])
-        return {
-            "teacher_topk_ids": self.ids[where].to(input_ids.device),
-            "teacher_topk_logprobs": self.logprobs[where].to(input_ids.device),
-        }
+    def get(self, sequence_indices: Tensor) -> tuple[Tensor, Tensor]:
+        """(ids (b, T, k) int64, log-probabilities (b, T, k) float32), as TopKCache.get."""
+        where = torch.tensor([self.position[int(i)] for i in sequence_indices])
+        return self.ids[where], self.logprobs[where]
+
+
+class _ProbedLM(nn.Module):
+    """The student as LMSteps.loss calls it, `model(inputs, head_loss=...)`, with the
+    plan's counter between the forward and the loss: the final hidden states counted as
+    the model's output, the chunked loss computed inside the forward left out of the
+    count (`lm_loss_memory` sizes it)."""
+
+    def __init__(self, model: nn.Module, counter: SavedTensors) -> None:
+        super().__init__()
+        self.model, self.counter = model, counter
+
+    def forward(self, input_ids: Tensor, head_loss: Callable[..., Any]) -> Any:
+        def probed(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Any:
+            self.counter.add(hidden)  # (b, T, H)
+            with self.counter.paused():
+                return head_loss(hidden, weight, bias)
+
+        return self.model(input_ids, head_loss=probed)
 
 
 def _lm_stage(
@@ -192,13 +230,11 @@ def _lm_stage(
     steps: int,
     seed: int,
 ) -> StageSpec:
-    """One language-model stage as kdistill.lm.pipeline and fit_lm run it."""
-    from kdistill.data.lm_text import IGNORE_INDEX
-    from kdistill.lm.models import CausalLM
-    from kdistill.lm.teachers import LiveLMTeacher
-    from kdistill.losses.table import LM_DIVERGENCES
+    """One language-model stage as kdistill.lm.pipeline and fit run it: the stage's own
+    micro-step (LMSteps.loss: its rows, teacher signal and chunked loss inside the
+    student's forward) with the plan's probes around it."""
     from kdistill.optim import make_optimizer
-    from kdistill.tasks.causal_lm import step_losses
+    from kdistill.tasks.causal_lm import LMSteps
 
     spec, where = trained
     teacher_cfg = recipe.teacher
@@ -209,52 +245,15 @@ def _lm_stage(
     steps_per_epoch = steps_in_epoch(n_train, settings, name, "sequences")
     micro = settings.batch_size // settings.grad_accum
     order = epoch_rows(n_train, seed)
-
-    def build_model(model_spec: Any, model_where: str) -> CausalLM:
-        return data.build_model(model_spec, model_where)
-
     stand_in = None
     if reads_teacher and not live:
-        used = torch.cat(
-            [step_rows(order, i, settings.batch_size, steps_per_epoch) for i in range(steps + 1)]
-        ).unique()
-        divergence = objective.divergence
-        temperature = divergence.temperature if divergence.temperature else 1.0
-        stand_in = _TopKStandIn(
-            used,
-            data.seq_len,
-            data.vocab_size,
-            teacher_cfg.cache.top_k,
-            float(getattr(temperature, "start", temperature)),
-        )
+        used = [step_rows(order, i, settings.batch_size, steps_per_epoch) for i in range(steps + 1)]
+        stand_in = _top_k_stand_in(torch.cat(used).unique(), data, teacher_cfg, objective)
     head: dict[str, int] = {}  # the student's output layer, noted by the first build
-
-    def labels_of(rows: Tensor | slice) -> Tensor:
-        """The training labels of `rows`: their own with prompt/completion pairs (-100 on
-        the prompt and padding), else the packed sequences shifted by one."""
-        return data.train[rows, 1:] if data.train_labels is None else data.train_labels[rows]
-
-    def loss(micro_batch: int) -> LossMemory:
-        tokens = int((labels_of(slice(0, micro_batch)) != IGNORE_INDEX).sum())
-        if objective.divergence is None:
-            kind, with_ce = "cross_entropy", False
-        else:
-            kind = LM_DIVERGENCES[objective.divergence.loss]
-            with_ce = objective.ce_weight is not None and objective.at(0.0)[0] > 0
-        return lm_loss_memory(
-            kind=kind,
-            tokens=tokens,
-            hidden=head["hidden"],
-            head_rows=head["rows"],
-            vocab=data.vocab_size,
-            bias=bool(head["bias"]),
-            with_cross_entropy=with_ce,
-            chunk_size=settings.chunk_size,
-        )
 
     def build() -> Session:
         torch.manual_seed(seed)
-        model = build_model(spec, where).to(device)
+        model = data.build_model(spec, where).to(device)
         head.update(
             hidden=int(model.head_weight.shape[1]),
             rows=model.vocab_rows,
@@ -262,63 +261,33 @@ def _lm_stage(
         )
         signal: Any = None
         teachers: list[nn.Module] = []
-        if live:
-            teacher = LiveLMTeacher(
-                build_model(teacher_cfg.model, "teacher.model"), precision=precision
-            ).to(device)
-            teachers = [teacher.model]
-            signal = teacher
-        elif reads_teacher:
-            signal = stand_in
+        if reads_teacher:
+            signal, teachers = _teacher_signal(data, teacher_cfg, precision, stand_in, device)
         optimizer = make_optimizer(model, settings.optimizer)
+        recorded = RecordedSignal(signal) if signal is not None else None
+        lm_steps = LMSteps(
+            model,
+            train=data.train,
+            train_labels=data.train_labels,
+            val=data.val,
+            val_labels=data.val_labels,
+            objective=objective,
+            teacher=recorded,
+            settings=settings,
+            vocab_size=data.vocab_size,
+            accelerator=PlanPlacement(device, settings.precision),
+            seed=seed,
+            label=name,
+        )
 
         def micro_step(rows: Tensor, scale: float, counter: SavedTensors | None = None) -> Probe:
-            inputs = data.train[rows, :-1].to(device)
-            labels = labels_of(rows).to(device)
-            with largest_layer(teachers) as layer:
-                teacher_out = signal(inputs, rows) if signal is not None else None
-            handed = tensor_bytes(teacher_out, weight_storages(teachers))
-            with (
-                counter or contextlib.nullcontext(),
-                precision_autocast(settings.precision, device),
-            ):
-                hidden = model(inputs)  # (b, T, H)
-            if counter is not None:
-                counter.add(hidden)
-            total, _ = step_losses(
-                hidden,
-                model.head_weight,
-                model.head_bias,
-                labels,
-                objective=objective,
-                progress=0.0,
-                teacher=teacher_out,
-                vocab_size=data.vocab_size,
-                chunk_size=settings.chunk_size,
-            )
-            if counter is None:
-                (total * scale).backward()
-                return Probe(0, 0, handed, layer[0])
-            with counter.gradients_during(model.parameters()):
-                (total * scale).backward()
-            return Probe(
-                counter.bytes,
-                counter.backward_bytes,
-                handed,
-                layer[0],
-                backward_bytes=counter.backward_with_gradients,
-            )
+            return _probed_micro_step(lm_steps, model, rows, scale, recorded, teachers, counter)
 
         def step(i: int) -> None:
-            model.train()
             rows = step_rows(order, i, settings.batch_size, steps_per_epoch)
-            counted = int((labels_of(rows) != IGNORE_INDEX).sum())
-            for part in rows.chunk(settings.grad_accum):
-                micro_step(part, 1.0 / max(counted, 1))
-            if settings.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            # fit divides the step's summed loss by its counted tokens
+            scale = 1.0 / max(lm_steps.count(rows, rows, i).total, 1)
+            training_step(model, optimizer, settings, rows, lambda part: micro_step(part, scale))
 
         def probe() -> Probe:
             model.train()
@@ -329,7 +298,6 @@ def _lm_stage(
 
         return Session(model, teachers, optimizer, step, probe)
 
-    cache = lm_cache_size(recipe, data) if reads_teacher else None
     return StageSpec(
         name=name,
         where=where,
@@ -338,8 +306,8 @@ def _lm_stage(
         teacher=("teacher.model" if live else "cache") if reads_teacher else None,
         build=build,
         steps_per_epoch=steps_per_epoch,
-        loss=loss,
-        cache=cache,
+        loss=functools.partial(_loss_memory, data, objective, settings, head),
+        cache=lm_cache_size(recipe, data) if reads_teacher else None,
         options={
             "task": "causal_lm",
             "teacher_precision": precision if live else None,
@@ -350,4 +318,102 @@ def _lm_stage(
                 )
             ),
         },
+    )
+
+
+def _teacher_signal(
+    data: Any,
+    teacher_cfg: Any,
+    precision: str,
+    stand_in: _TopKStandIn | None,
+    device: torch.device,
+) -> tuple[Any, list[nn.Module]]:
+    """(the teacher signal the recipe asks for, the frozen models it runs): the (untrained)
+    live teacher, or the real cache reader over the stand-in for the top-k cache."""
+    from kdistill.lm.teachers import CachedLMTeacher, LiveLMTeacher
+
+    if stand_in is None:
+        teacher = LiveLMTeacher(
+            data.build_model(teacher_cfg.model, "teacher.model"), precision=precision
+        ).to(device)
+        return teacher, [teacher.model]
+    return CachedLMTeacher(cast("TopKCache", stand_in), device), []
+
+
+def _top_k_stand_in(rows: Tensor, data: Any, teacher_cfg: Any, objective: Any) -> _TopKStandIn:
+    """The stand-in for the top-k cache over `rows`, at the divergence's first temperature
+    (the one the cache is written at)."""
+    divergence = objective.divergence
+    temperature = divergence.temperature if divergence.temperature else 1.0
+    return _TopKStandIn(
+        rows,
+        data.seq_len,
+        data.vocab_size,
+        teacher_cfg.cache.top_k,
+        float(getattr(temperature, "start", temperature)),
+    )
+
+
+def _loss_memory(
+    data: Any, objective: Any, settings: Any, head: dict[str, int], micro_batch: int
+) -> LossMemory:
+    """The stage's loss over a micro-batch of `micro_batch` training rows (the first
+    ones), for the student's output layer `head` (noted by a build)."""
+    from kdistill.data.lm_text import IGNORE_INDEX
+    from kdistill.losses.table import LM_DIVERGENCES
+
+    # their own labels with prompt/completion pairs (-100 on the prompt and padding),
+    # else the packed sequences shifted by one
+    labels = (
+        data.train[:micro_batch, 1:]
+        if data.train_labels is None
+        else data.train_labels[:micro_batch]
+    )
+    tokens = int((labels != IGNORE_INDEX).sum())
+    if objective.divergence is None:
+        kind, with_ce = "cross_entropy", False
+    else:
+        kind = LM_DIVERGENCES[objective.divergence.loss]
+        with_ce = objective.ce_weight is not None and objective.at(0.0)[0] > 0
+    return lm_loss_memory(
+        kind=kind,
+        tokens=tokens,
+        hidden=head["hidden"],
+        head_rows=head["rows"],
+        vocab=data.vocab_size,
+        bias=bool(head["bias"]),
+        with_cross_entropy=with_ce,
+        chunk_size=settings.chunk_size,
+    )
+
+
+def _probed_micro_step(
+    lm_steps: LMSteps,
+    model: nn.Module,
+    rows: Tensor,
+    scale: float,
+    recorded: RecordedSignal | None,
+    teachers: list[nn.Module],
+    counter: SavedTensors | None,
+) -> Probe:
+    """Forward + loss (`LMSteps.loss`) and backward of one micro-batch, the loss scaled by
+    `scale`; with a counter, what autograd saves for the student's forward and the
+    backward walk, else only the teacher's probes (what it hands the loss, its largest
+    layer)."""
+    student = model if counter is None else _ProbedLM(model, counter)
+    with largest_layer(teachers) as layer, counter or contextlib.nullcontext():
+        total, _ = lm_steps.loss(student, rows, progress=0.0)
+    last = recorded.last if recorded is not None else None
+    handed = tensor_bytes(last, weight_storages(teachers))
+    if counter is None:
+        (total * scale).backward()
+        return Probe(0, 0, handed, layer[0])
+    with counter.gradients_during(model.parameters()):
+        (total * scale).backward()
+    return Probe(
+        counter.bytes,
+        counter.backward_bytes,
+        handed,
+        layer[0],
+        backward_bytes=counter.backward_with_gradients,
     )

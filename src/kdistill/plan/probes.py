@@ -91,10 +91,11 @@ class SavedTensors:
         self.positions: dict[int, int] = {}  # storage -> its index in `storages`
         self.walk: float = float("inf")  # smallest saved position the backward has read
         self.gradients: list[tuple[float, int]] = []  # (walk position when written, bytes)
+        self.counting = True  # False inside `paused()`
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def _pack(self, tensor: Tensor) -> tuple[int | None, Tensor]:
-        return self.add(tensor), tensor
+        return (self.add(tensor) if self.counting else None), tensor
 
     def _unpack(self, packed: tuple[int | None, Tensor]) -> Tensor:
         position, tensor = packed
@@ -140,6 +141,17 @@ class SavedTensors:
             held += size
             peak = max(peak, held + (2 * size if grad else 0) + gradients_at(position))
         return peak
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Inside the block, what autograd saves is not counted, nor its place in the
+        backward walk: a part of the step sized apart (a language model's chunked loss,
+        which `lm_loss_memory` sizes)."""
+        self.counting = False
+        try:
+            yield
+        finally:
+            self.counting = True
 
     @contextlib.contextmanager
     def gradients_during(self, parameters: Iterator[nn.Parameter]) -> Iterator[None]:
@@ -260,12 +272,13 @@ def weight_storages(models: list[nn.Module]) -> set[int]:
 
 
 class RecordedSignal:
-    """A teacher signal that keeps its last output: the bytes it hands the loss."""
+    """A teacher signal (a classifier's or a language model's) that keeps its last
+    output: the bytes it hands the loss. Called as the signal is."""
 
     def __init__(self, signal: Any) -> None:
         self.signal, self.models = signal, getattr(signal, "models", {})
         self.last: Any = None
 
-    def __call__(self, x: Any, indices: Tensor) -> Any:
-        self.last = self.signal(x, indices)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.last = self.signal(*args, **kwargs)
         return self.last

@@ -282,12 +282,10 @@ class PlanPlacement:
         return "no" if self.precision == "fp32" else self.precision
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        return precision_autocast(self.precision, self.device)
+        return _autocast(self.precision, self.device)
 
 
-def precision_autocast(
-    precision: str, device: torch.device
-) -> contextlib.AbstractContextManager[Any]:
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=DTYPES[precision])

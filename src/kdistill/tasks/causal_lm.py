@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 from torch import Tensor
 
 from kdistill.data.lm_text import IGNORE_INDEX
@@ -43,7 +42,7 @@ from kdistill.lm.teachers import LiveLMTeacher, LMTeacherSignal
 from kdistill.losses.lm import chunked_cross_entropy, chunked_divergence
 from kdistill.losses.table import LM_DIVERGENCES
 from kdistill.schedules import ScheduleOrNumber, schedule_value
-from kdistill.train import StepCount, Validation, autocast_of
+from kdistill.train import Placement, StepCount, Validation, autocast_of
 
 
 @dataclass(frozen=True)
@@ -234,7 +233,7 @@ class LMSteps:
         teacher: LMTeacherSignal | None,
         settings: LMTrainConfig,
         vocab_size: int,
-        accelerator: Accelerator,
+        accelerator: Placement,
         seed: int,
         label: str = "train",
         train_labels: Tensor | None = None,
