@@ -2,7 +2,7 @@
 
 Both are called with the student's input ids (B, T) and the batch's sequence indices
 into the training split, and return the keyword arguments of
-`kdistill.losses.lm.chunked_divergence` that describe the teacher:
+`kdistill.losses.lm_chunked.chunked_divergence` that describe the teacher:
 
 - live: `teacher_hidden` (B, T, H_t), `teacher_head_weight` (V_t, H_t) and
   `teacher_head_bias`; the teacher runs frozen, in eval mode, under

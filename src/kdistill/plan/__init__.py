@@ -12,8 +12,8 @@ For every stage that trains a model (teacher, assistant, baseline, seqkd, distil
   real batch (saved-tensor hooks, each storage counted once, weights excluded), plus
   the model's output; and what the teacher hands to the loss (its logits, hidden
   states or top-k) and the largest layer input + output of its forward pass;
-- language models: the loss's memory, chunked as the run computes it (kdistill.losses.lm
-  at train.chunk_size) and naive (the (B, T, V) float32 tensors a full-logits loss
+- language models: the loss's memory, chunked as the run computes it (kdistill.losses.lm_chunked
+  and lm_cross_entropy at train.chunk_size) and naive (the (B, T, V) float32 tensors a full-logits loss
   holds), from LOSS_COPIES below;
 - the teacher cache's size on disk: classifier logits (N × classes × dtype bytes, as
   kdistill.cache writes them) or a language model's top-k (bytes per token × tokens, as

@@ -121,7 +121,7 @@ def lm_loss_memory(
     gradients it stores in the forward pass, one set per output (divergence, and
     cross-entropy when weighted): hidden states (tokens, H), head weight and bias.
     """
-    from kdistill.losses.lm import CHUNK_ELEMENTS
+    from kdistill.losses.lm_chunked import CHUNK_ELEMENTS
 
     copies = LOSS_COPIES[kind]
     if kind == "cross_entropy":

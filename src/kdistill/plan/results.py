@@ -43,7 +43,7 @@ MEASURE_METHOD = {
 class LossMemory:
     """A language-model loss's memory for one micro-batch."""
 
-    kind: str  # "cross_entropy" or a divergence of kdistill.losses.lm
+    kind: str  # "cross_entropy" or a divergence of kdistill.losses.lm_chunked
     tokens: int  # counted tokens of the micro-batch
     vocab: int  # columns of each (tokens × vocabulary) tensor
     chunk_size: int  # tokens per chunk the run uses (at most `tokens`)
