@@ -11,7 +11,7 @@ compared per position with the teacher's float64 values:
   KL      KL(P ‖ Q) in nats over the k + 1 buckets (top k, tail): P the teacher's top-k
           probabilities and tail, Q the decoded top k and the tail a loss rebuilds from
           them, 1 - Σ p̂ floored at float32's smallest normal, renormalised (as
-          kdistill.losses.lm does with cached log-probabilities)
+          kdistill.losses.lm_math does with cached log-probabilities)
 
 on two sets of distributions:
 

@@ -81,7 +81,7 @@ def loss_of(variant: str, inputs: dict[str, torch.Tensor], chunk_size: int) -> t
     h, w = inputs["student_hidden"], inputs["student_weight"]
     labels = inputs["labels"]
     if method == "chunked":
-        from kdistill.losses.lm import chunked_divergence
+        from kdistill.losses.lm_chunked import chunked_divergence
 
         return chunked_divergence(
             h,
@@ -102,7 +102,7 @@ def loss_of(variant: str, inputs: dict[str, torch.Tensor], chunk_size: int) -> t
         return GKDTrainer.generalized_jsd_loss(
             student_logits, teacher_logits, labels=labels, beta=BETAS[divergence]
         )
-    from kdistill.losses.lm import token_divergence
+    from kdistill.losses.lm_per_token import token_divergence
 
     vocab = student_logits.shape[-1]
     per_token = token_divergence(
@@ -131,7 +131,7 @@ def child(args: argparse.Namespace) -> None:
     if args.variant.startswith("trl"):
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
         from trl.experimental.gkd import GKDTrainer  # noqa: F401  (import cost outside the peak)
-    import kdistill.losses.lm  # noqa: F401
+    from kdistill.losses import lm_chunked, lm_per_token  # noqa: F401  (import cost outside the peak)
 
     inputs = make_inputs(args, device)
     leaves = (inputs["student_hidden"], inputs["student_weight"])
@@ -203,7 +203,7 @@ def main() -> None:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.chunk_size is None:
-        from kdistill.losses.lm import CHUNK_ELEMENTS
+        from kdistill.losses.lm_chunked import CHUNK_ELEMENTS
 
         args.chunk_size = CHUNK_ELEMENTS // args.vocab  # what chunk_size=None picks
     if args.variant:

@@ -11,14 +11,11 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from kdistill.errors import LossInputError
-from kdistill.losses import lm
+from kdistill.losses import lm_chunked
 from kdistill.losses import logits as logit_losses
-from kdistill.losses.lm import (
-    KINDS,
-    chunked_divergence,
-    token_divergence,
-    topk_token_divergence,
-)
+from kdistill.losses.divergences import KINDS
+from kdistill.losses.lm_chunked import chunked_divergence
+from kdistill.losses.lm_per_token import token_divergence, topk_token_divergence
 
 SETTINGS = {"beta": 0.3, "alpha": 0.2, "temperature": 2.0}  # non-defaults: every branch works
 B, T, H, H_TEACHER, VOCAB = 3, 7, 8, 6, 23
@@ -400,7 +397,8 @@ def test_chunked_is_independent_of_chunk_size_and_layout(monkeypatch):
         h.reshape(-1, H), w, b, labels=labels.reshape(-1), kind="kl",
         teacher_logits=teacher["logits"].reshape(-1, VOCAB),
     ).divergence  # fmt: skip
-    monkeypatch.setattr(lm, "CHUNK_ELEMENTS", 3 * VOCAB)  # chunk_size=None: 3 tokens a chunk
+    # chunk_size=None: 3 tokens a chunk
+    monkeypatch.setattr(lm_chunked, "CHUNK_ELEMENTS", 3 * VOCAB)
     automatic = chunked_divergence(*student, labels=labels, kind="kl", **_teacher_kwargs(teacher))
     for value in [*values[1:], flat, automatic.divergence]:
         assert_close(value, values[0])

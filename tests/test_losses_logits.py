@@ -521,7 +521,7 @@ def test_reverse_kl_is_infinite_not_nan_where_the_teacher_masks_a_class() -> Non
 def test_the_logit_and_token_losses_share_one_divergence() -> None:
     """The classifier's losses and the language-model token losses compute the same
     divergences (kdistill.losses.divergences): equal values on the same rows."""
-    from kdistill.losses.lm import token_divergence
+    from kdistill.losses.lm_per_token import token_divergence
 
     torch.manual_seed(1)
     student, teacher = torch.randn(6, 9), torch.randn(6, 9)

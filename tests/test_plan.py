@@ -21,15 +21,20 @@ from helpers import tiny_recipe
 from helpers import write_recipe as _write
 
 import kdistill
-import kdistill.plan as planning
+import kdistill.plan.planner as planner
+import kdistill.plan.stage as stage_planning
 from kdistill.cli import main
 from kdistill.plan import (
     SavedTensors,
+    StagePlan,
     lm_cache_size,
     lm_loss_memory,
+    measure_peak,
     plan,
     profiled_peak,
 )
+from kdistill.plan.probes import LayerTensors
+from kdistill.plan.results import NAIVE_LOSS_COPIES
 from kdistill.recipe import validate_recipe
 
 # the shipped LM recipe's models on a slice of the corpus: seconds per stage
@@ -112,6 +117,40 @@ def test_plan_of_the_shakespeare_recipe_agrees_with_its_measurement(
     assert "time per step" in text and "estimated peak" in text
 
 
+def test_lm_plan_runs_the_real_training_step(
+    data_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The language-model stages measure LMSteps.loss itself, reading the teacher signal
+    the recipe asks for (here the top-k cache, through the real cache reader)."""
+    from kdistill.tasks.causal_lm import LMSteps
+    from kdistill.teachers import CachedLMTeacher
+
+    losses: list[int] = []
+    reads: list[int] = []
+    real_loss, real_read = LMSteps.loss, CachedLMTeacher.__call__
+
+    def loss(self: LMSteps, model: Any, rows: torch.Tensor, *, progress: float) -> Any:
+        losses.append(len(rows))
+        return real_loss(self, model, rows, progress=progress)
+
+    def read(self: CachedLMTeacher, input_ids: torch.Tensor, indices: torch.Tensor) -> Any:
+        reads.append(len(indices))
+        return real_read(self, input_ids, indices)
+
+    monkeypatch.setattr(LMSteps, "loss", loss)
+    monkeypatch.setattr(CachedLMTeacher, "__call__", read)
+    recipe = kdistill.load_recipe(
+        "shakespeare_gpt_small_from_gpt",
+        [*TINY_SHAKESPEARE, "teacher.signal=cache", "train.grad_accum=2"],
+    )
+    (distill,) = plan(recipe, steps=1, stages=["distill"]).stages
+    # the warm-up and the timed step, 2 micro-batches of 8 sequences each; the probe
+    assert losses == [8] * 5 and reads == [8] * 5
+    # top-k ids (int64) and log-probabilities (float32) of 8 sequences of 32 tokens
+    assert distill.teacher == "cache" and distill.teacher_bytes == 0
+    assert distill.teacher_output_bytes == 8 * 32 * 64 * (8 + 4)
+
+
 def test_text_plan_times_ordinary_batches_and_measures_the_longest(
     data_env: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -139,13 +178,13 @@ def test_layer_tensors_count_only_what_autograd_does_not_save() -> None:
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
     x = torch.randn(16, 32)
-    with SavedTensors([mlp]) as saved, planning.LayerTensors([mlp]) as layers:
+    with SavedTensors([mlp]) as saved, LayerTensors([mlp]) as layers:
         saved.add(mlp(x))
     assert layers.largest_unsaved(saved) == 16 * 64 * 4  # the (16, 64) pre-activation
 
     lstm = torch.nn.LSTM(8, 16, batch_first=True, bidirectional=True)
     x = torch.randn(4, 10, 8)
-    with SavedTensors([lstm]) as saved, planning.LayerTensors([lstm]) as layers:
+    with SavedTensors([lstm]) as saved, LayerTensors([lstm]) as layers:
         output, _ = lstm(x)
         saved.add(output.max(dim=1).values)
     assert layers.largest_unsaved(saved) >= 4 * 10 * 32 * 4  # the output, float32
@@ -153,32 +192,30 @@ def test_layer_tensors_count_only_what_autograd_does_not_save() -> None:
 
 def test_heaviest_step_is_run_untimed_after_the_warm_up() -> None:
     calls: list[str] = []
-    session = planning._Session(
+    session = stage_planning.Session(
         trained=torch.nn.Linear(1, 1),
         teachers=[],
         optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1),
         step=lambda i: calls.append(f"step{i}"),
-        probe=lambda: planning._Probe(0, 0, 0, 0),
+        probe=lambda: stage_planning.Probe(0, 0, 0, 0),
         heaviest=lambda: calls.append("heaviest"),
     )
-    real_sync = planning._synchronize
+    real_sync = stage_planning._synchronize
     try:  # a timed step is what runs between two synchronizations
-        planning._synchronize = lambda device: calls.append("|")  # type: ignore[assignment]
-        assert len(planning._time_steps(session, 2, torch.device("cpu"))) == 2
+        stage_planning._synchronize = lambda device: calls.append("|")  # type: ignore[assignment]
+        assert len(stage_planning._time_steps(session, 2, torch.device("cpu"))) == 2
     finally:
-        planning._synchronize = real_sync
+        stage_planning._synchronize = real_sync
     assert calls == ["step0", "heaviest", "|", "step1", "|", "|", "step2", "|"]
     calls.clear()
-    planning.measure_peak(lambda: session, 2, torch.device("cpu"))
+    measure_peak(lambda: session, 2, torch.device("cpu"))
     assert calls == ["step0", "heaviest", "step1", "step2"]
 
 
 # ------------------------------------------------------------- hand counts
 
 
-def _classifier_plan(
-    tmp_path: Path, changes: dict[str, Any], stages: list[str]
-) -> list[planning.StagePlan]:
+def _classifier_plan(tmp_path: Path, changes: dict[str, Any], stages: list[str]) -> list[StagePlan]:
     raw = tiny_recipe(**changes)
     raw["data"]["limit_train"] = 500
     recipe = validate_recipe(raw)
@@ -321,6 +358,19 @@ def test_saved_tensors_count_what_autograd_keeps_once_and_not_weights() -> None:
     assert saved.backward_bytes == 3200 + 1600 + 2 * 1600
 
 
+def test_saved_tensors_leave_out_what_is_saved_while_paused() -> None:
+    """A language model's chunked loss runs inside its forward; the probe pauses there,
+    since lm_loss_memory sizes the loss."""
+    layer = torch.nn.Linear(100, 50)
+    x = torch.randn(8, 100, requires_grad=True)
+    with SavedTensors([layer]) as saved:
+        y = layer(x)  # saves x (8 × 100): counted
+        with saved.paused():
+            y.exp()  # saves its output (8 × 50): not counted
+        y.tanh()  # saves its output (8 × 50): counted again after the block
+    assert saved.bytes == (8 * 100 + 8 * 50) * 4
+
+
 def test_backward_counts_each_gradient_from_where_it_is_written() -> None:
     """The embedding's gradient is written last, after the linear layer's backward has
     run: it is not counted next to that layer's activations."""
@@ -347,7 +397,7 @@ def test_backward_counts_each_gradient_from_where_it_is_written() -> None:
 @pytest.mark.parametrize(("kind", "chunk"), [("kl", 128), ("jsd", 128), ("kl", None)])
 def test_lm_loss_memory_matches_the_measured_loss(kind: str, chunk: int | None) -> None:
     """LOSS_COPIES against the real chunked loss's peak, measured from allocations."""
-    from kdistill.losses.lm import chunked_divergence
+    from kdistill.losses.lm_chunked import chunked_divergence
 
     tokens, hidden, vocab = 512, 16, 1000
     torch.manual_seed(0)
@@ -384,7 +434,7 @@ def test_lm_loss_memory_matches_the_measured_loss(kind: str, chunk: int | None) 
     )
     gradient = vocab * hidden * 4  # the weight's .grad, a parameter gradient in a plan
     assert 0.8 <= (expected.chunked_bytes + gradient) / measured <= 1.25
-    assert expected.naive_bytes == planning.NAIVE_LOSS_COPIES[kind] * tokens * vocab * 4
+    assert expected.naive_bytes == NAIVE_LOSS_COPIES[kind] * tokens * vocab * 4
 
 
 # ------------------------------------------------------------------- advice
@@ -394,14 +444,14 @@ def test_advice_when_the_device_is_too_small(
     data_env: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     recipe = kdistill.load_recipe("shakespeare_gpt_small_from_gpt", TINY_SHAKESPEARE)
-    monkeypatch.setattr(planning, "_resident_bytes", lambda: 0)
+    monkeypatch.setattr(planner, "_resident_bytes", lambda: 0)
     (roomy,) = plan(recipe, steps=1, stages=["distill"]).stages
     assert roomy.fits and roomy.advice == []
 
     # room for the weights and the optimizer, and 60% of the estimated peak
     data_bytes = plan(recipe, steps=1, stages=["distill"]).data_bytes
     budget = int(0.6 * roomy.peak_bytes)
-    monkeypatch.setattr(planning, "available_memory", lambda device: (budget + data_bytes, "test"))
+    monkeypatch.setattr(planner, "available_memory", lambda device: (budget + data_bytes, "test"))
     (tight,) = plan(recipe, steps=1, stages=["distill"]).stages
     assert not tight.fits
     advice = "\n".join(tight.advice)
@@ -415,7 +465,7 @@ def test_advice_when_the_device_is_too_small(
     (replanned,) = plan(recipe_accum, steps=1, stages=["distill"]).stages
     assert replanned.peak_bytes <= 1.1 * budget
 
-    monkeypatch.setattr(planning, "available_memory", lambda device: (2**20, "test"))
+    monkeypatch.setattr(planner, "available_memory", lambda device: (2**20, "test"))
     argv = ["plan", "shakespeare_gpt_small_from_gpt", "--steps", "1", "--stage", "distill"]
     assert main([*argv, *[f"--set={item}" for item in TINY_SHAKESPEARE]]) == 0
     text = capsys.readouterr().out

@@ -14,7 +14,7 @@ tensor, or token ids and masks by name):
 - cached dense: `CachedTeacher`, rows of the logits a `kdistill.cache.dense` cache holds.
 
 Language models (`kdistill.tasks.causal_lm`): for input ids (B, T), the keyword
-arguments of `kdistill.losses.lm.chunked_divergence` that describe the teacher:
+arguments of `kdistill.losses.lm_chunked.chunked_divergence` that describe the teacher:
 
 - live: `LiveLMTeacher`, `teacher_hidden` (B, T, H_t), `teacher_head_weight` (V_t, H_t)
   and `teacher_head_bias`; the loss builds the teacher's logits a chunk of tokens at a

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from kdistill.lm.models import CausalLM, build_causal_lm
     from kdistill.lm.pipeline import cache_lm_teacher, run_lm
     from kdistill.lm.report import collect_lm, print_lm_table, write_lm_report
-    from kdistill.losses.lm import chunked_cross_entropy
+    from kdistill.losses.lm_cross_entropy import chunked_cross_entropy
     from kdistill.recipe.causal_lm import LMRecipe
     from kdistill.tasks.causal_lm import LMObjective, LMSteps, evaluate_lm
 
@@ -34,7 +34,7 @@ _WHERE = {
     "collect_lm": "kdistill.lm.report",
     "print_lm_table": "kdistill.lm.report",
     "write_lm_report": "kdistill.lm.report",
-    "chunked_cross_entropy": "kdistill.losses.lm",
+    "chunked_cross_entropy": "kdistill.losses.lm_cross_entropy",
     "LMObjective": "kdistill.tasks.causal_lm",
     "LMSteps": "kdistill.tasks.causal_lm",
     "evaluate_lm": "kdistill.tasks.causal_lm",

@@ -2,7 +2,7 @@
 
 `CausalLM` wraps one so that `forward(input_ids)` returns the final hidden states
 (B, T, H) and `head_weight`, `head_bias` are its output layer: the losses of
-`kdistill.losses.lm` build the logits from them a chunk of tokens at a time, so no
+`kdistill.losses.lm_chunked` and `lm_cross_entropy` build the logits from them a chunk of tokens at a time, so no
 (B, T, V) logits tensor exists.
 A dry run at build time checks that the model's logits are exactly head(hidden
 states); models that post-process them (soft-capping, logit scaling) are refused.

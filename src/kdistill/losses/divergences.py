@@ -1,7 +1,7 @@
 """The divergences between two distributions over classes or tokens, written once.
 
 Every logit loss (`kdistill.losses.logits`) and every token loss
-(`kdistill.losses.lm`) reads its divergence from here. Inputs are normalised
+(`kdistill.losses.lm_math`) reads its divergence from here. Inputs are normalised
 log-probabilities, rows over the last dimension; a class or token with probability 0
 (a −inf logit: a masked class, a padded vocabulary entry) contributes 0·log 0 = 0,
 finite, with a zero gradient.

@@ -3,7 +3,7 @@
 Classification terms name a pure function of `LOSSES` (logits, features, transformer
 internals, CRD); what a term reads is decided by the function's signature.
 Language-model terms name `cross_entropy` or one of `LM_DIVERGENCES`, the chunked
-token divergences of `kdistill.losses.lm`. `check_term` validates a recipe's term
+token divergences of `kdistill.losses.lm_chunked`. `check_term` validates a recipe's term
 against its function (unknown names and parameters with a "did you mean", weight and
 temperature ranges, module paths); the recipe schema calls it. This module imports no
 recipe, so the schema can import it.
@@ -26,7 +26,7 @@ from kdistill.losses.logits import LOGIT_LOSSES
 from kdistill.losses.transformer import TRANSFORMER_LOSSES
 from kdistill.schedules import as_schedule
 
-# recipe name -> `kind` of kdistill.losses.lm.chunked_divergence (task: causal_lm)
+# recipe name -> `kind` of kdistill.losses.lm_chunked.chunked_divergence (task: causal_lm)
 LM_DIVERGENCES = {
     "forward_kl": "kl",
     "reverse_kl": "reverse_kl",

@@ -233,7 +233,7 @@ class LMLossTerm(Strict):
 
     cross_entropy: the next-token loss on the corpus. The divergences compare the
     teacher's and the student's next-token distributions at `temperature` (both logits
-    divided by T; no T² factor), token by token, in chunks (`kdistill.losses.lm`).
+    divided by T; no T² factor), token by token, in chunks (`kdistill.losses.lm_chunked`).
     """
 
     loss: Literal[

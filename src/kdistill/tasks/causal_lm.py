@@ -10,7 +10,7 @@ summed over its counted tokens, and `fit` divides it by the counted tokens of th
 whole step (all processes), so the gradient does not depend on how the step is split.
 The student's forward returns final hidden states; the cross-entropy and the
 divergence are computed from them and the output layer a chunk of tokens at a time
-(`kdistill.losses.lm`), so no (B, T, V) float32 logits exist. Validation: loss per
+(`kdistill.losses.lm_cross_entropy`, `kdistill.losses.lm_chunked`), so no (B, T, V) float32 logits exist. Validation: loss per
 counted token (lower is better) and perplexity.
 
 On-policy steps (GKD, Agarwal et al. 2024; `on_policy`): at optimizer step k the steps
@@ -31,19 +31,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 from torch import Tensor
 
 from kdistill.data.lm_text import IGNORE_INDEX
 from kdistill.errors import TrainingError
 from kdistill.lm.generate import derived_seed, generate, row_uniforms
 from kdistill.lm.models import CausalLM
-from kdistill.losses.lm import chunked_cross_entropy, chunked_divergence
+from kdistill.losses.lm_chunked import chunked_divergence
+from kdistill.losses.lm_cross_entropy import chunked_cross_entropy
 from kdistill.losses.table import LM_DIVERGENCES
 from kdistill.recipe.causal_lm import LMLossTerm, LMTrainConfig, OnPolicyConfig
 from kdistill.schedules import ScheduleOrNumber, schedule_value
 from kdistill.teachers import LiveLMTeacher, LMTeacherOutput, TeacherSignal
-from kdistill.train import StepCount, Validation, autocast_of
+from kdistill.train import Placement, StepCount, Validation, autocast_of
 
 
 @dataclass(frozen=True)
@@ -234,7 +234,7 @@ class LMSteps:
         teacher: TeacherSignal[LMTeacherOutput] | None,
         settings: LMTrainConfig,
         vocab_size: int,
-        accelerator: Accelerator,
+        accelerator: Placement,
         seed: int,
         label: str = "train",
         train_labels: Tensor | None = None,

@@ -1,0 +1,420 @@
+"""The stages of a language-model recipe, as `kdistill.lm.pipeline` runs them; the
+memory of their chunked losses (`lm_loss_memory`) and of a top-k teacher cache
+(`lm_cache_size`).
+
+Each stage's micro-step is the real `LMSteps.loss` (kdistill.tasks.causal_lm): its rows
+and labels, the teacher signal the recipe asks for (the live teacher, or the cache
+reader over a stand-in for a cache not written yet) and the chunked loss computed
+inside the student's forward, with the plan's probes around it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from kdistill.plan.probes import (
+    RecordedSignal,
+    SavedTensors,
+    largest_layer,
+    tensor_bytes,
+    weight_storages,
+)
+from kdistill.plan.results import LOSS_COPIES, NAIVE_LOSS_COPIES, CacheSize, LossMemory
+from kdistill.plan.stage import (
+    PlanPlacement,
+    Probe,
+    Session,
+    StageSpec,
+    epoch_rows,
+    step_rows,
+    steps_in_epoch,
+    training_step,
+)
+
+if TYPE_CHECKING:
+    from kdistill.cache import TopKCache
+    from kdistill.tasks.causal_lm import LMSteps
+
+
+def lm_stages(
+    recipe: Any, data_dir: str | Path | None, device: torch.device, steps: int
+) -> tuple[list[StageSpec], int, str, list[str]]:
+    """The trained stages of a language-model recipe, in the order kdistill.lm.pipeline
+    runs them: teacher, baseline, seqkd, distill."""
+    from kdistill.lm.data import build_lm_data
+    from kdistill.tasks.causal_lm import LMObjective
+
+    with tempfile.TemporaryDirectory(prefix="kdistill-plan-") as folder:
+        data = build_lm_data(recipe.data, data_dir=data_dir, tokenizer_dir=Path(folder))
+    data_bytes = data.train.nbytes + data.val.nbytes
+    described = (
+        f"{len(data.train)} train + {len(data.val)} val sequences of {data.seq_len} tokens, "
+        f"vocabulary {data.vocab_size}"
+    )
+    specs: list[StageSpec] = []
+    notes: list[str] = []
+    teacher = recipe.teacher
+    seed = recipe.seeds[0]
+    ce = LMObjective(ce_weight=1.0)
+    for name in recipe.stages:
+        if name == "teacher":
+            assert teacher is not None
+            if teacher.pretrained:
+                notes.append("teacher: weights from teacher.checkpoint / model.path, not trained")
+                continue
+            specs.append(
+                _lm_stage(
+                    recipe, data, name, (teacher.model, "teacher.model"), ce,
+                    recipe.teacher_train(), "teacher.train", device, steps, seed,
+                )
+            )  # fmt: skip
+        elif name in ("baseline", "seqkd"):
+            assert recipe.student is not None
+            stage = _lm_stage(
+                recipe, data, name, (recipe.student.model, "student.model"), ce,
+                recipe.train, "train", device, steps, seed,
+            )  # fmt: skip
+            if name == "seqkd":
+                stage.notes.append(
+                    "planned as cross-entropy on sequences of data.seq_len tokens; the "
+                    "teacher's generation pass before it is not planned"
+                )
+            specs.append(stage)
+        elif name == "distill":
+            assert recipe.student is not None
+            stage = _lm_stage(
+                recipe, data, name, (recipe.student.model, "student.model"),
+                LMObjective.of(recipe.objective), recipe.train, "train", device, steps, seed,
+            )  # fmt: skip
+            if getattr(recipe, "on_policy", None) is not None:
+                stage.notes.append("on-policy sampling steps are not planned")
+            specs.append(stage)
+    return specs, data_bytes, described, notes
+
+
+def lm_loss_memory(
+    *,
+    kind: str,
+    tokens: int,
+    hidden: int,
+    head_rows: int,
+    vocab: int,
+    bias: bool,
+    with_cross_entropy: bool,
+    chunk_size: int | None,
+) -> LossMemory:
+    """The memory of a language-model loss over one micro-batch of `tokens` counted tokens,
+    as kdistill.tasks.causal_lm computes it (chunked) and over full logits (naive).
+
+    kind "cross_entropy" (chunked_cross_entropy: each chunk's logits are recomputed in the
+    backward pass): LOSS_COPIES × chunk × head_rows float32 tensors, plus the gradient of
+    the hidden states. A divergence (chunked_divergence): LOSS_COPIES × chunk × U, U the
+    student's head rows with cross-entropy else the compared vocabulary, plus the
+    gradients it stores in the forward pass, one set per output (divergence, and
+    cross-entropy when weighted): hidden states (tokens, H), head weight and bias.
+    """
+    from kdistill.losses.lm_chunked import CHUNK_ELEMENTS
+
+    copies = LOSS_COPIES[kind]
+    if kind == "cross_entropy":
+        columns = head_rows
+        default = max(1, CHUNK_ELEMENTS // head_rows)
+        stored = tokens * hidden * 4
+    else:
+        columns = head_rows if with_cross_entropy else vocab
+        default = max(1, CHUNK_ELEMENTS // max(vocab, head_rows))
+        outputs = 2 if with_cross_entropy else 1
+        stored = outputs * (tokens * hidden + head_rows * hidden + (head_rows if bias else 0)) * 4
+    chunk = min(chunk_size or default, max(tokens, 1))
+    return LossMemory(
+        kind=kind,
+        tokens=tokens,
+        vocab=columns,
+        chunk_size=chunk,
+        copies=copies,
+        chunked_bytes=copies * chunk * columns * 4 + stored,
+        naive_bytes=NAIVE_LOSS_COPIES[kind] * tokens * columns * 4,
+    )
+
+
+def lm_cache_size(recipe: Any, data: Any) -> CacheSize:
+    """The top-k cache of the recipe's teacher over the training sequences, as
+    kdistill.cache.topk writes it: bytes per token × tokens."""
+    from kdistill.cache.codec import bytes_per_token
+    from kdistill.cache.manifest import TopKCacheSpec, new_manifest
+
+    assert recipe.teacher is not None
+    term = recipe.divergence()
+    temperature = term.temperature if term is not None and term.temperature else 1.0
+    spec = TopKCacheSpec(
+        teacher="plan",
+        tokenizer="plan",
+        dataset="plan",
+        k=recipe.teacher.cache.top_k,
+        temperature=float(getattr(temperature, "start", temperature)),
+        seq_len=data.seq_len,
+        num_sequences=len(data.train),
+        vocab_size=data.vocab_size,
+        encoding=recipe.teacher.cache.encoding,
+    )
+    per_token = bytes_per_token(new_manifest(spec))
+    tokens = len(data.train) * data.seq_len
+    compact = ", compact" if spec.encoding == "compact" else ""
+    return CacheSize(
+        "top-k",
+        per_token * tokens,
+        f"{per_token} bytes/token (top {spec.k}{compact}) × {tokens:,} tokens",
+        in_use=recipe.teacher.signal == "cache",
+    )
+
+
+class _TopKStandIn:
+    """In place of a top-k cache that does not exist yet (kdistill.cache.TopKCache):
+    ids and log-probabilities of the right shapes and dtypes for given rows, which the
+    real CachedLMTeacher reads as it reads the cache."""
+
+    def __init__(self, rows: Tensor, seq_len: int, vocab: int, k: int, temperature: float):
+        from kdistill.cache.topk_teacher import teacher_topk
+
+        self.position = {int(row): i for i, row in enumerate(rows.tolist())}
+        generator = torch.Generator().manual_seed(0)
+        ids, logprobs = [], []
+        for _ in range(len(rows)):
+            logits = torch.randn(1, seq_len, vocab, generator=generator)
+            one_ids, one_logprobs = teacher_topk(logits, k=k, temperature=temperature)
+            ids.append(one_ids.long())
+            logprobs.append(one_logprobs.float())
+        self.ids, self.logprobs = torch.cat(ids), torch.cat(logprobs)  # (n, T, k)
+
+    def get(self, sequence_indices: Tensor) -> tuple[Tensor, Tensor]:
+        """(ids (b, T, k) int64, log-probabilities (b, T, k) float32), as TopKCache.get."""
+        where = torch.tensor([self.position[int(i)] for i in sequence_indices])
+        return self.ids[where], self.logprobs[where]
+
+
+class _ProbedLM(nn.Module):
+    """The student as LMSteps.loss calls it, `model(inputs, head_loss=...)`, with the
+    plan's counter between the forward and the loss: the final hidden states counted as
+    the model's output, the chunked loss computed inside the forward left out of the
+    count (`lm_loss_memory` sizes it)."""
+
+    def __init__(self, model: nn.Module, counter: SavedTensors) -> None:
+        super().__init__()
+        self.model, self.counter = model, counter
+
+    def forward(self, input_ids: Tensor, head_loss: Callable[..., Any]) -> Any:
+        def probed(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Any:
+            self.counter.add(hidden)  # (b, T, H)
+            with self.counter.paused():
+                return head_loss(hidden, weight, bias)
+
+        return self.model(input_ids, head_loss=probed)
+
+
+def _lm_stage(
+    recipe: Any,
+    data: Any,
+    name: str,
+    trained: tuple[Any, str],
+    objective: Any,
+    settings: Any,
+    prefix: str,
+    device: torch.device,
+    steps: int,
+    seed: int,
+) -> StageSpec:
+    """One language-model stage as kdistill.lm.pipeline and fit run it: the stage's own
+    micro-step (LMSteps.loss: its rows, teacher signal and chunked loss inside the
+    student's forward) with the plan's probes around it."""
+    from kdistill.optim import make_optimizer
+    from kdistill.tasks.causal_lm import LMSteps
+
+    spec, where = trained
+    teacher_cfg = recipe.teacher
+    reads_teacher = objective.needs_teacher
+    live = reads_teacher and teacher_cfg.signal == "live"
+    precision = (teacher_cfg.precision or "fp32") if teacher_cfg is not None else "fp32"
+    n_train = len(data.train)
+    steps_per_epoch = steps_in_epoch(n_train, settings, name, "sequences")
+    micro = settings.batch_size // settings.grad_accum
+    order = epoch_rows(n_train, seed)
+    stand_in = None
+    if reads_teacher and not live:
+        used = [step_rows(order, i, settings.batch_size, steps_per_epoch) for i in range(steps + 1)]
+        stand_in = _top_k_stand_in(torch.cat(used).unique(), data, teacher_cfg, objective)
+    head: dict[str, int] = {}  # the student's output layer, noted by the first build
+
+    def build() -> Session:
+        torch.manual_seed(seed)
+        model = data.build_model(spec, where).to(device)
+        head.update(
+            hidden=int(model.head_weight.shape[1]),
+            rows=model.vocab_rows,
+            bias=int(model.head_bias is not None),
+        )
+        signal: Any = None
+        teachers: list[nn.Module] = []
+        if reads_teacher:
+            signal, teachers = _teacher_signal(data, teacher_cfg, precision, stand_in, device)
+        optimizer = make_optimizer(model, settings.optimizer)
+        recorded = RecordedSignal(signal) if signal is not None else None
+        lm_steps = LMSteps(
+            model,
+            train=data.train,
+            train_labels=data.train_labels,
+            val=data.val,
+            val_labels=data.val_labels,
+            objective=objective,
+            teacher=recorded,
+            settings=settings,
+            vocab_size=data.vocab_size,
+            accelerator=PlanPlacement(device, settings.precision),
+            seed=seed,
+            label=name,
+        )
+
+        def micro_step(rows: Tensor, scale: float, counter: SavedTensors | None = None) -> Probe:
+            return _probed_micro_step(lm_steps, model, rows, scale, recorded, teachers, counter)
+
+        def step(i: int) -> None:
+            rows = step_rows(order, i, settings.batch_size, steps_per_epoch)
+            # fit divides the step's summed loss by its counted tokens
+            scale = 1.0 / max(lm_steps.count(rows, rows, i).total, 1)
+            training_step(model, optimizer, settings, rows, lambda part: micro_step(part, scale))
+
+        def probe() -> Probe:
+            model.train()
+            rows = step_rows(order, 0, settings.batch_size, steps_per_epoch)[:micro]
+            result = micro_step(rows, 1.0, SavedTensors([model, *teachers]))
+            optimizer.zero_grad(set_to_none=True)
+            return result
+
+        return Session(model, teachers, optimizer, step, probe)
+
+    return StageSpec(
+        name=name,
+        where=where,
+        prefix=prefix,
+        settings=settings,
+        teacher=("teacher.model" if live else "cache") if reads_teacher else None,
+        build=build,
+        steps_per_epoch=steps_per_epoch,
+        loss=functools.partial(_loss_memory, data, objective, settings, head),
+        cache=lm_cache_size(recipe, data) if reads_teacher else None,
+        options={
+            "task": "causal_lm",
+            "teacher_precision": precision if live else None,
+            "cache_possible": bool(
+                live
+                and (
+                    getattr(recipe, "on_policy", None) is None or recipe.on_policy.probability == 0
+                )
+            ),
+        },
+    )
+
+
+def _teacher_signal(
+    data: Any,
+    teacher_cfg: Any,
+    precision: str,
+    stand_in: _TopKStandIn | None,
+    device: torch.device,
+) -> tuple[Any, list[nn.Module]]:
+    """(the teacher signal the recipe asks for, the frozen models it runs): the (untrained)
+    live teacher, or the real cache reader over the stand-in for the top-k cache."""
+    from kdistill.teachers import CachedLMTeacher, LiveLMTeacher
+
+    if stand_in is None:
+        teacher = LiveLMTeacher(
+            data.build_model(teacher_cfg.model, "teacher.model"), precision=precision
+        ).to(device)
+        return teacher, [teacher.model]
+    return CachedLMTeacher(cast("TopKCache", stand_in), device), []
+
+
+def _top_k_stand_in(rows: Tensor, data: Any, teacher_cfg: Any, objective: Any) -> _TopKStandIn:
+    """The stand-in for the top-k cache over `rows`, at the divergence's first temperature
+    (the one the cache is written at)."""
+    divergence = objective.divergence
+    temperature = divergence.temperature if divergence.temperature else 1.0
+    return _TopKStandIn(
+        rows,
+        data.seq_len,
+        data.vocab_size,
+        teacher_cfg.cache.top_k,
+        float(getattr(temperature, "start", temperature)),
+    )
+
+
+def _loss_memory(
+    data: Any, objective: Any, settings: Any, head: dict[str, int], micro_batch: int
+) -> LossMemory:
+    """The stage's loss over a micro-batch of `micro_batch` training rows (the first
+    ones), for the student's output layer `head` (noted by a build)."""
+    from kdistill.data.lm_text import IGNORE_INDEX
+    from kdistill.losses.table import LM_DIVERGENCES
+
+    # their own labels with prompt/completion pairs (-100 on the prompt and padding),
+    # else the packed sequences shifted by one
+    labels = (
+        data.train[:micro_batch, 1:]
+        if data.train_labels is None
+        else data.train_labels[:micro_batch]
+    )
+    tokens = int((labels != IGNORE_INDEX).sum())
+    if objective.divergence is None:
+        kind, with_ce = "cross_entropy", False
+    else:
+        kind = LM_DIVERGENCES[objective.divergence.loss]
+        with_ce = objective.ce_weight is not None and objective.at(0.0)[0] > 0
+    return lm_loss_memory(
+        kind=kind,
+        tokens=tokens,
+        hidden=head["hidden"],
+        head_rows=head["rows"],
+        vocab=data.vocab_size,
+        bias=bool(head["bias"]),
+        with_cross_entropy=with_ce,
+        chunk_size=settings.chunk_size,
+    )
+
+
+def _probed_micro_step(
+    lm_steps: LMSteps,
+    model: nn.Module,
+    rows: Tensor,
+    scale: float,
+    recorded: RecordedSignal | None,
+    teachers: list[nn.Module],
+    counter: SavedTensors | None,
+) -> Probe:
+    """Forward + loss (`LMSteps.loss`) and backward of one micro-batch, the loss scaled by
+    `scale`; with a counter, what autograd saves for the student's forward and the
+    backward walk, else only the teacher's probes (what it hands the loss, its largest
+    layer)."""
+    student = model if counter is None else _ProbedLM(model, counter)
+    with largest_layer(teachers) as layer, counter or contextlib.nullcontext():
+        total, _ = lm_steps.loss(student, rows, progress=0.0)
+    last = recorded.last if recorded is not None else None
+    handed = tensor_bytes(last, weight_storages(teachers))
+    if counter is None:
+        (total * scale).backward()
+        return Probe(0, 0, handed, layer[0])
+    with counter.gradients_during(model.parameters()):
+        (total * scale).backward()
+    return Probe(
+        counter.bytes,
+        counter.backward_bytes,
+        handed,
+        layer[0],
+        backward_bytes=counter.backward_with_gradients,
+    )
