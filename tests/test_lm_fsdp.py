@@ -73,6 +73,7 @@ with FSDP.summon_full_params(model, with_grads=True):
 if rank == 0:
     print(json.dumps({"single": float(loss), "fsdp": float(summed), "worst_grad": worst,
                       "head_shape_after_forward": head_shape}))
+dist.barrier()  # both processes done with gloo before either tears it down
 dist.destroy_process_group()
 """
 
