@@ -25,7 +25,7 @@ on the CPU, in float32, with the same torch thread count, in this order:
 Same work for all: the student is built once (seed --seed) and saved with
 save_pretrained, and every variant loads it from that folder; the teacher is loaded from
 the same folder. The training sequences are the recipe's packed 128-token sequences
-(kdistill.lm.data.build_lm_data on data.corpus), in fit's epoch-0 order, 16 per step
+(kdistill.tasks.causal_lm.data.build_lm_data on data.corpus), in fit's epoch-0 order, 16 per step
 (train.batch_size), one epoch (or the first --steps × 16 sequences, an epoch of
 --steps steps). TRL reads them in that order (train_sampling_strategy="sequential"),
 and the sequence indices each framework trained on are recorded and compared. TRL's
@@ -105,13 +105,18 @@ from transformers.utils import logging as transformers_logging
 import kdistill
 from kdistill.cache import TopKCacheSpec, open_topk_cache, write_teacher_cache
 from kdistill.data.lm_text import IGNORE_INDEX, dataset_fingerprint
-from kdistill.lm.data import LMData, build_lm_data
-from kdistill.lm.models import CausalLM, check_same_tokenizer, model_tokenizer, weights_fingerprint
 from kdistill.optim import lr_factor, make_optimizer
 from kdistill.recipe import load_recipe
 from kdistill.recipe.causal_lm import LMLossTerm, LMModelSpec, LMRecipe, LMTrainConfig
 from kdistill.stages import make_accelerator
-from kdistill.tasks.causal_lm import LMObjective, LMSteps
+from kdistill.tasks.causal_lm.data import LMData, build_lm_data
+from kdistill.tasks.causal_lm.models import (
+    CausalLM,
+    check_same_tokenizer,
+    model_tokenizer,
+    weights_fingerprint,
+)
+from kdistill.tasks.causal_lm.steps import LMObjective, LMSteps
 from kdistill.teachers import CachedLMTeacher, LiveLMTeacher
 from kdistill.train import fit
 
@@ -381,7 +386,7 @@ def run_trl(setup: Setup) -> tuple[dict[str, Any], Any, Tensor]:
         from trl.experimental.gkd import GKDConfig, GKDTrainer
     except ImportError as exc:
         raise SystemExit(f"the trl_gkd variant needs TRL (pip install trl): {exc}") from None
-    from kdistill.lm.models import EOS_TOKEN
+    from kdistill.tasks.causal_lm.models import EOS_TOKEN
 
     settings, batch = setup.settings, setup.settings.batch_size
     teacher = AutoModelForCausalLM.from_pretrained(setup.teacher_dir, dtype=torch.float32)

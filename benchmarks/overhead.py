@@ -39,7 +39,7 @@ from kdistill.data import build
 from kdistill.losses.objective import Objective
 from kdistill.models import build_model
 from kdistill.recipe import DataConfig, LossTerm, ModelSpec, TrainConfig
-from kdistill.tasks.classify import ClassifierSteps
+from kdistill.tasks.classification.steps import ClassifierSteps
 from kdistill.teachers import CachedTeacher, LiveTeacher
 from kdistill.train import fit
 

@@ -12,9 +12,9 @@ from accelerate import Accelerator
 from rich.console import Console
 
 from kdistill.cli import main
-from kdistill.lm.models import CausalLM
 from kdistill.recipe.causal_lm import LMTrainConfig
-from kdistill.tasks.causal_lm import LMSteps
+from kdistill.tasks.causal_lm.models import CausalLM
+from kdistill.tasks.causal_lm.steps import LMSteps
 from kdistill.train import FitResult, fit
 
 

@@ -19,8 +19,8 @@ from kdistill.cache import (
 )
 from kdistill.data.bundle import DataBundle, Split
 from kdistill.errors import CacheError
-from kdistill.lm.models import build_causal_lm
 from kdistill.recipe.causal_lm import LMModelSpec
+from kdistill.tasks.causal_lm.models import build_causal_lm
 from kdistill.teachers import (
     CachedLMTeacher,
     CachedTeacher,

@@ -612,8 +612,8 @@ def test_recipe_encoding_reaches_the_cache_spec_and_the_plan() -> None:
     and into the plan's size estimate."""
     import kdistill
     from kdistill.errors import RecipeError
-    from kdistill.lm.pipeline import cache_spec
     from kdistill.plan import lm_cache_size
+    from kdistill.tasks.causal_lm.teacher_cache import cache_spec
 
     data = SimpleNamespace(  # what cache_spec and lm_cache_size read of LMData
         seq_len=128,
@@ -719,7 +719,7 @@ def test_sampled_tail_cache_round_trip_and_manifest(tmp_path: Path) -> None:
 def test_recipe_tail_samples_reach_the_spec_and_need_forward_kl() -> None:
     import kdistill
     from kdistill.errors import RecipeError
-    from kdistill.lm.pipeline import cache_spec
+    from kdistill.tasks.causal_lm.teacher_cache import cache_spec
 
     data = SimpleNamespace(
         seq_len=128,

@@ -25,8 +25,8 @@ import torch, torch.distributed as dist, transformers
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
-from kdistill.lm.models import CausalLM
-from kdistill.tasks.causal_lm import LMObjective, step_losses
+from kdistill.tasks.causal_lm.models import CausalLM
+from kdistill.tasks.causal_lm.steps import LMObjective, step_losses
 from kdistill.recipe.causal_lm import LMLossTerm
 
 def build(seed):

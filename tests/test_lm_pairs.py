@@ -22,10 +22,10 @@ from helpers import write_recipe as _write
 from kdistill.cache.manifest import MANIFEST
 from kdistill.checkpoint import load_weights
 from kdistill.data.lm_text import IGNORE_INDEX, dataset_fingerprint, load_tokenizer
-from kdistill.lm.data import LMData, build_lm_data
-from kdistill.lm.models import EOS_TOKEN, build_causal_lm
 from kdistill.recipe import validate_recipe
 from kdistill.recipe.causal_lm import LMDataConfig, LMModelSpec
+from kdistill.tasks.causal_lm.data import LMData, build_lm_data
+from kdistill.tasks.causal_lm.models import EOS_TOKEN, build_causal_lm
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "quick", "night", "bread"]
 STUDENT = {"config": {"type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2}}

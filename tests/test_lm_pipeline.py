@@ -24,9 +24,9 @@ from safetensors.torch import load_file
 from kdistill.cache.manifest import MANIFEST
 from kdistill.cli import main
 from kdistill.data.lm_text import count_characters
-from kdistill.lm import CausalLM, LMObjective, chunked_cross_entropy
-from kdistill.lm.models import build_causal_lm
 from kdistill.recipe.causal_lm import LMLossTerm, LMModelSpec, LMTrainConfig
+from kdistill.tasks.causal_lm import CausalLM, LMObjective, chunked_cross_entropy
+from kdistill.tasks.causal_lm.models import build_causal_lm
 from kdistill.teachers import LiveLMTeacher
 
 
@@ -99,7 +99,7 @@ def test_shipped_recipe_validates_through_every_entry_point(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     import kdistill
-    from kdistill.lm import LMRecipe
+    from kdistill.tasks.causal_lm import LMRecipe
 
     recipe = kdistill.load_recipe("shakespeare_gpt_small_from_gpt", ["seeds=[0]"])
     assert isinstance(recipe, LMRecipe) and recipe.seeds == [0]
@@ -260,7 +260,7 @@ def test_killed_cache_job_resumes_from_its_last_shard(
 def test_interrupted_run_resumes_to_the_same_weights(
     lm_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kdistill.tasks.causal_lm as lm_train
+    import kdistill.tasks.causal_lm.steps as lm_train
 
     recipe = tiny_lm_recipe(stages=["baseline"])
     recipe["student"]["model"]["config"]["resid_pdrop"] = 0.2  # resume must restore the RNG

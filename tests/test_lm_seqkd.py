@@ -21,15 +21,11 @@ from helpers import run_cli as _run
 from helpers import write_recipe as _write
 from tokenizers import Tokenizer
 
-import kdistill.lm.seqkd as seqkd_module
-import kdistill.tasks.causal_lm as lm_train
+import kdistill.tasks.causal_lm.seqkd as seqkd_module
+import kdistill.tasks.causal_lm.steps as lm_train
 from kdistill.checkpoint import load_weights
 from kdistill.data.lm_text import IGNORE_INDEX, load_tokenizer, tokenizer_fingerprint
 from kdistill.errors import DataError, TrainingError
-from kdistill.lm import LMObjective
-from kdistill.lm.generate import generate, row_uniforms, sample_next
-from kdistill.lm.models import CausalLM, build_causal_lm, weights_fingerprint
-from kdistill.lm.seqkd import GENERATIONS, MANIFEST, Prompts, check_prompts, seqkd_rows
 from kdistill.recipe.causal_lm import (
     GenerationConfig,
     LMLossTerm,
@@ -37,6 +33,10 @@ from kdistill.recipe.causal_lm import (
     LMTrainConfig,
     OnPolicyConfig,
 )
+from kdistill.tasks.causal_lm import LMObjective
+from kdistill.tasks.causal_lm.generate import generate, row_uniforms, sample_next
+from kdistill.tasks.causal_lm.models import CausalLM, build_causal_lm, weights_fingerprint
+from kdistill.tasks.causal_lm.seqkd import GENERATIONS, MANIFEST, Prompts, check_prompts, seqkd_rows
 from kdistill.teachers import LiveLMTeacher
 
 STUDENT = {"config": {"type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2}}

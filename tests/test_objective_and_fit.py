@@ -22,7 +22,7 @@ from kdistill.recipe import (
     Schedule,
     TrainConfig,
 )
-from kdistill.tasks.classify import ClassifierSteps
+from kdistill.tasks.classification.steps import ClassifierSteps
 from kdistill.teachers import LiveTeacher
 from kdistill.train import fit
 

@@ -11,8 +11,8 @@ import yaml
 import kdistill
 from kdistill.cli import main
 from kdistill.errors import CacheError
-from kdistill.pipeline import baseline_terms
 from kdistill.recipe import LossTerm
+from kdistill.tasks.classification.pipeline import baseline_terms
 
 
 def test_distill_writes_run_folder(tiny: dict, tmp_path: Path) -> None:
@@ -133,8 +133,8 @@ def test_cache_command_then_distill_reads_it(
 def test_cache_without_a_teacher_is_a_recipe_error(tiny: dict, tmp_path: Path) -> None:
     """The Python API refuses a recipe with no teacher with the user error, not an assert."""
     from kdistill.errors import RecipeError
-    from kdistill.pipeline import cache_teacher
     from kdistill.recipe import validate_recipe
+    from kdistill.tasks.classification.teacher_cache import cache_teacher
 
     alone = validate_recipe({**tiny, "teacher": None, "stages": ["baseline"]})
     with pytest.raises(RecipeError, match="no teacher section"):

@@ -122,7 +122,7 @@ def test_lm_plan_runs_the_real_training_step(
 ) -> None:
     """The language-model stages measure LMSteps.loss itself, reading the teacher signal
     the recipe asks for (here the top-k cache, through the real cache reader)."""
-    from kdistill.tasks.causal_lm import LMSteps
+    from kdistill.tasks.causal_lm.steps import LMSteps
     from kdistill.teachers import CachedLMTeacher
 
     losses: list[int] = []
@@ -287,9 +287,9 @@ def test_classifier_cache_size_equals_a_written_cache(data_env: None, tmp_path: 
 
 def test_lm_cache_size_equals_a_written_top_k_cache(data_env: None, tmp_path: Path) -> None:
     from kdistill.cache import write_teacher_cache
-    from kdistill.lm.data import build_lm_data
-    from kdistill.lm.models import build_causal_lm
-    from kdistill.lm.pipeline import cache_spec
+    from kdistill.tasks.causal_lm.data import build_lm_data
+    from kdistill.tasks.causal_lm.models import build_causal_lm
+    from kdistill.tasks.causal_lm.teacher_cache import cache_spec
 
     recipe = kdistill.load_recipe(
         "shakespeare_gpt_small_from_gpt",

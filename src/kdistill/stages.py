@@ -1,6 +1,6 @@
 """What every run and every stage of every task does the same way.
 
-A task's pipeline (`kdistill.pipeline` for classification, `kdistill.lm.pipeline` for
+A task's pipeline (`kdistill.tasks.classification.pipeline` for classification, `kdistill.tasks.causal_lm.pipeline` for
 causal language models) names its stages in a `StageTable` and says what each trains
 and measures. Written once here: the order the stages run in (`run_stages`), the
 process setup (`make_accelerator`), the run folder (`run_folder`: claimed,

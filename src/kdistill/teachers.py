@@ -6,14 +6,14 @@ teacher runs frozen, in eval mode, under `torch.inference_mode()`, in its own
 precision; a cached one ignores the inputs and reads rows by index. `models` names
 the live modules, so feature taps can be attached to them (empty for a cache).
 
-Classifiers (`kdistill.tasks.classify`): float32 logits (B, C) for an input batch (a
+Classifiers (`kdistill.tasks.classification.steps`): float32 logits (B, C) for an input batch (a
 tensor, or token ids and masks by name):
 
 - live: `LiveTeacher`, one frozen model;
 - ensemble: `EnsembleTeacher`, several live ones combined (`combine_members`);
 - cached dense: `CachedTeacher`, rows of the logits a `kdistill.cache.dense` cache holds.
 
-Language models (`kdistill.tasks.causal_lm`): for input ids (B, T), the keyword
+Language models (`kdistill.tasks.causal_lm.steps`): for input ids (B, T), the keyword
 arguments of `kdistill.losses.lm_chunked.chunked_divergence` that describe the teacher:
 
 - live: `LiveLMTeacher`, `teacher_hidden` (B, T, H_t), `teacher_head_weight` (V_t, H_t)
@@ -35,7 +35,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from kdistill.cache.topk import TopKCache
-    from kdistill.lm.models import CausalLM
+    from kdistill.tasks.causal_lm.models import CausalLM
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

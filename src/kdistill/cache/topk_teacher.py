@@ -23,7 +23,7 @@ from kdistill.cache.topk import TopKBatch, open_topk_cache, write_topk_cache
 from kdistill.errors import CacheError
 
 if TYPE_CHECKING:
-    from kdistill.lm.models import CausalLM
+    from kdistill.tasks.causal_lm.models import CausalLM
 
 
 def teacher_topk(logits: Tensor, *, k: int, temperature: float) -> tuple[Tensor, Tensor]:

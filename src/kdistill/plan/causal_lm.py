@@ -1,8 +1,8 @@
-"""The stages of a language-model recipe, as `kdistill.lm.pipeline` runs them; the
+"""The stages of a language-model recipe, as `kdistill.tasks.causal_lm.pipeline` runs them; the
 memory of their chunked losses (`lm_loss_memory`) and of a top-k teacher cache
 (`lm_cache_size`).
 
-Each stage's micro-step is the real `LMSteps.loss` (kdistill.tasks.causal_lm): its rows
+Each stage's micro-step is the real `LMSteps.loss` (kdistill.tasks.causal_lm.steps): its rows
 and labels, the teacher signal the recipe asks for (the live teacher, or the cache
 reader over a stand-in for a cache not written yet) and the chunked loss computed
 inside the student's forward, with the plan's probes around it.
@@ -41,16 +41,16 @@ from kdistill.plan.stage import (
 
 if TYPE_CHECKING:
     from kdistill.cache import TopKCache
-    from kdistill.tasks.causal_lm import LMSteps
+    from kdistill.tasks.causal_lm.steps import LMSteps
 
 
 def lm_stages(
     recipe: Any, data_dir: str | Path | None, device: torch.device, steps: int
 ) -> tuple[list[StageSpec], int, str, list[str]]:
-    """The trained stages of a language-model recipe, in the order kdistill.lm.pipeline
+    """The trained stages of a language-model recipe, in the order kdistill.tasks.causal_lm.pipeline
     runs them: teacher, baseline, seqkd, distill."""
-    from kdistill.lm.data import build_lm_data
-    from kdistill.tasks.causal_lm import LMObjective
+    from kdistill.tasks.causal_lm.data import build_lm_data
+    from kdistill.tasks.causal_lm.steps import LMObjective
 
     with tempfile.TemporaryDirectory(prefix="kdistill-plan-") as folder:
         data = build_lm_data(recipe.data, data_dir=data_dir, tokenizer_dir=Path(folder))
@@ -112,7 +112,7 @@ def lm_loss_memory(
     chunk_size: int | None,
 ) -> LossMemory:
     """The memory of a language-model loss over one micro-batch of `tokens` counted tokens,
-    as kdistill.tasks.causal_lm computes it (chunked) and over full logits (naive).
+    as kdistill.tasks.causal_lm.steps computes it (chunked) and over full logits (naive).
 
     kind "cross_entropy" (chunked_cross_entropy: each chunk's logits are recomputed in the
     backward pass): LOSS_COPIES × chunk × head_rows float32 tensors, plus the gradient of
@@ -231,11 +231,11 @@ def _lm_stage(
     steps: int,
     seed: int,
 ) -> StageSpec:
-    """One language-model stage as kdistill.lm.pipeline and fit run it: the stage's own
+    """One language-model stage as kdistill.tasks.causal_lm.pipeline and fit run it: the stage's own
     micro-step (LMSteps.loss: its rows, teacher signal and chunked loss inside the
     student's forward) with the plan's probes around it."""
     from kdistill.optim import make_optimizer
-    from kdistill.tasks.causal_lm import LMSteps
+    from kdistill.tasks.causal_lm.steps import LMSteps
 
     spec, where = trained
     teacher_cfg = recipe.teacher

@@ -1,6 +1,6 @@
-"""The stages of a classifier recipe, as `kdistill.pipeline` runs them.
+"""The stages of a classifier recipe, as `kdistill.tasks.classification.pipeline` runs them.
 
-Each stage's micro-step is the real `ClassifierSteps.loss` (kdistill.tasks.classify):
+Each stage's micro-step is the real `ClassifierSteps.loss` (kdistill.tasks.classification.steps):
 its inputs, augmentation, teacher call and objective, with the plan's probes around it.
 """
 
@@ -34,17 +34,17 @@ from kdistill.plan.stage import (
 )
 
 if TYPE_CHECKING:
-    from kdistill.tasks.classify import ClassifierSteps
+    from kdistill.tasks.classification.steps import ClassifierSteps
 
 
 def classifier_stages(
     recipe: Any, data_dir: str | Path | None, device: torch.device, steps: int
 ) -> tuple[list[StageSpec], int, str, list[str]]:
-    """The trained stages of a classifier recipe, in the order kdistill.pipeline runs them:
+    """The trained stages of a classifier recipe, in the order kdistill.tasks.classification.pipeline runs them:
     teacher (and ensemble members), assistant, baseline, distill (and later generations)."""
     from kdistill.data import build as build_data
-    from kdistill.pipeline import baseline_terms
     from kdistill.recipe import LossTerm
+    from kdistill.tasks.classification.pipeline import baseline_terms
 
     data = build_data(recipe.data, data_dir)
     data_bytes = 0
@@ -129,11 +129,11 @@ def _classifier_stage(
     device: torch.device,
     seed: int,
 ) -> StageSpec:
-    """One classifier stage as the pipeline runs it (kdistill.pipeline, kdistill.train)."""
+    """One classifier stage as the pipeline runs it (kdistill.tasks.classification.pipeline, kdistill.train)."""
     from kdistill.losses.objective import Objective
     from kdistill.optim import make_optimizer
-    from kdistill.pipeline import make_model, untrained_teacher_source
-    from kdistill.tasks.classify import ClassifierSteps
+    from kdistill.tasks.classification.models import make_model, untrained_teacher_source
+    from kdistill.tasks.classification.steps import ClassifierSteps
 
     teacher_cfg = recipe.teacher
     # the stages that learn from a teacher also train on the transfer texts, if any
@@ -173,7 +173,7 @@ def _classifier_stage(
             worst = torch.sort(lengths, descending=True, stable=True).indices[:micro]
 
         recorded = RecordedSignal(signal) if signal is not None else None
-        # the stage's own micro-step (kdistill.tasks.classify), with the plan's probes around it
+        # the stage's own micro-step (kdistill.tasks.classification.steps), with the plan's probes around it
         steps = ClassifierSteps(
             model,
             data=stage_data,
@@ -290,7 +290,7 @@ def _teacher_signal(
 ) -> Any:
     """The stage's teacher signal as kdistill.teachers makes it: the cached logits, or the
     (untrained) teacher models, live or as an ensemble."""
-    from kdistill.pipeline import make_model
+    from kdistill.tasks.classification.models import make_model
     from kdistill.teachers import CachedTeacher, EnsembleTeacher, LiveTeacher
 
     if cache_logits is not None:
@@ -319,7 +319,7 @@ def _trainee(
     seed: int,
 ) -> nn.Module:
     """What the optimizer updates: the model, with the projectors its feature terms bind."""
-    from kdistill.pipeline import sample_inputs
+    from kdistill.tasks.classification.models import sample_inputs
     from kdistill.train import Trainee
 
     if not (objective.feature_terms and models):

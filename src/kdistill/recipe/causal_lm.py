@@ -60,7 +60,7 @@ wrote (prompt tokens do not count); the text is re-tokenized with the student's
 tokenizer, so a pretrained teacher may bring its own tokenizer (token-level distill
 then cannot run). `on_policy` trains a share λ of the distill stage's steps on
 continuations the student samples from the first `prompt_tokens` tokens of each
-sequence, scored by the live teacher (`kdistill.tasks.causal_lm`).
+sequence, scored by the live teacher (`kdistill.tasks.causal_lm.steps`).
 
 The training, output and seed sections are `recipe/common.py`'s; loading, overrides
 and error messages are `recipe/load.py`'s, as for every task.
@@ -385,7 +385,7 @@ class SeqKDConfig(Strict):
     generations.jsonl plus manifest.json, and reused while the teacher, prompts and
     generation settings match; train.eval_batch_size completions are written at a time.
     The student then trains on them with `train`'s settings, cross-entropy on the
-    completion tokens only (`kdistill.lm.seqkd`).
+    completion tokens only (`kdistill.tasks.causal_lm.seqkd`).
     """
 
     prompts: str | None = Field(

@@ -1,6 +1,6 @@
 """The tasks, and the one place that dispatches on a recipe's `task`.
 
-A task module (`tasks/classify.py`, `tasks/causal_lm.py`) holds exactly the
+A task module (`tasks/classification/steps.py`, `tasks/causal_lm/steps.py`) holds exactly the
 differences `fit` must not know: how rows become a batch, forward + loss given the
 teacher's signal, what the loss is divided by (samples or counted tokens), the
 validation score and its direction. `TASKS` names, per task, its recipe schema (a branch
@@ -48,10 +48,10 @@ TASKS: dict[str, Task] = {
         "classification",
         "images, tables and texts into classes",
         schema="kdistill.recipe.classification:Recipe",
-        run="kdistill.pipeline:run",
-        cache="kdistill.pipeline:cache_teacher",
-        evaluate="kdistill.pipeline:evaluate_checkpoint",
-        inspect="kdistill.pipeline:inspect_recipe",
+        run="kdistill.tasks.classification.pipeline:run",
+        cache="kdistill.tasks.classification.teacher_cache:cache_teacher",
+        evaluate="kdistill.tasks.classification.measure:evaluate_checkpoint",
+        inspect="kdistill.tasks.classification.measure:inspect_recipe",
         write_report="kdistill.report:write_report",
         print_table="kdistill.report:print_table",
         eval_summary="kdistill.report:eval_summary",
@@ -60,13 +60,13 @@ TASKS: dict[str, Task] = {
         "causal_lm",
         "next-token language modelling (a corpus or prompt/completion pairs)",
         schema="kdistill.recipe.causal_lm:LMRecipe",
-        run="kdistill.lm.pipeline:run_lm",
-        cache="kdistill.lm.pipeline:cache_lm_teacher",
-        evaluate="kdistill.lm.pipeline:evaluate_lm_checkpoint",
-        inspect="kdistill.lm.pipeline:inspect_lm_recipe",
-        write_report="kdistill.lm.report:write_lm_report",
-        print_table="kdistill.lm.report:print_lm_table",
-        eval_summary="kdistill.lm.report:eval_summary",
+        run="kdistill.tasks.causal_lm.pipeline:run_lm",
+        cache="kdistill.tasks.causal_lm.teacher_cache:cache_lm_teacher",
+        evaluate="kdistill.tasks.causal_lm.measure:evaluate_lm_checkpoint",
+        inspect="kdistill.tasks.causal_lm.measure:inspect_lm_recipe",
+        write_report="kdistill.tasks.causal_lm.report:write_lm_report",
+        print_table="kdistill.tasks.causal_lm.report:print_lm_table",
+        eval_summary="kdistill.tasks.causal_lm.report:eval_summary",
     ),
 }
 

@@ -3,7 +3,7 @@
 `run_lm` is what `kdistill run` calls for a recipe with `task: causal_lm`. It reads like
 the recipe: claim the run folder, read and tokenize the corpus, train the teacher
 (or load it), then for each seed train the student alone (baseline), on the teacher's
-written completions (seqkd, `kdistill.lm.seqkd`) and with the teacher's token
+written completions (seqkd, `kdistill.tasks.causal_lm.seqkd`) and with the teacher's token
 distributions (distill, with `on_policy` steps when the recipe asks), measure each once
 on the validation split, and build the report from the files.
 
@@ -34,12 +34,6 @@ and latency per token; `samples`: a few generated continuations.
 from __future__ import annotations
 
 import copy
-import json
-import math
-import os
-import shutil
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,27 +42,41 @@ import torch
 from accelerate import Accelerator
 from rich.console import Console
 
-from kdistill import __version__
-from kdistill.cache import TopKCacheSpec, open_topk_cache, write_teacher_cache
-from kdistill.checkpoint import atomic_write_json, load_weights
+from kdistill.cache import open_topk_cache, write_teacher_cache
+from kdistill.checkpoint import load_weights
 from kdistill.data.lm_text import (
-    TOKENIZER_FILE,
-    bits_per_character,
-    load_tokenizer,
-    save_tokenizer,
     tokenizer_fingerprint,
 )
-from kdistill.errors import CheckpointError, DataError, RecipeError
-from kdistill.evaluate import cost
-from kdistill.lm.data import LMData, build_lm_data
-from kdistill.lm.models import (
+from kdistill.errors import CheckpointError, DataError
+from kdistill.recipe.causal_lm import (
+    LMModelSpec,
+    LMRecipe,
+    LMTrainConfig,
+    OnPolicyConfig,
+)
+from kdistill.stages import (
+    StageTable,
+    finish_run,
+    finished,
+    finished_earlier,
+    label,
+    log_start,
+    make_accelerator,
+    run_dir_of,
+    run_folder,
+    run_stages,
+    train_stage,
+)
+from kdistill.tasks.causal_lm.data import LMData, build_lm_data
+from kdistill.tasks.causal_lm.measure import measure_stage
+from kdistill.tasks.causal_lm.models import (
     CausalLM,
     check_same_tokenizer,
     model_tokenizer,
     weights_fingerprint,
 )
-from kdistill.lm.report import write_lm_report
-from kdistill.lm.seqkd import (
+from kdistill.tasks.causal_lm.report import write_lm_report
+from kdistill.tasks.causal_lm.seqkd import (
     SeqKDRows,
     check_prompts,
     generations_spec,
@@ -78,41 +86,9 @@ from kdistill.lm.seqkd import (
     teacher_window,
     write_generations,
 )
-from kdistill.models.hf import quiet_transformers
-from kdistill.recipe.causal_lm import (
-    LMDataConfig,
-    LMModelSpec,
-    LMRecipe,
-    LMTrainConfig,
-    OnPolicyConfig,
-    SamplesConfig,
-)
-from kdistill.stages import (
-    StageTable,
-    finish_run,
-    finish_stage,
-    finished,
-    finished_earlier,
-    label,
-    log_start,
-    make_accelerator,
-    require_teacher,
-    resolve_weights,
-    run_dir_of,
-    run_folder,
-    run_stages,
-    train_stage,
-    trained_teacher,
-)
-from kdistill.taps import module_tree
-from kdistill.tasks.causal_lm import LMObjective, LMSteps, evaluate_lm
+from kdistill.tasks.causal_lm.steps import LMObjective, LMSteps
+from kdistill.tasks.causal_lm.teacher_cache import cache_folder, cache_spec, teacher_checkpoint
 from kdistill.teachers import CachedLMTeacher, LiveLMTeacher, LMTeacherOutput, TeacherSignal
-
-MEASURED_SPLIT = "validation: the last data.val_fraction of the corpus, by character position"
-MEASURED_PAIRS = (
-    "validation pairs (data.pairs.val, else data.val_fraction of the training pairs drawn "
-    "at random): completion tokens only"
-)
 
 
 @dataclass
@@ -232,7 +208,7 @@ def _teacher_data(
     stages = set(recipe.stages)
     if recipe.teacher is None or not stages & {"teacher", "seqkd", "distill"}:
         return data
-    checkpoint = _teacher_checkpoint(recipe)
+    checkpoint = teacher_checkpoint(recipe)
     own = model_tokenizer(recipe.teacher.model, checkpoint)
     if own is None or tokenizer_fingerprint(own) == data.tokenizer_fingerprint:
         return data
@@ -280,13 +256,6 @@ def _check_models(ctx: LMContext) -> None:
         ctx.build(recipe.student.model, "student.model")
 
 
-def _teacher_checkpoint(recipe: LMRecipe) -> Path | None:
-    assert recipe.teacher is not None
-    if recipe.teacher.checkpoint is None:
-        return None
-    return resolve_weights(recipe.teacher.checkpoint)
-
-
 def _teacher_stage(ctx: LMContext, stage: str, seed: int, guide: None) -> LMTeacher:
     """Load the teacher from teacher.checkpoint or model.path, reuse one trained earlier in
     this run folder, or train it; measure it when the stage is listed."""
@@ -295,7 +264,7 @@ def _teacher_stage(ctx: LMContext, stage: str, seed: int, guide: None) -> LMTeac
     stage_dir = ctx.run_dir / "teacher" / f"seed{seed}"
     torch.manual_seed(seed)
     model = ctx.build(recipe.teacher.model, "teacher.model", ctx.teacher_data)
-    checkpoint = _teacher_checkpoint(recipe)
+    checkpoint = teacher_checkpoint(recipe)
     done = finished(stage_dir)
     if checkpoint is not None:
         try:
@@ -304,7 +273,7 @@ def _teacher_stage(ctx: LMContext, stage: str, seed: int, guide: None) -> LMTeac
             raise CheckpointError(f"teacher.checkpoint: {exc}") from None
     if recipe.teacher.pretrained:
         if "teacher" in recipe.stages and not done:
-            _finish_stage(
+            measure_stage(
                 ctx, "teacher", seed, model, recipe.teacher.model, 0.0, 0, data=ctx.teacher_data
             )
     elif done:
@@ -475,38 +444,12 @@ def _train_and_finish(
     )
     result = train_stage(ctx, stage, seed, model, steps, settings=settings)
     model = ctx.accelerator.unwrap_model(model)
-    _finish_stage(ctx, stage, seed, model, spec, result.seconds, result.units)
+    measure_stage(ctx, stage, seed, model, spec, result.seconds, result.units)
     ctx.accelerator.free_memory()
     return model
 
 
 # ------------------------------------------------------------------ teacher signal
-
-
-def cache_spec(recipe: LMRecipe, data: LMData, teacher_fingerprint: str) -> TopKCacheSpec:
-    assert recipe.teacher is not None
-    term = recipe.divergence()
-    temperature = term.temperature if term is not None and term.temperature is not None else 1.0
-    start = temperature if isinstance(temperature, (int, float)) else temperature.start
-    return TopKCacheSpec(
-        teacher=teacher_fingerprint,
-        tokenizer=data.tokenizer_fingerprint,
-        dataset=data.fingerprint,
-        k=recipe.teacher.cache.top_k,
-        temperature=float(start),
-        seq_len=data.seq_len,
-        num_sequences=len(data.train),
-        vocab_size=data.vocab_size,
-        encoding=recipe.teacher.cache.encoding,
-        tail_samples=recipe.teacher.cache.tail_samples,
-    )
-
-
-def cache_folder(recipe: LMRecipe, run_dir: Path, seed: int) -> Path:
-    assert recipe.teacher is not None
-    if recipe.teacher.cache.dir is not None:
-        return Path(recipe.teacher.cache.dir).expanduser()
-    return run_dir / "cache" / f"topk-teacher-seed{seed}"
 
 
 def _teacher_signal(ctx: LMContext, teacher: LMTeacher) -> TeacherSignal[LMTeacherOutput]:
@@ -541,261 +484,7 @@ def _teacher_signal(ctx: LMContext, teacher: LMTeacher) -> TeacherSignal[LMTeach
 # ------------------------------------------------------------------ measuring
 
 
-def measure(model: CausalLM, data: LMData, *, batch_size: int, device: Any) -> dict[str, Any]:
-    """Loss per token (nats), perplexity and bits per character on the validation split
-    (with pairs: over the completion tokens and the characters of their text)."""
-    nll, tokens = evaluate_lm(
-        model, data.val, batch_size=batch_size, device=device, labels=data.val_labels
-    )
-    loss = nll / max(tokens, 1)
-    return {
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 700.0)),
-        "bpc": bits_per_character(nll, data.val_characters),
-        "tokens": tokens,
-        "characters": data.val_characters,
-    }
-
-
-def generate_samples(
-    model: CausalLM, data: LMData, cfg: SamplesConfig, *, seed: int, device: Any
-) -> list[dict[str, str]]:
-    """Continuations of `cfg.count` prompts taken from evenly spaced validation sequences
-    (their first cfg.prompt_tokens tokens; with pairs, the pair's prompt): greedy at
-    temperature 0, else sampled with a generator seeded by `seed`."""
-    if cfg.count == 0:
-        return []
-    rows = torch.linspace(0, len(data.val) - 1, cfg.count).round().long().unique()
-    generator = torch.Generator().manual_seed(seed)
-    context = min(data.seq_len, model.context or data.seq_len)
-    samples = []
-    was_training = model.training
-    model.eval()
-    try:
-        for row in rows.tolist():
-            length = data.prompt_length(row) or cfg.prompt_tokens
-            prompt = data.val[row, : min(length, context)].tolist()
-            ids = list(prompt)
-            with torch.inference_mode():
-                for _ in range(cfg.new_tokens):
-                    window = torch.tensor(ids[-context:], device=device).unsqueeze(0)  # (1, t)
-                    logits = model.logits(model(window)[:, -1])[0, : data.vocab_size].float()
-                    if cfg.temperature == 0:
-                        token = int(logits.argmax())
-                    else:
-                        probs = torch.softmax(logits / cfg.temperature, dim=-1).cpu()
-                        token = int(torch.multinomial(probs, 1, generator=generator))
-                    ids.append(token)
-            samples.append(
-                {
-                    "prompt": data.tokenizer.decode(prompt),
-                    "completion": data.tokenizer.decode(ids[len(prompt) :]),
-                }
-            )
-    finally:
-        model.train(was_training)
-    return samples
-
-
-def _finish_stage(
-    ctx: LMContext,
-    stage: str,
-    seed: int,
-    model: CausalLM,
-    spec: LMModelSpec,
-    train_seconds: float,
-    train_tokens: int,
-    data: LMData | None = None,
-) -> None:
-    """Measure the last and best-on-validation weights once; write the stage folder.
-    data: the corpus as the model tokenizes it (default the run's)."""
-    data, device = data or ctx.data, ctx.accelerator.device
-    batch = ctx.recipe.train.eval_batch_size
-    model = model.to(device)
-
-    def save(folder: Path) -> None:
-        _export_hf(model, data, folder / "hf")
-        atomic_write_json(
-            folder / "model.json",
-            {
-                "task": "causal_lm",
-                "model": spec.model_dump(mode="json"),
-                "hf_config": model.hf.config.to_dict(),
-                "vocab_size": data.vocab_size,
-                "seq_len": data.seq_len,
-                "tokenizer": data.tokenizer_fingerprint,
-                "data": ctx.recipe.data.model_dump(mode="json"),
-                "kdistill": __version__,
-            },
-        )
-
-    def summary(evaluation: dict[str, Any]) -> str:
-        val = evaluation["val"]
-        return (
-            f"val loss/token {val['loss']:.4f}, perplexity {val['perplexity']:.2f}, "
-            f"{val['bpc']:.4f} bits/character"
-        )
-
-    finish_stage(
-        ctx,
-        stage,
-        seed,
-        model,
-        measure=lambda weights: {"val": measure(weights, data, batch_size=batch, device=device)},
-        best_by=("val_loss", False),
-        train_seconds=train_seconds,
-        record={
-            "task": "causal_lm",
-            "measured_split": MEASURED_SPLIT if data.val_labels is None else MEASURED_PAIRS,
-        },
-        after={"train_tokens": train_tokens},
-        main_only=lambda: {
-            "cost": _cost(model, data, device),
-            "samples": generate_samples(model, data, ctx.recipe.samples, seed=seed, device=device),
-        },
-        save=save,
-        summary=summary,
-    )
-
-
-def _cost(model: CausalLM, data: LMData, device: Any) -> dict[str, Any]:
-    """Parameters, size, FLOPs and latency per token of the Hugging Face model's forward
-    (logits included) on 4 validation sequences."""
-    inputs = data.val[:4, :-1]
-    measured = cost(model.hf, example_input=inputs, device=device, repeats=5, warmup=1)
-    tokens = inputs.numel()
-    return {
-        **measured,
-        "tokens_per_batch": tokens,
-        "seq_len": data.seq_len,
-        "flops_per_token": measured["flops"] / data.seq_len,
-        "latency_ms_per_token": measured["latency_ms"] / tokens,
-    }
-
-
-def _export_hf(model: CausalLM, data: LMData, folder: Path) -> None:
-    """The model as a Hugging Face folder (config, weights, tokenizer), written then renamed."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    with quiet_transformers():
-        model.hf.save_pretrained(tmp)
-    save_tokenizer(data.tokenizer, tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-
-
 # ------------------------------------------------------------------ kdistill eval
 
 
-def evaluate_lm_checkpoint(
-    weights: Path,
-    *,
-    data: str | None = None,
-    model: str | None = None,
-    data_dir: str | Path | None = None,
-) -> dict[str, Any]:
-    """`kdistill eval` of a language-model stage folder: loss per token, perplexity and
-    bits per character on the validation split of the data it was trained on, tokenized
-    with the stage's own tokenizer (hf/tokenizer.json), and the cost per token."""
-    stage_dir = weights.parent
-    if data is not None or model is not None:
-        raise RecipeError(
-            f"{stage_dir} is a language-model stage: it is measured on the validation text "
-            "of the recipe it was trained with, so --data and --model do not apply; leave "
-            "them out"
-        )
-    info = json.loads((stage_dir / "model.json").read_text())
-    exported = stage_dir / "hf"
-    if not (exported / TOKENIZER_FILE).is_file():
-        raise CheckpointError(
-            f"{stage_dir} has no hf/{TOKENIZER_FILE}, so the tokenizer the model reads is "
-            "unknown; evaluate a stage folder written by `kdistill run`"
-        )
-    start = time.perf_counter()
-    corpus = build_lm_data(
-        LMDataConfig.model_validate(info["data"]),
-        data_dir=data_dir,
-        tokenizer_dir=exported,
-        tokenizer=load_tokenizer(exported),
-    )
-    with quiet_transformers():
-        net = corpus.build_model(LMModelSpec(path=str(exported)), "model")
-    load_weights(net, weights)
-    device = torch.device("cpu")
-    return {
-        "checkpoint": str(weights),
-        "task": "causal_lm",
-        "val": measure(net, corpus, batch_size=32, device=device),
-        "cost": _cost(net, corpus, device),
-        "seconds": round(time.perf_counter() - start, 3),
-    }
-
-
-def inspect_lm_recipe(
-    recipe: LMRecipe, role: str, *, depth: int | None, data_dir: str | Path | None
-) -> str:
-    """The modules of a language-model recipe's teacher or student, on two validation
-    sequences of its data (the tokenizer trained in a scratch folder when the recipe
-    trains one)."""
-    with tempfile.TemporaryDirectory() as scratch:
-        data = build_lm_data(recipe.data, data_dir=data_dir, tokenizer_dir=Path(scratch))
-    model = data.build_model(getattr(recipe, role).model, f"{role}.model").eval()
-    sample = data.val[:2, :-1]  # (2, seq_len) token ids
-    header = (
-        f"{role}: causal LM, vocabulary {data.vocab_size}, input {tuple(sample.shape)} token ids"
-    )
-    return header + "\n" + module_tree(model, sample, max_depth=depth)
-
-
 # ------------------------------------------------------------------ kdistill cache
-
-
-def cache_lm_teacher(
-    recipe: LMRecipe,
-    *,
-    output_dir: str | Path | None = None,
-    data_dir: str | Path | None = None,
-    overwrite: bool = False,
-) -> dict[str, Any]:
-    """Write (or finish, or verify) the trained teacher's top-k cache of the training split.
-
-    The teacher's weights come from teacher.checkpoint, teacher.model.path, or the run
-    folder's teacher stage; the tokenizer from the run folder (or data.tokenizer.path).
-    A killed job continues from its last complete shard.
-    """
-    teacher = require_teacher(recipe)
-    run_dir = run_dir_of(recipe, output_dir)
-    seed = recipe.seeds[0]
-    data = build_lm_data(
-        recipe.data,
-        data_dir=data_dir,
-        tokenizer_dir=run_dir / "tokenizer",
-        may_train_tokenizer=False,
-    )
-    torch.manual_seed(seed)
-    model = data.build_model(teacher.model, "teacher.model")
-    checkpoint = _teacher_checkpoint(recipe)
-    if checkpoint is None and teacher.model.path is None:
-        checkpoint = trained_teacher(run_dir, seed)
-    if checkpoint is not None:
-        load_weights(model, checkpoint)
-    check_same_tokenizer(
-        model_tokenizer(teacher.model, checkpoint),
-        data.tokenizer,
-        where="teacher",
-        role="teacher",
-    )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    spec = cache_spec(recipe, data, weights_fingerprint(model))
-    return write_teacher_cache(
-        cache_folder(recipe, run_dir, seed),
-        spec,
-        model.to(device),
-        data.train,
-        batch_size=recipe.train.eval_batch_size,
-        shard_sequences=teacher.cache.shard_sequences,
-        device=device,
-        overwrite=overwrite,
-    )

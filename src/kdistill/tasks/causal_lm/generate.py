@@ -1,7 +1,7 @@
 """Text generation by a `CausalLM`: seeded sampling with a key/value cache.
 
-Used by sequence-level KD (the teacher writes completions, `kdistill.lm.seqkd`) and by
-on-policy distillation (the student writes continuations, `kdistill.tasks.causal_lm`). Each
+Used by sequence-level KD (the teacher writes completions, `kdistill.tasks.causal_lm.seqkd`) and by
+on-policy distillation (the student writes continuations, `kdistill.tasks.causal_lm.steps`). Each
 next token is drawn from the model's distribution over the tokenizer's ids
 [0, vocab_size) (padded rows of the output layer never win):
 
@@ -25,8 +25,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from kdistill.lm.models import CausalLM
 from kdistill.recipe.causal_lm import GenerationConfig
+from kdistill.tasks.causal_lm.models import CausalLM
 
 
 class Generated(NamedTuple):

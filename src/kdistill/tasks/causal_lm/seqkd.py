@@ -34,7 +34,7 @@ Folder (<run>/seqkd/generations, or seqkd.dir to share it between runs):
                        whose manifest matches are reused; others are refused as stale.
 
 Each completion is sampled from numbers seeded by (generation.seed, prompt index, copy)
-alone (`kdistill.lm.generate`), so the text does not depend on how prompts are batched.
+alone (`kdistill.tasks.causal_lm.generate`), so the text does not depend on how prompts are batched.
 """
 
 from __future__ import annotations
@@ -59,10 +59,10 @@ from kdistill.data.lm_text import (
     tokenizer_fingerprint,
 )
 from kdistill.errors import CacheError, DataError
-from kdistill.lm.data import LMData, data_files
-from kdistill.lm.generate import derived_seed, generate, row_uniforms
-from kdistill.lm.models import EOS_TOKEN, CausalLM
 from kdistill.recipe.causal_lm import SeqKDConfig, SeqKDGeneration
+from kdistill.tasks.causal_lm.data import LMData, data_files
+from kdistill.tasks.causal_lm.generate import derived_seed, generate, row_uniforms
+from kdistill.tasks.causal_lm.models import EOS_TOKEN, CausalLM
 
 GENERATIONS = "generations.jsonl"
 MANIFEST = "manifest.json"

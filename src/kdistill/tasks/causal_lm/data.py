@@ -39,8 +39,8 @@ from kdistill.data.lm_text import (
 )
 from kdistill.data.paths import DATA_ENV_VAR, resolve_data_root
 from kdistill.errors import DataError
-from kdistill.lm.models import EOS_TOKEN, CausalLM, build_causal_lm
 from kdistill.recipe.causal_lm import LMDataConfig, LMModelSpec, PairsConfig
+from kdistill.tasks.causal_lm.models import EOS_TOKEN, CausalLM, build_causal_lm
 
 TRAINED_ON = "trained_on.json"
 
@@ -77,7 +77,7 @@ class LMData:
 
     def build_model(self, spec: LMModelSpec, where: str) -> CausalLM:
         """The model of `spec` for this data: its vocabulary, sequence length and
-        end-of-text id (`kdistill.lm.models.build_causal_lm`)."""
+        end-of-text id (`kdistill.tasks.causal_lm.models.build_causal_lm`)."""
         return build_causal_lm(
             spec, vocab_size=self.vocab_size, seq_len=self.seq_len, eos_id=self.eos_id, where=where
         )

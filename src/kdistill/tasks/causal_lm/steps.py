@@ -35,13 +35,13 @@ from torch import Tensor
 
 from kdistill.data.lm_text import IGNORE_INDEX
 from kdistill.errors import TrainingError
-from kdistill.lm.generate import derived_seed, generate, row_uniforms
-from kdistill.lm.models import CausalLM
 from kdistill.losses.lm_chunked import chunked_divergence
 from kdistill.losses.lm_cross_entropy import chunked_cross_entropy
 from kdistill.losses.table import LM_DIVERGENCES
 from kdistill.recipe.causal_lm import LMLossTerm, LMTrainConfig, OnPolicyConfig
 from kdistill.schedules import ScheduleOrNumber, schedule_value
+from kdistill.tasks.causal_lm.generate import derived_seed, generate, row_uniforms
+from kdistill.tasks.causal_lm.models import CausalLM
 from kdistill.teachers import LiveLMTeacher, LMTeacherOutput, TeacherSignal
 from kdistill.train import Placement, StepCount, Validation, autocast_of
 

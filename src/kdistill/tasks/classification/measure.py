@@ -1,0 +1,224 @@
+"""What a classification stage measures when it ends, and the commands that measure
+saved weights (`kdistill eval`) or show a model's modules (`kdistill inspect`):
+accuracy, NLL, ECE and agreement with the teacher on test (and validation), and the
+cost per sample."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kdistill.tasks.classification.models import make_model, sample_inputs, untrained_teacher_source
+
+if TYPE_CHECKING:
+    from kdistill.tasks.classification.pipeline import Context, Guide
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from kdistill import __version__
+from kdistill.checkpoint import (
+    atomic_write_json,
+    load_weights,
+)
+from kdistill.data import DataBundle, TextData
+from kdistill.data import build as build_data
+from kdistill.errors import CheckpointError, RecipeError
+from kdistill.evaluate import cost, predict, quality
+from kdistill.models.hf import HFClassifier, save_hf
+from kdistill.recipe import DataConfig, ModelSpec, Recipe
+from kdistill.stages import (
+    finish_stage,
+)
+from kdistill.taps import module_tree
+from kdistill.teachers import (
+    combine_members,
+)
+
+SINGLE_SAMPLES = 64
+
+
+def data_cost(
+    data: DataBundle | TextData, model: nn.Module, device: str | torch.device
+) -> dict[str, Any]:
+    """evaluate.cost on this data's input: real token ids for text (the first test
+    sentences), a random batch of the input shape otherwise; with the latency of one
+    sample at a time over the first SINGLE_SAMPLES of them."""
+    example = data.example_input(model)
+    if example is not None:
+        return cost(model, device=device, example_input=example, single=SINGLE_SAMPLES)
+    return cost(model, input_shape=data.input_shape, device=device, single=SINGLE_SAMPLES)
+
+
+def measure_stage(
+    ctx: Context,
+    stage: str,
+    seed: int,
+    model: nn.Module,
+    spec: ModelSpec,
+    guide: Guide | None,
+    *,
+    train_seconds: float,
+) -> None:
+    """Measure the last and best-on-validation weights on test once; write the stage."""
+    data, device = ctx.data, ctx.accelerator.device
+    batch = ctx.recipe.train.eval_batch_size
+    teacher_test = _teacher_logits(ctx, guide) if guide is not None else None
+
+    def measure(weights: nn.Module) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for split_name, split, reference in (
+            ("test", data.test, teacher_test),
+            ("val", data.val, None),
+        ):
+            if len(split):
+                xs, to_input, order = data.eval_feed(weights, split_name)
+                logits = predict(
+                    weights, xs, to_input=to_input, batch_size=batch, device=device, order=order
+                )
+                out[split_name] = quality(logits, split.y, teacher_logits=reference)
+        return out
+
+    def main_only() -> dict[str, Any]:
+        out = {"cost": data_cost(data, model, device)}
+        if isinstance(data, TextData):
+            out["texts_truncated"] = data.truncated(model)
+        return out
+
+    def save(folder: Path) -> None:
+        if isinstance(model, HFClassifier):
+            # a folder transformers loads as is, and a `location` for a later recipe: a
+            # student built from this (fine-tuned) teacher's layers, or the teacher itself
+            save_hf(model, folder / "hf", model.kdistill_tokenizer, overwrite=True)
+        atomic_write_json(
+            folder / "model.json",
+            {
+                "model": spec.model_dump(mode="json"),
+                "num_classes": data.num_classes,
+                "class_names": data.class_names,
+                "input_shape": list(data.input_shape),
+                "data": ctx.recipe.data.model_dump(mode="json"),
+                "kdistill": __version__,
+            },
+        )
+
+    def summary(evaluation: dict[str, Any]) -> str:
+        test = evaluation.get("test", {})
+        accuracy = 100 * test.get("accuracy", float("nan"))
+        return f"test accuracy {accuracy:.2f}% ({test.get('errors', '?')} errors)"
+
+    finish_stage(
+        ctx, stage, seed, model,
+        measure=measure, best_by=("val_accuracy", True), train_seconds=train_seconds,
+        main_only=main_only, save=save, summary=summary,
+    )  # fmt: skip
+
+
+def _teacher_logits(ctx: Context, guide: Guide) -> torch.Tensor:
+    """The guide's test logits (combined, for an ensemble), computed once per model, for
+    student agreement."""
+    member_logits = []
+    for model in guide.models.values():
+        if id(model) not in ctx.teacher_test:
+            xs, to_input, order = ctx.data.eval_feed(model, "test")
+            ctx.teacher_test[id(model)] = predict(
+                model,
+                xs,
+                to_input=to_input,
+                order=order,
+                batch_size=ctx.recipe.train.eval_batch_size,
+                device=ctx.accelerator.device,
+            )
+        member_logits.append(ctx.teacher_test[id(model)])
+    if len(member_logits) == 1:
+        return member_logits[0]
+    assert ctx.recipe.teacher is not None
+    weights = ctx.recipe.teacher.weights
+    fixed = None if weights == "confidence" else torch.ones(len(member_logits))
+    if isinstance(weights, list):
+        fixed = torch.tensor(weights) / sum(weights)
+    elif fixed is not None:
+        fixed = fixed / len(member_logits)
+    return combine_members(
+        torch.stack(member_logits), combine=ctx.recipe.teacher.combine, weights=fixed
+    )
+
+
+def evaluate_checkpoint(
+    weights: Path,
+    *,
+    data: str | None = None,
+    model: str | None = None,
+    data_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Measure a classifier's saved weights on a dataset's test split: quality and cost.
+    data: "SOURCE[:PATH]" (default: the data in model.json beside the weights); model:
+    a zoo name or module:factory (default: the model in model.json)."""
+    info_path = weights.with_name("model.json")
+    info = json.loads(info_path.read_text()) if info_path.exists() else None
+    data_cfg = _data_option(data)
+    model_spec = ModelSpec(name=model) if model else None
+    if model_spec is None and info is None:
+        raise CheckpointError(
+            f"{weights} has no model.json beside it, so its architecture is unknown; pass --model NAME"
+        )
+    spec = model_spec or ModelSpec.model_validate(info["model"])  # type: ignore[index]
+    data_cfg = data_cfg or (DataConfig.model_validate(info["data"]) if info else None)
+    if data_cfg is None:
+        raise CheckpointError("say which data to evaluate on: --data SOURCE[:PATH]")
+    bundle = build_data(data_cfg, data_dir)
+    exported = weights.parent / "hf"
+    if model_spec is None and spec.name in ("hf", "hf_student") and exported.is_dir():
+        # the stage's save_pretrained folder: it needs neither the source model nor, for
+        # a student built with `location: teacher`, the teacher
+        spec = ModelSpec(name="hf", args={"location": str(exported)})
+    net = make_model(bundle, spec, where="model")
+    load_weights(net, weights)
+    start = time.perf_counter()
+    xs, to_input, order = bundle.eval_feed(net, "test")
+    logits = predict(net, xs, to_input=to_input, batch_size=256, device="cpu", order=order)
+    return {
+        "checkpoint": str(weights),
+        "test": quality(logits, bundle.test.y),
+        "cost": data_cost(bundle, net, "cpu"),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def _data_option(data: str | None) -> DataConfig | None:
+    """`--data SOURCE[:PATH]` as a data section (all of it the test split's source)."""
+    if data is None:
+        return None
+    source, _, path = data.partition(":")
+    try:
+        return DataConfig(source=source, path=path or None, val_fraction=0.0)
+    except ValidationError as exc:
+        problems = "; ".join(error["msg"] for error in exc.errors())
+        raise RecipeError(f"--data {data}: {problems}") from None
+
+
+def inspect_recipe(
+    recipe: Recipe, role: str, *, depth: int | None, data_dir: str | Path | None
+) -> str:
+    """The modules of a recipe's teacher, student or assistant, with their output shapes
+    on a batch of the recipe's data."""
+    spec = getattr(recipe, role).model
+    data = build_data(recipe.data.model_copy(update={"limit_test": 1}), data_dir)
+    where = f"{role}.model"
+    if isinstance(data, TextData):
+        # each text model brings its tokenizer; a student built from the teacher's
+        # layers (`location: teacher`) has the same modules from an untrained one
+        source = untrained_teacher_source(recipe, data, where)
+        model = make_model(data, spec, where=where, teacher=source).eval()
+        header = f"{spec.name}: text ({data.num_classes} classes), a batch of 8 sentences"
+        return (
+            header + "\n" + module_tree(model, sample_inputs(data, model, "cpu"), max_depth=depth)
+        )
+    model = make_model(data, spec, where=where).eval()
+    header = f"{spec.name}: input {tuple(data.input_shape)}, {data.num_classes} classes"
+    return header + "\n" + module_tree(model, data.to_input(data.train.x[:2]), max_depth=depth)
