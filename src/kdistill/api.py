@@ -66,17 +66,12 @@ def run(
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Run a recipe's stages; return its results (the content of results.json)."""
+    from kdistill.stages import RunOptions
     from kdistill.tasks import task_of_recipe
 
     recipe = as_recipe(recipe, overrides)
-    return task_of_recipe(recipe).function("run")(
-        recipe,
-        output_dir=output_dir,
-        data_dir=data_dir,
-        resume=resume,
-        overwrite=overwrite,
-        quiet=quiet,
-    )
+    options = RunOptions(output_dir, data_dir, resume=resume, overwrite=overwrite, quiet=quiet)
+    return task_of_recipe(recipe).function("run")(recipe, options)
 
 
 def distill(recipe: Any, *, overrides: list[str] | None = None, **options: Any) -> dict[str, Any]:

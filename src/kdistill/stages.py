@@ -19,9 +19,9 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import yaml
@@ -39,20 +39,43 @@ T = TypeVar("T")
 M = TypeVar("M", bound=nn.Module)
 
 
-class RunContext(Protocol):
-    """What the stages of one run share (each pipeline's Context)."""
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run was asked for: `kdistill run`'s options, the same for every task."""
 
+    output_dir: str | Path | None = None
+    data_dir: str | Path | None = None
+    resume: bool = False
+    overwrite: bool = False
+    quiet: bool = False
+    console: Console | None = None
+
+
+@dataclass
+class RunContext:
+    """What the stages of one run share; a task's context adds its data to it."""
+
+    recipe: Any
     run_dir: Path
     accelerator: Accelerator
-    resume: bool
-    quiet: bool
+    options: RunOptions
     console: Console
 
     @property
-    def recipe(self) -> Any: ...
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
 
     @property
-    def is_main(self) -> bool: ...
+    def resume(self) -> bool:
+        return self.options.resume
+
+    @property
+    def quiet(self) -> bool:
+        return self.options.quiet
+
+    def shared(self) -> dict[str, Any]:
+        """These fields by name, to build a task's context from them."""
+        return {f.name: getattr(self, f.name) for f in fields(RunContext)}
 
 
 Stage = Callable[[Any, str, int, Any], Any]
@@ -255,6 +278,26 @@ def trained_teacher(run_dir: Path, seed: int) -> Path:
 
 
 @contextmanager
+def open_run(
+    recipe: Any, options: RunOptions, *, setup: Callable[[], T] | None = None
+) -> Iterator[tuple[RunContext, T | None]]:
+    """The run's process setup and its folder (`run_folder`), as one context: the block
+    receives the run's shared context and what `setup` returned."""
+    console = options.console or Console(stderr=True)
+    accelerator = make_accelerator(recipe.train.precision)
+    run_dir = run_dir_of(recipe, options.output_dir)
+    with run_folder(
+        recipe,
+        run_dir,
+        accelerator,
+        resume=options.resume,
+        overwrite=options.overwrite,
+        setup=setup,
+    ) as prepared:
+        yield RunContext(recipe, run_dir, accelerator, options, console), prepared
+
+
+@contextmanager
 def run_folder(
     recipe: Any,
     run_dir: Path,
@@ -286,15 +329,13 @@ def run_folder(
         raise
 
 
-def finish_run(
-    run_dir: Path, accelerator: Accelerator, write_report: Callable[[Path], dict[str, Any]]
-) -> dict[str, Any]:
+def finish_run(ctx: RunContext, write_report: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
     """Every stage done: the report from the run folder's files, and status finished."""
-    accelerator.wait_for_everyone()
+    ctx.accelerator.wait_for_everyone()
     results: dict[str, Any] = {}
-    if accelerator.is_main_process:
-        results = write_report(run_dir)
-        write_status(run_dir, "finished")
+    if ctx.is_main:
+        results = write_report(ctx.run_dir)
+        write_status(ctx.run_dir, "finished")
     return results
 
 

@@ -30,7 +30,7 @@ class Task:
     name: str
     summary: str
     schema: str  # the task's recipe schema, one branch of `kdistill.recipe.recipe_union`
-    run: str  # (recipe, output_dir=, data_dir=, resume=, overwrite=, quiet=) -> results
+    run: str  # (recipe, stages.RunOptions) -> results (the content of results.json)
     cache: str  # (recipe, output_dir=, data_dir=, overwrite=) -> {"folder", "reused", ...}
     evaluate: str  # (weights, data=, model=, data_dir=) -> measurements of saved weights
     inspect: str  # (recipe, role, depth=, data_dir=) -> the role's modules, as text

@@ -1,15 +1,21 @@
-"""Language-model distillation: recipes with `task: causal_lm`.
+"""The causal language-model task: recipes with `task: causal_lm`.
 
-    from kdistill import load_recipe
-    from kdistill.tasks.causal_lm import run_lm
-    recipe = load_recipe("recipes/shakespeare_gpt_small_from_gpt.yaml", ["seeds=[0]"])
-    results = run_lm(recipe, output_dir="runs/shakespeare")
+    import kdistill
+    recipe = kdistill.load_recipe("shakespeare_gpt_small_from_gpt", ["seeds=[0]"])
+    results = kdistill.run(recipe, output_dir="runs/shakespeare")
     print(results["gap_recovered"])
 
-`kdistill run / validate / cache / report` dispatch here when the recipe (or the run
-folder's recipe.yaml) says `task: causal_lm`. The names below are imported on first
-use, so that the task module (`kdistill.tasks.causal_lm.steps`) may import this package's
-modules without importing the pipeline that imports it.
+- `steps.py`: `LMSteps`, what `fit` calls each step (packed corpus, pairs, seqkd rows,
+  on-policy continuations), and the chunked token losses' objective;
+- `pipeline.py`: `run_lm` and the stage table (teacher, baseline, seqkd, distill);
+- `measure.py`: what a finished stage measures, `kdistill eval` and `inspect`;
+- `teacher_cache.py`: the teacher's top-k cache and `kdistill cache`;
+- `data.py`, `models.py`, `generate.py`, `seqkd.py`, `report.py`: the corpus as token
+  rows, the model wrapper, sampling, the teacher's completions, the results table.
+
+The commands reach this package through `kdistill.tasks.TASKS`. The names below are
+imported on first use, so that `steps.py` may import this package's modules without
+importing the pipeline that imports it.
 """
 
 from __future__ import annotations

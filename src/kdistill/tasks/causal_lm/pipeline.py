@@ -55,15 +55,15 @@ from kdistill.recipe.causal_lm import (
     OnPolicyConfig,
 )
 from kdistill.stages import (
+    RunContext,
+    RunOptions,
     StageTable,
     finish_run,
     finished,
     finished_earlier,
     label,
     log_start,
-    make_accelerator,
-    run_dir_of,
-    run_folder,
+    open_run,
     run_stages,
     train_stage,
 )
@@ -92,20 +92,14 @@ from kdistill.teachers import CachedLMTeacher, LiveLMTeacher, LMTeacherOutput, T
 
 
 @dataclass
-class LMContext:
+class LMContext(RunContext):
     recipe: LMRecipe
-    run_dir: Path
     data: LMData
-    accelerator: Accelerator
-    resume: bool
-    quiet: bool
-    console: Console
     teacher_data: LMData  # the corpus as the teacher tokenizes it: `data` unless it has its own
-    data_dir: str | Path | None = None
 
     @property
-    def is_main(self) -> bool:
-        return self.accelerator.is_main_process
+    def data_dir(self) -> str | Path | None:
+        return self.options.data_dir
 
     def build(self, spec: LMModelSpec, where: str, data: LMData | None = None) -> CausalLM:
         data = data or self.data
@@ -121,29 +115,17 @@ class LMTeacher:
     fingerprint: str
 
 
-def run_lm(
-    recipe: LMRecipe,
-    *,
-    output_dir: str | Path | None = None,
-    data_dir: str | Path | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    quiet: bool = False,
-    console: Console | None = None,
-) -> dict[str, Any]:
+def run_lm(recipe: LMRecipe, options: RunOptions) -> dict[str, Any]:
     """Run the recipe's stages and return the results (the content of results.json)."""
-    console = console or Console(stderr=True)
-    accelerator = make_accelerator(recipe.train.precision)
-    run_dir = run_dir_of(recipe, output_dir)
-    with run_folder(recipe, run_dir, accelerator, resume=resume, overwrite=overwrite):
-        data = _build_data(recipe, data_dir, run_dir, accelerator)
-        teacher_data = _teacher_data(recipe, data, data_dir, run_dir, console, accelerator)
-        ctx = LMContext(
-            recipe, run_dir, data, accelerator, resume, quiet, console, teacher_data, data_dir
+    with open_run(recipe, options) as (run, _):
+        data = _build_data(recipe, options.data_dir, run.run_dir, run.accelerator)
+        teacher_data = _teacher_data(
+            recipe, data, options.data_dir, run.run_dir, run.console, run.accelerator
         )
+        ctx = LMContext(**run.shared(), data=data, teacher_data=teacher_data)
         log_start(ctx, _describe_data(data, recipe))
         _run_stages(ctx)
-        return finish_run(run_dir, accelerator, write_lm_report)
+        return finish_run(ctx, write_lm_report)
 
 
 def _run_stages(ctx: LMContext) -> None:

@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from rich.console import Console
 from torch import nn
 
 from kdistill.cache import open_cache, write_cache
@@ -39,16 +37,16 @@ from kdistill.models.hf import weights_follow
 from kdistill.recipe import LossTerm, ModelSpec, Recipe, TrainConfig
 from kdistill.report import write_report
 from kdistill.stages import (
+    RunContext,
+    RunOptions,
     StageTable,
     finish_run,
     finished,
     finished_earlier,
     label,
     log_start,
-    make_accelerator,
+    open_run,
     resolve_weights,
-    run_dir_of,
-    run_folder,
     run_stages,
     train_stage,
 )
@@ -65,54 +63,29 @@ from kdistill.teachers import (
 
 
 @dataclass
-class Context:
+class Context(RunContext):
     recipe: Recipe
-    run_dir: Path
     data: DataBundle | TextData
-    accelerator: Accelerator
-    resume: bool
-    quiet: bool
-    console: Console
     teacher_test: dict[int, torch.Tensor] = field(default_factory=dict)
     # the main teacher of each teacher seed, for students built from its layers
     teachers: dict[int, nn.Module] = field(default_factory=dict)
 
-    @property
-    def is_main(self) -> bool:
-        return self.accelerator.is_main_process
 
-
-def run(
-    recipe: Recipe,
-    *,
-    output_dir: str | Path | None = None,
-    data_dir: str | Path | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    quiet: bool = False,
-    console: Console | None = None,
-) -> dict[str, Any]:
+def run(recipe: Recipe, options: RunOptions) -> dict[str, Any]:
     """Run the recipe's stages and return the results (the content of results.json)."""
-    console = console or Console(stderr=True)
-    accelerator = make_accelerator(recipe.train.precision)
-    run_dir = run_dir_of(recipe, output_dir)
-    with run_folder(
-        recipe,
-        run_dir,
-        accelerator,
-        resume=resume,
-        overwrite=overwrite,
-        setup=lambda: build_data(recipe.data, data_dir),
-    ) as data:
+    with open_run(recipe, options, setup=lambda: build_data(recipe.data, options.data_dir)) as (
+        run,
+        data,
+    ):
         assert data is not None
-        ctx = Context(recipe, run_dir, data, accelerator, resume, quiet, console)
+        ctx = Context(**run.shared(), data=data)
         log_start(
             ctx,
             f"data: {len(data.train)} train, {len(data.val)} val, {len(data.test)} test, "
             f"{data.num_classes} classes",
         )
         _run_stages(ctx)
-        return finish_run(run_dir, accelerator, write_report)
+        return finish_run(ctx, write_report)
 
 
 def _run_stages(ctx: Context) -> None:
