@@ -7,7 +7,8 @@ import pytest
 from rich.console import Console
 
 from kdistill.errors import RunDirError
-from kdistill.report import _read_curves, collect, print_table, write_report
+from kdistill.report import collect
+from kdistill.tasks.classification.report import _read_curves, print_table, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 N_TEST = 10_000

@@ -52,9 +52,9 @@ TASKS: dict[str, Task] = {
         cache="kdistill.tasks.classification.teacher_cache:cache_teacher",
         evaluate="kdistill.tasks.classification.measure:evaluate_checkpoint",
         inspect="kdistill.tasks.classification.measure:inspect_recipe",
-        write_report="kdistill.report:write_report",
-        print_table="kdistill.report:print_table",
-        eval_summary="kdistill.report:eval_summary",
+        write_report="kdistill.tasks.classification.report:write_report",
+        print_table="kdistill.tasks.classification.report:print_table",
+        eval_summary="kdistill.tasks.classification.report:eval_summary",
     ),
     "causal_lm": Task(
         "causal_lm",

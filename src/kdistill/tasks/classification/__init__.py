@@ -7,5 +7,7 @@
 - `teacher_cache.py`: the teacher's logits cache and `kdistill cache`;
 - `models.py`: building the recipe's models for its data.
 
-The recipe's schema is `kdistill.recipe.classification`; the report is `kdistill.report`.
+- `report.py`: the results table, results.md, plots and the eval summary.
+
+The recipe's schema is `kdistill.recipe.classification`.
 """

@@ -35,7 +35,6 @@ from kdistill.errors import CheckpointError
 from kdistill.losses.objective import Objective, reads_teacher
 from kdistill.models.hf import weights_follow
 from kdistill.recipe import LossTerm, ModelSpec, Recipe, TrainConfig
-from kdistill.report import write_report
 from kdistill.stages import (
     RunContext,
     RunOptions,
@@ -52,6 +51,7 @@ from kdistill.stages import (
 )
 from kdistill.tasks.classification.measure import measure_stage
 from kdistill.tasks.classification.models import make_model, sample_inputs
+from kdistill.tasks.classification.report import write_report
 from kdistill.tasks.classification.steps import ClassifierSteps
 from kdistill.tasks.classification.teacher_cache import cache_folder
 from kdistill.teachers import (
