@@ -235,7 +235,7 @@ def prepare(args: argparse.Namespace, work: Path) -> Setup:
             f"got {steps}"
         )
     train = data.train[: steps * batch] if args.steps else data.train
-    # fit's epoch-0 order (kdistill.train.order_seed: randperm seeded seed * 1009 + epoch)
+    # fit's epoch-0 order (kdistill.steps.order_seed: randperm seeded seed * 1009 + epoch)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 1009))
     order = order[: steps * batch]
 

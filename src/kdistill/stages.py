@@ -32,7 +32,8 @@ from torch import nn
 from kdistill import __version__
 from kdistill.checkpoint import atomic_write_json, atomic_write_text, load_weights, save_weights
 from kdistill.errors import CheckpointError, RecipeError, RunDirError, TrainingError
-from kdistill.train import FitResult, TrainSteps, fit
+from kdistill.steps import TrainSteps
+from kdistill.train import FitResult, fit
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 T = TypeVar("T")

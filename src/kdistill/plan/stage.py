@@ -270,7 +270,7 @@ def measure_peak(build: Callable[[], Session], steps: int, device: torch.device)
 
 @dataclass(frozen=True)
 class PlanPlacement:
-    """Where the plan runs a stage's steps (kdistill.train.Placement): its device and the
+    """Where the plan runs a stage's steps (kdistill.steps.Placement): its device and the
     recipe's precision, without an Accelerator."""
 
     device: torch.device

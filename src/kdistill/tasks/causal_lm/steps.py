@@ -40,10 +40,10 @@ from kdistill.losses.lm_cross_entropy import chunked_cross_entropy
 from kdistill.losses.table import LM_DIVERGENCES
 from kdistill.recipe.causal_lm import LMLossTerm, LMTrainConfig, OnPolicyConfig
 from kdistill.schedules import ScheduleOrNumber, schedule_value
+from kdistill.steps import Placement, StepCount, Validation, autocast_of
 from kdistill.tasks.causal_lm.generate import derived_seed, generate, row_uniforms
 from kdistill.tasks.causal_lm.models import CausalLM
 from kdistill.teachers import LiveLMTeacher, LMTeacherOutput, TeacherSignal
-from kdistill.train import Placement, StepCount, Validation, autocast_of
 
 
 @dataclass(frozen=True)
@@ -212,7 +212,7 @@ def evaluate_lm(
 
 
 class LMSteps:
-    """`kdistill.train.TrainSteps` of a language-model stage.
+    """`kdistill.steps.TrainSteps` of a language-model stage.
 
     train, val: rows (N, seq_len + 1). vocab_size: the tokenizer's size, the range the
     divergence compares over. train_labels: (N, seq_len) labels of the training rows, -100

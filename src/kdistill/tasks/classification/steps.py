@@ -23,12 +23,12 @@ from kdistill.errors import TrainingError
 from kdistill.evaluate import predict, quality
 from kdistill.losses.objective import LossInputs, Objective
 from kdistill.recipe import TrainConfig
+from kdistill.steps import Placement, StepCount, Validation, augment_seed, autocast_of
 from kdistill.teachers import TeacherSignal
-from kdistill.train import Placement, StepCount, Validation, augment_seed, autocast_of
 
 
 class ClassifierSteps:
-    """`kdistill.train.TrainSteps` of a classifier stage."""
+    """`kdistill.steps.TrainSteps` of a classifier stage."""
 
     unit = "samples"
     higher_is_better = True
