@@ -99,3 +99,17 @@ def test_every_command_is_an_api_function_of_its_name() -> None:
     assert recipe.train.epochs == 2 and recipe.task == "classification"
     with pytest.raises(RecipeError, match="did you mean 'train'"):
         api.validate({"name": "x", "data": {"source": "mnist"}, "trian": {}})
+
+
+def test_python_dash_m_kdistill_is_the_command_line() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "kdistill", "validate", "mnist_quick"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "valid classification recipe 'mnist_quick'" in done.stderr
