@@ -23,6 +23,7 @@ from kdistill.checkpoint import save_weights
 from kdistill.cli import main
 from kdistill.data import mnist
 from kdistill.errors import RecipeError
+from kdistill.lock import LOCK
 from kdistill.models import build_model
 from kdistill.recipe import ModelSpec
 
@@ -90,7 +91,9 @@ def error_message(output: str) -> str:
 
 def snapshot(folder: Path, *, skip: frozenset[str] = frozenset()) -> dict[str, tuple[str, int]]:
     """sha256 and mtime (ns) of every file under `folder`, by relative path, except
-    those whose first path part is in `skip`."""
+    those whose first path part is in `skip`, and the run folder's lock, which records
+    who last held the folder and is rewritten by every command that opens it."""
+    skip = skip | {LOCK}
     files = {}
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()

@@ -111,3 +111,32 @@ def test_two_processes_match_one(tmp_path: Path, shared_data: Path) -> None:
     a = load_file(str(tmp_path / "one" / "baseline" / "seed0" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "baseline" / "seed0" / "model.safetensors"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-3
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_busy_folder_is_refused_and_the_first_finishes(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    """Two `kdistill run` into one folder: the second is refused at once (the folder's
+    lock names the first), the first finishes, and the folder holds the first's run."""
+    env = {**os.environ, "KDISTILL_DATA": str(shared_data)}
+    recipe = _recipe(tmp_path, epochs=20)
+    folder = tmp_path / "run"
+    first = _kdistill("run", str(recipe), "--output-dir", str(folder), env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and first.poll() is None:
+        if (folder / "run.json").exists():  # written while the lock is held
+            break
+        time.sleep(0.05)
+    assert first.poll() is None, "the first run ended before the second could start"
+    second = _kdistill("run", str(recipe), "--output-dir", str(folder), "--resume", env=env)
+    assert second.wait(timeout=120) == 2
+    err = second.stderr.read().decode() if second.stderr else ""
+    assert "in use by another kdistill process" in err and f"pid {first.pid}" in err, err
+    assert "Traceback" not in err
+    assert first.poll() is None  # refused while the first still ran
+    assert first.wait(timeout=600) == 0
+    status = json.loads((folder / "run.json").read_text())
+    assert status["status"] == "finished"
+    lock = json.loads((folder / "run.lock").read_text())
+    assert lock["pid"] == first.pid and lock["released"]

@@ -129,13 +129,17 @@ def cache(
     data_dir: str | Path | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Run the recipe's trained teacher once and store its outputs; {"folder", "reused", ...}."""
+    """Run the recipe's trained teacher once and store its outputs; {"folder", "reused", ...}.
+    Holds the run folder's lock meanwhile, as `run` does (`kdistill.lock`)."""
+    from kdistill.lock import hold_folder
+    from kdistill.stages import run_dir_of
     from kdistill.tasks import task_of_recipe
 
     recipe = as_recipe(recipe, overrides)
-    return task_of_recipe(recipe).function("cache")(
-        recipe, output_dir=output_dir, data_dir=data_dir, overwrite=overwrite
-    )
+    with hold_folder(run_dir_of(recipe, output_dir)):
+        return task_of_recipe(recipe).function("cache")(
+            recipe, output_dir=output_dir, data_dir=data_dir, overwrite=overwrite
+        )
 
 
 def report(run_dir: str | Path) -> dict[str, Any]:

@@ -11,6 +11,7 @@ finished earlier, and a resumed run reuses it), and training a stage with `fit`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as dt
 import json
@@ -32,6 +33,7 @@ from torch import nn
 from kdistill import __version__
 from kdistill.checkpoint import atomic_write_json, atomic_write_text, load_weights, save_weights
 from kdistill.errors import CheckpointError, RecipeError, RunDirError, TrainingError
+from kdistill.lock import LOCK, hold_folder
 from kdistill.steps import TrainSteps
 from kdistill.train import FitResult, fit
 
@@ -294,6 +296,7 @@ def open_run(
         resume=options.resume,
         overwrite=options.overwrite,
         setup=setup,
+        note=console.log,
     ) as prepared:
         yield RunContext(recipe, run_dir, accelerator, options, console), prepared
 
@@ -307,27 +310,32 @@ def run_folder(
     resume: bool,
     overwrite: bool,
     setup: Callable[[], T] | None = None,
+    note: Callable[[str], object] | None = None,
 ) -> Iterator[T | None]:
-    """Claim the run folder and mark it running (main process); a failure inside the
-    block marks it failed, with the error, and goes on up. `setup` (reading the data)
-    runs after the claim and before anything is written: when it fails, a folder being
-    resumed is left exactly as it was. The block receives what it returns."""
-    if accelerator.is_main_process:
-        claim_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    accelerator.wait_for_everyone()
-    prepared = setup() if setup is not None else None
-    if accelerator.is_main_process:
-        atomic_write_text(
-            run_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
-        )
-        write_status(run_dir, "running")
-    accelerator.wait_for_everyone()
-    try:
-        yield prepared
-    except BaseException as exc:
-        if accelerator.is_main_process:
-            write_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}")
-        raise
+    """Hold the run folder's lock (`kdistill.lock`; main process), claim the folder and
+    mark it running; a failure inside the block marks it failed, with the error, and
+    goes on up. `setup` (reading the data) runs after the claim and before anything is
+    written: when it fails, a folder being resumed is left exactly as it was. The block
+    receives what it returns. `note` is told of a stale lock taken over."""
+    main = accelerator.is_main_process
+    with hold_folder(run_dir, note=note) if main else contextlib.nullcontext():
+        if main:
+            claim_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        accelerator.wait_for_everyone()
+        prepared = setup() if setup is not None else None
+        if main:
+            atomic_write_text(
+                run_dir / "recipe.yaml",
+                yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False),
+            )
+            write_status(run_dir, "running")
+        accelerator.wait_for_everyone()
+        try:
+            yield prepared
+        except BaseException as exc:
+            if main:
+                write_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}")
+            raise
 
 
 def finish_run(ctx: RunContext, write_report: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
@@ -369,10 +377,11 @@ def refuse_fsdp(distributed_type: DistributedType) -> None:
 
 def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
     status_path = run_dir / "run.json"
-    if run_dir.exists() and any(run_dir.iterdir()):
+    held = [child for child in run_dir.iterdir() if child.name != LOCK] if run_dir.exists() else []
+    if held:
         status = _read_status(status_path)
         if overwrite:
-            for child in run_dir.iterdir():
+            for child in held:
                 if child.is_dir():
                     shutil.rmtree(child)
                 else:
