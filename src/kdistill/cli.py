@@ -233,10 +233,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace, console: Console) -> int:
     """Call the API function of the command's name (kdistill.api) and print its result."""
     from kdistill import api
-    from kdistill.stages import resolve_weights
     from kdistill.tasks import task_of_checkpoint, task_of_recipe, task_of_run
 
     command = args.command
+    if command in ("run", "cache") and args.output_dir:
+        from kdistill.lock import check_free
+
+        check_free(Path(args.output_dir))  # before torch is imported: refused at once
     if command in ("run", "validate", "cache"):
         recipe = api.load_recipe(args.recipe, args.overrides)
         task = task_of_recipe(recipe)
@@ -279,6 +282,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         result = api.evaluate(
             args.checkpoint, data=args.data, model=args.model, data_dir=args.data_dir
         )
+        from kdistill.stages import resolve_weights
+
         summary = task_of_checkpoint(resolve_weights(args.checkpoint)).function("eval_summary")
         print(json.dumps(result, indent=2) if args.json else summary(result))
     elif command == "inspect":

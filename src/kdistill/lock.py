@@ -44,22 +44,19 @@ def hold_folder(run_dir: Path, *, note: Any = None) -> Iterator[dict[str, Any] |
     try:
         previous = _read(handle)
         if not _lock(handle, previous):
-            raise RunDirError(
-                f"output folder {run_dir} is in use by another kdistill process "
-                f"({_describe(previous)}); wait for it to finish, or choose another "
-                "--output-dir"
-            )
+            raise _busy(run_dir, previous)
         stale = previous if previous and not previous.get("released") else None
         if stale is not None and note is not None:
             note(
                 f"{run_dir}: took over the lock of a kdistill process that is gone "
                 f"({_describe(stale)})"
             )
-        _write(handle, _record())
+        record = _record()
+        _write(handle, record)
         try:
             yield stale
         finally:
-            _write(handle, {**_record(), "released": _now()})
+            _write(handle, {**record, "released": _now()})
             if was_empty and [p.name for p in run_dir.iterdir()] == [LOCK]:
                 # nothing was written (a recipe or data error): leave no trace
                 (run_dir / LOCK).unlink()
@@ -67,6 +64,19 @@ def hold_folder(run_dir: Path, *, note: Any = None) -> Iterator[dict[str, Any] |
                     run_dir.rmdir()
     finally:
         handle.close()  # drops the OS lock
+
+
+def check_free(run_dir: Path) -> None:
+    """Refuse now when another process holds `run_dir` (as `hold_folder` would, later):
+    the command line calls this before it imports torch, so a second command into a
+    busy folder ends in well under a second. Holds nothing."""
+    path = run_dir / LOCK
+    if not path.is_file():
+        return
+    with open(path, "a+", encoding="utf-8") as handle:
+        previous = _read(handle)
+        if not _lock(handle, previous):
+            raise _busy(run_dir, previous)
 
 
 def _lock(handle: TextIO, previous: dict[str, Any] | None) -> bool:
@@ -82,6 +92,13 @@ def _lock(handle: TextIO, previous: dict[str, Any] | None) -> bool:
         and not previous.get("released")
         and previous.get("host") == socket.gethostname()
         and _alive(int(previous.get("pid", -1)))
+    )
+
+
+def _busy(run_dir: Path, holder: dict[str, Any] | None) -> RunDirError:
+    return RunDirError(
+        f"output folder {run_dir} is in use by another kdistill process "
+        f"({_describe(holder)}); wait for it to finish, or choose another --output-dir"
     )
 
 
