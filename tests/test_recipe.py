@@ -166,3 +166,55 @@ def test_cross_field_problems_are_collected_and_raised_once() -> None:
         "the 'assistant' stage needs a 'teacher' section",
     ):
         assert f"\n  - (top level): {needle}" in message
+
+
+@pytest.mark.parametrize(
+    ("change", "path", "message"),
+    [
+        ({"seeds": [0, 1, 0]}, "seeds", "seed 0 is listed more than once"),
+        ({"objective": []}, "objective", "the objective is empty"),
+        ({"train": {"optimizer": {"lr": float("inf")}}}, "train.optimizer.lr", "finite"),
+        ({"objective": [{"loss": "kd", "temperature": float("nan")}]}, "temperature", "finite"),
+        ({"train": {"grad_clip": float("inf")}}, "train.grad_clip", "finite"),
+    ],
+)
+def test_validate_refuses_what_run_would_find_later(change: dict, path: str, message: str) -> None:
+    """Repeated seeds, an empty objective and numbers that are not finite are refused by
+    `validate`, with the YAML path, instead of running once or turning into a NaN loss."""
+    text = _error({**MINIMAL, **change})
+    assert path in text and message in text
+
+
+def test_causal_lm_recipes_refuse_the_same() -> None:
+    raw = {
+        "task": "causal_lm",
+        "name": "t",
+        "data": {"corpus": ["c.txt"], "tokenizer": {"vocab_size": 300}},
+        "student": {"model": {"config": {"type": "gpt2"}}},
+        "stages": ["baseline"],
+        "seeds": [3, 3],
+        "objective": [],
+        "train": {"optimizer": {"lr": float("nan")}},
+    }
+    text = _error(raw)
+    assert "seed 3 is listed more than once" in text and "the objective is empty" in text
+    assert "train.optimizer.lr" in text and "finite" in text
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "name: t\ndata:\n  source: mnist\nseeds: [0, 1]\ntrain: {epochs: 2}\nseeds: [5]\n"
+    )
+    with pytest.raises(RecipeError, match="the key 'seeds' is given twice, on lines 4 and 6"):
+        load_recipe(path)
+    path.write_text("name: t\ndata: {source: mnist, source: npz}\n")  # inside a flow mapping
+    with pytest.raises(RecipeError, match="'source' is given twice"):
+        load_recipe(path)
+
+
+def test_a_recipe_that_is_not_utf8_is_one_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_bytes("name: café\n".encode("latin-1"))
+    with pytest.raises(RecipeError, match=r"not UTF-8 text .*save the recipe as UTF-8"):
+        load_recipe(path)

@@ -8,7 +8,7 @@ checks of the stage list and the seeds.
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -24,7 +24,9 @@ def raise_all(problems: list[str]) -> None:
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # a number that is not finite (.inf, .nan) is refused in every section: a learning
+    # rate of .inf would otherwise be found as a NaN loss after the first step
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class AugmentConfig(Strict):
@@ -109,6 +111,27 @@ class RecipeBase(Strict):
     task: str = Field(description="the task (kdistill.tasks.TASKS)")
     name: str
     description: str = ""
+
+    @field_validator("seeds", check_fields=False)
+    @classmethod
+    def _seeds_unique(cls, seeds: list[int]) -> list[int]:
+        repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+        if repeated:
+            raise ValueError(
+                f"seed {', '.join(map(str, repeated))} is listed more than once; each seed "
+                "is one run of each stage, so list each once"
+            )
+        return seeds
+
+    @field_validator("objective", check_fields=False)
+    @classmethod
+    def _objective_not_empty(cls, objective: list[Any]) -> list[Any]:
+        if not objective:
+            raise ValueError(
+                "the objective is empty; give at least one loss term, for example "
+                "[{loss: cross_entropy}]"
+            )
+        return objective
 
     @field_validator("stages", check_fields=False)
     @classmethod
