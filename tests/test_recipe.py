@@ -218,3 +218,14 @@ def test_a_recipe_that_is_not_utf8_is_one_clear_error(tmp_path: Path) -> None:
     path.write_bytes("name: café\n".encode("latin-1"))
     with pytest.raises(RecipeError, match=r"not UTF-8 text .*save the recipe as UTF-8"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize("name", ["../../x:foo", "pkg/mod:f", "pkg.mod:", "a..b:f"])
+def test_a_malformed_code_name_is_refused_by_validate(name: str) -> None:
+    text = _error({**MINIMAL, "student": {"model": {"name": name}}})
+    assert "student.model.name" in text and "names neither a Python file" in text
+
+
+def test_well_formed_code_names_pass_validate_without_importing() -> None:
+    for name in ("models.py:build", "sub/dir/net.py:make", "my_pkg.nets:tiny", "resnet20"):
+        validate_recipe({**MINIMAL, "student": {"model": {"name": name}}})

@@ -69,6 +69,12 @@ ZOO: dict[str, Callable[..., nn.Module]] = {
 
 def _import_factory(name: str, where: str) -> Callable[..., nn.Module]:
     module_name, _, attr = name.rpartition(":")
+    dotted = all(part.isidentifier() for part in module_name.split("."))
+    if not module_name.endswith(".py") and not dotted:
+        raise ModelError(
+            f"{where}: model {name!r} names neither a Python file (path/to/file.py:factory) "
+            "nor a module (package.module:factory); write one of those forms"
+        )
     try:
         if module_name.endswith(".py"):
             module = _import_file(Path(module_name), where)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from kdistill.losses.table import check_term
 from kdistill.recipe.common import (
@@ -111,6 +111,22 @@ class ModelSpec(Strict):
         description="text models: 'vocab' (words of the training texts) or a tokenizer "
         "folder / pkg://package/folder / hub id; hf models default to their own",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _code_name_form(cls, name: str) -> str:
+        """A `module:callable` name is checked for its form here (validate imports no
+        user code); whether it imports is checked when the run builds the model."""
+        module, colon, attr = name.rpartition(":")
+        if not colon:
+            return name
+        dotted = all(part.isidentifier() for part in module.split("."))
+        if not (module.endswith(".py") or dotted) or not attr.isidentifier():
+            raise ValueError(
+                f"{name!r} names neither a Python file (path/to/file.py:factory) nor a "
+                "module (package.module:factory); write one of those forms"
+            )
+        return name
 
 
 # ---------------------------------------------------------------------- objective
