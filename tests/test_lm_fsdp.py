@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 WORKER = r"""
-import functools, json, sys
+import functools, json, os, sys
 import torch, torch.distributed as dist, transformers
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
@@ -75,6 +75,11 @@ if rank == 0:
                       "head_shape_after_forward": head_shape}))
 dist.barrier()  # both processes done with gloo before either tears it down
 dist.destroy_process_group()
+# Leave without the interpreter's teardown: on this CPU build, gloo's threads sometimes
+# abort the process there ("terminate called without an active exception") after the
+# results above are printed and the group is destroyed; what is tested is done by now.
+sys.stdout.flush()
+os._exit(0)
 """
 
 
