@@ -142,6 +142,14 @@ def build_model(
         raise ModelError(
             f"{where}: cannot build {spec.name!r} with args {spec.args}: {exc}"
         ) from None
+    except Exception as exc:
+        if ":" not in spec.name:
+            raise  # a zoo model failing is kdistill's bug: keep its traceback
+        first = next(iter(str(exc).splitlines()), "")
+        raise ModelError(
+            f"{where}: your factory {spec.name!r} raised {type(exc).__name__}: {first}; "
+            "run with --debug to see its traceback"
+        ) from exc
     if not isinstance(model, nn.Module):
         raise ModelError(
             f"{where}: {spec.name!r} returned {type(model).__name__}, not a torch Module"
