@@ -211,6 +211,9 @@ def test_a_key_given_twice_is_refused_with_both_lines(tmp_path: Path) -> None:
     path.write_text("name: t\ndata: {source: mnist, source: npz}\n")  # inside a flow mapping
     with pytest.raises(RecipeError, match="'source' is given twice"):
         load_recipe(path)
+    path.write_text("name: t\n? [a, b]\n: 1\n")  # a key YAML cannot hash: its own error
+    with pytest.raises(RecipeError, match=r"not valid YAML(.|\n)*unhashable key"):
+        load_recipe(path)
 
 
 def test_a_recipe_that_is_not_utf8_is_one_clear_error(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Any, Union, cast
 
@@ -207,6 +208,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             line = key_node.start_mark.line + 1
+            if not isinstance(key, Hashable):
+                continue  # SafeLoader's own error ("found unhashable key") follows
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None,
