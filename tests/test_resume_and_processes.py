@@ -39,9 +39,12 @@ def _kdistill(*args: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_gives_same_weights(
+def test_sigkill_mid_epoch_then_resume_past_a_truncated_checkpoint_gives_same_weights(
     tmp_path: Path, shared_data: Path
 ) -> None:
+    """Killed mid-epoch, and the newest checkpoint then damaged (a truncated weights
+    file): --resume falls back to the checkpoint before it and still ends with the
+    weights of an uninterrupted run."""
     env = {**os.environ, "KDISTILL_DATA": str(shared_data)}
     recipe = _recipe(tmp_path, checkpoint_every=10)
     steps_per_epoch = 6000 // 50
@@ -69,9 +72,18 @@ def test_sigkill_mid_epoch_then_resume_gives_same_weights(
     assert killed_at is not None, "the run ended before it could be killed mid-epoch"
     assert json.loads((killed_dir / "run.json").read_text())["status"] == "running"
     assert not (killed_dir / "baseline" / "seed0" / "eval.json").exists()
+    newest = checkpoints / f"step-{killed_at:09d}"
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
 
-    resumed = _kdistill("run", str(recipe), "--output-dir", str(killed_dir), "--resume", env=env)
-    assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode() if resumed.stderr else ""
+    wide = {**env, "COLUMNS": "400"}  # one log record per line
+    resumed = _kdistill("run", str(recipe), "--output-dir", str(killed_dir), "--resume", env=wide)
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err.decode()
+    log = " ".join(err.decode().split())
+    assert f"skipped damaged checkpoint step-{killed_at:09d}" in log, log
+    assert f"resuming from step-{killed_at - 10:09d}" in log, log
+    assert (checkpoints / f"step-{killed_at:09d}.damaged").is_dir()
 
     a = load_file(str(tmp_path / "straight" / "baseline" / "seed0" / "model.safetensors"))
     b = load_file(str(killed_dir / "baseline" / "seed0" / "model.safetensors"))

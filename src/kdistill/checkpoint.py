@@ -2,8 +2,11 @@
 
 A training checkpoint is a folder `step-<N>/` holding `model.safetensors` (weights)
 and `state.pt` (optimizer, LR schedule, counters and random-number-generator
-states; loaded with `weights_only=True`). It is written into `step-<N>.tmp/` and
-renamed, so a folder without `.tmp` is always complete. The newest two are kept.
+states; loaded with `weights_only=True`), and `checksums.json` (the sha256 of both,
+taken when they were written). It is written into `step-<N>.tmp/`, flushed to disk
+and renamed, so a folder named `step-<N>` was complete when written; the checksums
+tell whether it still is. The newest two are kept. Resuming takes the newest intact
+checkpoint and moves a damaged one aside as `step-<N>.damaged/`.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +28,9 @@ from torch import nn
 from kdistill.errors import CheckpointError
 
 KEEP = 2
+CHECKSUMS = "checksums.json"
+_STATE_FILES = ("model.safetensors", "state.pt")
+_STEP_NAME = re.compile(r"step-\d+")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -88,7 +96,7 @@ def file_sha256(path: Path) -> str:
 def save_training_state(
     folder: Path, *, step: int, model: nn.Module, state: dict[str, Any]
 ) -> Path:
-    """Write `folder/step-<step>/` atomically and prune older ones."""
+    """Write `folder/step-<step>/` atomically, with its checksums, and prune older ones."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:09d}"
     tmp = folder / f"step-{step:09d}.tmp"
@@ -97,19 +105,100 @@ def save_training_state(
     tmp.mkdir()
     save_weights(model, tmp / "model.safetensors")
     torch.save(state, tmp / "state.pt")
+    sums = {name: file_sha256(tmp / name) for name in _STATE_FILES}
+    (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=2) + "\n", encoding="utf-8")
+    for name in (*_STATE_FILES, CHECKSUMS):
+        _fsync(tmp / name)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in sorted(p for p in folder.glob("step-*") if not p.name.endswith(".tmp"))[:-KEEP]:
+    _fsync(folder)
+    for old in training_states(folder)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file or folder to disk, so a rename never outlives its contents."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a folder
+        pass
+    finally:
+        os.close(fd)
+
+
+def training_states(folder: Path) -> list[Path]:
+    """The checkpoint folders `step-<N>`, oldest first (not `.tmp` or `.damaged` ones)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and _STEP_NAME.fullmatch(p.name))
+
+
 def latest_training_state(folder: Path) -> Path | None:
-    complete = sorted(
-        p for p in folder.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
-    )
+    complete = training_states(folder)
     return complete[-1] if complete else None
+
+
+def training_state_problem(path: Path) -> str | None:
+    """What is wrong with a checkpoint folder's files, or None when they match the
+    checksums taken when it was written. A folder from before checksums were written
+    is judged by loading it."""
+    sums_path = path / CHECKSUMS
+    missing = [name for name in _STATE_FILES if not (path / name).is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    if not sums_path.is_file():
+        return None
+    try:
+        sums = json.loads(sums_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"{CHECKSUMS} cannot be read"
+    for name in _STATE_FILES:
+        if file_sha256(path / name) != sums.get(name):
+            return f"{name} does not match its checksum (truncated or changed after writing)"
+    return None
+
+
+@dataclass(frozen=True)
+class Restored:
+    """The checkpoint a resume loaded, and the newer ones it had to skip (moved aside)."""
+
+    path: Path
+    state: dict[str, Any]
+    skipped: tuple[str, ...] = ()
+
+
+def restore_training_state(folder: Path, model: nn.Module) -> Restored | None:
+    """Load the newest intact checkpoint into `model`; None when there is none at all.
+
+    A damaged newer checkpoint is renamed `step-<N>.damaged` (kept for inspection,
+    never chosen again) and named in `skipped`. When every checkpoint is damaged the
+    error says which and what to do."""
+    skipped: list[str] = []
+    for path in reversed(training_states(folder)):
+        problem = training_state_problem(path)
+        if problem is None:
+            try:
+                return Restored(path, load_training_state(path, model), tuple(skipped))
+            except CheckpointError as exc:
+                problem = str(exc)
+        aside = path.with_name(path.name + ".damaged")
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(path, aside)
+        skipped.append(f"{path.name} ({problem}; moved to {aside.name})")
+    if skipped:
+        raise CheckpointError(
+            f"no intact checkpoint in {folder} to resume from: {'; '.join(skipped)}. "
+            f"Delete {folder.parent} to train this stage afresh; run again with --resume "
+            "to keep the stages that finished"
+        )
+    return None
 
 
 def load_training_state(path: Path, model: nn.Module) -> dict[str, Any]:

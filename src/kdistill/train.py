@@ -42,8 +42,9 @@ from rich.progress import (
 from torch import nn
 
 from kdistill.checkpoint import (
+    Restored,
     latest_training_state,
-    load_training_state,
+    restore_training_state,
     save_training_state,
     save_weights,
 )
@@ -386,19 +387,19 @@ class _Checkpoints:
             )
         accelerator.wait_for_everyone()
 
-    def restore(self) -> Path | None:
-        """Load the newest checkpoint, if any; returns its folder."""
-        latest = latest_training_state(self.folder)
-        if latest is None:
+    def restore(self) -> Restored | None:
+        """Load the newest intact checkpoint, if any (damaged newer ones are skipped)."""
+        restored = restore_training_state(self.folder, self.trainee)
+        if restored is None:
             return None
-        saved = load_training_state(latest, self.trainee)
+        saved = restored.state
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["torch_rng"])
         self.steps.load_state_dict(saved["task"])
         for name, value in saved["loop"].items():
             setattr(self.state, name, value)
-        return latest
+        return restored
 
 
 class _MetricsLog:
@@ -425,11 +426,13 @@ class _MetricsLog:
         self.writer: Any = None
         self.bar: Progress | None = None
 
-    def resumed(self, state: FitState, checkpoint: Path) -> None:
+    def resumed(self, state: FitState, restored: Restored) -> None:
         if self.is_main:
             truncate_metrics(self.path, state.global_step)
+            for skipped in restored.skipped:
+                self.console.log(f"[yellow]{self.label}: skipped damaged checkpoint {skipped}")
             self.console.log(
-                f"{self.label}: resuming from {checkpoint.name} (epoch {state.epoch + 1})"
+                f"{self.label}: resuming from {restored.path.name} (epoch {state.epoch + 1})"
             )
 
     def start(self, *, resumed: bool) -> None:
