@@ -212,7 +212,9 @@ def test_report_command_rebuilds_the_lm_table(finished: Path, tmp_path: Path) ->
 
 
 def test_live_teacher_from_checkpoint_and_tokenizer_path(finished: Path, tmp_path: Path) -> None:
-    recipe = tiny_lm_recipe(stages=["distill"])
+    """A loaded teacher is measured like the trained one, so the table has its row
+    and the gap."""
+    recipe = tiny_lm_recipe(stages=["baseline", "distill"])
     recipe["data"]["tokenizer"] = {"path": str(finished / "tokenizer")}
     recipe["teacher"].update(signal="live", checkpoint=str(finished))
     recipe["objective"] = [{"loss": "jsd", "params": {"beta": 0.5}, "temperature": 2.0}]
@@ -220,6 +222,13 @@ def test_live_teacher_from_checkpoint_and_tokenizer_path(finished: Path, tmp_pat
     evaluation = json.loads((tmp_path / "live" / "distill" / "seed0" / "eval.json").read_text())
     assert math.isfinite(evaluation["val"]["loss"])
     assert not (tmp_path / "live" / "cache").exists()
+    measured = json.loads((tmp_path / "live" / "teacher" / "seed0" / "eval.json").read_text())
+    trained = json.loads((finished / "teacher" / "seed0" / "eval.json").read_text())
+    assert measured["val"]["loss"] == pytest.approx(trained["val"]["loss"], rel=1e-6)
+    results = json.loads((tmp_path / "live" / "results.json").read_text())
+    assert list(results["stages"]) == ["teacher", "baseline", "distill"]
+    assert results["gap_metric"] == "loss"  # one tokenizer: the gap on loss per token
+    assert results["gap_recovered"] is not None, results["gap_recovered_note"]
 
 
 # ---------------------------------------------------------------- cache, resume

@@ -164,6 +164,11 @@ def test_cache_dir_reuses_another_runs_teacher_logits(
     assert (cache / "logits.npy").stat().st_mtime_ns == written
     assert not (tmp_path / "second" / "cache").exists()
     assert (tmp_path / "second" / "distill" / "seed4" / "eval.json").is_file()
+    # the loaded teacher is measured like the trained one: same weights, same numbers
+    # (under the run's first seed, 3: the weights are those of the first run's seed 0)
+    measured = json.loads((tmp_path / "second" / "teacher" / "seed3" / "eval.json").read_text())
+    trained = json.loads((first / "teacher" / "seed0" / "eval.json").read_text())
+    assert measured["test"] == trained["test"] and measured["train_seconds"] == 0.0
     # `kdistill cache` checks the same folder the run reads, and writes nothing elsewhere
     path = tmp_path / "second.yaml"
     path.write_text(yaml.safe_dump(tiny))
@@ -178,3 +183,22 @@ def test_cache_dir_reuses_another_runs_teacher_logits(
         kdistill.distill(tiny, output_dir=tmp_path / "third", quiet=True)
     assert str(cache) in str(error.value)
     assert (cache / "logits.npy").stat().st_mtime_ns == written
+
+
+def test_a_loaded_teacher_has_its_row_and_the_gap_in_the_results(
+    tiny: dict, tmp_path: Path
+) -> None:
+    """teacher.checkpoint with stages baseline and distill: the teacher is measured on
+    the test split like a trained one, so the table shows it and the gap recovered."""
+    tiny["stages"] = ["teacher"]
+    tiny["teacher"]["train"]["epochs"] = 6  # a teacher clearly above the baseline
+    kdistill.run(tiny, output_dir=tmp_path / "first", quiet=True)
+    tiny["teacher"]["checkpoint"] = str(tmp_path / "first")
+    tiny["stages"] = ["baseline", "distill"]
+    kdistill.run(tiny, output_dir=tmp_path / "second", quiet=True)
+    results = json.loads((tmp_path / "second" / "results.json").read_text())
+    first = json.loads((tmp_path / "first" / "results.json").read_text())
+    assert list(results["stages"]) == ["teacher", "baseline", "distill"]
+    assert results["stages"]["teacher"]["test"] == first["stages"]["teacher"]["test"]
+    assert isinstance(results["gap_recovered"], float), results["gap_recovered_note"]
+    assert "| teacher |" in (tmp_path / "second" / "results.md").read_text()

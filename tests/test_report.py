@@ -289,3 +289,34 @@ def test_curves_from_trainer_lines(tmp_path):
     assert curves["distill seed0"]["val_accuracy"] == [(1, 0.91), (2, 0.92)]
     assert curves["distill seed0"]["train_loss"] == [(1, 1.0), (2, 0.5)]
     assert "plots/curves.png" in write_report(run)["report"]["files"]
+
+
+def _lm_eval(run_dir: Path, stage: str, loss: float, bpc: float, tokens: int) -> None:
+    folder = run_dir / stage / "seed0"
+    folder.mkdir(parents=True)
+    val = {"loss": loss, "perplexity": math.exp(loss), "bpc": bpc, "tokens": tokens}
+    (folder / "eval.json").write_text(json.dumps({"stage": stage, "seed": 0, "val": val}))
+
+
+def test_lm_gap_is_on_loss_per_token_with_one_tokenizer(tmp_path):
+    from kdistill.tasks.causal_lm.report import collect_lm, gap_line
+
+    for stage, loss in (("teacher", 1.0), ("baseline", 2.0), ("distill", 1.5)):
+        _lm_eval(tmp_path, stage, loss, bpc=loss * 0.3, tokens=1000)
+    results = collect_lm(tmp_path)
+    assert results["gap_metric"] == "loss" and results["gap_recovered"] == pytest.approx(0.5)
+    assert "from mean validation loss per token" in gap_line(results)
+
+
+def test_lm_gap_is_on_bits_per_character_when_the_teacher_tokenizes_differently(tmp_path):
+    """A pretrained teacher with its own tokenizer: its loss per token (here the lowest)
+    is on another scale, so the gap is taken on bits per character."""
+    from kdistill.tasks.causal_lm.report import collect_lm, gap_line
+
+    _lm_eval(tmp_path, "teacher", loss=0.2, bpc=1.2, tokens=400)
+    _lm_eval(tmp_path, "baseline", loss=2.0, bpc=2.0, tokens=1000)
+    _lm_eval(tmp_path, "distill", loss=1.8, bpc=1.8, tokens=1000)
+    results = collect_lm(tmp_path)
+    assert results["gap_metric"] == "bpc"
+    assert results["gap_recovered"] == pytest.approx(0.25)  # (2.0 - 1.8) / (2.0 - 1.2)
+    assert "bits per character" in gap_line(results)

@@ -50,9 +50,21 @@ def as_recipe(recipe: Any, overrides: list[str] | None = None) -> Any:
     return recipe
 
 
-def validate(recipe: Any, overrides: list[str] | None = None) -> Any:
-    """The validated recipe; a RecipeError listing every problem when it is not valid."""
-    return as_recipe(recipe, overrides)
+def validate(
+    recipe: Any, overrides: list[str] | None = None, *, data_dir: str | Path | None = None
+) -> Any:
+    """The validated recipe; a RecipeError listing every problem when it is not valid:
+    its schema's, then its task's checks of what needs no training and no user code
+    (data paths, checkpoints, zoo model arguments: `kdistill.preflight`)."""
+    from kdistill.recipe.load import problems_error
+    from kdistill.tasks import task_of_recipe
+
+    source = str(recipe) if isinstance(recipe, (str, Path)) else "recipe"
+    recipe = as_recipe(recipe, overrides)
+    problems = task_of_recipe(recipe).function("check")(recipe, data_dir)
+    if problems:
+        raise problems_error(source, problems)
+    return recipe
 
 
 def run(
@@ -69,7 +81,7 @@ def run(
     from kdistill.stages import RunOptions
     from kdistill.tasks import task_of_recipe
 
-    recipe = as_recipe(recipe, overrides)
+    recipe = validate(recipe, overrides, data_dir=data_dir)
     options = RunOptions(output_dir, data_dir, resume=resume, overwrite=overwrite, quiet=quiet)
     return task_of_recipe(recipe).function("run")(recipe, options)
 

@@ -94,6 +94,7 @@ def _run_command(sub: Any, common: argparse.ArgumentParser) -> None:
 def _validate_command(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("validate", parents=[common], help="check a recipe without running it")
     _add_recipe_args(p)
+    _add_data_dir(p)
 
 
 def _plan_command(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -241,7 +242,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
 
         check_free(Path(args.output_dir))  # before torch is imported: refused at once
     if command in ("run", "validate", "cache"):
-        recipe = api.load_recipe(args.recipe, args.overrides)
+        recipe = api.validate(args.recipe, args.overrides, data_dir=args.data_dir)
         task = task_of_recipe(recipe)
     if command == "run":
         results = api.run(

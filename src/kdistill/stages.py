@@ -93,7 +93,7 @@ class StageTable:
     `teacher` stages run once per teacher seed, each guided by the one before (the
     teacher, then a teacher assistant): their last result guides that seed's students.
     The teacher stage itself runs whenever a later stage needs a teacher, listed or not
-    (unlisted, it loads teacher.checkpoint or a pretrained model and measures nothing).
+    (unlisted, it loads teacher.checkpoint or a pretrained model and measures it once).
     `student` stages run per seed in order, each guided by the seed's teacher (or the
     first seed's, when there is one teacher); `chained` stages repeat for born-again
     generations, generation g guided by generation g-1 (folders <stage>_gen<g>).

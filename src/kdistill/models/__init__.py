@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 from torch import nn
 
 from kdistill.errors import ModelError, close_matches, suggest
@@ -42,6 +43,7 @@ from kdistill.models.cifar import (
 from kdistill.models.cnn import lenet5
 from kdistill.models.mlp import mlp
 from kdistill.recipe import ModelSpec
+from kdistill.recipe.classification import standard_library_module
 
 ZOO: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp,
@@ -75,6 +77,9 @@ def _import_factory(name: str, where: str) -> Callable[..., nn.Module]:
             f"{where}: model {name!r} names neither a Python file (path/to/file.py:factory) "
             "nor a module (package.module:factory); write one of those forms"
         )
+    refused = standard_library_module(module_name)
+    if refused:
+        raise ModelError(f"{where}.name: {refused}")
     try:
         if module_name.endswith(".py"):
             module = _import_file(Path(module_name), where)
@@ -106,6 +111,8 @@ def _import_file(path: Path, where: str) -> Any:
     module_name = f"kdistill_user_{path.stem}_{abs(hash(str(path.resolve())))}"
     if module_name in sys.modules:
         return sys.modules[module_name]
+    # the run's log says which file's code runs
+    Console(stderr=True).log(f"{where}: importing model code from {path.resolve()}")
     spec = importlib.util.spec_from_file_location(module_name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -9,6 +9,7 @@ and born-again generations. The training, output and seed sections are
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -126,6 +127,9 @@ class ModelSpec(Strict):
                 f"{name!r} names neither a Python file (path/to/file.py:factory) nor a "
                 "module (package.module:factory); write one of those forms"
             )
+        refused = standard_library_module(module)
+        if refused:
+            raise ValueError(refused)
         return name
 
 
@@ -190,6 +194,21 @@ class LossTerm(Strict):
     def _check(self) -> LossTerm:
         check_term(self)
         return self
+
+
+def standard_library_module(module: str) -> str | None:
+    """Why a factory's module is refused: the standard library and builtins are never a
+    model factory (a shared recipe naming `os:system` would run a command), or None."""
+    if module.endswith(".py"):
+        return None
+    top = module.split(".")[0]
+    if top in sys.stdlib_module_names or top in sys.builtin_module_names:
+        return (
+            f"{module!r} is a module of the Python standard library; a model factory is "
+            "your own code (path/to/file.py:factory, package.module:factory) or a model "
+            "package's, so standard-library callables are refused before anything is called"
+        )
+    return None
 
 
 def _taps(value: TapRef | list[TapRef] | None) -> list[TapSpec]:

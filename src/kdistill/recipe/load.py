@@ -275,15 +275,43 @@ def validate_recipe(raw: Any, *, source: str = "recipe") -> Any:
         errors = _drop_inherited(_dedupe_union_errors(details), raw)
         # a cross-field check raises its problems together, one per line (raise_all)
         lines = [line for e in errors for line in explain_error(e, schema).split("\n")]
-        noun = "problem" if len(lines) == 1 else "problems"
-        raise RecipeError(
-            f"{source}: {len(lines)} {noun} in the recipe:\n  - "
-            + "\n  - ".join(lines)
-            + "\nFix these entries and run `kdistill validate` again."
-        ) from None
+        raise problems_error(source, lines) from None
+
+
+def problems_error(source: str, lines: list[str]) -> RecipeError:
+    """One RecipeError listing every problem of a recipe, one line each."""
+    noun = "problem" if len(lines) == 1 else "problems"
+    return RecipeError(
+        f"{source}: {len(lines)} {noun} in the recipe:\n  - "
+        + "\n  - ".join(lines)
+        + "\nFix these entries and run `kdistill validate` again."
+    )
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Any:
-    """Read, override and validate a recipe file."""
+    """Read, override and validate a recipe file. A model named `file.py:factory` with a
+    relative path is looked for next to the recipe first (then, at run time, in the
+    working folder), as a script finds its neighbours."""
     raw = apply_overrides(read_yaml(path), overrides or [])
+    _code_beside(raw, Path(path).parent)
     return validate_recipe(raw, source=str(path))
+
+
+def _code_beside(raw: Any, folder: Path) -> None:
+    """Rewrite, in place, each `model: {name: rel/file.py:factory}` whose file exists
+    relative to `folder` to its absolute path (the run folder's recipe.yaml keeps it)."""
+    if isinstance(raw, list):
+        for item in raw:
+            _code_beside(item, folder)
+    if not isinstance(raw, dict):
+        return
+    model = raw.get("model")
+    name = model.get("name") if isinstance(model, dict) else None
+    if isinstance(model, dict) and isinstance(name, str):
+        file, colon, attr = name.rpartition(":")
+        if colon and file.endswith(".py") and not Path(file).expanduser().is_absolute():
+            beside = folder / file
+            if beside.is_file():
+                model["name"] = f"{beside.resolve()}:{attr}"
+    for value in raw.values():
+        _code_beside(value, folder)

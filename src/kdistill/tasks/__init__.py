@@ -37,6 +37,7 @@ class Task:
     write_report: str  # (run_dir) -> results
     print_table: str  # (results, console) -> None
     eval_summary: str  # (the measurements of `evaluate`) -> one line for the terminal
+    check: str  # (recipe, data_dir) -> problems `validate` finds beyond the schema
 
     def function(self, which: str) -> Callable[..., Any]:
         module, _, name = getattr(self, which).partition(":")
@@ -55,6 +56,7 @@ TASKS: dict[str, Task] = {
         write_report="kdistill.tasks.classification.report:write_report",
         print_table="kdistill.tasks.classification.report:print_table",
         eval_summary="kdistill.tasks.classification.report:eval_summary",
+        check="kdistill.tasks.classification.checks:check_recipe",
     ),
     "causal_lm": Task(
         "causal_lm",
@@ -67,6 +69,7 @@ TASKS: dict[str, Task] = {
         write_report="kdistill.tasks.causal_lm.report:write_lm_report",
         print_table="kdistill.tasks.causal_lm.report:print_lm_table",
         eval_summary="kdistill.tasks.causal_lm.report:eval_summary",
+        check="kdistill.tasks.causal_lm.checks:check_lm_recipe",
     ),
 }
 

@@ -158,12 +158,12 @@ def build_causal_lm(
     return model
 
 
-def _from_config(config: dict[str, Any], *, vocab_size: int, eos_id: int | None, where: str) -> Any:
-    from transformers import AutoModelForCausalLM
+def config_class_of(config: dict[str, Any], where: str) -> tuple[Any, set[str]]:
+    """The transformers config class of a recipe's `config` ({type: ..., keys...}) and the
+    keys it knows; an unknown type or key is a ModelError (a typo would be ignored)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    options = dict(config)
-    model_type = options.pop("type")
+    model_type = config["type"]
     if model_type not in CONFIG_MAPPING:
         maybe = suggest(model_type, CONFIG_MAPPING.keys())
         raise ModelError(
@@ -173,15 +173,21 @@ def _from_config(config: dict[str, Any], *, vocab_size: int, eos_id: int | None,
     config_class = CONFIG_MAPPING[model_type]
     with quiet_transformers():
         known = set(config_class().to_dict())
-    unknown = sorted(set(options) - known)
+    unknown = sorted(set(config) - known - {"type"})
     if unknown:
-        details = []
-        for key in unknown:
-            details.append(f"{key!r}{suggest(key, sorted(known))}")
+        details = [f"{key!r}{suggest(key, sorted(known))}" for key in unknown]
         raise ModelError(
             f"{where}.config: unknown key(s) for a {model_type} config: {', '.join(details)}; "
             f"see transformers' {config_class.__name__} for the keys"
         )
+    return config_class, known
+
+
+def _from_config(config: dict[str, Any], *, vocab_size: int, eos_id: int | None, where: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    config_class, known = config_class_of(config, where)
+    options = {k: v for k, v in config.items() if k != "type"}
     options.setdefault("vocab_size", vocab_size)
     if eos_id is not None:
         for key in ("bos_token_id", "eos_token_id"):

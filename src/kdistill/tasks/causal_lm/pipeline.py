@@ -240,7 +240,8 @@ def _check_models(ctx: LMContext) -> None:
 
 def _teacher_stage(ctx: LMContext, stage: str, seed: int, guide: None) -> LMTeacher:
     """Load the teacher from teacher.checkpoint or model.path, reuse one trained earlier in
-    this run folder, or train it; measure it when the stage is listed."""
+    this run folder, or train it. A loaded teacher is measured like a trained one (once
+    per run folder), so the results table has its row and the gap."""
     recipe = ctx.recipe
     assert recipe.teacher is not None
     stage_dir = ctx.run_dir / "teacher" / f"seed{seed}"
@@ -254,7 +255,7 @@ def _teacher_stage(ctx: LMContext, stage: str, seed: int, guide: None) -> LMTeac
         except CheckpointError as exc:
             raise CheckpointError(f"teacher.checkpoint: {exc}") from None
     if recipe.teacher.pretrained:
-        if "teacher" in recipe.stages and not done:
+        if not done:
             measure_stage(
                 ctx, "teacher", seed, model, recipe.teacher.model, 0.0, 0, data=ctx.teacher_data
             )

@@ -7,8 +7,10 @@ and `best.val`. This module adds the language-model gap and writes `results.json
 generated samples per stage.
 
 gap closed = (baseline loss − distill loss) / (baseline loss − teacher loss), from mean
-validation loss per token. Teacher and student share the tokenizer, so the same
-ratio holds for bits per character.
+validation loss per token. When teacher and student share the tokenizer the same
+ratio holds for bits per character. A pretrained teacher with its own tokenizer
+counts other tokens (its val `tokens` differ), so its loss per token is not on the
+students' scale: the gap is then taken on bits per character, which is.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ def collect_lm(run_dir: str | Path) -> dict[str, Any]:
         gap, note = _gap(results["stages"], pick)
         results[f"gap_recovered{suffix}"] = gap
         results[f"gap_recovered{suffix}_note"] = note
+    results["gap_metric"] = _gap_metric(results["stages"], _last)
     return results
 
 
@@ -84,18 +87,29 @@ def _best(stage: dict[str, Any]) -> dict[str, Any] | None:
     return (stage.get("best") or {}).get("val")
 
 
+def _gap_metric(stages: dict[str, Any], pick: Any) -> str:
+    """ "loss" (per token), or "bpc" when the teacher counts other tokens than the baseline."""
+    teacher, baseline = (
+        pick(stages[n]) or {} if n in stages else {} for n in ("teacher", "baseline")
+    )
+    tokens = teacher.get("tokens"), baseline.get("tokens")
+    return "bpc" if None not in tokens and tokens[0] != tokens[1] else "loss"
+
+
 def _gap(stages: dict[str, Any], pick: Any) -> tuple[float | None, str | None]:
+    metric = _gap_metric(stages, pick)
+    what = "validation loss" if metric == "loss" else "validation bits per character"
     loss: dict[str, float] = {}
     for name in ("teacher", "baseline", "distill"):
         if name not in stages:
             return None, f"the run has no {name} stage"
         section = pick(stages[name])
-        if not section or section.get("loss") is None:
-            return None, f"the {name} stage has no validation loss for these checkpoints"
-        loss[name] = section["loss"]
+        if not section or section.get(metric) is None:
+            return None, f"the {name} stage has no {what} for these checkpoints"
+        loss[name] = section[metric]
     denominator = loss["baseline"] - loss["teacher"]
     if denominator <= 0:
-        return None, "the baseline's validation loss is not above the teacher's: there is no gap"
+        return None, f"the baseline's {what} is not above the teacher's: there is no gap"
     return (loss["baseline"] - loss["distill"]) / denominator, None
 
 
@@ -136,6 +150,12 @@ def gap_line(results: dict[str, Any], *, best: bool = False) -> str:
     gap = results[f"gap_recovered{suffix}"]
     if gap is None:
         return f"Gap closed by distillation: n/a ({results[f'gap_recovered{suffix}_note']})."
+    if results.get("gap_metric") == "bpc":
+        return (
+            f"Gap closed by distillation: {gap * 100:.1f} % = (baseline bpc − distill bpc) / "
+            "(baseline bpc − teacher bpc), from mean validation bits per character (the "
+            "teacher tokenizes differently, so loss per token is not comparable)."
+        )
     return (
         f"Gap closed by distillation: {gap * 100:.1f} % = (baseline loss − distill loss) / "
         "(baseline loss − teacher loss), from mean validation loss per token."

@@ -200,7 +200,8 @@ def _one_teacher(
             raise CheckpointError(
                 f"{where.replace('.model', '.checkpoint')}: {exc}{hint}"
             ) from None
-        if "teacher" in recipe.stages and not (stage_dir / "eval.json").exists():
+        # measured like a trained teacher, so its row and the gap are in the results
+        if not (stage_dir / "eval.json").exists():
             measure_stage(ctx, stage, seed, model, spec, None, train_seconds=0.0)
         return model
     if trained:

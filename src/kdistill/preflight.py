@@ -1,0 +1,87 @@
+"""`validate`'s second pass: what a recipe's schema cannot see but `run` would refuse.
+
+The schema checks each value alone. A task's `check` (the `check` entry of its row in
+`kdistill.tasks.TASKS`) then looks at what needs the file system or a model's
+signature, and neither trains nor runs user code: data files and folders exist, a
+teacher checkpoint is there, a zoo model takes the `args` given, a transformers config
+knows its keys, a top-k cache fits the vocabulary. Each check reuses the function the
+run calls, so `validate` and `run` refuse the same things with the same words.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from kdistill.errors import KdistillError, suggest
+
+# arguments a builder passes to a zoo factory itself
+IMPLICIT_ARGS = frozenset({"input_shape", "num_classes", "vocab_size"})
+
+
+class Problems:
+    """Problems found so far, one line each: `problems.attempt(f, ...)` calls `f` and
+    keeps the message of a KdistillError it raises."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, line: str | None) -> None:
+        if line:
+            self.lines.append(line)
+
+    def attempt(self, check: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return check(*args, **kwargs)
+        except KdistillError as exc:
+            self.lines.append(str(exc))
+            return None
+
+
+def existing_path(text: str, data_root: Path | None) -> Path | None:
+    """A recipe path as the data loaders resolve it: absolute as is; relative against the
+    current folder, then the data folder. None when nothing is there."""
+    given = Path(text).expanduser()
+    tried = [given] if given.is_absolute() else [Path.cwd() / given]
+    if not given.is_absolute() and data_root is not None:
+        tried.append(data_root / given)
+    return next((p for p in tried if p.exists()), None)
+
+
+def missing_path(where: str, text: str | None, data_root: Path | None, what: str) -> str | None:
+    """A problem line when the path at YAML path `where` does not exist, else None."""
+    if not text or existing_path(text, data_root) is not None:
+        return None
+    folder = f"the data folder {data_root}" if data_root else "the data folder (not found)"
+    return (
+        f"{where}: no {what} {text!r}; relative paths resolve against the current folder "
+        f"({Path.cwd()}), then {folder}"
+    )
+
+
+def args_problem(
+    where: str, name: str, factory: Callable[..., Any], args: Iterable[str]
+) -> str | None:
+    """The `args` of a zoo model checked against its factory's signature: unknown names
+    (with a close match) and required arguments not given."""
+    params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    given = set(args)
+    takes = [n for n in params if n not in IMPLICIT_ARGS]
+    unknown = sorted(given - set(params))
+    required = [
+        n
+        for n, p in params.items()
+        if p.default is inspect.Parameter.empty
+        and p.kind is not inspect.Parameter.VAR_POSITIONAL
+        and n not in IMPLICIT_ARGS
+        and n not in given
+    ]
+    if not unknown and not required:
+        return None
+    parts = [f"{name!r} takes no argument {key!r}{suggest(key, takes)}" for key in unknown]
+    parts += [f"{name!r} needs argument {key!r}" for key in required]
+    return f"{where}.args: {'; '.join(parts)}; its arguments: {', '.join(takes) or 'none'}"
