@@ -87,8 +87,9 @@ def test_npz_errors(tmp_path: Path) -> None:
     message = _error(wrong_names, "npz")
     assert "train.npz" in message and "'x' and 'y'" in message and "['features', 'y']" in message
 
-    float_images = _npz(tmp_path / "b", {"x": np.zeros((4, 5, 5)), "y": y}, {"x": 0, "y": y})
-    assert "uint8" in _error(float_images, "npz")
+    int_images = np.zeros((4, 5, 5), dtype=np.int64)
+    int_images = _npz(tmp_path / "b", {"x": int_images, "y": y}, {"x": 0, "y": y})
+    assert "x.astype(np.uint8)" in _error(int_images, "npz")
 
     float_labels = _npz(tmp_path / "c", {"x": np.zeros((4, 2)), "y": y + 0.5}, {"x": 0, "y": y})
     assert "integer class labels" in _error(float_labels, "npz")
@@ -116,6 +117,182 @@ def test_constant_feature_gets_unit_std(tmp_path: Path) -> None:
     bundle = _build(folder, "npz")
     assert bundle.std[0] == 1
     assert torch.isfinite(bundle.to_input(bundle.test.x)).all()
+
+
+# ------------------------------------------------------------------ npz float images
+
+
+def _images(seed: int, shape: tuple[int, ...] = (6, 8, 8, 3)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def _labels(n: int) -> np.ndarray:
+    return np.arange(n) % 2
+
+
+def _same_tensors(a: object, b: object) -> None:
+    for split in ("train", "val", "test"):
+        assert torch.equal(getattr(a, split).x, getattr(b, split).x), split
+        assert torch.equal(getattr(a, split).y, getattr(b, split).y), split
+    torch.testing.assert_close(a.mean, b.mean, rtol=0, atol=0)
+    torch.testing.assert_close(a.std, b.std, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_npz_float_images_in_unit_range_read_as_their_uint8_version(
+    tmp_path: Path, dtype: type
+) -> None:
+    train, test = _images(0), _images(1, (4, 8, 8, 3))
+    as_uint8 = _npz(tmp_path / "u", {"x": train, "y": _labels(6)}, {"x": test, "y": _labels(4)})
+    unit = {"x": (train / 255).astype(dtype), "y": _labels(6)}
+    as_float = _npz(tmp_path / "f", unit, {"x": (test / 255).astype(dtype), "y": _labels(4)})
+    expected = _build(as_uint8, "npz", val_fraction=0.5)
+    got = _build(as_float, "npz", val_fraction=0.5)
+    assert got.train.x.dtype == torch.uint8 and got.input_shape == (3, 8, 8)
+    _same_tensors(got, expected)
+
+
+def test_npz_float_images_in_pixel_range_are_rounded(tmp_path: Path) -> None:
+    train, test = _images(2, (6, 5, 7)), _images(3, (4, 5, 7))
+    as_uint8 = _npz(tmp_path / "u", {"x": train, "y": _labels(6)}, {"x": test, "y": _labels(4)})
+    # off by up to 0.4 of a level, and clipped to [0, 255] so the range stays the same
+    noise = np.random.default_rng(4).uniform(-0.4, 0.4, train.shape)
+    noisy = np.clip(train + noise, 0, 255).astype(np.float32)
+    as_float = _npz(
+        tmp_path / "f", {"x": noisy, "y": _labels(6)}, {"x": test.astype(float), "y": _labels(4)}
+    )
+    _same_tensors(_build(as_float, "npz"), _build(as_uint8, "npz"))
+
+
+def test_npz_float_image_range_is_decided_over_train_and_test(tmp_path: Path) -> None:
+    """Dark test images (every value 0 or 1) are read as pixels 0-255, like the train
+    file, instead of being scaled by 255 on their own."""
+    train = _images(5, (6, 4, 4)).astype(np.float32)
+    dark = (np.arange(4 * 4 * 4).reshape(4, 4, 4) % 2).astype(np.float32)
+    folder = _npz(tmp_path, {"x": train, "y": _labels(6)}, {"x": dark, "y": _labels(4)})
+    bundle = _build(folder, "npz")
+    assert torch.equal(bundle.test.x[:, 0], torch.from_numpy(dark.astype(np.uint8)))
+    unit = _npz(
+        tmp_path / "unit", {"x": train / 255, "y": _labels(6)}, {"x": dark, "y": _labels(4)}
+    )
+    assert int(_build(unit, "npz").test.x.max()) == 255  # here both files are in [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("part", "bad", "found"),
+    [
+        ("train", np.nan, ["1 NaN or infinite values", "min 0, max 1"]),
+        ("test", np.inf, ["1 NaN or infinite values", "max inf"]),
+        ("train", -0.5, ["from -0.5 to 1", "Undo any normalisation"]),
+        ("test", 300.0, ["from 0 to 300", "[0, 255]"]),
+    ],
+)
+def test_npz_float_images_out_of_range_are_refused(
+    tmp_path: Path, part: str, bad: float, found: list[str]
+) -> None:
+    x = {name: np.linspace(0, 1, 4 * 3 * 3).reshape(4, 3, 3) for name in ("train", "test")}
+    x[part][1, 2, 0] = bad
+    folder = _npz(tmp_path, {"x": x["train"], "y": _labels(4)}, {"x": x["test"], "y": _labels(4)})
+    message = _error(folder, "npz")
+    assert str(folder / f"{part}.npz") in message and "float images" in message
+    for fragment in found:
+        assert fragment in message, (fragment, message)
+
+
+def test_npz_two_dimensional_float_x_stays_features(tmp_path: Path) -> None:
+    x = np.array([[-3.5, 300.25], [0.5, 1.0], [2.0, -1e6], [7.0, 0.0]])
+    folder = _npz(tmp_path, {"x": x, "y": _labels(4)}, {"x": x, "y": _labels(4)})
+    bundle = _build(folder, "npz")
+    assert bundle.test.x.dtype == torch.float32 and bundle.input_shape == (2,)
+    torch.testing.assert_close(bundle.test.x, torch.from_numpy(x).float())
+
+
+# ------------------------------------------------------------------- explicit files
+
+
+def _files(cfg_source: str, data_dir: Path | None = None, **settings) -> object:
+    settings.setdefault("val_fraction", 0)
+    return build(DataConfig(source=cfg_source, **settings), data_dir)
+
+
+def test_npz_train_and_test_files_read_like_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(0)
+    train = {"x": rng.normal(size=(12, 3)), "y": np.arange(12) % 3}
+    test = {"x": rng.normal(size=(5, 3)), "y": np.arange(5) % 3}
+    folder = _npz(tmp_path / "folder", train, test)
+    root, here = tmp_path / "root", tmp_path / "here"
+    (root / "arrays").mkdir(parents=True)
+    here.mkdir()
+    np.savez(root / "arrays" / "fit_me.npz", **train)  # found in the data folder
+    np.savez(here / "held_out.npz", **test)  # found in the current directory
+    monkeypatch.chdir(here)
+
+    expected = _build(folder, "npz")
+    got = _files("npz", root, train="arrays/fit_me.npz", test="held_out.npz")
+    _same_tensors(got, expected)
+    assert got.source_files == [root / "arrays" / "fit_me.npz", here / "held_out.npz"]
+    assert got.fingerprint == expected.fingerprint  # content, not names or places
+    absolute = _files(
+        "npz", tmp_path, train=str(folder / "train.npz"), test=str(here / "held_out.npz")
+    )
+    assert absolute.fingerprint == expected.fingerprint
+    swapped = _files("npz", root, train="held_out.npz", test="arrays/fit_me.npz")
+    assert swapped.fingerprint != expected.fingerprint  # which file is which part counts
+
+
+def test_csv_train_and_test_files_read_like_the_folder(tmp_path: Path) -> None:
+    train, test = "a,kind\n1,x\n2,y\n3,x\n", "kind,a\ny,4\n"
+    folder = _csv(tmp_path / "folder", train, test)
+    (tmp_path / "train_rows.csv").write_text(train)
+    (tmp_path / "test_rows.csv").write_text(test)
+    settings = {"label_column": "kind", "val_fraction": 0}
+    expected = _build(folder, "csv", **settings)
+    got = _files(
+        "csv",
+        tmp_path / "nowhere",
+        train=str(tmp_path / "train_rows.csv"),
+        test=str(tmp_path / "test_rows.csv"),
+        **settings,
+    )
+    _same_tensors(got, expected)
+    assert got.class_names == ["x", "y"] and got.fingerprint == expected.fingerprint
+    assert [p.name for p in got.source_files] == ["train_rows.csv", "test_rows.csv"]
+
+
+def test_a_missing_train_or_test_file_names_the_field_and_what_was_tried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "root"
+    (root / "arrays").mkdir(parents=True)
+    np.savez(root / "arrays" / "train.npz", x=np.zeros((4, 2)), y=_labels(4))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as info:
+        _files("npz", root, train="arrays/train.npz", test="arrays/tset.npz")
+    message = str(info.value)
+    assert message.startswith("data.test 'arrays/tset.npz' (source 'npz') is not a file")
+    assert str(tmp_path / "arrays" / "tset.npz") in message
+    assert str(root / "arrays" / "tset.npz") in message
+    assert "Give an .npz file with arrays x" in message and "then the data folder" in message
+
+    with pytest.raises(DataError) as info:  # a folder where a file belongs
+        _files("csv", root, train="arrays", test="arrays/train.npz")
+    message = str(info.value)
+    assert message.startswith("data.train 'arrays' (source 'csv') is not a file")
+    assert f"{root / 'arrays'} is a folder" in message and "as data.path" in message
+    assert "a .csv file with a header row" in message
+
+
+def test_a_folder_without_the_conventional_names_points_to_train_and_test(
+    tmp_path: Path,
+) -> None:
+    _csv(tmp_path, "a,label\n1,0\n", "a,label\n1,0\n")
+    (tmp_path / "train.csv").rename(tmp_path / "fit.csv")
+    message = _error(tmp_path, "csv")
+    assert "train.csv is missing" in message and "data.train and data.test" in message
+    with pytest.raises(DataError, match=r"data\.path is required.*data\.train and data\.test"):
+        build(DataConfig(source="npz"), tmp_path)
 
 
 # ----------------------------------------------------------------------------- csv

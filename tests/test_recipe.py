@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import fails_cleanly, write_recipe
 
 from kdistill.errors import RecipeError
 from kdistill.recipe import apply_overrides, load_recipe, validate_recipe
@@ -232,3 +233,120 @@ def test_a_malformed_code_name_is_refused_by_validate(name: str) -> None:
 def test_well_formed_code_names_pass_validate_without_importing() -> None:
     for name in ("models.py:build", "sub/dir/net.py:make", "my_pkg.nets:tiny", "resnet20"):
         validate_recipe({**MINIMAL, "student": {"model": {"name": name}}})
+
+
+# ------------------------------------------------------------------------------ data
+
+
+@pytest.mark.parametrize("source", ["csv", "npz", "mnist", "image_folder"])
+def test_a_text_section_for_a_source_without_text_is_refused(source: str) -> None:
+    """Text in a CSV file is read with source text_files; csv with data.text used to
+    validate and then fail on the first text cell ("... is not a number")."""
+    data = {"source": source, "path": "questions", "text": {"text_column": "question"}}
+    text = _error({**MINIMAL, "data": data})
+    assert "1 problem" in text
+    assert (
+        "data: data.text applies to the text sources (sst2, text_files, hf_disk), not to "
+        f"source {source!r}" in text
+    )
+    assert "Text in CSV, TSV or JSON Lines files is read with `source: text_files`" in text
+    for layout in ("train.csv, train.tsv or train.jsonl", "test.csv, test.tsv or test.jsonl"):
+        assert layout in text
+    assert "data.text.text_column" in text and "data.label_column" in text
+
+
+def test_text_sources_take_a_text_section() -> None:
+    for source in ("sst2", "text_files", "hf_disk"):
+        data = {"source": source, "path": "texts", "text": {"text_column": "question"}}
+        assert validate_recipe({**MINIMAL, "data": data}).data.text.text_column == "question"
+
+
+def test_validate_refuses_text_in_a_csv_recipe_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = {"source": "csv", "path": "questions", "text": {"text_column": "question"}}
+    path = write_recipe(tmp_path / "r.yaml", {**MINIMAL, "data": data})
+    fails_cleanly(
+        capsys,
+        ["validate", str(path)],
+        "1 problem in the recipe",
+        "data: data.text applies to the text sources",
+        "`source: text_files`",
+    )
+
+
+def test_a_dumped_recipe_validates_again() -> None:
+    """A run's recipe.yaml and model.json hold a dump: the text section of defaults is
+    left out where the schema refuses one, and kept for text sources."""
+    for source, has_text in (("npz", False), ("mnist", False), ("sst2", True)):
+        recipe = validate_recipe({**MINIMAL, "data": {"source": source}})
+        dumped = recipe.model_dump(mode="json")
+        assert ("text" in dumped["data"]) == has_text
+        assert validate_recipe(dumped) == recipe
+
+
+def test_a_data_section_recorded_with_the_default_text_section_still_loads() -> None:
+    from kdistill.recipe import TextConfig
+    from kdistill.tasks.classification.measure import recorded_data
+
+    old = {"source": "npz", "path": "arrays", "text": TextConfig().model_dump(mode="json")}
+    assert recorded_data(old).path == "arrays"
+    kept = recorded_data({"source": "sst2", "text": {"max_length": 32}})
+    assert kept.text.max_length == 32
+
+
+def test_train_and_test_files_are_read_by_npz_and_csv() -> None:
+    for source in ("npz", "csv"):
+        data = {"source": source, "train": "a/fit.npz", "test": "b/held_out.npz"}
+        recipe = validate_recipe({**MINIMAL, "data": data})
+        assert (recipe.data.train, recipe.data.test, recipe.data.path) == (
+            "a/fit.npz",
+            "b/held_out.npz",
+            None,
+        )
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            {"source": "npz", "path": "arrays", "train": "t.npz", "test": "v.npz"},
+            "data: data.path and data.train and data.test are given together; give either "
+            "data.path (a folder holding the train and test files) or data.train and "
+            "data.test (the two files), not both",
+        ),
+        (
+            {"source": "csv", "path": "table", "test": "v.csv"},
+            "data: data.path and data.test are given together",
+        ),
+        (
+            {"source": "csv", "train": "t.csv"},
+            "data: data.train is given without data.test; give both files, or data.path",
+        ),
+        (
+            {"source": "npz", "test": "v.npz"},
+            "data: data.test is given without data.train",
+        ),
+        (
+            {"source": "image_folder", "path": "pics", "train": "t", "test": "v"},
+            "data: data.train and data.test are for sources npz and csv only (their train "
+            "and test files); source 'image_folder' does not read them. Remove data.train "
+            "and data.test",
+        ),
+        (
+            {"source": "text_files", "path": "texts", "test": "v.csv"},
+            "data: data.test is for sources npz and csv only (their train and test files); "
+            "source 'text_files' does not read it",
+        ),
+    ],
+)
+def test_train_and_test_files_are_refused_where_they_cannot_work(data: dict, message: str) -> None:
+    text = _error({**MINIMAL, "data": data})
+    assert "1 problem" in text and message in text
+
+
+def test_every_data_problem_is_listed() -> None:
+    data = {"source": "mnist", "text": {"max_length": 16}, "train": "t.npz"}
+    text = _error({**MINIMAL, "data": data})
+    assert "2 problems" in text
+    assert "data: data.text applies" in text and "data: data.train is for sources" in text

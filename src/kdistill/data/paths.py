@@ -31,16 +31,18 @@ def resolve_data_root(data_dir: str | Path | None = None) -> tuple[Path | None, 
     return (chosen if chosen.is_dir() else None), [chosen]
 
 
-def resolve_user_path(path: str | None, data_root: Path, *, source: str, layout: str) -> Path:
+def resolve_user_path(
+    path: str | None, data_root: Path, *, source: str, layout: str, alternative: str = ""
+) -> Path:
     """`data.path` as a folder: absolute as is; relative against the current
-    directory if it exists there, else against the data folder."""
+    directory if it exists there, else against the data folder. `alternative` ends
+    the messages with another way to give the data."""
     if not path:
         raise DataError(
             f"data.source {source!r} reads your own files, so data.path is required: "
-            f"a folder with {layout}"
+            f"a folder with {layout}{alternative}"
         )
-    given = Path(path).expanduser()
-    tried = [given] if given.is_absolute() else [Path.cwd() / given, data_root / given]
+    tried = _candidates(path, data_root)
     for candidate in tried:
         if candidate.is_dir():
             return candidate
@@ -48,8 +50,36 @@ def resolve_user_path(path: str | None, data_root: Path, *, source: str, layout:
         f"data.path {path!r} (source {source!r}) is not a folder; tried "
         + ", ".join(str(p) for p in tried)
         + f". Give a folder with {layout}; relative paths resolve against the current "
-        f"directory, then the data folder (--data-dir, else ${DATA_ENV_VAR})"
+        f"directory, then the data folder (--data-dir, else ${DATA_ENV_VAR}){alternative}"
     )
+
+
+def resolve_user_file(path: str, data_root: Path, *, field: str, source: str, expects: str) -> Path:
+    """A file the recipe names (`field`: data.train, data.test), resolved as `data.path`
+    is: absolute as is; relative against the current directory if it is a file there,
+    else against the data folder."""
+    tried = _candidates(path, data_root)
+    for candidate in tried:
+        if candidate.is_file():
+            return candidate
+    folders = [str(p) for p in tried if p.is_dir()]
+    hint = (
+        f" ({', '.join(folders)} is a folder: name the file in it, or give the folder as "
+        "data.path instead of data.train and data.test)"
+        if folders
+        else ""
+    )
+    raise DataError(
+        f"{field} {path!r} (source {source!r}) is not a file; tried "
+        + ", ".join(str(p) for p in tried)
+        + f"{hint}. Give {expects}; relative paths resolve against the current directory, "
+        f"then the data folder (--data-dir, else ${DATA_ENV_VAR})"
+    )
+
+
+def _candidates(path: str, data_root: Path) -> list[Path]:
+    given = Path(path).expanduser()
+    return [given] if given.is_absolute() else [Path.cwd() / given, data_root / given]
 
 
 def require_file(folder: Path, name: str, *, source: str) -> Path:
@@ -58,7 +88,8 @@ def require_file(folder: Path, name: str, *, source: str) -> Path:
         present = sorted(p.name for p in folder.iterdir())
         raise DataError(
             f"{path} is missing: data.source {source!r} needs train and test files in "
-            f"{folder}; found {present or 'nothing'}"
+            f"{folder}; found {present or 'nothing'}. Files named otherwise: give them as "
+            "data.train and data.test instead of data.path"
         )
     return path
 

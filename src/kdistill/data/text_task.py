@@ -32,8 +32,7 @@ from kdistill.data.text_batches import TokenizedTexts, length_buckets
 from kdistill.data.text_sources import load_hf_disk, load_sst2, load_text_files, read_unlabelled
 from kdistill.data.text_tokenizers import TextCollator
 from kdistill.errors import DataError, ModelError
-
-TEXT_SOURCES = ("sst2", "text_files", "hf_disk")
+from kdistill.recipe.classification import TEXT_SOURCES as TEXT_SOURCES
 
 
 @dataclass

@@ -12,7 +12,13 @@ from __future__ import annotations
 import sys
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import (
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from kdistill.losses.table import check_term
 from kdistill.recipe.common import (
@@ -76,19 +82,42 @@ class TextConfig(Strict):
     transfer: TransferConfig | None = None
 
 
+# sources whose data is raw text (data.text applies to these only), and the sources
+# that read a train file and a test file of your own (data.train, data.test)
+TEXT_SOURCES = ("sst2", "text_files", "hf_disk")
+ARRAY_SOURCES = ("npz", "csv")
+
+# what `source: text_files` reads, for messages that send text files there
+TEXT_FILES_LAYOUT = (
+    "data.path names a folder holding train.csv, train.tsv or train.jsonl and test.csv, "
+    "test.tsv or test.jsonl, each with a text column (data.text.text_column, default "
+    "'text') and a label column (data.label_column, default 'label'); a relative "
+    "data.path resolves against the data folder"
+)
+
+
 class DataConfig(Strict):
     source: Literal["mnist", "image_folder", "npz", "csv", "sst2", "text_files", "hf_disk"] = Field(
         description="mnist: the original idx files; image_folder: train/<class>/*.png; "
         "npz: arrays x, y; csv: numeric feature columns plus a label column; sst2: GLUE "
-        "SST-2 TSV; text_files: train/test CSV, TSV or JSONL with text and label columns; "
-        "hf_disk: a `datasets` dataset saved to disk"
+        "SST-2 TSV; text_files: train/test CSV, TSV or JSONL with text and label columns "
+        "(the way to read text from such files); hf_disk: a `datasets` dataset saved to disk"
     )
-    text: TextConfig = Field(default_factory=TextConfig, description="text sources only")
+    text: TextConfig = Field(
+        default_factory=TextConfig, description="text sources (sst2, text_files, hf_disk) only"
+    )
     path: str | None = Field(
         None,
-        description="user data: a folder (image_folder) or a file/folder holding "
-        "train and test files (npz, csv); relative paths resolve against the data folder",
+        description="user data: a folder (image_folder, text_files, hf_disk), or a folder "
+        "holding train and test files (npz, csv); relative paths resolve against the "
+        "current directory, then the data folder (text sources: the data folder)",
     )
+    train: str | None = Field(
+        None,
+        description="npz, csv: the training file, instead of a data.path folder; give "
+        "data.test with it. Relative paths resolve as data.path's do",
+    )
+    test: str | None = Field(None, description="npz, csv: the test file; with data.train")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="validation carved from train")
     split_seed: int = Field(0, description="seed of the train/validation split")
     label_column: str = Field("label", description="csv only: the label column")
@@ -96,6 +125,49 @@ class DataConfig(Strict):
         None, gt=0, description="use only the first N training samples (quick runs)"
     )
     limit_test: int | None = Field(None, gt=0, description="use only the first N test samples")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        problems: list[str] = []
+        # only a section the recipe wrote counts: every source has the default one
+        if "text" in self.model_fields_set and self.source not in TEXT_SOURCES:
+            problems.append(
+                f"data.text applies to the text sources ({', '.join(TEXT_SOURCES)}), not to "
+                f"source {self.source!r}. Text in CSV, TSV or JSON Lines files is read with "
+                f"`source: text_files`: {TEXT_FILES_LAYOUT}. Otherwise remove data.text"
+            )
+        files = [f"data.{name}" for name in ("train", "test") if getattr(self, name) is not None]
+        if files and self.source not in ARRAY_SOURCES:
+            one = len(files) == 1
+            problems.append(
+                f"{' and '.join(files)} {'is' if one else 'are'} for sources "
+                f"{' and '.join(ARRAY_SOURCES)} only (their train and test files); source "
+                f"{self.source!r} does not read {'it' if one else 'them'}. Remove "
+                f"{' and '.join(files)}"
+            )
+        elif files and self.path is not None:
+            problems.append(
+                f"data.path and {' and '.join(files)} are given together; give either data.path "
+                "(a folder holding the train and test files) or data.train and data.test "
+                "(the two files), not both"
+            )
+        elif len(files) == 1:
+            other = "data.test" if files == ["data.train"] else "data.train"
+            problems.append(
+                f"{files[0]} is given without {other}; give both files, or data.path "
+                "(a folder holding the train and test files) instead"
+            )
+        raise_all(problems)
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Leave out the (default) text section of a source that refuses it, so a dump
+        (a run's recipe.yaml, model.json, --set on a recipe object) validates again."""
+        dumped: dict[str, Any] = handler(self)
+        if self.source not in TEXT_SOURCES:
+            dumped.pop("text", None)
+        return dumped
 
 
 # ------------------------------------------------------------------------- models

@@ -32,6 +32,7 @@ from kdistill.errors import CheckpointError, RecipeError
 from kdistill.evaluate import cost, predict, quality
 from kdistill.models.hf import HFClassifier, save_hf
 from kdistill.recipe import DataConfig, ModelSpec, Recipe
+from kdistill.recipe.classification import TEXT_SOURCES
 from kdistill.stages import (
     finish_stage,
 )
@@ -168,7 +169,7 @@ def evaluate_checkpoint(
             f"{weights} has no model.json beside it, so its architecture is unknown; pass --model NAME"
         )
     spec = model_spec or ModelSpec.model_validate(info["model"])  # type: ignore[index]
-    data_cfg = data_cfg or (DataConfig.model_validate(info["data"]) if info else None)
+    data_cfg = data_cfg or (recorded_data(info["data"]) if info else None)
     if data_cfg is None:
         raise CheckpointError("say which data to evaluate on: --data SOURCE[:PATH]")
     bundle = build_data(data_cfg, data_dir)
@@ -188,6 +189,15 @@ def evaluate_checkpoint(
         "cost": data_cost(bundle, net, "cpu"),
         "seconds": round(time.perf_counter() - start, 3),
     }
+
+
+def recorded_data(recorded: dict[str, Any]) -> DataConfig:
+    """The data section model.json records. Runs of earlier versions recorded the
+    default text section for every source; the schema refuses one for a source that
+    does not read text, so it is left out for those."""
+    if recorded["source"] not in TEXT_SOURCES:
+        recorded = {key: value for key, value in recorded.items() if key != "text"}
+    return DataConfig.model_validate(recorded)
 
 
 def _data_option(data: str | None) -> DataConfig | None:
