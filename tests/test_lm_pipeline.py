@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from helpers import fails_cleanly as _fails
-from helpers import fit_lm
+from helpers import fit_lm, tiny_lm_recipe
 from helpers import run_cli as _run
 from helpers import write_recipe as _write
 from safetensors.torch import load_file
@@ -28,43 +28,6 @@ from kdistill.recipe.causal_lm import LMLossTerm, LMModelSpec, LMTrainConfig
 from kdistill.tasks.causal_lm import CausalLM, LMObjective, chunked_cross_entropy
 from kdistill.tasks.causal_lm.models import build_causal_lm
 from kdistill.teachers import LiveLMTeacher
-
-
-def tiny_lm_recipe(**changes: Any) -> dict[str, Any]:
-    """Trains teacher, baseline and distill in a few seconds on 20,000 characters."""
-    recipe: dict[str, Any] = {
-        "task": "causal_lm",
-        "name": "tiny_lm",
-        "data": {
-            "corpus": "tinyshakespeare/input.txt",
-            "limit_chars": 20000,
-            "val_fraction": 0.1,
-            "seq_len": 32,
-            "tokenizer": {"vocab_size": 300},
-        },
-        "teacher": {
-            "model": {"config": {"type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2}},
-            "train": {"epochs": 2},
-            "signal": "cache",
-            "cache": {"top_k": 8, "shard_sequences": 128},
-        },
-        "student": {"model": {"config": {"type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2}}},
-        "objective": [
-            {"loss": "forward_kl", "weight": 0.5, "temperature": 1.0},
-            {"loss": "cross_entropy", "weight": 0.5},
-        ],
-        "train": {
-            "epochs": 1,
-            "batch_size": 16,
-            "optimizer": {"name": "adamw", "lr": 0.005},
-            "eval_batch_size": 64,
-        },
-        "stages": ["teacher", "baseline", "distill"],
-        "seeds": [0],
-        "samples": {"count": 2, "prompt_tokens": 4, "new_tokens": 6},
-    }
-    recipe.update(changes)
-    return recipe
 
 
 @pytest.fixture(scope="module")

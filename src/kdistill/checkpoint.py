@@ -5,8 +5,10 @@ and `state.pt` (optimizer, LR schedule, counters and random-number-generator
 states; loaded with `weights_only=True`), and `checksums.json` (the sha256 of both,
 taken when they were written). It is written into `step-<N>.tmp/`, flushed to disk
 and renamed, so a folder named `step-<N>` was complete when written; the checksums
-tell whether it still is. The newest two are kept. Resuming takes the newest intact
-checkpoint and moves a damaged one aside as `step-<N>.damaged/`.
+tell whether it still is. A write that fails (a full disk) removes `step-<N>.tmp/`
+and is one CheckpointError; the checkpoints before it are untouched. The newest two
+are kept. Resuming takes the newest intact checkpoint and moves a damaged one aside
+as `step-<N>.damaged/`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kdistill.errors import CheckpointError
+from kdistill.errors import CheckpointError, write_failure
 
 KEEP = 2
 CHECKSUMS = "checksums.json"
@@ -97,21 +99,36 @@ def save_training_state(
     folder: Path, *, step: int, model: nn.Module, state: dict[str, Any]
 ) -> Path:
     """Write `folder/step-<step>/` atomically, with its checksums, and prune older ones."""
-    folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:09d}"
     tmp = folder / f"step-{step:09d}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_weights(model, tmp / "model.safetensors")
-    torch.save(state, tmp / "state.pt")
-    sums = {name: file_sha256(tmp / name) for name in _STATE_FILES}
-    (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=2) + "\n", encoding="utf-8")
-    for name in (*_STATE_FILES, CHECKSUMS):
-        _fsync(tmp / name)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_weights(model, tmp / "model.safetensors")
+        torch.save(state, tmp / "state.pt")
+        sums = {name: file_sha256(tmp / name) for name in _STATE_FILES}
+        (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=2) + "\n", encoding="utf-8")
+        for name in (*_STATE_FILES, CHECKSUMS):
+            _fsync(tmp / name)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as exc:
+        # a half-written folder only takes space; the ones before it stay usable
+        shutil.rmtree(tmp, ignore_errors=True)
+        happened, first = write_failure(exc)
+        kept = (
+            "the checkpoints written before it are kept"
+            if training_states(folder)
+            else "there is no earlier checkpoint"
+        )
+        raise CheckpointError(
+            f"cannot write checkpoint {final.name} in {folder}: {happened}. The partial "
+            f"{tmp.name} was removed; {kept}. {first}, then run again with --resume to "
+            "continue from the newest checkpoint"
+        ) from exc
     _fsync(folder)
     for old in training_states(folder)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)

@@ -9,6 +9,7 @@ keeps its traceback.
 from __future__ import annotations
 
 import difflib
+import errno
 from collections.abc import Iterable
 
 
@@ -24,6 +25,18 @@ def suggest(word: str, choices: Iterable[str]) -> str:
     the one wording of every "did you mean" in kdistill's messages."""
     hint = close_matches(word, choices)
     return f" (did you mean {hint[0]!r}?)" if hint else ""
+
+
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def write_failure(exc: OSError) -> tuple[str, str]:
+    """A failed write in the user's words: (what happened, what to do first). A full disk
+    (or quota) is said plainly; any other error as the operating system gives it."""
+    said = f"[Errno {exc.errno}] {exc.strerror}" if exc.strerror else str(exc)
+    if exc.errno in _DISK_FULL:
+        return f"the disk is full ({said})", "Free space on that disk (or write to another one)"
+    return said, "Fix the cause (permissions, a read-only or failing disk)"
 
 
 class KdistillError(Exception):

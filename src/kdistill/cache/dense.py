@@ -6,8 +6,9 @@ Layout of a cache folder:
     manifest.json   teacher sha256, dataset fingerprint, split, shape, dtype, sha256 of logits.npy
 
 It is written into `<folder>.tmp/` and renamed, so a cache folder is complete or
-absent. `open_cache` refuses a cache whose teacher, data or checksum differs from
-what the run expects, and says how to rebuild it.
+absent; a write that fails (a full disk) removes `<folder>.tmp/` and is one CacheError,
+leaving a cache the folder already held untouched. `open_cache` refuses a cache whose
+teacher, data or checksum differs from what the run expects, and says how to rebuild it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import nn
 
 from kdistill.checkpoint import atomic_write_json, file_sha256
 from kdistill.data import DataBundle, TextData
-from kdistill.errors import CacheError
+from kdistill.errors import CacheError, write_failure
 from kdistill.evaluate import predict
 
 FORMAT_VERSION = 1
@@ -43,31 +44,50 @@ def write_cache(
 ) -> dict[str, Any]:
     """Run the teacher over the training split and store its logits; returns the manifest."""
     tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    try:
+        if tmp.exists():  # left by a killed job
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise _write_error(folder, tmp, exc) from exc
     start = time.perf_counter()
     xs, to_input, order = bundle.eval_feed(teacher, "train")
     logits = predict(
         teacher, xs, to_input=to_input, batch_size=batch_size, device=device, order=order
     )  # (N, C) float32
     array = logits.numpy().astype(dtype)
-    np.save(tmp / "logits.npy", array)
-    manifest = {
-        "format": FORMAT_VERSION,
-        "teacher_sha256": teacher_sha256,
-        "dataset_fingerprint": bundle.fingerprint,
-        "split": "train",
-        "shape": list(array.shape),
-        "dtype": dtype,
-        "logits_sha256": file_sha256(tmp / "logits.npy"),
-        "seconds": round(time.perf_counter() - start, 3),
-    }
-    atomic_write_json(tmp / "manifest.json", manifest)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    try:
+        np.save(tmp / "logits.npy", array)
+        manifest = {
+            "format": FORMAT_VERSION,
+            "teacher_sha256": teacher_sha256,
+            "dataset_fingerprint": bundle.fingerprint,
+            "split": "train",
+            "shape": list(array.shape),
+            "dtype": dtype,
+            "logits_sha256": file_sha256(tmp / "logits.npy"),
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        atomic_write_json(tmp / "manifest.json", manifest)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except OSError as exc:
+        raise _write_error(folder, tmp, exc) from exc
     return manifest
+
+
+def _write_error(folder: Path, tmp: Path, exc: OSError) -> CacheError:
+    """Remove the partial `tmp` folder and say what failed; a complete cache in `folder`
+    (about to be replaced) is untouched."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    happened, first = write_failure(exc)
+    kept = f"the cache already in {folder} is kept" if folder.exists() else "no cache was written"
+    return CacheError(
+        f"cannot write the teacher cache {folder}: {happened}. The partial {tmp.name} was "
+        f"removed; {kept}. {first}, then run `kdistill cache` (or `kdistill run --resume`) "
+        "again to rebuild it"
+    )
 
 
 def open_cache(

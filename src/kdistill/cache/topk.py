@@ -32,7 +32,9 @@ their precision: `kdistill.cache.codec`.
 Crash safety: each shard is written to `<name>.tmp`, fsynced, renamed, and only
 then recorded in the manifest (rewritten atomically). A killed job leaves at
 worst a stray .tmp file and unrecorded sequences; `TopKCacheWriter(...,
-resume=True)` verifies the recorded shards and continues after the last one.
+resume=True)` verifies the recorded shards and continues after the last one. A
+write that fails (a full disk) removes its .tmp file, stops the writer and is one
+CacheError; the shards recorded before it stay as they were.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ from kdistill.cache.manifest import (
     spec_mismatches,
 )
 from kdistill.checkpoint import atomic_write_json
-from kdistill.errors import CacheError
+from kdistill.errors import CacheError, write_failure
 
 # log-probs a little above 0 or top-k masses a little above 1 are float rounding
 _LOGPROB_SLACK = 1e-4
@@ -127,7 +129,7 @@ class TopKCacheWriter:
         self.manifest["shard_size_sequences"] = shard_size_sequences
         if extra is not None:
             self.manifest["extra"] = extra
-        self._save_manifest()
+        self._save_manifest(self.manifest)
 
     @property
     def next_sequence(self) -> int:
@@ -246,31 +248,59 @@ class TopKCacheWriter:
         final = self.folder / name
         tmp = final.with_name(name + ".tmp")
         digest, size = hashlib.sha256(), 0
-        with open(tmp, "wb") as f:
-            for array in arrays:
-                data = np.ascontiguousarray(array).tobytes()
-                digest.update(data)
-                f.write(data)
-                size += len(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        try:
+            with open(tmp, "wb") as f:
+                for array in arrays:
+                    data = np.ascontiguousarray(array).tobytes()
+                    digest.update(data)
+                    f.write(data)
+                    size += len(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise self._write_error(f"shard {name}", exc) from exc
         fsync_folder(self.folder)
-        self.manifest["shards"].append(
+        entry = {
+            "file": name,
+            "start": start,
+            "stop": stop,
+            "bytes": size,
+            "sha256": digest.hexdigest(),
+        }
+        self._save_manifest(
             {
-                "file": name,
-                "start": start,
-                "stop": stop,
-                "bytes": size,
-                "sha256": digest.hexdigest(),
+                **self.manifest,
+                "shards": [*self.manifest["shards"], entry],
+                "sequences_written": stop,
+                "complete": stop == self.spec.num_sequences,
             }
         )
-        self.manifest["sequences_written"] = stop
-        self.manifest["complete"] = stop == self.spec.num_sequences
-        self._save_manifest()
 
-    def _save_manifest(self) -> None:
-        atomic_write_json(self.folder / MANIFEST, self.manifest)
+    def _save_manifest(self, manifest: dict[str, Any]) -> None:
+        """Store `manifest` and make it this writer's; until it is stored the old one holds
+        (a shard it does not record is removed on resume)."""
+        try:
+            atomic_write_json(self.folder / MANIFEST, manifest)
+        except OSError as exc:
+            (self.folder / (MANIFEST + ".tmp")).unlink(missing_ok=True)
+            raise self._write_error(MANIFEST, exc) from exc
+        self.manifest = manifest
+
+    def _write_error(self, what: str, exc: OSError) -> CacheError:
+        """Stop this writer after a failed write (nothing more is written, not even at
+        close) and say what is kept and how to go on."""
+        self._buffer, self._buffered, self._closed = [], 0, True
+        happened, first = write_failure(exc)
+        shards, stored = self.manifest["shards"], self.manifest["sequences_written"]
+        return CacheError(
+            f"cannot write {what} of the top-k teacher cache {self.folder}: {happened}. The "
+            f"{len(shards)} complete shard(s) before it ({stored} of {self.spec.num_sequences} "
+            f"sequences) are kept. {first}, then run `kdistill cache` (or `kdistill run "
+            "--resume`) again: it continues after the last complete shard (in Python: "
+            "TopKCacheWriter(..., resume=True))"
+        )
 
     def _prepare_empty_folder(self) -> None:
         """Create the folder, or clear what a job killed before its first manifest left."""
