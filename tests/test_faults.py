@@ -335,6 +335,41 @@ def test_full_disk_mid_training_is_one_error_then_resume_finishes(
     assert (run / "baseline" / "seed0" / "eval.json").is_file()
 
 
+def test_full_disk_on_any_other_write_is_one_error_even_when_the_status_cannot_be_written(
+    tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk where kdistill has no message of its own (a stage's final weights),
+    and the failed status that follows cannot be written either: exit status 2, one
+    paragraph naming the file, the error and what to do; no traceback."""
+    import kdistill.stages as stages
+
+    tiny["stages"] = ["baseline"]
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny)
+    run = tmp_path / "run"
+    weights = run / "baseline" / "seed0" / "model.safetensors"
+
+    def full(model: object, path: Path, *args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    real_status = stages.write_status
+
+    def status(run_dir: Path, status: str, error: str | None = None) -> None:
+        if status == "failed":
+            raise _disk_full()
+        real_status(run_dir, status, error)
+
+    monkeypatch.setattr(stages, "save_weights", full)
+    monkeypatch.setattr(stages, "write_status", status)
+    code, err = _cli(capsys, "run", recipe, "--output-dir", run, "--quiet")
+    _assert_one_clear_error(
+        code,
+        err,
+        f"the disk is full ([Errno 28] No space left on device) writing {weights}",
+        "Files written before it are kept",
+        "--resume",
+    )
+
+
 # ------------------------------------------------------------------ full disk: caches
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -14,7 +15,7 @@ from rich.console import Console
 from rich.text import Text
 
 from kdistill import __version__
-from kdistill.errors import KdistillError, RecipeError
+from kdistill.errors import KdistillError, RecipeError, write_failure
 
 EXAMPLES = """examples:
   kdistill run recipes/mnist_quick.yaml
@@ -209,6 +210,10 @@ def _report_command(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a run folder")
 
 
+# the machine's fault, not kdistill's: a full disk, a quota, a read-only or refused folder
+_WRITE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS, errno.EACCES}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(stderr=True)
@@ -219,6 +224,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         # Text, not markup: messages hold paths and lists like [teacher] that rich would eat
         message = Text("error: ", style="bold red") + Text(str(exc))
+        console.print(message, highlight=False, soft_wrap=True)
+        return 2
+    except OSError as exc:
+        if args.debug or exc.errno not in _WRITE_ERRNOS:
+            raise
+        what, first = write_failure(exc)
+        where = f" writing {exc.filename}" if exc.filename else ""
+        message = Text("error: ", style="bold red") + Text(
+            f"{what}{where}. Files written before it are kept (checkpoints, finished "
+            f"stages). {first}, then run the same command again (with --resume for a run)."
+        )
         console.print(message, highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:

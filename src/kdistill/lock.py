@@ -12,6 +12,7 @@ is left as it was found.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -56,7 +57,9 @@ def hold_folder(run_dir: Path, *, note: Any = None) -> Iterator[dict[str, Any] |
         try:
             yield stale
         finally:
-            _write(handle, {**record, "released": _now()})
+            # the OS lock is what counts; a note that cannot be written (full disk) is skipped
+            with contextlib.suppress(OSError):
+                _write(handle, {**record, "released": _now()})
             if was_empty and [p.name for p in run_dir.iterdir()] == [LOCK]:
                 # nothing was written (a recipe or data error): leave no trace
                 (run_dir / LOCK).unlink()

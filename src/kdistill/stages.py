@@ -334,7 +334,8 @@ def run_folder(
             yield prepared
         except BaseException as exc:
             if main:
-                write_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}")
+                with contextlib.suppress(OSError):  # a full disk fails this write too
+                    write_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}")
             raise
 
 
