@@ -133,6 +133,32 @@ def evaluate(
     )
 
 
+def export(
+    stage: str | Path,
+    *,
+    output: str | Path | None = None,
+    overwrite: bool = False,
+    int8: bool = True,
+    threads: int = 1,
+    data_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Export a stage's model (a stage folder, or its model.safetensors) to ONNX and INT8
+    ONNX, checked against PyTorch on the test data and timed (`kdistill.export`); returns
+    the content of export.json. `output` defaults to <stage>/export."""
+    from kdistill.stages import resolve_weights
+    from kdistill.tasks import task_of_checkpoint
+
+    weights = resolve_weights(stage)
+    return task_of_checkpoint(weights).function("export")(
+        weights,
+        output=Path(output) if output else None,
+        overwrite=overwrite,
+        int8=int8,
+        threads=threads,
+        data_dir=data_dir,
+    )
+
+
 def cache(
     recipe: Any,
     overrides: list[str] | None = None,

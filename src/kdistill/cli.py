@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     _validate_command(sub, common)
     _plan_command(sub, common)
     _eval_command(sub, common)
+    _export_command(sub, common)
     _cache_command(sub, common)
     _inspect_command(sub, common)
     _recipes_command(sub, common)
@@ -126,6 +127,23 @@ def _plan_command(sub: Any, common: argparse.ArgumentParser) -> None:
         help="also run the steps again and measure their true peak memory, beside the estimate",
     )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def _export_command(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "export",
+        parents=[common],
+        help="write a stage's model as ONNX and INT8 ONNX, checked against PyTorch and timed",
+    )
+    p.add_argument("stage", help="a stage folder (runs/X/distill/seed0) or its model.safetensors")
+    p.add_argument("--output", help="the export folder (default: <stage>/export)")
+    p.add_argument("--overwrite", action="store_true", help="replace what the export folder holds")
+    p.add_argument("--no-int8", action="store_true", help="skip the INT8 model")
+    p.add_argument(
+        "--threads", type=int, default=1, help="threads for the latency table (default 1)"
+    )
+    _add_data_dir(p)
+    p.add_argument("--json", action="store_true", help="print export.json instead of a summary")
 
 
 def _eval_command(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -303,6 +321,19 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
 
         summary = task_of_checkpoint(resolve_weights(args.checkpoint)).function("eval_summary")
         print(json.dumps(result, indent=2) if args.json else summary(result))
+    elif command == "export":
+        record = api.export(
+            args.stage,
+            output=args.output,
+            overwrite=args.overwrite,
+            int8=not args.no_int8,
+            threads=args.threads,
+            data_dir=args.data_dir,
+        )
+        from kdistill.stages import resolve_weights
+
+        summary = task_of_checkpoint(resolve_weights(args.stage)).function("export_summary")
+        print(json.dumps(record, indent=2) if args.json else summary(record))
     elif command == "inspect":
         print(
             api.inspect(

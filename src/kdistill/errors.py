@@ -67,6 +67,10 @@ class RunDirError(KdistillError):
     """The output folder cannot be used as asked (finished run, nothing to resume)."""
 
 
+class ExportError(KdistillError):
+    """A model cannot be exported, or its export does not compute what the model does."""
+
+
 class TrainingError(KdistillError):
     """Training cannot go on (non-finite loss, diverged)."""
 

@@ -38,6 +38,8 @@ class Task:
     print_table: str  # (results, console) -> None
     eval_summary: str  # (the measurements of `evaluate`) -> one line for the terminal
     check: str  # (recipe, data_dir) -> problems `validate` finds beyond the schema
+    export: str  # (weights, output=, overwrite=, int8=, threads=, data_dir=) -> export.json
+    export_summary: str  # (what export returned) -> one line for the terminal
 
     def function(self, which: str) -> Callable[..., Any]:
         module, _, name = getattr(self, which).partition(":")
@@ -57,6 +59,8 @@ TASKS: dict[str, Task] = {
         print_table="kdistill.tasks.classification.report:print_table",
         eval_summary="kdistill.tasks.classification.report:eval_summary",
         check="kdistill.tasks.classification.checks:check_recipe",
+        export="kdistill.tasks.classification.export:export_classifier",
+        export_summary="kdistill.tasks.classification.export:export_summary",
     ),
     "causal_lm": Task(
         "causal_lm",
@@ -70,6 +74,8 @@ TASKS: dict[str, Task] = {
         print_table="kdistill.tasks.causal_lm.report:print_lm_table",
         eval_summary="kdistill.tasks.causal_lm.report:eval_summary",
         check="kdistill.tasks.causal_lm.checks:check_lm_recipe",
+        export="kdistill.tasks.causal_lm.export:export_lm",
+        export_summary="kdistill.tasks.causal_lm.export:export_summary",
     ),
 }
 

@@ -212,21 +212,35 @@ def evaluate_lm_checkpoint(
     """`kdistill eval` of a language-model stage folder: loss per token, perplexity and
     bits per character on the validation split of the data it was trained on, tokenized
     with the stage's own tokenizer (hf/tokenizer.json), and the cost per token."""
-    stage_dir = weights.parent
     if data is not None or model is not None:
         raise RecipeError(
-            f"{stage_dir} is a language-model stage: it is measured on the validation text "
-            "of the recipe it was trained with, so --data and --model do not apply; leave "
-            "them out"
+            f"{weights.parent} is a language-model stage: it is measured on the validation "
+            "text of the recipe it was trained with, so --data and --model do not apply; "
+            "leave them out"
         )
+    start = time.perf_counter()
+    net, corpus = load_lm_stage(weights, data_dir=data_dir)
+    device = torch.device("cpu")
+    return {
+        "checkpoint": str(weights),
+        "task": "causal_lm",
+        "val": measure(net, corpus, batch_size=32, device=device),
+        "cost": _cost(net, corpus, device),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def load_lm_stage(weights: Path, *, data_dir: str | Path | None = None) -> tuple[CausalLM, LMData]:
+    """A language-model stage's saved model and the corpus it was trained on, tokenized
+    with the stage's own tokenizer (hf/tokenizer.json)."""
+    stage_dir = weights.parent
     info = json.loads((stage_dir / "model.json").read_text())
     exported = stage_dir / "hf"
     if not (exported / TOKENIZER_FILE).is_file():
         raise CheckpointError(
             f"{stage_dir} has no hf/{TOKENIZER_FILE}, so the tokenizer the model reads is "
-            "unknown; evaluate a stage folder written by `kdistill run`"
+            "unknown; use a stage folder written by `kdistill run`"
         )
-    start = time.perf_counter()
     corpus = build_lm_data(
         LMDataConfig.model_validate(info["data"]),
         data_dir=data_dir,
@@ -236,14 +250,7 @@ def evaluate_lm_checkpoint(
     with quiet_transformers():
         net = corpus.build_model(LMModelSpec(path=str(exported)), "model")
     load_weights(net, weights)
-    device = torch.device("cpu")
-    return {
-        "checkpoint": str(weights),
-        "task": "causal_lm",
-        "val": measure(net, corpus, batch_size=32, device=device),
-        "cost": _cost(net, corpus, device),
-        "seconds": round(time.perf_counter() - start, 3),
-    }
+    return net.eval(), corpus
 
 
 def inspect_lm_recipe(

@@ -160,6 +160,27 @@ def evaluate_checkpoint(
     """Measure a classifier's saved weights on a dataset's test split: quality and cost.
     data: "SOURCE[:PATH]" (default: the data in model.json beside the weights); model:
     a zoo name or module:factory (default: the model in model.json)."""
+    net, bundle = load_saved_model(weights, data=data, model=model, data_dir=data_dir)
+    start = time.perf_counter()
+    xs, to_input, order = bundle.eval_feed(net, "test")
+    logits = predict(net, xs, to_input=to_input, batch_size=256, device="cpu", order=order)
+    return {
+        "checkpoint": str(weights),
+        "test": quality(logits, bundle.test.y),
+        "cost": data_cost(bundle, net, "cpu"),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def load_saved_model(
+    weights: Path,
+    *,
+    data: str | None = None,
+    model: str | None = None,
+    data_dir: str | Path | None = None,
+) -> tuple[nn.Module, DataBundle | TextData]:
+    """A stage's saved classifier, rebuilt from the model.json beside its weights (or
+    `model`), and the data it was trained on (or `data`, "SOURCE[:PATH]")."""
     info_path = weights.with_name("model.json")
     info = json.loads(info_path.read_text()) if info_path.exists() else None
     data_cfg = _data_option(data)
@@ -180,15 +201,7 @@ def evaluate_checkpoint(
         spec = ModelSpec(name="hf", args={"location": str(exported)})
     net = make_model(bundle, spec, where="model")
     load_weights(net, weights)
-    start = time.perf_counter()
-    xs, to_input, order = bundle.eval_feed(net, "test")
-    logits = predict(net, xs, to_input=to_input, batch_size=256, device="cpu", order=order)
-    return {
-        "checkpoint": str(weights),
-        "test": quality(logits, bundle.test.y),
-        "cost": data_cost(bundle, net, "cpu"),
-        "seconds": round(time.perf_counter() - start, 3),
-    }
+    return net.eval(), bundle
 
 
 def recorded_data(recorded: dict[str, Any]) -> DataConfig:

@@ -1,0 +1,280 @@
+"""Deployable exports, shared by the tasks: ONNX files, their INT8 versions, ONNX
+Runtime sessions, and latency measured side by side.
+
+A task's `export` (the `export` entry of its row in `kdistill.tasks.TASKS`) builds the
+module to export and the inputs to check it on; this module writes and times it:
+
+    folder = claim_export_dir(path, overwrite=False)
+    exporter = to_onnx(module, (example,), folder / "model.onnx", ...)
+    quantize_int8(folder / "model.onnx", folder / "model.int8.onnx")
+    session = OnnxModel(folder / "model.onnx", threads=1)
+
+ONNX through `torch.onnx.export` with the dynamo exporter, and the TorchScript exporter
+when the dynamo one fails (the export records which). INT8 is ONNX Runtime's dynamic
+quantization: weights stored as int8, activations quantized per batch at run time, so
+it needs no calibration data; MatMul/Gemm (Linear) and convolutions are quantized, other
+operators stay float. Needs the `export` extra: pip install 'kdistill[export]'.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import platform
+import shutil
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdistill.errors import ExportError
+
+OPSET = 18
+SINGLE_SAMPLES = 100  # latency: rows timed one at a time
+BATCH = 64  # latency: rows timed at once
+EXTRA = "pip install 'kdistill[export]' (onnx, onnxruntime, onnxscript)"
+
+
+def require_onnx() -> None:
+    """Refuse early, naming the extra, when the export packages are not installed."""
+    missing = []
+    for name in ("onnx", "onnxruntime", "onnxscript"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ExportError(f"exporting needs {', '.join(missing)}, not installed here; {EXTRA}")
+
+
+def claim_export_dir(path: Path, *, overwrite: bool) -> Path:
+    """The export folder, new or emptied with `overwrite`; an existing one is refused."""
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise ExportError(
+                f"{path} already holds files; pass --overwrite to replace them, or --output "
+                "to export elsewhere"
+            )
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def to_onnx(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    path: Path,
+    *,
+    input_names: Sequence[str],
+    dynamic: dict[str, dict[int, str]],
+) -> str:
+    """Write `module` as one self-contained ONNX file; returns the exporter used
+    ("dynamo" or "torchscript"). `dynamic`: per input, its dynamic axes by name."""
+    module = module.eval()
+    failures = []
+    try:
+        # by position: torch.export matches dynamic shapes to forward's own argument names
+        shapes = tuple(
+            {axis: torch.export.Dim(label) for axis, label in dynamic.get(name, {}).items()}
+            for name in input_names
+        )
+        with _quiet():
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                dynamo=True,
+                input_names=list(input_names),
+                output_names=["logits"],
+                dynamic_shapes=shapes,
+                opset_version=OPSET,
+                external_data=False,
+            )
+        return "dynamo"
+    except Exception as exc:  # any exporter failure: try the other exporter
+        failures.append(f"dynamo exporter: {type(exc).__name__}: {_first_line(exc)}")
+    try:
+        with _quiet():
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                dynamo=False,
+                input_names=list(input_names),
+                output_names=["logits"],
+                dynamic_axes={name: dict(axes) for name, axes in dynamic.items()},
+                opset_version=OPSET,
+            )
+        return "torchscript"
+    except Exception as exc:
+        failures.append(f"TorchScript exporter: {type(exc).__name__}: {_first_line(exc)}")
+    raise ExportError(
+        f"the model cannot be exported to ONNX ({'; '.join(failures)}). Models whose forward "
+        "branches on tensor values cannot be traced; make the branch a fixed setting, or "
+        "export the module without it"
+    )
+
+
+def quantize_int8(source: Path, target: Path) -> None:
+    """ONNX Runtime dynamic INT8 quantization of `source` into `target`."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    try:
+        with _quiet():
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+    except Exception as exc:  # ONNX Runtime's own failures carry no common type
+        raise ExportError(
+            f"ONNX Runtime cannot quantize {source.name} to INT8 ({type(exc).__name__}: "
+            f"{_first_line(exc)}); export without --int8"
+        ) from None
+
+
+class OnnxModel:
+    """An ONNX Runtime session on the CPU with a fixed number of threads."""
+
+    def __init__(self, path: Path, *, threads: int) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(
+            str(path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        self.names = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, *inputs: np.ndarray) -> np.ndarray:
+        return self.session.run(None, dict(zip(self.names, inputs, strict=True)))[0]
+
+
+def timed(call: Callable[[], object], *, repeats: int, warmup: int = 3) -> dict[str, float]:
+    """Median, 10th and 90th percentile of `repeats` calls, in milliseconds."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1000)
+    quantiles = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
+    return {
+        "median_ms": round(statistics.median(times), 4),
+        "p10_ms": round(quantiles[0], 4),
+        "p90_ms": round(quantiles[-1], 4),
+    }
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Any:
+    """Run PyTorch on `threads` threads inside the block (as the ONNX sessions do)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def latency_rows(
+    engines: list[tuple[str, Any, bool]], x: torch.Tensor, *, threads: int
+) -> list[dict[str, Any]]:
+    """Each engine (name, callable, whether it takes tensors rather than NumPy arrays) on
+    the same inputs: the first SINGLE_SAMPLES rows of `x` one at a time, then its first
+    BATCH rows at once; PyTorch on `threads` threads like the ONNX sessions."""
+    singles = [x[i : i + 1] for i in range(min(SINGLE_SAMPLES, len(x)))]
+    batch = x[:BATCH]
+    rows = []
+    with torch_threads(threads), torch.inference_mode():
+        for name, engine, is_torch in engines:
+            feed = itertools.cycle(singles if is_torch else [s.numpy() for s in singles])
+            whole = batch if is_torch else batch.numpy()
+
+            def one(engine: Any = engine, feed: Any = feed) -> None:
+                engine(next(feed))
+
+            def all_at_once(engine: Any = engine, whole: Any = whole) -> None:
+                engine(whole)
+
+            rows.append(
+                {
+                    "engine": name,
+                    "batch_1": timed(one, repeats=len(singles)),
+                    f"batch_{len(batch)}": timed(all_at_once, repeats=20),
+                }
+            )
+    return rows
+
+
+def latency_markdown(record: dict[str, Any]) -> list[str]:
+    """The latency table of an export's model card."""
+    rows = record["latency"]
+    batch_key = next(k for k in rows[0] if k.startswith("batch_") and k != "batch_1")
+    lines = [
+        "",
+        f"## Latency on {record['threads']} thread(s), {record['versions']['machine']}",
+        "",
+        f"Median (10th–90th percentile) in ms, on the same inputs; "
+        f"{batch_key.replace('_', ' ')}: that many rows per call.",
+        "",
+        f"| engine | batch 1 | {batch_key.replace('_', ' ')} |",
+        "|---|---|---|",
+    ]
+    for row in rows:
+        cells = [
+            f"{row[k]['median_ms']:.3f} ({row[k]['p10_ms']:.3f}–{row[k]['p90_ms']:.3f})"
+            for k in ("batch_1", batch_key)
+        ]
+        lines.append(f"| {row['engine']} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
+def versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    from kdistill import __version__
+
+    return {
+        "kdistill": __version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+
+
+def file_mb(path: Path) -> float:
+    return round(path.stat().st_size / 1e6, 4)
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """The exporters print progress and warnings; the export reports what matters."""
+    import logging
+    import warnings
+
+    sink = io.StringIO()
+    loggers = [logging.root, logging.getLogger("torch")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _first_line(exc: BaseException) -> str:
+    return next(iter(str(exc).strip().splitlines()), "")

@@ -1,0 +1,232 @@
+"""`kdistill export` for causal language models: the next-token logits as ONNX (and
+INT8 ONNX), checked against PyTorch on the validation text, and timed side by side.
+
+The graph maps token ids (int64, batch × sequence, both axes dynamic up to the model's
+context) to logits (batch × sequence × vocabulary). Generation stays in PyTorch (or
+any runtime that loads the `hf/` folder): the export holds no sampling loop and no
+key/value cache, so decoding with it recomputes the whole prefix at each token. The
+folder:
+
+    model.onnx        float32 logits
+    model.int8.onnx   ONNX Runtime dynamic INT8 (unless --no-int8)
+    hf/               the stage's save_pretrained folder with its tokenizer
+    model.json, export.json, README.md
+
+Parity on the validation rows: next-token top-1 agreement of at least 99.5 % and a
+logit difference within 1e-3 · (1 + largest |logit|) for float32, or the export fails
+(files kept); the INT8 model's agreement and loss change are reported.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdistill.checkpoint import atomic_write_json, atomic_write_text
+from kdistill.data.lm_text import IGNORE_INDEX
+from kdistill.errors import ExportError
+from kdistill.export import (
+    OPSET,
+    OnnxModel,
+    claim_export_dir,
+    file_mb,
+    latency_markdown,
+    latency_rows,
+    quantize_int8,
+    require_onnx,
+    to_onnx,
+    versions,
+)
+from kdistill.tasks.causal_lm.measure import load_lm_stage
+from kdistill.tasks.causal_lm.models import CausalLM
+
+MIN_AGREEMENT = 0.995
+BATCH = 8  # validation rows per call, for parity
+
+
+class Logits(nn.Module):
+    """token ids (B, T) -> next-token logits (B, T, V) of a CausalLM, nothing else."""
+
+    def __init__(self, model: CausalLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.model.hf.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+        return self.model.logits(hidden)
+
+
+def export_lm(
+    weights: Path,
+    *,
+    output: Path | None = None,
+    overwrite: bool = False,
+    int8: bool = True,
+    threads: int = 1,
+    data_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Export a language-model stage (its model.safetensors) to `output` (default
+    <stage>/export); returns what export.json holds."""
+    require_onnx()
+    net, corpus = load_lm_stage(weights, data_dir=data_dir)
+    folder = claim_export_dir(output or weights.parent / "export", overwrite=overwrite)
+    module = Logits(net).eval()
+    rows = corpus.val
+    inputs = rows[:, :-1].contiguous()
+    labels = corpus.val_labels if corpus.val_labels is not None else rows[:, 1:]
+    onnx_path = folder / "model.onnx"
+    exporter = to_onnx(
+        module,
+        (inputs[:2],),
+        onnx_path,
+        input_names=["input_ids"],
+        dynamic={"input_ids": {0: "batch", 1: "sequence"}},
+    )
+    files = {"fp32": onnx_path}
+    if int8:
+        files["int8"] = folder / "model.int8.onnx"
+        quantize_int8(onnx_path, files["int8"])
+    shutil.copytree(weights.parent / "hf", folder / "hf")
+    shutil.copyfile(weights.with_name("model.json"), folder / "model.json")
+
+    sessions = {kind: OnnxModel(path, threads=threads) for kind, path in files.items()}
+    parity = _parity(module, sessions, inputs, labels)
+    engines: list[tuple[str, Any, bool]] = [("PyTorch FP32", module, True)]
+    engines += [(f"ONNX Runtime {kind.upper()}", s, False) for kind, s in sessions.items()]
+    record = {
+        "stage": str(weights.parent),
+        "task": "causal_lm",
+        "exporter": exporter,
+        "opset": OPSET,
+        "input": {
+            "name": "input_ids",
+            "shape": ["batch", "sequence"],
+            "dtype": "int64",
+            "what": f"token ids of the tokenizer in hf/ (vocabulary {corpus.vocab_size}), "
+            f"sequence up to {net.context or 'any length'}",
+        },
+        "vocab_size": corpus.vocab_size,
+        "files": {kind: {"file": p.name, "mb": file_mb(p)} for kind, p in files.items()},
+        "parity": parity,
+        "latency": latency_rows(engines, inputs, threads=threads),
+        "latency_unit": f"one row = one sequence of {inputs.shape[1]} tokens",
+        "threads": threads,
+        "versions": versions(),
+    }
+    atomic_write_json(folder / "export.json", record)
+    atomic_write_text(folder / "README.md", model_card(record))
+    fp32 = parity["fp32"]
+    if fp32["top1_agreement"] < MIN_AGREEMENT or fp32["max_abs_diff"] > fp32["tolerance"]:
+        raise ExportError(
+            f"the exported model does not compute what the PyTorch model does: next-token "
+            f"agreement {fp32['top1_agreement']:.2%} (needs {MIN_AGREEMENT:.1%}), largest "
+            f"logit difference {fp32['max_abs_diff']:.3g} (tolerance {fp32['tolerance']:.3g}). "
+            f"The files are kept in {folder} for inspection; report it with export.json"
+        )
+    return record
+
+
+def _parity(
+    module: nn.Module, sessions: dict[str, OnnxModel], inputs: torch.Tensor, labels: torch.Tensor
+) -> dict[str, Any]:
+    """Per engine, over the validation rows: loss per counted token, next-token top-1
+    agreement with PyTorch on those tokens, and the largest logit difference."""
+    totals: dict[str, dict[str, float]] = {
+        kind: {"nll": 0.0, "agree": 0.0, "diff": 0.0} for kind in ("pytorch", *sessions)
+    }
+    counted, largest = 0, 0.0
+    with torch.inference_mode():
+        for start in range(0, len(inputs), BATCH):
+            x, y = inputs[start : start + BATCH], labels[start : start + BATCH]
+            keep = y != IGNORE_INDEX
+            reference = module(x).float()
+            largest = max(largest, float(reference.abs().max()))
+            counted += int(keep.sum())
+            outputs = {"pytorch": reference}
+            for kind, session in sessions.items():
+                outputs[kind] = torch.from_numpy(np.asarray(session(x.numpy()))).float()
+            top = reference.argmax(-1)
+            for kind, logits in outputs.items():
+                nll = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]),
+                    y.reshape(-1),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="sum",
+                )
+                totals[kind]["nll"] += float(nll)
+                totals[kind]["agree"] += float((logits.argmax(-1) == top)[keep].sum())
+                totals[kind]["diff"] = max(
+                    totals[kind]["diff"], float((logits - reference).abs().max())
+                )
+    base = totals["pytorch"]["nll"] / max(counted, 1)
+    result: dict[str, Any] = {"pytorch": {"val": _val(base)}}
+    for kind in sessions:
+        loss = totals[kind]["nll"] / max(counted, 1)
+        result[kind] = {
+            "top1_agreement": round(totals[kind]["agree"] / max(counted, 1), 6),
+            "max_abs_diff": totals[kind]["diff"],
+            "tolerance": 1e-3 * (1 + largest),
+            "val": _val(loss),
+            "loss_change": loss - base,
+        }
+    result["tokens"] = counted
+    return result
+
+
+def _val(loss: float) -> dict[str, float]:
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+
+
+def model_card(record: dict[str, Any]) -> str:
+    """README.md of a language-model export."""
+    lines = [
+        "# Exported causal language model (next-token logits)",
+        "",
+        f"From `{record['stage']}`, by kdistill {record['versions']['kdistill']} "
+        f"({record['exporter']} exporter, opset {record['opset']}).",
+        "",
+        f"- Input `input_ids`: int64 (batch, sequence), {record['input']['what']}.",
+        f"- Output `logits`: float32 (batch, sequence, {record['vocab_size']}).",
+        "- Generation is not in the graph: decode with the `hf/` folder (transformers), or "
+        "call the ONNX model on the whole prefix at each step (no key/value cache).",
+        "",
+        f"## Parity with PyTorch on the validation text ({record['parity']['tokens']:,} tokens)",
+        "",
+        "| model | size (MB) | val loss/token | perplexity | next-token agreement | "
+        "largest logit difference |",
+        "|---|---|---|---|---|---|",
+    ]
+    base = record["parity"]["pytorch"]["val"]
+    lines.append(f"| PyTorch FP32 | — | {base['loss']:.4f} | {base['perplexity']:.2f} | — | — |")
+    for kind, info in record["files"].items():
+        parity = record["parity"][kind]
+        lines.append(
+            f"| {info['file']} | {info['mb']:.3f} | {parity['val']['loss']:.4f} | "
+            f"{parity['val']['perplexity']:.2f} | {parity['top1_agreement']:.2%} | "
+            f"{parity['max_abs_diff']:.3g} |"
+        )
+    lines += latency_markdown(record)
+    lines += ["", f"Latency rows: {record['latency_unit']}.", ""]
+    return "\n".join(lines)
+
+
+def export_summary(record: dict[str, Any]) -> str:
+    """One line for the terminal."""
+    fp32 = record["parity"]["fp32"]
+    parts = [
+        f"exported with the {record['exporter']} exporter; FP32 next-token agreement "
+        f"{fp32['top1_agreement']:.2%}, largest logit difference {fp32['max_abs_diff']:.2g}"
+    ]
+    if "int8" in record["parity"]:
+        int8 = record["parity"]["int8"]
+        parts.append(
+            f"INT8 agreement {int8['top1_agreement']:.2%}, val loss change "
+            f"{int8['loss_change']:+.4f} nats/token"
+        )
+    return "; ".join(parts)
