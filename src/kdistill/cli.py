@@ -244,6 +244,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = Text("error: ", style="bold red") + Text(str(exc))
         console.print(message, highlight=False, soft_wrap=True)
         return 2
+    except BrokenPipeError:
+        # the reader went away (`kdistill recipes | head`): stop quietly, as Unix tools do;
+        # stdout goes to devnull so that Python's own flush at exit does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as exc:
         if args.debug or exc.errno not in _WRITE_ERRNOS:
             raise
@@ -258,11 +263,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]: checkpoints written so far are kept; use --resume")
         return 130
-    except BrokenPipeError:
-        # the reader went away (`kdistill recipes | head`): stop quietly, as Unix tools do;
-        # stdout goes to devnull so that Python's own flush at exit does not fail again
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
 
 
 def _dispatch(args: argparse.Namespace, console: Console) -> int:
