@@ -195,3 +195,42 @@ def test_a_language_model_exports_its_logits_with_the_tokenizer(
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     logits = session.run(None, {"input_ids": np.array([ids, ids], dtype=np.int64)})[0]
     assert logits.shape == (2, len(ids), record["vocab_size"])
+
+
+def test_a_text_classifier_exports_with_its_tokenizer_and_an_lstm_is_refused_cleanly(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The MiniLM teacher of a tiny SST-2 run: token ids and attention mask in, logits
+    out, the tokenizer in hf/; its accuracy from the ONNX file equals the run's. The
+    BiLSTM student (packed sequences) cannot be traced: one ExportError, no folder left."""
+    from test_text_pipeline import sst2_recipe
+
+    monkeypatch.setenv("KDISTILL_DATA", str(shared_data))
+    recipe = sst2_recipe(seeds=[0], stages=["teacher", "distill"])
+    recipe["teacher"]["cache"] = False
+    recipe["data"]["text"].pop("transfer")
+    kdistill.run(recipe, output_dir=tmp_path / "run", quiet=True)
+    teacher = tmp_path / "run" / "teacher" / "seed0"
+    record = kdistill.api.export(teacher, int8=False)
+    assert list(record["inputs"]) == ["input_ids", "attention_mask"]
+    assert (teacher / "export" / "hf" / "tokenizer.json").is_file()
+    fp32 = record["parity"]["fp32"]
+    assert fp32["top1_agreement"] >= 0.995 and fp32["max_abs_diff"] <= fp32["tolerance"]
+    measured = json.loads((teacher / "eval.json").read_text())["test"]["accuracy"]
+    assert fp32["test"]["accuracy"] == pytest.approx(measured, abs=1e-9)
+
+    # the exported file with the exported tokenizer, outside kdistill
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher / "export" / "hf")
+    batch = tokenizer(["a gorgeous film", "dull and long"], padding=True, return_tensors="np")
+    session = ort.InferenceSession(
+        str(teacher / "export" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    inputs = {k: batch[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
+    assert session.run(None, inputs)[0].shape == (2, 2)
+
+    student = tmp_path / "run" / "distill" / "seed0"
+    with pytest.raises(ExportError, match="cannot be exported to ONNX"):
+        kdistill.api.export(student)
+    assert not (student / "export").exists()

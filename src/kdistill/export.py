@@ -22,6 +22,7 @@ import contextlib
 import io
 import itertools
 import platform
+import re
 import shutil
 import statistics
 import time
@@ -183,33 +184,50 @@ def torch_threads(threads: int) -> Any:
 
 
 def latency_rows(
-    engines: list[tuple[str, Any, bool]], x: torch.Tensor, *, threads: int
+    engines: list[tuple[str, Any, bool]],
+    singles: list[tuple[torch.Tensor, ...]],
+    batch: tuple[torch.Tensor, ...],
+    *,
+    threads: int,
 ) -> list[dict[str, Any]]:
     """Each engine (name, callable, whether it takes tensors rather than NumPy arrays) on
-    the same inputs: the first SINGLE_SAMPLES rows of `x` one at a time, then its first
-    BATCH rows at once; PyTorch on `threads` threads like the ONNX sessions."""
-    singles = [x[i : i + 1] for i in range(min(SINGLE_SAMPLES, len(x)))]
-    batch = x[:BATCH]
+    the same inputs: each of `singles` (one sample's input tensors) in turn, then
+    `batch` at once; PyTorch on `threads` threads like the ONNX sessions."""
     rows = []
     with torch_threads(threads), torch.inference_mode():
         for name, engine, is_torch in engines:
-            feed = itertools.cycle(singles if is_torch else [s.numpy() for s in singles])
-            whole = batch if is_torch else batch.numpy()
+            convert = _as_is if is_torch else _as_numpy
+            feed = itertools.cycle([convert(s) for s in singles])
+            whole = convert(batch)
 
             def one(engine: Any = engine, feed: Any = feed) -> None:
-                engine(next(feed))
+                engine(*next(feed))
 
             def all_at_once(engine: Any = engine, whole: Any = whole) -> None:
-                engine(whole)
+                engine(*whole)
 
             rows.append(
                 {
                     "engine": name,
                     "batch_1": timed(one, repeats=len(singles)),
-                    f"batch_{len(batch)}": timed(all_at_once, repeats=20),
+                    f"batch_{len(batch[0])}": timed(all_at_once, repeats=20),
                 }
             )
     return rows
+
+
+def first_rows(x: torch.Tensor) -> tuple[list[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]:
+    """`latency_rows`' inputs from one input tensor: its first SINGLE_SAMPLES rows one at
+    a time, and its first BATCH rows."""
+    return [(x[i : i + 1],) for i in range(min(SINGLE_SAMPLES, len(x)))], (x[:BATCH],)
+
+
+def _as_is(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return inputs
+
+
+def _as_numpy(inputs: tuple[torch.Tensor, ...]) -> tuple[np.ndarray, ...]:
+    return tuple(t.numpy() for t in inputs)
 
 
 def latency_markdown(record: dict[str, Any]) -> list[str]:
@@ -277,4 +295,8 @@ def _quiet() -> Any:
 
 
 def _first_line(exc: BaseException) -> str:
-    return next(iter(str(exc).strip().splitlines()), "")
+    """The line of an exporter's error that says what failed: torch.export's own summary
+    when it has one (its first lines are advice), else the first line."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    summary = text.partition("## Exception summary")[2].strip()
+    return next(iter((summary or text).splitlines()), "")

@@ -1,14 +1,17 @@
-"""`kdistill export` for classifiers of images and tables: ONNX (and INT8 ONNX) that
-takes the data as stored (uint8 pixels, raw feature values), checked against PyTorch on
+"""`kdistill export` for classifiers: ONNX (and INT8 ONNX), checked against PyTorch on
 the whole test split, and timed side by side.
 
-The exported graph holds the data's normalisation (the training split's mean and std),
-so a deployment feeds it what the dataset holds: images as uint8 (B, C, H, W), table
-rows as float32 (B, F). The folder:
+Images and tables: the graph holds the data's normalisation (the training split's mean
+and std), so a deployment feeds it what the dataset holds: images as uint8
+(B, C, H, W), table rows as float32 (B, F). Texts: the graph takes `input_ids` and
+`attention_mask` (B, T), both axes dynamic; the tokenizer runs outside it and is saved
+beside it (`hf/` for Hugging Face models, `vocab.json` for a word-level vocabulary).
+The folder:
 
-    model.onnx        float32, dynamic batch axis
+    model.onnx        float32
     model.int8.onnx   ONNX Runtime dynamic INT8 (unless --no-int8)
     model.json        the stage's model and data sections, as the run wrote them
+    hf/ or vocab.json text models: the tokenizer
     export.json       exporter, opset, parity, latency, versions
     README.md         a model card with the run's numbers
 
@@ -21,6 +24,7 @@ The INT8 model's agreement and accuracy change are reported, not enforced.
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +34,18 @@ from torch import nn
 
 from kdistill.checkpoint import atomic_write_json, atomic_write_text
 from kdistill.data import DataBundle
+from kdistill.data.text_task import TextData
+from kdistill.data.text_tokenizers import VocabTokenizer
 from kdistill.errors import ExportError
 from kdistill.evaluate import quality
 from kdistill.export import (
+    BATCH,
     OPSET,
+    SINGLE_SAMPLES,
     OnnxModel,
     claim_export_dir,
     file_mb,
+    first_rows,
     latency_markdown,
     latency_rows,
     quantize_int8,
@@ -69,6 +78,80 @@ class RawInput(nn.Module):
         return self.net((x - self.mean) / self.std)
 
 
+@dataclass
+class Feed:
+    """What is exported and what it is checked and timed on: the module (it takes the
+    input tensors named `names`), the whole test split in batches with its labels in
+    the same order, and latency inputs (one sample at a time, and one batch)."""
+
+    module: nn.Module
+    names: list[str]
+    dynamic: dict[str, dict[int, str]]
+    batches: list[tuple[torch.Tensor, ...]]
+    labels: torch.Tensor
+    singles: list[tuple[torch.Tensor, ...]]
+    batch: tuple[torch.Tensor, ...]
+    input: dict[str, Any]
+
+
+def array_feed(net: nn.Module, data: DataBundle) -> Feed:
+    """Images and tables, as stored; the normalisation goes into the graph."""
+    x = data.test.x
+    singles, batch = first_rows(x)
+    return Feed(
+        module=RawInput(net, data).eval(),
+        names=["input"],
+        dynamic={"input": {0: "batch"}},
+        batches=[(x[i : i + 256],) for i in range(0, len(x), 256)],
+        labels=data.test.y,
+        singles=singles,
+        batch=batch,
+        input={
+            "input": {
+                "shape": ["batch", *x.shape[1:]],
+                "dtype": str(x.dtype).removeprefix("torch."),
+                "what": "uint8 pixels as stored (normalisation is in the graph)"
+                if data.is_image
+                else "raw feature values (normalisation is in the graph)",
+            }
+        },
+    )
+
+
+def text_feed(net: nn.Module, data: TextData) -> Feed:
+    """Token ids and attention mask of the model's own tokenizer (which runs outside
+    the graph), shortest test texts first so batches pad little."""
+    tokenized = data.tokenized(net, "test")
+    order = torch.sort(tokenized.lengths, stable=True).indices
+
+    def inputs(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        batch = tokenized.batch(rows)
+        return batch["input_ids"], batch["attention_mask"]
+
+    count = len(tokenized.lengths)
+    ids = {"shape": ["batch", "sequence"], "dtype": "int64"}
+    return Feed(
+        module=net.eval(),
+        names=["input_ids", "attention_mask"],
+        dynamic={
+            "input_ids": {0: "batch", 1: "sequence"},
+            "attention_mask": {0: "batch", 1: "sequence"},
+        },
+        batches=[inputs(order[i : i + 256]) for i in range(0, count, 256)],
+        labels=data.test.y[order],
+        singles=[inputs(torch.tensor([i])) for i in range(min(SINGLE_SAMPLES, count))],
+        batch=inputs(torch.arange(min(BATCH, count))),
+        input={
+            "input_ids": {**ids, "what": "token ids of the tokenizer saved beside the model"},
+            "attention_mask": {**ids, "what": "1 for a token, 0 for padding (on the right)"},
+        },
+    )
+
+
+def _feed(net: nn.Module, data: DataBundle | TextData) -> Feed:
+    return array_feed(net, data) if isinstance(data, DataBundle) else text_feed(net, data)
+
+
 def export_classifier(
     weights: Path,
     *,
@@ -82,50 +165,46 @@ def export_classifier(
     <stage>/export); returns what export.json holds."""
     require_onnx()
     net, data = load_saved_model(weights, data_dir=data_dir)
-    if not isinstance(data, DataBundle):
-        raise ExportError(
-            f"{weights}: text classifiers are not exported yet (their tokenizer runs outside "
-            "the graph); images and tables are"
-        )
+    feed = _feed(net, data)
     folder = claim_export_dir(output or weights.parent / "export", overwrite=overwrite)
-    module = RawInput(net, data).eval()
-    test_x, test_y = data.test.x, data.test.y
     onnx_path = folder / "model.onnx"
-    exporter = to_onnx(
-        module, (test_x[:2],), onnx_path, input_names=["input"], dynamic={"input": {0: "batch"}}
-    )
+    example = tuple(t[:2] for t in feed.batches[-1])  # the longest texts: real padding
+    try:
+        exporter = to_onnx(
+            feed.module, example, onnx_path, input_names=feed.names, dynamic=feed.dynamic
+        )
+    except ExportError:
+        shutil.rmtree(folder)  # nothing was exported: leave no empty folder behind
+        raise
     files = {"fp32": onnx_path}
     if int8:
         files["int8"] = folder / "model.int8.onnx"
         quantize_int8(onnx_path, files["int8"])
-    if weights.with_name("model.json").is_file():
-        shutil.copyfile(weights.with_name("model.json"), folder / "model.json")
+    _copy_beside(weights, net, folder)
 
-    reference = _torch_logits(module, test_x)
+    reference = _logits(feed.module, feed.batches)
     sessions = {kind: OnnxModel(path, threads=threads) for kind, path in files.items()}
     parity = {
-        kind: _parity(reference, _onnx_logits(session, test_x), test_y)
+        kind: _parity(reference, _logits(session, feed.batches, numpy=True), feed.labels)
         for kind, session in sessions.items()
     }
-    parity["pytorch"] = {"test": quality(reference, test_y)}
-    engines: list[tuple[str, Any, bool]] = [("PyTorch FP32", module, True)]
+    parity["pytorch"] = {"test": quality(reference, feed.labels)}
+    engines: list[tuple[str, Any, bool]] = [("PyTorch FP32", feed.module, True)]
     engines += [(f"ONNX Runtime {kind.upper()}", s, False) for kind, s in sessions.items()]
+    latency = latency_rows(engines, feed.singles, feed.batch, threads=threads)
     teacher = _teacher_of(weights, data_dir)
     if teacher is not None:
-        engines.append(("teacher, PyTorch FP32", teacher, True))
-    latency = latency_rows(engines, test_x, threads=threads)
+        latency += latency_rows(
+            [("teacher, PyTorch FP32", teacher.module, True)],
+            teacher.singles,
+            teacher.batch,
+            threads=threads,
+        )
     record = {
         "stage": str(weights.parent),
         "exporter": exporter,
         "opset": OPSET,
-        "input": {
-            "name": "input",
-            "shape": ["batch", *test_x.shape[1:]],
-            "dtype": str(test_x.dtype).removeprefix("torch."),
-            "what": "uint8 pixels as stored (normalisation is in the graph)"
-            if data.is_image
-            else "raw feature values (normalisation is in the graph)",
-        },
+        "inputs": feed.input,
         "classes": data.class_names,
         "files": {kind: {"file": p.name, "mb": file_mb(p)} for kind, p in files.items()},
         "parity": parity,
@@ -139,14 +218,33 @@ def export_classifier(
     return record
 
 
-def _torch_logits(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _copy_beside(weights: Path, net: nn.Module, folder: Path) -> None:
+    """model.json, and a text model's tokenizer: the stage's hf/ folder (save_pretrained
+    with its tokenizer), or vocab.json for a word-level vocabulary."""
+    if weights.with_name("model.json").is_file():
+        shutil.copyfile(weights.with_name("model.json"), folder / "model.json")
+    if (weights.parent / "hf").is_dir():
+        shutil.copytree(weights.parent / "hf", folder / "hf")
+    tokenizer = getattr(net, "kdistill_tokenizer", None)
+    if isinstance(tokenizer, VocabTokenizer):
+        atomic_write_json(
+            folder / "vocab.json",
+            {"tokens": list(tokenizer.tokens), "lowercase": tokenizer.lowercase},
+        )
+
+
+def _logits(
+    engine: Any, batches: list[tuple[torch.Tensor, ...]], *, numpy: bool = False
+) -> torch.Tensor:
+    """Logits over every batch, in order, as one float32 tensor."""
+    outputs = []
     with torch.inference_mode():
-        return torch.cat([module(x[i : i + 256]).float() for i in range(0, len(x), 256)])
-
-
-def _onnx_logits(session: OnnxModel, x: torch.Tensor) -> torch.Tensor:
-    arrays = [session(x[i : i + 256].numpy()) for i in range(0, len(x), 256)]
-    return torch.from_numpy(np.concatenate(arrays)).float()
+        for batch in batches:
+            if numpy:
+                outputs.append(torch.from_numpy(np.asarray(engine(*[t.numpy() for t in batch]))))
+            else:
+                outputs.append(engine(*batch))
+    return torch.cat(outputs).float()
 
 
 def _parity(reference: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
@@ -171,23 +269,20 @@ def _check_parity(fp32: dict[str, Any], folder: Path) -> None:
         )
 
 
-def _teacher_of(weights: Path, data_dir: str | Path | None) -> nn.Module | None:
-    """The run's teacher (for scale in the latency table), when the stage is in a run
-    folder that has one and is not itself the teacher."""
+def _teacher_of(weights: Path, data_dir: str | Path | None) -> Feed | None:
+    """The run's teacher with its own inputs (for scale in the latency table), when the
+    stage is in a run folder that has one and is not itself the teacher."""
     stage = weights.parent.parent
     if stage.name == "teacher":
         return None
     found = sorted(stage.parent.glob("teacher/seed*/model.safetensors"))
     if not found:
         return None
-    net, data = load_saved_model(found[0], data_dir=data_dir)
-    assert isinstance(data, DataBundle)
-    return RawInput(net, data).eval()
+    return _feed(*load_saved_model(found[0], data_dir=data_dir))
 
 
 def model_card(record: dict[str, Any]) -> str:
     """README.md of an export: what it takes, what it gives, how well and how fast."""
-    shape = ", ".join(str(s) for s in record["input"]["shape"])
     classes = record["classes"]
     lines = [
         "# Exported classifier",
@@ -195,8 +290,11 @@ def model_card(record: dict[str, Any]) -> str:
         f"From `{record['stage']}`, by kdistill {record['versions']['kdistill']} "
         f"({record['exporter']} exporter, opset {record['opset']}).",
         "",
-        f"- Input `{record['input']['name']}`: {record['input']['dtype']} ({shape}), "
-        f"{record['input']['what']}.",
+    ]
+    for name, info in record["inputs"].items():
+        shape = ", ".join(str(s) for s in info["shape"])
+        lines.append(f"- Input `{name}`: {info['dtype']} ({shape}), {info['what']}.")
+    lines += [
         f"- Output `logits`: float32 (batch, {len(classes)}), classes "
         + ", ".join(classes[:20])
         + (" …" if len(classes) > 20 else "")
@@ -223,7 +321,9 @@ def model_card(record: dict[str, Any]) -> str:
         "```python",
         "import onnxruntime as ort",
         "session = ort.InferenceSession('model.onnx')",
-        "logits = session.run(None, {'input': x})[0]   # x as the dataset stores it",
+        "logits = session.run(None, {"
+        + ", ".join(f"'{name}': {name}" for name in record["inputs"])
+        + "})[0]",
         "```",
         "",
     ]
