@@ -100,7 +100,7 @@ def test_an_export_folder_is_not_overwritten_unless_asked(
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
-    argv = ["export", str(stage), "--output", str(out), "--no-int8"]
+    argv = ["export", str(stage), "--output", str(out), "--int8", "none"]
     assert main(argv) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "already holds files; pass --overwrite" in err and "Traceback" not in err
@@ -211,7 +211,7 @@ def test_a_text_classifier_exports_with_its_tokenizer_and_an_lstm_is_refused_cle
     recipe["data"]["text"].pop("transfer")
     kdistill.run(recipe, output_dir=tmp_path / "run", quiet=True)
     teacher = tmp_path / "run" / "teacher" / "seed0"
-    record = kdistill.api.export(teacher, int8=False)
+    record = kdistill.api.export(teacher, int8=None)
     assert list(record["inputs"]) == ["input_ids", "attention_mask"]
     assert (teacher / "export" / "hf" / "tokenizer.json").is_file()
     fp32 = record["parity"]["fp32"]
@@ -234,3 +234,20 @@ def test_a_text_classifier_exports_with_its_tokenizer_and_an_lstm_is_refused_cle
     with pytest.raises(ExportError, match="cannot be exported to ONNX"):
         kdistill.api.export(student)
     assert not (student / "export").exists()
+
+
+def test_static_int8_is_calibrated_on_training_data(
+    mnist_run: Path, data_env: None, tmp_path: Path
+) -> None:
+    import onnx
+
+    record = kdistill.api.export(
+        mnist_run / "distill" / "seed0", output=tmp_path / "s", int8="static"
+    )
+    assert record["int8"] == "static"
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "s" / "model.int8.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # activations quantized too
+    assert record["parity"]["int8"]["top1_agreement"] > 0.95
+    assert not list((tmp_path / "s").glob("*prepared*"))
+    with pytest.raises(ExportError, match="int8 must be one of dynamic, static"):
+        kdistill.api.export(mnist_run / "distill" / "seed0", output=tmp_path / "t", int8="int4")

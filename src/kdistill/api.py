@@ -138,13 +138,19 @@ def export(
     *,
     output: str | Path | None = None,
     overwrite: bool = False,
-    int8: bool = True,
+    int8: str | None = "dynamic",
     threads: int = 1,
     data_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Export a stage's model (a stage folder, or its model.safetensors) to ONNX and INT8
     ONNX, checked against PyTorch on the test data and timed (`kdistill.export`); returns
-    the content of export.json. `output` defaults to <stage>/export."""
+    the content of export.json. `output` defaults to <stage>/export; `int8`: "dynamic",
+    "static" (calibrated on training data) or None."""
+    from kdistill.errors import ExportError
+    from kdistill.export import INT8_MODES
+
+    if int8 is not None and int8 not in INT8_MODES:
+        raise ExportError(f"int8 must be one of {', '.join(INT8_MODES)} or None; got {int8!r}")
     from kdistill.stages import resolve_weights
     from kdistill.tasks import task_of_checkpoint
 

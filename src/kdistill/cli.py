@@ -138,7 +138,14 @@ def _export_command(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("stage", help="a stage folder (runs/X/distill/seed0) or its model.safetensors")
     p.add_argument("--output", help="the export folder (default: <stage>/export)")
     p.add_argument("--overwrite", action="store_true", help="replace what the export folder holds")
-    p.add_argument("--no-int8", action="store_true", help="skip the INT8 model")
+    p.add_argument(
+        "--int8",
+        choices=["dynamic", "static", "none"],
+        default="dynamic",
+        help="INT8 model: dynamic (no data), static (activation ranges from training data), "
+        "or none (default dynamic)",
+    )
+    p.add_argument("--no-int8", action="store_true", help="the same as --int8 none")
     p.add_argument(
         "--threads", type=int, default=1, help="threads for the latency table (default 1)"
     )
@@ -326,7 +333,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
             args.stage,
             output=args.output,
             overwrite=args.overwrite,
-            int8=not args.no_int8,
+            int8=None if args.no_int8 or args.int8 == "none" else args.int8,
             threads=args.threads,
             data_dir=args.data_dir,
         )

@@ -37,8 +37,10 @@ from torch import nn
 from kdistill.errors import ExportError
 
 OPSET = 18
+MIN_AGREEMENT = 0.995  # float32 parity: top-1 (next-token) agreement with PyTorch
 SINGLE_SAMPLES = 100  # latency: rows timed one at a time
 BATCH = 64  # latency: rows timed at once
+CALIBRATION = 512  # static INT8: training samples that set the activation ranges
 EXTRA = "pip install 'kdistill[export]' (onnx, onnxruntime, onnxscript)"
 
 
@@ -122,18 +124,68 @@ def to_onnx(
     )
 
 
-def quantize_int8(source: Path, target: Path) -> None:
-    """ONNX Runtime dynamic INT8 quantization of `source` into `target`."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+INT8_MODES = ("dynamic", "static")
+
+
+def quantize_int8(
+    source: Path,
+    target: Path,
+    *,
+    mode: str = "dynamic",
+    calibration: Sequence[tuple[torch.Tensor, ...]] = (),
+) -> None:
+    """ONNX Runtime INT8 quantization of `source` into `target`.
+
+    dynamic: int8 weights; activations quantized per batch at run time (no data).
+    static: int8 weights per channel and activations with fixed ranges measured on the
+    `calibration` batches (training data), in QDQ form; the graph is first prepared by
+    ONNX Runtime's pre-processing (shape inference, fusions), as its docs advise.
+    """
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     try:
         with _quiet():
-            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+            if mode == "dynamic":
+                quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+                return
+            if not calibration:
+                raise ExportError("static INT8 needs calibration batches; none were given")
+            prepared = target.with_name(target.stem + ".prepared.onnx")
+            quant_pre_process(str(source), str(prepared))
+            try:
+                quantize_static(
+                    str(prepared),
+                    str(target),
+                    _Calibration(prepared, calibration),
+                    quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QInt8,
+                    weight_type=QuantType.QInt8,
+                    per_channel=True,
+                )
+            finally:
+                prepared.unlink(missing_ok=True)
+    except ExportError:
+        raise
     except Exception as exc:  # ONNX Runtime's own failures carry no common type
         raise ExportError(
-            f"ONNX Runtime cannot quantize {source.name} to INT8 ({type(exc).__name__}: "
-            f"{_first_line(exc)}); export without --int8"
+            f"ONNX Runtime cannot quantize {source.name} to INT8 ({mode}; "
+            f"{type(exc).__name__}: {_first_line(exc)}); try --int8 "
+            f"{'dynamic' if mode == 'static' else 'none'}"
         ) from None
+
+
+class _Calibration:
+    """ONNX Runtime's CalibrationDataReader over batches of input tensors."""
+
+    def __init__(self, model: Path, batches: Sequence[tuple[torch.Tensor, ...]]) -> None:
+        import onnx
+
+        names = [i.name for i in onnx.load(str(model), load_external_data=False).graph.input]
+        self.feeds = iter([dict(zip(names, _as_numpy(b), strict=True)) for b in batches])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.feeds, None)
 
 
 class OnnxModel:
@@ -267,6 +319,43 @@ def versions() -> dict[str, str]:
         "python": platform.python_version(),
         "machine": platform.machine(),
     }
+
+
+def check_parity(fp32: dict[str, Any], folder: Path, *, agreement: str) -> None:
+    """Refuse an export whose float32 file does not compute what PyTorch does: its
+    `agreement` (e.g. "top-1") below MIN_AGREEMENT or a logit beyond its tolerance."""
+    if fp32["top1_agreement"] < MIN_AGREEMENT or fp32["max_abs_diff"] > fp32["tolerance"]:
+        raise ExportError(
+            f"the exported model does not compute what the PyTorch model does: {agreement} "
+            f"agreement {fp32['top1_agreement']:.2%} (needs {MIN_AGREEMENT:.1%}), largest "
+            f"logit difference {fp32['max_abs_diff']:.3g} (tolerance {fp32['tolerance']:.3g}). "
+            f"The files are kept in {folder} for inspection; report it with export.json"
+        )
+
+
+def summary_line(record: dict[str, Any], *, agreement: str, int8_change: str) -> str:
+    """The terminal's line for an export; `int8_change` says how the INT8 file's metric
+    moved (given when there is one)."""
+    fp32 = record["parity"]["fp32"]
+    line = (
+        f"exported with the {record['exporter']} exporter; FP32 {agreement} agreement "
+        f"{fp32['top1_agreement']:.2%}, largest logit difference {fp32['max_abs_diff']:.2g}"
+    )
+    if "int8" in record["parity"]:
+        int8 = record["parity"]["int8"]
+        line += f"; INT8 agreement {int8['top1_agreement']:.2%}, {int8_change}"
+    return line
+
+
+def card_header(title: str, record: dict[str, Any]) -> list[str]:
+    """A model card's title and provenance lines."""
+    return [
+        f"# {title}",
+        "",
+        f"From `{record['stage']}`, by kdistill {record['versions']['kdistill']} "
+        f"({record['exporter']} exporter, opset {record['opset']}).",
+        "",
+    ]
 
 
 def file_mb(path: Path) -> float:
