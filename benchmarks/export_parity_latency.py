@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import kdistill
+import kdistill.errors
 
 REDUCED: dict[str, list[str]] = {
     "mnist_quick": ["seeds=[0]"],
@@ -61,16 +62,25 @@ def main() -> None:
             start = time.perf_counter()
             kdistill.api.run(name, overrides, output_dir=run, quiet=True)
             trained = time.perf_counter() - start
-            start = time.perf_counter()
-            record = kdistill.api.export(run / "distill" / "seed0", threads=args.threads)
-            results["recipes"][name] = {
-                "overrides": overrides,
-                "train_seconds": round(trained, 1),
-                "export_seconds": round(time.perf_counter() - start, 1),
-                **{k: record[k] for k in ("exporter", "files", "parity", "latency")},
-            }
+            stage = run / "distill" / "seed0"
+            entry: dict[str, Any] = {"overrides": overrides, "train_seconds": round(trained, 1)}
+            for mode in ("dynamic", "static"):
+                start = time.perf_counter()
+                try:
+                    record = kdistill.api.export(
+                        stage, output=stage / f"export_{mode}", int8=mode, threads=args.threads
+                    )
+                except kdistill.errors.KdistillError as exc:
+                    entry[mode] = {"error": str(exc)}
+                    print(f"{name} ({mode} INT8): {exc}", flush=True)
+                    continue
+                entry[mode] = {
+                    "export_seconds": round(time.perf_counter() - start, 1),
+                    **{k: record[k] for k in ("exporter", "files", "parity", "latency")},
+                }
+                print(f"{_line(name, record)} [{mode} INT8]", flush=True)
+            results["recipes"][name] = entry
             args.out.write_text(json.dumps(results, indent=2) + "\n")
-            print(_line(name, record), flush=True)
 
 
 def _line(name: str, record: dict[str, Any]) -> str:

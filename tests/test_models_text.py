@@ -190,3 +190,20 @@ def test_bilstm_refuses_left_padding_with_the_fix() -> None:
     ids, mask = right_padded([3, 5], 5)
     with pytest.raises(ValueError, match="padding_side to 'right'"):
         model(ids, mask.flip(1))
+
+
+@pytest.mark.parametrize("name", ["bilstm_last", "bilstm_max"])
+def test_the_bilstm_export_path_computes_the_packed_one(name: str) -> None:
+    """The path ONNX exporters trace (no packed sequences) gives the logits of the
+    packed one, row by row, whatever the padding."""
+    torch.manual_seed(0)
+    model = FACTORIES[name](vocab_size=VOCAB, num_classes=3, embedding_dim=8).eval()
+    ids, mask = pad_more(*right_padded([7, 1, 4, 2, 0], 7), extra=3)
+    with torch.no_grad():
+        packed = model(ids, mask)
+        traced = model._traceable(ids, mask)
+        per_row = torch.stack(
+            [naive_bilstm(model, ids[i, : max(1, int(mask[i].sum()))]) for i in range(4)]
+        )
+    torch.testing.assert_close(traced, packed, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(traced[:4], per_row, rtol=1e-5, atol=1e-6)

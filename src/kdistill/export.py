@@ -152,7 +152,10 @@ def quantize_int8(
             if not calibration:
                 raise ExportError("static INT8 needs calibration batches; none were given")
             prepared = target.with_name(target.stem + ".prepared.onnx")
-            quant_pre_process(str(source), str(prepared))
+            try:
+                quant_pre_process(str(source), str(prepared))
+            except Exception:  # symbolic shape inference gives up on some graphs
+                quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
             try:
                 quantize_static(
                     str(prepared),

@@ -115,6 +115,8 @@ class BiLSTMClassifier(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if _exporting():
+            return self._traceable(input_ids, attention_mask)
         lengths = _right_padded_lengths(input_ids, attention_mask, "bilstm")  # (B,)
         x = self.dropout(self.embedding(input_ids))  # (B, T, E)
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
@@ -127,6 +129,48 @@ class BiLSTMClassifier(nn.Module):
             )  # (B, T', 2H), T' = longest row
             pooled = out.max(dim=1).values
         return self.classifier(self.dropout(pooled))  # (B, C)
+
+    def _traceable(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The same function without packed sequences, which ONNX exporters cannot trace.
+
+        The forward direction reads the right-padded rows as they are: padding comes
+        after a row's tokens, so it cannot change their outputs. The backward direction
+        reads the rows shifted right until they end at the last position (padding
+        first): it then meets a row's tokens from the last to the first before any
+        padding. Two LSTM calls instead of one; used only while exporting."""
+        batch, length = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        lengths = attention_mask.long().sum(dim=1).clamp(min=1)  # (B,)
+        x = self.embedding(input_ids)  # (B, T, E)
+        hidden = self.lstm.hidden_size
+        positions = torch.arange(length, device=x.device)[None, :]  # (1, T)
+        shift = (length - lengths)[:, None]  # (B, 1): where each shifted row starts
+        forward_out = self.lstm(x)[0][..., :hidden]  # (B, T, H), valid for t < L
+        source = (positions - shift).clamp(min=0)  # shifted position s reads token s - shift
+        shifted = x.gather(1, source[..., None].expand(-1, -1, x.shape[-1]))
+        shifted = shifted * (positions >= shift)[..., None]
+        backward_out = self.lstm(shifted)[0][..., hidden:]  # valid for s >= shift
+        if self.pooling == "last":
+            rows = torch.arange(batch, device=x.device)
+            pooled = torch.cat(
+                [forward_out[rows, lengths - 1], backward_out[rows, shift[:, 0]]], dim=-1
+            )
+        else:
+            back = backward_out.gather(
+                1, (positions + shift).clamp(max=length - 1)[..., None].expand(-1, -1, hidden)
+            )  # token t's backward output, at shifted position t + shift
+            both = torch.cat([forward_out, back], dim=-1)
+            pooled = both.masked_fill((positions >= lengths[:, None])[..., None], float("-inf"))
+            pooled = pooled.max(dim=1).values
+        return self.classifier(pooled)  # (B, C); dropout is the identity in eval
+
+
+def _exporting() -> bool:
+    """Whether an ONNX exporter (dynamo or TorchScript) is tracing the model now."""
+    return bool(torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export())
 
 
 class TextCNN(nn.Module):
