@@ -8,8 +8,11 @@ Names a recipe may use with a text dataset:
                  (the pretrained source, or "teacher": the recipe's teacher as this run
                  trained or loaded it, with its tokenizer), num_layers, layers (which
                  source layers to copy), hidden_size, intermediate_size, num_heads, init
-                 (teacher_layers | embeddings | random). Baseline and distill start from
-                 the same copy.
+                 (teacher_layers | embeddings | random), and prune: {ffn: fraction,
+                 samples: N} (remove that fraction of each layer's feed-forward neurons,
+                 least important first on N training texts: models/prune_hf.py; with
+                 `location: teacher` this is "prune the teacher, distill from the
+                 unpruned teacher"). Baseline and distill start from the same copy.
     bilstm       Tang et al. (2019); textcnn: Kim (2014). args as in models/text.py, plus
                  embedding_from (a location: copy that model's token embeddings; the
                  tokenizer must then be that model's), vocab_min_freq, vocab_size.
@@ -24,6 +27,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+import torch
 from torch import nn
 
 from kdistill.data.text_task import TextData
@@ -53,9 +57,12 @@ def build_text_model(
     model: nn.Module
     tokenizer: Any  # a Hugging Face fast tokenizer or a VocabTokenizer
     key: str
+    prune = args.pop("prune", None) if spec.name == "hf_student" else None
     if spec.name == "hf_student" and args.get("location") == TEACHER_LOCATION:
         args.pop("location")
         source = _teacher_source(teacher, where)
+        if prune is not None:  # width pruning alone keeps every layer
+            args.setdefault("num_layers", int(source.config.num_hidden_layers))
         try:
             model = student_from_teacher(source, where=where, **args)
         except TypeError as exc:
@@ -132,7 +139,41 @@ def build_text_model(
     model.kdistill_tokenizer = tokenizer
     # torch annotates nn.Module.__setattr__ with Tensor | Module, but stores any value
     model.kdistill_tokenizer_key = key  # type: ignore[assignment]
+    if prune is not None:
+        return _pruned(model, prune, data, where=f"{where}.args.prune")
     return model
+
+
+def _pruned(model: nn.Module, prune: Any, data: TextData, *, where: str) -> nn.Module:
+    """`hf_student`'s `prune: {ffn: fraction, samples: N}`: the student with that fraction
+    of each layer's feed-forward neurons removed, ranked on N labelled training texts
+    (kdistill.models.prune_hf); the same teacher and data give the same student."""
+    from kdistill.models.prune_hf import prune_encoder
+
+    if not isinstance(prune, dict) or set(prune) - {"ffn", "samples"} or "ffn" not in prune:
+        raise ModelError(
+            f"{where}: give {{ffn: fraction of feed-forward neurons to remove, samples: "
+            f"training texts that rank them (default 256)}}; got {prune!r}"
+        )
+    samples = prune.get("samples", 256)
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+        raise ModelError(f"{where}.samples: a positive number of texts; got {samples!r}")
+    assert isinstance(model, HFClassifier)
+    labelled = torch.nonzero(data.bundle.train.labels >= 0).flatten()
+    rows = labelled[torch.randperm(len(labelled), generator=torch.Generator().manual_seed(0))]
+    rows = rows[:samples]
+    batches = [
+        (data.batch(model, "train", chunk), data.bundle.train.labels[chunk])
+        for chunk in rows.split(32)
+    ]
+    pruned, report = prune_encoder(model, batches, ffn=prune["ffn"], where=where)
+    (inner, kept), (before, after) = report["intermediate_size"], report["params"]
+    pruned.load_notes = (
+        *model.load_notes,
+        f"feed-forward neurons pruned {inner} -> {kept} per layer (Taylor importance on "
+        f"{len(rows)} training texts): {before:,} -> {after:,} parameters",
+    )
+    return pruned
 
 
 def _teacher_source(teacher: nn.Module | None, where: str) -> HFClassifier:
