@@ -111,7 +111,7 @@ def save_training_state(
         sums = {name: file_sha256(tmp / name) for name in _STATE_FILES}
         (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=2) + "\n", encoding="utf-8")
         for name in (*_STATE_FILES, CHECKSUMS):
-            _fsync(tmp / name)
+            fsync(tmp / name)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -129,14 +129,15 @@ def save_training_state(
             f"{tmp.name} was removed; {kept}. {first}, then run again with --resume to "
             "continue from the newest checkpoint"
         ) from exc
-    _fsync(folder)
+    fsync(folder)
     for old in training_states(folder)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file or folder to disk, so a rename never outlives its contents."""
+def fsync(path: Path) -> None:
+    """Flush a file or folder to disk, so a rename never outlives its contents; a no-op
+    where it cannot be opened or flushed (folders on Windows, some file systems)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

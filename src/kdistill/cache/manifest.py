@@ -6,15 +6,13 @@ encoding (`kdistill.cache.codec`) and one entry per shard: file, sequence range,
 bytes, sha256. The writer rewrites it atomically after each shard; the reader checks
 a cache against it: the spec it expects, each shard's size and (optionally) sha256.
 Each problem found is said with its field or file and how to rebuild the cache.
-`is_cache_file` and `fsync_folder` are the writer's file helpers (which files are the
-cache's, a durable rename).
+`is_cache_file` tells the writer which files of a folder are the cache's.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -212,17 +210,3 @@ def shard_problem(folder: Path, shard: dict[str, Any], spec: TopKCacheSpec, *, f
 def is_cache_file(name: str) -> bool:
     """A shard or a temporary file the writer may leave; anything else is not the cache's."""
     return name.startswith("shard-") or name.endswith(".tmp")
-
-
-def fsync_folder(folder: Path) -> None:
-    """Make a rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)

@@ -62,14 +62,13 @@ from kdistill.cache.codec import (
 from kdistill.cache.manifest import (
     MANIFEST,
     TopKCacheSpec,
-    fsync_folder,
     is_cache_file,
     new_manifest,
     read_manifest,
     shard_problem,
     spec_mismatches,
 )
-from kdistill.checkpoint import atomic_write_json
+from kdistill.checkpoint import atomic_write_json, fsync
 from kdistill.errors import CacheError, write_failure
 
 # log-probs a little above 0 or top-k masses a little above 1 are float rounding
@@ -261,7 +260,7 @@ class TopKCacheWriter:
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise self._write_error(f"shard {name}", exc) from exc
-        fsync_folder(self.folder)
+        fsync(self.folder)
         entry = {
             "file": name,
             "start": start,
