@@ -10,10 +10,11 @@ module to export and the inputs to check it on; this module writes and times it:
     session = OnnxModel(folder / "model.onnx", threads=1)
 
 ONNX through `torch.onnx.export` with the dynamo exporter, and the TorchScript exporter
-when the dynamo one fails (the export records which). INT8 is ONNX Runtime's dynamic
-quantization: weights stored as int8, activations quantized per batch at run time, so
-it needs no calibration data; MatMul/Gemm (Linear) and convolutions are quantized, other
-operators stay float. Needs the `export` extra: pip install 'kdistill[export]'.
+when the dynamo one fails (the export records which). INT8 is ONNX Runtime's
+quantization (`quantize_int8`): dynamic (int8 weights, activations quantized per batch
+at run time, no data) or static (activation ranges fixed on training batches). Which is
+faster depends on the model: BENCHMARKS.md §9 measures both on every shipped student.
+Needs the `export` extra: pip install 'kdistill[export]'.
 """
 
 from __future__ import annotations
