@@ -3,12 +3,12 @@ pruned (Taylor importance), then distilled from the unpruned teacher, next to th
 shipped 2-layer student (teacher layers 2 and 5), each also trained alone (baseline).
 
 A reduced configuration of `sst2_minilm2_from_minilm` (stated in the output): the first
-`--train` training sentences, no transfer set, one epoch for the teacher and each
-student, one seed. It shows what pruning costs and buys at this budget, not the
+`--train` training sentences, no transfer set, `--teacher-epochs` and `--epochs`
+(default 1 each), one seed. It shows what pruning costs and buys at this budget, not the
 issue's full-data target. Both students read the same teacher (the second run loads the
 first run's teacher with teacher.checkpoint).
 
-    python benchmarks/prune_sst2.py --out benchmarks/results_prune_sst2_<date>.json [--train 8000]
+    python benchmarks/prune_sst2.py --out results.json [--train 8000] [--teacher-epochs 1] [--epochs 1]
 """
 
 from __future__ import annotations
@@ -30,13 +30,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--train", type=int, default=8000)
+    parser.add_argument("--teacher-epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=1)
     args = parser.parse_args()
     common = [
         f"data.limit_train={args.train}",
         "data.text.transfer=null",
-        "teacher.train.epochs=1",
+        f"teacher.train.epochs={args.teacher_epochs}",
         "teacher.cache=false",
-        "train.epochs=1",
+        f"train.epochs={args.epochs}",
         "seeds=[0]",
     ]
     students = {

@@ -166,8 +166,20 @@ def test_a_recipe_prunes_the_trained_teacher_into_its_student(
     # a malformed prune section, with the trained teacher reused: refused before training
     bad = dict(recipe, stages=["distill"])
     bad["teacher"] = dict(recipe["teacher"], checkpoint=str(tmp_path / "run"))
-    prune_args = {"location": "teacher", "prune": {"fnn": 0.5}}
+    prune_args = {"location": "teacher", "prune": {"ffn": 0.5, "sampels": 8}}
     bad["student"] = {"model": {"name": "hf_student", "args": prune_args}}
-    with pytest.raises(ModelError, match=r"student\.model\.args\.prune: give \{ffn"):
+    with pytest.raises(ModelError, match=r"prune: unknown key 'sampels' \(did you mean 'samples'"):
         kdistill.run(bad, output_dir=tmp_path / "bad", quiet=True)
     assert not (tmp_path / "bad" / "distill").exists()
+
+
+def test_the_prune_section_is_checked() -> None:
+    from kdistill.models.prune_hf import PruneSettings
+
+    assert PruneSettings.of({"ffn": 0.5}, "p") == PruneSettings(ffn=0.5, samples=256)
+    with pytest.raises(ModelError, match=r"p: give \{ffn"):
+        PruneSettings.of({"samples": 8}, "p")
+    with pytest.raises(ModelError, match=r"unknown key 'fnn'"):
+        PruneSettings.of({"ffn": 0.5, "fnn": 1}, "p")
+    with pytest.raises(ModelError, match=r"p\.samples: a positive number of texts; got 0"):
+        PruneSettings.of({"ffn": 0.5, "samples": 0}, "p")

@@ -21,14 +21,46 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdistill.errors import ModelError
+from kdistill.errors import ModelError, suggest
 from kdistill.models.hf import HFClassifier
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """`hf_student`'s `prune` section: the fraction of feed-forward neurons to remove and
+    how many labelled training texts rank them."""
+
+    ffn: float
+    samples: int = 256
+
+    @classmethod
+    def of(cls, value: Any, where: str) -> PruneSettings:
+        """The section as a recipe gives it (a mapping), checked: unknown keys, a missing
+        `ffn`, values out of range each name the fix."""
+        known = [f.name for f in fields(cls)]
+        if not isinstance(value, dict) or "ffn" not in value:
+            raise ModelError(
+                f"{where}: give {{ffn: fraction of feed-forward neurons to remove, samples: "
+                f"training texts that rank them (default 256)}}; got {value!r}"
+            )
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise ModelError(
+                f"{where}: unknown key {unknown[0]!r}{suggest(unknown[0], known)}; "
+                f"the keys are {', '.join(known)}"
+            )
+        settings = cls(**value)
+        samples = settings.samples
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ModelError(f"{where}.samples: a positive number of texts; got {samples!r}")
+        return settings
 
 
 def prune_encoder(

@@ -148,25 +148,18 @@ def _pruned(model: nn.Module, prune: Any, data: TextData, *, where: str) -> nn.M
     """`hf_student`'s `prune: {ffn: fraction, samples: N}`: the student with that fraction
     of each layer's feed-forward neurons removed, ranked on N labelled training texts
     (kdistill.models.prune_hf); the same teacher and data give the same student."""
-    from kdistill.models.prune_hf import prune_encoder
+    from kdistill.models.prune_hf import PruneSettings, prune_encoder
 
-    if not isinstance(prune, dict) or set(prune) - {"ffn", "samples"} or "ffn" not in prune:
-        raise ModelError(
-            f"{where}: give {{ffn: fraction of feed-forward neurons to remove, samples: "
-            f"training texts that rank them (default 256)}}; got {prune!r}"
-        )
-    samples = prune.get("samples", 256)
-    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
-        raise ModelError(f"{where}.samples: a positive number of texts; got {samples!r}")
+    settings = PruneSettings.of(prune, where)
     assert isinstance(model, HFClassifier)
     labelled = torch.nonzero(data.bundle.train.labels >= 0).flatten()
     rows = labelled[torch.randperm(len(labelled), generator=torch.Generator().manual_seed(0))]
-    rows = rows[:samples]
+    rows = rows[: settings.samples]
     batches = [
         (data.batch(model, "train", chunk), data.bundle.train.labels[chunk])
         for chunk in rows.split(32)
     ]
-    pruned, report = prune_encoder(model, batches, ffn=prune["ffn"], where=where)
+    pruned, report = prune_encoder(model, batches, ffn=settings.ffn, where=where)
     (inner, kept), (before, after) = report["intermediate_size"], report["params"]
     pruned.load_notes = (
         *model.load_notes,
