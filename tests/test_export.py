@@ -176,7 +176,7 @@ def test_a_language_model_exports_its_logits_with_the_tokenizer(
     shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("KDISTILL_DATA", str(shared_data))
-    recipe = tiny_lm_recipe(stages=["baseline"])
+    recipe = tiny_lm_recipe(stages=["teacher", "baseline"])
     recipe["teacher"]["signal"] = "live"
     kdistill.run(recipe, output_dir=tmp_path / "lm", quiet=True)
     stage = tmp_path / "lm" / "baseline" / "seed0"
@@ -185,6 +185,7 @@ def test_a_language_model_exports_its_logits_with_the_tokenizer(
     assert (folder / "hf" / "tokenizer.json").is_file() and (folder / "model.int8.onnx").is_file()
     fp32 = record["parity"]["fp32"]
     assert fp32["top1_agreement"] >= 0.995 and abs(fp32["loss_change"]) < 1e-4
+    assert [row["engine"] for row in record["latency"]][-1] == "teacher, PyTorch FP32"
     measured = json.loads((stage / "eval.json").read_text())["val"]["loss"]
     assert record["parity"]["pytorch"]["val"]["loss"] == pytest.approx(measured, rel=1e-5)
 

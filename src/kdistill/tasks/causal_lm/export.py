@@ -120,7 +120,8 @@ def export_lm(
         "vocab_size": corpus.vocab_size,
         "files": {kind: {"file": p.name, "mb": file_mb(p)} for kind, p in files.items()},
         "parity": parity,
-        "latency": latency_rows(engines, *first_rows(inputs), threads=threads),
+        "latency": latency_rows(engines, *first_rows(inputs), threads=threads)
+        + _teacher_latency(weights, data_dir, threads),
         "latency_unit": f"one row = one sequence of {inputs.shape[1]} tokens",
         "threads": threads,
         "versions": versions(),
@@ -129,6 +130,21 @@ def export_lm(
     atomic_write_text(folder / "README.md", model_card(record))
     check_parity(parity["fp32"], folder, agreement="next-token")
     return record
+
+
+def _teacher_latency(
+    weights: Path, data_dir: str | Path | None, threads: int
+) -> list[dict[str, Any]]:
+    """The run's teacher in PyTorch on its own validation rows, for scale, when the stage
+    is in a run folder that has one and is not itself the teacher."""
+    stage = weights.parent.parent
+    found = sorted(stage.parent.glob("teacher/seed*/model.safetensors"))
+    if stage.name == "teacher" or not found:
+        return []
+    teacher, corpus = load_lm_stage(found[0], data_dir=data_dir)
+    rows = corpus.val[:, :-1].contiguous()
+    engines: list[tuple[str, Any, bool]] = [("teacher, PyTorch FP32", Logits(teacher).eval(), True)]
+    return latency_rows(engines, *first_rows(rows), threads=threads)
 
 
 def _parity(
