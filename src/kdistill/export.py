@@ -325,6 +325,14 @@ def versions() -> dict[str, str]:
     }
 
 
+def run_teacher(weights: Path) -> Path | None:
+    """The weights of the teacher of the run a stage (<run>/<stage>/seed<k>) belongs to,
+    for scale in a latency table; None when the stage is the teacher or there is none."""
+    stage = weights.parent.parent
+    found = sorted(stage.parent.glob("teacher/seed*/model.safetensors"))
+    return None if stage.name == "teacher" or not found else found[0]
+
+
 def check_parity(fp32: dict[str, Any], folder: Path, *, agreement: str) -> None:
     """Refuse an export whose float32 file does not compute what PyTorch does: its
     `agreement` (e.g. "top-1") below MIN_AGREEMENT or a logit beyond its tolerance."""

@@ -43,6 +43,7 @@ from kdistill.export import (
     latency_rows,
     quantize_int8,
     require_onnx,
+    run_teacher,
     summary_line,
     to_onnx,
     versions,
@@ -137,11 +138,10 @@ def _teacher_latency(
 ) -> list[dict[str, Any]]:
     """The run's teacher in PyTorch on its own validation rows, for scale, when the stage
     is in a run folder that has one and is not itself the teacher."""
-    stage = weights.parent.parent
-    found = sorted(stage.parent.glob("teacher/seed*/model.safetensors"))
-    if stage.name == "teacher" or not found:
+    found = run_teacher(weights)
+    if found is None:
         return []
-    teacher, corpus = load_lm_stage(found[0], data_dir=data_dir)
+    teacher, corpus = load_lm_stage(found, data_dir=data_dir)
     rows = corpus.val[:, :-1].contiguous()
     engines: list[tuple[str, Any, bool]] = [("teacher, PyTorch FP32", Logits(teacher).eval(), True)]
     return latency_rows(engines, *first_rows(rows), threads=threads)

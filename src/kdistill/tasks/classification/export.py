@@ -53,6 +53,7 @@ from kdistill.export import (
     latency_rows,
     quantize_int8,
     require_onnx,
+    run_teacher,
     summary_line,
     to_onnx,
     versions,
@@ -276,13 +277,10 @@ def _parity(reference: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor)
 def _teacher_of(weights: Path, data_dir: str | Path | None) -> Feed | None:
     """The run's teacher with its own inputs (for scale in the latency table), when the
     stage is in a run folder that has one and is not itself the teacher."""
-    stage = weights.parent.parent
-    if stage.name == "teacher":
+    found = run_teacher(weights)
+    if found is None:
         return None
-    found = sorted(stage.parent.glob("teacher/seed*/model.safetensors"))
-    if not found:
-        return None
-    return _feed(*load_saved_model(found[0], data_dir=data_dir))
+    return _feed(*load_saved_model(found, data_dir=data_dir))
 
 
 def model_card(record: dict[str, Any]) -> str:
