@@ -22,10 +22,12 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import os
 import platform
 import re
 import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -145,6 +147,7 @@ def quantize_int8(
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    source, target = source.resolve(), target.resolve()  # the static path changes folder
     try:
         with _quiet():
             if mode == "dynamic":
@@ -152,12 +155,14 @@ def quantize_int8(
                 return
             if not calibration:
                 raise ExportError("static INT8 needs calibration batches; none were given")
-            prepared = target.with_name(target.stem + ".prepared.onnx")
-            try:
-                quant_pre_process(str(source), str(prepared))
-            except Exception:  # symbolic shape inference gives up on some graphs
-                quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-            try:
+            # ONNX Runtime's tools leave scratch files (uuid-named external data of a
+            # failed shape inference) in the working folder: give them a folder to drop
+            with tempfile.TemporaryDirectory() as scratch, _working_folder(Path(scratch)):
+                prepared = Path(scratch) / "prepared.onnx"
+                try:
+                    quant_pre_process(str(source), str(prepared))
+                except Exception:  # symbolic shape inference gives up on some graphs
+                    quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
                 quantize_static(
                     str(prepared),
                     str(target),
@@ -167,8 +172,6 @@ def quantize_int8(
                     weight_type=QuantType.QInt8,
                     per_channel=True,
                 )
-            finally:
-                prepared.unlink(missing_ok=True)
     except ExportError:
         raise
     except Exception as exc:  # ONNX Runtime's own failures carry no common type
@@ -177,6 +180,16 @@ def quantize_int8(
             f"{type(exc).__name__}: {_first_line(exc)}); try --int8 "
             f"{'dynamic' if mode == 'static' else 'none'}"
         ) from None
+
+
+@contextlib.contextmanager
+def _working_folder(folder: Path) -> Any:
+    before = Path.cwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
 
 
 class _Calibration:
