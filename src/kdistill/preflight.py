@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from kdistill.data.paths import candidates
 from kdistill.errors import KdistillError, suggest
 
 # arguments a builder passes to a zoo factory itself
@@ -40,25 +41,37 @@ class Problems:
             return None
 
 
-def existing_path(text: str, data_root: Path | None) -> Path | None:
-    """A recipe path as the data loaders resolve it: absolute as is; relative against the
-    current folder, then the data folder. None when nothing is there."""
-    given = Path(text).expanduser()
-    tried = [given] if given.is_absolute() else [Path.cwd() / given]
-    if not given.is_absolute() and data_root is not None:
-        tried.append(data_root / given)
-    return next((p for p in tried if p.exists()), None)
-
-
-def missing_path(where: str, text: str | None, data_root: Path | None, what: str) -> str | None:
-    """A problem line when the path at YAML path `where` does not exist, else None."""
-    if not text or existing_path(text, data_root) is not None:
+def missing_path(
+    where: str,
+    text: str | None,
+    data_root: Path | None,
+    what: str,
+    *,
+    working_folder: bool = True,
+) -> str | None:
+    """A problem line when the path at YAML path `where` is nowhere the loaders look
+    (`kdistill.data.paths.candidates`), else None."""
+    if not text:
         return None
-    folder = f"the data folder {data_root}" if data_root else "the data folder (not found)"
-    return (
-        f"{where}: no {what} {text!r}; relative paths resolve against the current folder "
-        f"({Path.cwd()}), then {folder}"
-    )
+    tried = candidates(text, data_root, working_folder=working_folder)
+    if any(p.exists() for p in tried):
+        return None
+    looked = ", ".join(str(p) for p in tried) or "nowhere: the data folder does not exist"
+    return f"{where}: no {what} {text!r}; looked at {looked}"
+
+
+def weights_problem(where: str, checkpoint: str | None) -> str | None:
+    """A problem line when a checkpoint the recipe names holds no weights the run would
+    find (`kdistill.stages.resolve_weights`), else None."""
+    from kdistill.stages import resolve_weights
+
+    if checkpoint is None:
+        return None
+    try:
+        resolve_weights(checkpoint)
+    except KdistillError as exc:
+        return f"{where}: {exc}"
+    return None
 
 
 def args_problem(

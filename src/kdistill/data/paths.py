@@ -42,7 +42,7 @@ def resolve_user_path(
             f"data.source {source!r} reads your own files, so data.path is required: "
             f"a folder with {layout}{alternative}"
         )
-    tried = _candidates(path, data_root)
+    tried = candidates(path, data_root)
     for candidate in tried:
         if candidate.is_dir():
             return candidate
@@ -58,7 +58,7 @@ def resolve_user_file(path: str, data_root: Path, *, field: str, source: str, ex
     """A file the recipe names (`field`: data.train, data.test), resolved as `data.path`
     is: absolute as is; relative against the current directory if it is a file there,
     else against the data folder."""
-    tried = _candidates(path, data_root)
+    tried = candidates(path, data_root)
     for candidate in tried:
         if candidate.is_file():
             return candidate
@@ -77,9 +77,17 @@ def resolve_user_file(path: str, data_root: Path, *, field: str, source: str, ex
     )
 
 
-def _candidates(path: str, data_root: Path) -> list[Path]:
+def candidates(path: str, data_root: Path | None, *, working_folder: bool = True) -> list[Path]:
+    """Where a path a recipe names is looked for, in order: absolute as is; relative
+    against the current directory (unless `working_folder` is False: the text sources
+    read the data folder only), then the data folder (when there is one)."""
     given = Path(path).expanduser()
-    return [given] if given.is_absolute() else [Path.cwd() / given, data_root / given]
+    if given.is_absolute():
+        return [given]
+    tried = [Path.cwd() / given] if working_folder else []
+    if data_root is not None:
+        tried.append(data_root / given)
+    return tried
 
 
 def require_file(folder: Path, name: str, *, source: str) -> Path:

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kdistill.errors import CheckpointError
-from kdistill.preflight import Problems, missing_path
+from kdistill.preflight import Problems, missing_path, weights_problem
 from kdistill.recipe.causal_lm import LMModelSpec, LMRecipe
-from kdistill.stages import resolve_weights
 
 
 def check_lm_recipe(recipe: LMRecipe, data_dir: str | Path | None = None) -> list[str]:
@@ -35,8 +33,7 @@ def check_lm_recipe(recipe: LMRecipe, data_dir: str | Path | None = None) -> lis
             problems.attempt(_model, section.model, f"{role}.model")
     teacher = recipe.teacher
     if teacher is not None:
-        if teacher.checkpoint is not None:
-            problems.attempt(_weights, teacher.checkpoint)
+        problems.add(weights_problem("teacher.checkpoint", teacher.checkpoint))
         vocab = data.tokenizer.vocab_size
         if (
             "cache" in teacher.model_fields_set
@@ -59,10 +56,3 @@ def _model(spec: LMModelSpec, where: str) -> None:
         config_class_of(spec.config, where)
     elif spec.path is not None:
         resolve_model_location(spec.path, where=f"{where}.path")
-
-
-def _weights(checkpoint: str) -> None:
-    try:
-        resolve_weights(checkpoint)
-    except CheckpointError as exc:
-        raise CheckpointError(f"teacher.checkpoint: {exc}") from None

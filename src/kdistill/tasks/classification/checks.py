@@ -8,9 +8,8 @@ from typing import Any
 
 from kdistill.data.paths import resolve_data_root
 from kdistill.errors import suggest
-from kdistill.preflight import Problems, args_problem, missing_path
+from kdistill.preflight import Problems, args_problem, missing_path, weights_problem
 from kdistill.recipe.classification import ModelSpec, Recipe
-from kdistill.stages import resolve_weights
 
 TEXT_SOURCES = ("sst2", "text_files", "hf_disk")
 # recipe args of bilstm / textcnn that the builder reads itself (models/text_build.py)
@@ -23,13 +22,19 @@ def check_recipe(recipe: Recipe, data_dir: str | Path | None = None) -> list[str
     problems = Problems()
     root, _ = resolve_data_root(data_dir)
     data = recipe.data
-    problems.add(missing_path("data.path", data.path, root, "file or folder"))
+    text = data.source in TEXT_SOURCES  # these read relative paths in the data folder only
+    problems.add(
+        missing_path("data.path", data.path, root, "file or folder", working_folder=not text)
+    )
     for field in ("train", "test"):
-        problems.add(missing_path(f"data.{field}", getattr(data, field, None), root, "file"))
+        problems.add(missing_path(f"data.{field}", getattr(data, field), root, "file"))
     transfer = data.text.transfer
     if transfer is not None:
-        problems.add(missing_path("data.text.transfer.file", transfer.file, root, "file"))
-    text = data.source in TEXT_SOURCES
+        problems.add(
+            missing_path(
+                "data.text.transfer.file", transfer.file, root, "file", working_folder=False
+            )
+        )
     for where, spec in _model_specs(recipe):
         problems.add(_model_problem(where, spec, text=text))
     if recipe.teacher is not None:
@@ -38,18 +43,8 @@ def check_recipe(recipe: Recipe, data_dir: str | Path | None = None) -> list[str
             for i, m in enumerate(recipe.teacher.members)
         ]
         for where, checkpoint in checkpoints:
-            if checkpoint is not None:
-                problems.attempt(_weights, where, checkpoint)
+            problems.add(weights_problem(where, checkpoint))
     return problems.lines
-
-
-def _weights(where: str, checkpoint: str) -> None:
-    from kdistill.errors import CheckpointError
-
-    try:
-        resolve_weights(checkpoint)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{where}: {exc}") from None
 
 
 def _model_specs(recipe: Recipe) -> list[tuple[str, ModelSpec]]:
