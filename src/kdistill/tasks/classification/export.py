@@ -128,14 +128,15 @@ def array_feed(net: nn.Module, data: DataBundle) -> Feed:
 def text_feed(net: nn.Module, data: TextData) -> Feed:
     """Token ids and attention mask of the model's own tokenizer (which runs outside
     the graph), shortest test texts first so batches pad little."""
-    tokenized = data.tokenized(net, "test")
+    tokenized, train = data.tokenized(net, "test"), data.tokenized(net, "train")
     order = torch.sort(tokenized.lengths, stable=True).indices
 
-    def inputs(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        batch = tokenized.batch(rows)
+    def inputs(rows: torch.Tensor, texts: Any = tokenized) -> tuple[torch.Tensor, ...]:
+        batch = texts.batch(rows)
         return batch["input_ids"], batch["attention_mask"]
 
     count = len(tokenized.lengths)
+    calibration = torch.arange(min(CALIBRATION, len(train.lengths)))
     ids = {"shape": ["batch", "sequence"], "dtype": "int64"}
     return Feed(
         module=net.eval(),
@@ -148,18 +149,12 @@ def text_feed(net: nn.Module, data: TextData) -> Feed:
         labels=data.test.y[order],
         singles=[inputs(torch.tensor([i])) for i in range(min(SINGLE_SAMPLES, count))],
         batch=inputs(torch.arange(min(BATCH, count))),
-        calibration=_text_calibration(net, data),
+        calibration=[inputs(rows, train) for rows in calibration.split(32)],
         input={
             "input_ids": {**ids, "what": "token ids of the tokenizer saved beside the model"},
             "attention_mask": {**ids, "what": "1 for a token, 0 for padding (on the right)"},
         },
     )
-
-
-def _text_calibration(net: nn.Module, data: TextData) -> list[tuple[torch.Tensor, ...]]:
-    train = data.tokenized(net, "train")
-    rows = torch.arange(min(CALIBRATION, len(train.lengths)))
-    return [tuple(train.batch(rows[i : i + 32]).values()) for i in range(0, len(rows), 32)]
 
 
 def _feed(net: nn.Module, data: DataBundle | TextData) -> Feed:
@@ -178,7 +173,8 @@ def export_classifier(
     """Export a stage's classifier (its model.safetensors) to `output` (default
     <stage>/export); returns what export.json holds."""
     require_onnx()
-    net, data = load_saved_model(weights, data_dir=data_dir)
+    datasets: dict[str, Any] = {}  # the teacher (latency row) reads the same data
+    net, data = load_saved_model(weights, data_dir=data_dir, datasets=datasets)
     feed = _feed(net, data)
     folder = claim_export_dir(output or weights.parent / "export", overwrite=overwrite)
     onnx_path = folder / "model.onnx"
@@ -206,7 +202,7 @@ def export_classifier(
     engines: list[tuple[str, Any, bool]] = [("PyTorch FP32", feed.module, True)]
     engines += [(f"ONNX Runtime {kind.upper()}", s, False) for kind, s in sessions.items()]
     latency = latency_rows(engines, feed.singles, feed.batch, threads=threads)
-    teacher = _teacher_of(weights, data_dir)
+    teacher = _teacher_of(weights, data_dir, datasets)
     if teacher is not None:
         latency += latency_rows(
             [("teacher, PyTorch FP32", teacher.module, True)],
@@ -274,13 +270,15 @@ def _parity(reference: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor)
     }
 
 
-def _teacher_of(weights: Path, data_dir: str | Path | None) -> Feed | None:
+def _teacher_of(
+    weights: Path, data_dir: str | Path | None, datasets: dict[str, Any]
+) -> Feed | None:
     """The run's teacher with its own inputs (for scale in the latency table), when the
     stage is in a run folder that has one and is not itself the teacher."""
     found = run_teacher(weights)
     if found is None:
         return None
-    return _feed(*load_saved_model(found, data_dir=data_dir))
+    return _feed(*load_saved_model(found, data_dir=data_dir, datasets=datasets))
 
 
 def model_card(record: dict[str, Any]) -> str:

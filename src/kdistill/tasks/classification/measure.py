@@ -178,9 +178,12 @@ def load_saved_model(
     data: str | None = None,
     model: str | None = None,
     data_dir: str | Path | None = None,
+    datasets: dict[str, DataBundle | TextData] | None = None,
 ) -> tuple[nn.Module, DataBundle | TextData]:
     """A stage's saved classifier, rebuilt from the model.json beside its weights (or
-    `model`), and the data it was trained on (or `data`, "SOURCE[:PATH]")."""
+    `model`), and the data it was trained on (or `data`, "SOURCE[:PATH]"). `datasets`
+    keeps the data built by earlier calls, by data section, so a teacher and its
+    student read the same data once."""
     info_path = weights.with_name("model.json")
     info = json.loads(info_path.read_text()) if info_path.exists() else None
     data_cfg = _data_option(data)
@@ -193,7 +196,11 @@ def load_saved_model(
     data_cfg = data_cfg or (recorded_data(info["data"]) if info else None)
     if data_cfg is None:
         raise CheckpointError("say which data to evaluate on: --data SOURCE[:PATH]")
-    bundle = build_data(data_cfg, data_dir)
+    key = data_cfg.model_dump_json()
+    datasets = {} if datasets is None else datasets
+    if key not in datasets:
+        datasets[key] = build_data(data_cfg, data_dir)
+    bundle = datasets[key]
     exported = weights.parent / "hf"
     if model_spec is None and spec.name in ("hf", "hf_student") and exported.is_dir():
         # the stage's save_pretrained folder: it needs neither the source model nor, for
