@@ -89,11 +89,14 @@ def _best(stage: dict[str, Any]) -> dict[str, Any] | None:
 
 def _gap_metric(stages: dict[str, Any], pick: Any) -> str:
     """ "loss" (per token), or "bpc" when the teacher counts other tokens than the baseline."""
-    teacher, baseline = (
-        pick(stages[n]) or {} if n in stages else {} for n in ("teacher", "baseline")
-    )
-    tokens = teacher.get("tokens"), baseline.get("tokens")
-    return "bpc" if None not in tokens and tokens[0] != tokens[1] else "loss"
+
+    def tokens(name: str) -> Any:
+        section = pick(stages[name]) if name in stages else None
+        return (section or {}).get("tokens")
+
+    teacher, baseline = tokens("teacher"), tokens("baseline")
+    differ = teacher is not None and baseline is not None and teacher != baseline
+    return "bpc" if differ else "loss"
 
 
 def _gap(stages: dict[str, Any], pick: Any) -> tuple[float | None, str | None]:
