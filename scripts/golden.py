@@ -86,6 +86,7 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "mnist_quick": ("mnist_quick", [*_CLASSIFIER_SMALL, "seeds=[0, 1]"]),
     "mnist_hinton": ("mnist_hinton", [*_CLASSIFIER_SMALL, "seeds=[0]"]),
     "cifar10_cnn_small_from_cnn": ("cifar10_cnn_small_from_cnn", [*_CIFAR_SMALL, "seeds=[0]"]),
+    "cifar10_cnn_pruned_from_cnn": ("cifar10_cnn_pruned_from_cnn", [*_CIFAR_SMALL, "seeds=[0]"]),
     "cifar10_resnet8_from_resnet20": (
         "cifar10_resnet8_from_resnet20",
         [*_CIFAR_SMALL, "seeds=[0]"],

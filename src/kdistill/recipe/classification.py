@@ -38,8 +38,9 @@ from kdistill.schedules import as_schedule as as_schedule
 
 # hf_student's `location` naming the recipe's own teacher (models/text_build.py)
 TEACHER_LOCATION = "teacher"
+PRUNED_TEACHER = "pruned_teacher"  # a student model: the teacher, pruned
 
-StageName = Literal["teacher", "assistant", "baseline", "distill"]
+StageName = Literal["teacher", "assistant", "prune", "baseline", "distill"]
 
 
 # --------------------------------------------------------------------------- data
@@ -394,11 +395,13 @@ class Recipe(RecipeBase):
 
     @property
     def student_from_teacher(self) -> bool:
-        """Whether the student copies the recipe's teacher (hf_student, location: teacher)."""
-        return (
-            self.student is not None
-            and self.student.model.name == "hf_student"
-            and self.student.model.args.get("location") == TEACHER_LOCATION
+        """Whether the student is cut from the recipe's teacher (pruned_teacher, or
+        hf_student with location: teacher)."""
+        if self.student is None:
+            return False
+        model = self.student.model
+        return model.name == PRUNED_TEACHER or (
+            model.name == "hf_student" and model.args.get("location") == TEACHER_LOCATION
         )
 
     @model_validator(mode="after")
@@ -424,10 +427,24 @@ class Recipe(RecipeBase):
             or ("teacher" not in self.stages and self.teacher.checkpoint is None)
         ):
             problems.append(
-                "student.model.args.location 'teacher' builds the student from the recipe's "
-                "trained teacher: add a 'teacher' section and either the 'teacher' stage or "
-                "teacher.checkpoint"
+                "student.model builds the student from the recipe's trained teacher "
+                "(pruned_teacher, or location 'teacher'): add a 'teacher' section and either "
+                "the 'teacher' stage or teacher.checkpoint"
             )
+        if "prune" in self.stages and not self.student_from_teacher:
+            problems.append(
+                "the 'prune' stage measures the pruned teacher before training, so the student "
+                "must be one: student.model: {name: pruned_teacher, args: {channels: 0.5}} "
+                "(image and table models) or {ffn: 0.5, layers: [0, 2, 4]} (Hugging Face "
+                "encoders)"
+            )
+        for role in ("teacher", "assistant"):
+            section = getattr(self, role)
+            if section is not None and section.model.name == PRUNED_TEACHER:
+                problems.append(
+                    f"{role}.model: pruned_teacher is a student model (the teacher, pruned); "
+                    f"name the {role}'s own architecture"
+                )
         if (
             self.teacher is not None
             and self.teacher.train is not None

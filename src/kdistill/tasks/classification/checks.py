@@ -6,10 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kdistill.compress.prune import PruneArgs
 from kdistill.data.paths import resolve_data_root
-from kdistill.errors import suggest
+from kdistill.errors import ModelError, suggest
 from kdistill.preflight import Problems, args_problem, missing_path, weights_problem
-from kdistill.recipe.classification import ModelSpec, Recipe
+from kdistill.recipe.classification import PRUNED_TEACHER, ModelSpec, Recipe
 
 TEXT_SOURCES = ("sst2", "text_files", "hf_disk")
 # recipe args of bilstm / textcnn that the builder reads itself (models/text_build.py)
@@ -82,6 +83,12 @@ def _model_problem(where: str, spec: ModelSpec, *, text: bool) -> str | None:
                 f"{where}.args: 'hf' takes no argument {unknown[0]!r}"
                 f"{suggest(unknown[0], _HF_ARGS)}; its arguments: {', '.join(_HF_ARGS)}"
             )
+        return None
+    if name == PRUNED_TEACHER:
+        try:
+            PruneArgs.of(dict(args), f"{where}.args")
+        except ModelError as exc:
+            return str(exc)
         return None
     if name in TEXT_ZOO:
         return None  # hf_student: checked against the teacher it is cut from, at run

@@ -26,13 +26,14 @@ from kdistill.checkpoint import (
     atomic_write_json,
     load_weights,
 )
+from kdistill.compress.prune import resize_to
 from kdistill.data import DataBundle, TextData
 from kdistill.data import build as build_data
 from kdistill.errors import CheckpointError, RecipeError
 from kdistill.evaluate import cost, predict, quality
-from kdistill.models.hf import HFClassifier, save_hf
+from kdistill.models.hf import HFClassifier, save_hf, weights_follow
 from kdistill.recipe import DataConfig, ModelSpec, Recipe
-from kdistill.recipe.classification import TEXT_SOURCES
+from kdistill.recipe.classification import PRUNED_TEACHER, TEXT_SOURCES
 from kdistill.stages import (
     finish_stage,
 )
@@ -96,10 +97,15 @@ def measure_stage(
             # a folder transformers loads as is, and a `location` for a later recipe: a
             # student built from this (fine-tuned) teacher's layers, or the teacher itself
             save_hf(model, folder / "hf", model.kdistill_tokenizer, overwrite=True)
+        architecture, pruned = spec, spec.name == PRUNED_TEACHER
+        if pruned:  # rebuilt as the teacher's architecture at the saved weights' shapes
+            assert ctx.recipe.teacher is not None
+            architecture = ctx.recipe.teacher.model
         atomic_write_json(
             folder / "model.json",
             {
-                "model": spec.model_dump(mode="json"),
+                "model": architecture.model_dump(mode="json"),
+                **({"pruned": spec.model_dump(mode="json")} if pruned else {}),
                 "num_classes": data.num_classes,
                 "class_names": data.class_names,
                 "input_shape": list(data.input_shape),
@@ -206,7 +212,10 @@ def load_saved_model(
         # the stage's save_pretrained folder: it needs neither the source model nor, for
         # a student built with `location: teacher`, the teacher
         spec = ModelSpec(name="hf", args={"location": str(exported)})
-    net = make_model(bundle, spec, where="model")
+    with weights_follow():
+        net = make_model(bundle, spec, where="model")
+    if model_spec is None and info is not None and info.get("pruned") and spec.name != "hf":
+        resize_to(net, weights)  # the unpruned architecture, cut to the saved shapes
     load_weights(net, weights)
     return net.eval(), bundle
 

@@ -13,13 +13,17 @@ from kdistill.data import DataBundle, TextData
 from kdistill.models import build_model
 from kdistill.models.hf import weights_follow
 from kdistill.recipe import ModelSpec, Recipe
+from kdistill.tasks.classification.prune import PRUNED_TEACHER, build_pruned
 
 
 def make_model(
     data: DataBundle | TextData, spec: ModelSpec, *, where: str, teacher: nn.Module | None = None
 ) -> nn.Module:
     """A model for this data: text models get their tokenizer (see models/text_build.py);
-    `teacher` is the source of an `hf_student` built with `location: teacher`."""
+    `teacher` is the source of an `hf_student` built with `location: teacher` and of a
+    `pruned_teacher` (tasks/classification/prune.py)."""
+    if spec.name == PRUNED_TEACHER:
+        return build_pruned(data, spec, where=where, teacher=teacher)
     if data.is_text:
         from kdistill.models.text_build import build_text_model
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,7 @@ def _check_models(recipe: Recipe, data: DataBundle | TextData) -> None:
         specs += [(m.model, f"teacher.members.{m.name}.model") for m in recipe.teacher.members]
     if recipe.assistant is not None and "assistant" in recipe.stages:
         specs.append((recipe.assistant.model, "assistant.model"))
-    if recipe.student is not None and {"baseline", "distill"} & set(recipe.stages):
+    if recipe.student is not None and {"prune", "baseline", "distill"} & set(recipe.stages):
         specs.append((recipe.student.model, "student.model"))
     built: dict[str, nn.Module] = {}
     for spec, where in specs:  # the teacher first: a student may be built from it
@@ -263,9 +264,28 @@ def _student_stage(ctx: Context, stage: str, seed: int, guide: Guide | None) -> 
     return Guide({"main": model}, stage, seed)
 
 
+def _prune_stage(ctx: Context, stage: str, seed: int, guide: Guide | None) -> Guide | None:
+    """The student (the teacher, pruned) measured before any training: what pruning
+    alone cost, and the weights the baseline and distill stages start from."""
+    recipe = ctx.recipe
+    assert recipe.student is not None
+    if not finished_earlier(ctx, stage, seed):
+        spec = recipe.student.model
+        teacher = ctx.teachers.get(seed) or next(iter(ctx.teachers.values()), None)
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        model = make_model(ctx.data, spec, where="student.model", teacher=teacher)
+        if ctx.is_main:
+            for note in getattr(model, "load_notes", ()):
+                ctx.console.log(f"{stage} seed {seed}: {note}")
+        seconds = time.perf_counter() - start
+        measure_stage(ctx, stage, seed, model, spec, guide, train_seconds=seconds)
+    return guide
+
+
 STAGES = StageTable(
     teacher={"teacher": _teacher_stage, "assistant": _student_stage},
-    student={"baseline": _student_stage, "distill": _student_stage},
+    student={"prune": _prune_stage, "baseline": _student_stage, "distill": _student_stage},
     chained=frozenset({"distill"}),
 )
 

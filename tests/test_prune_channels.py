@@ -1,0 +1,207 @@
+"""Channel pruning (kdistill.compress.prune) and the `pruned_teacher` student with its
+`prune` stage: channels really removed through residual connections, the least
+important found by their Taylor scores, the pruned shape saved, reloaded, evaluated
+and exported, and every bad setting refused with its fix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import tiny_recipe
+from torch import nn
+
+import kdistill
+from kdistill.compress.prune import PruneArgs, prune_channels, resize_to
+from kdistill.errors import ModelError, RecipeError
+from kdistill.models.cifar import cnn_student, cnn_teacher, resnet20
+
+
+def _data(n: int = 64, shape: tuple[int, ...] = (3, 32, 32)) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(n, *shape, generator=generator), torch.randint(
+        0, 10, (n,), generator=generator
+    )
+
+
+def test_half_the_channels_of_the_cnn_teacher_is_the_cnn_student_shape() -> None:
+    torch.manual_seed(0)
+    teacher = cnn_teacher(input_shape=(3, 32, 32), num_classes=10)
+    x, y = _data()
+    original = {k: v.clone() for k, v in teacher.state_dict().items()}
+    pruned, report = prune_channels(teacher, [(x, y)], ratio=0.5, example_input=x[:2])
+    student = cnn_student(input_shape=(3, 32, 32), num_classes=10)
+    assert {k: v.shape for k, v in pruned.state_dict().items()} == {
+        k: v.shape for k, v in student.state_dict().items()
+    }
+    assert report["params"] == [
+        sum(p.numel() for p in teacher.parameters()),
+        sum(p.numel() for p in student.parameters()),
+    ]
+    assert report["widths"]["conv1"] == [32, 16] and report["widths"]["fc"] == [10, 10]
+    assert pruned(x).shape == (64, 10)
+    # the teacher itself is untouched
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in original.items())
+
+
+def test_the_kept_channels_are_the_teachers_own_weights() -> None:
+    torch.manual_seed(0)
+    teacher = cnn_teacher(input_shape=(3, 32, 32), num_classes=10)
+    x, y = _data()
+    pruned, _ = prune_channels(teacher, [(x, y)], ratio=0.5, example_input=x[:2])
+    # every kept conv1 filter is one of the teacher's filters, unchanged
+    for row in pruned.conv1.weight:
+        assert any(torch.equal(row, original) for original in teacher.conv1.weight)
+
+
+def test_taylor_importance_removes_the_neurons_the_loss_does_not_use() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():  # hidden neurons 4..7 feed nothing into the logits
+        model[2].weight[:, 4:] = 0
+        model[0].weight[4:] *= 10  # and have the largest weights, so magnitude keeps them
+    x = torch.randn(128, 6)
+    y = torch.randint(0, 3, (128,))
+    taylor, _ = prune_channels(model, [(x, y)], ratio=0.5, example_input=x[:2])
+    kept = [
+        next(i for i, w in enumerate(model[0].weight) if torch.equal(w, row))
+        for row in taylor[0].weight
+    ]
+    assert sorted(kept) == [0, 1, 2, 3]
+    magnitude, _ = prune_channels(
+        model, [(x, y)], ratio=0.5, example_input=x[:2], importance="magnitude"
+    )
+    kept = [
+        next(i for i, w in enumerate(model[0].weight) if torch.equal(w, row))
+        for row in magnitude[0].weight
+    ]
+    assert sorted(kept) != [0, 1, 2, 3]
+    # without the removed neurons, the Taylor-pruned model computes what the model did
+    model.eval()
+    assert torch.allclose(taylor(x), model(x), atol=1e-6)
+
+
+def test_a_residual_network_is_pruned_consistently_and_reloads_from_its_weights(
+    tmp_path: Path,
+) -> None:
+    from kdistill.checkpoint import load_weights, save_weights
+
+    torch.manual_seed(0)
+    model = resnet20(input_shape=(3, 32, 32), num_classes=10)
+    x, y = _data(32)
+    pruned, report = prune_channels(model, [(x, y)], ratio=0.5, example_input=x[:2])
+    assert report["params"][1] < 0.3 * report["params"][0]
+    save_weights(pruned, tmp_path / "model.safetensors")
+    fresh = resize_to(
+        resnet20(input_shape=(3, 32, 32), num_classes=10), tmp_path / "model.safetensors"
+    )
+    load_weights(fresh, tmp_path / "model.safetensors")
+    pruned.eval(), fresh.eval()
+    assert torch.equal(fresh(x), pruned(x))
+    assert fresh.layer1[0].conv1.out_channels == pruned.layer1[0].conv1.weight.shape[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"channels": 0}, "strictly between 0 and 1"),
+        ({"channels": 1}, "strictly between 0 and 1"),
+        ({"channels": 1.5}, "strictly between 0 and 1"),
+        ({"channels": True}, "strictly between 0 and 1"),
+        ({"ffn": -0.2}, "strictly between 0 and 1"),
+        ({"chanels": 0.5}, "did you mean 'channels'"),
+        ({}, "say what to prune"),
+        ({"channels": 0.5, "importance": "taylr"}, "did you mean 'taylor'"),
+        ({"channels": 0.5, "init": "scratch"}, "pruned, random"),
+        ({"channels": 0.5, "samples": 0}, "positive number"),
+    ],
+)
+def test_bad_prune_settings_name_their_fix(args: dict, message: str) -> None:
+    with pytest.raises(ModelError, match=message) as caught:
+        PruneArgs.of(args, "student.model.args")
+    assert "student.model.args" in str(caught.value)
+
+
+def test_a_ratio_that_removes_nothing_and_an_untraceable_model_are_refused() -> None:
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    # a layer is never emptied: one neuron wide, it keeps its neuron, and nothing is cut
+    model = nn.Sequential(nn.Linear(4, 1), nn.ReLU(), nn.Linear(1, 3))
+    with pytest.raises(ModelError, match="removes no channel"):
+        prune_channels(model, [(x, y)], ratio=0.5, example_input=x[:2])
+    # a small fraction of a wider layer still removes one neuron
+    wider = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    _, report = prune_channels(wider, [(x, y)], ratio=0.1, example_input=x[:2])
+    assert report["widths"]["0"] == [8, 7]
+
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = nn.Linear(4, 8)
+            self.mix = nn.Parameter(torch.randn(8, 8))
+            self.fc2 = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(torch.relu(self.fc1(x)) @ self.mix)
+
+    with pytest.raises(ModelError, match=r"Functional\.mix is a parameter used outside"):
+        prune_channels(Functional(), [(x, y)], ratio=0.5, example_input=x[:2])
+
+
+def test_the_recipe_refuses_a_prune_stage_without_a_pruned_student() -> None:
+    with pytest.raises(RecipeError, match="'prune' stage measures the pruned teacher"):
+        kdistill.api.as_recipe(tiny_recipe(stages=["teacher", "prune", "distill"]))
+    recipe = tiny_recipe()
+    recipe["teacher"]["model"] = {"name": "pruned_teacher", "args": {"channels": 0.5}}
+    with pytest.raises(RecipeError, match="pruned_teacher is a student model"):
+        kdistill.api.as_recipe(recipe)
+
+
+def test_validate_names_a_bad_pruning_setting(shared_data: Path) -> None:
+    recipe = tiny_recipe(stages=["teacher", "prune", "distill"])
+    recipe["student"]["model"] = {"name": "pruned_teacher", "args": {"channels": 2}}
+    with pytest.raises(RecipeError, match=r"student\.model\.args\.channels: the fraction"):
+        kdistill.api.validate(recipe, data_dir=shared_data)
+
+
+@pytest.fixture(scope="module")
+def pruned_run(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished tiny MNIST run: MLP teacher (64 hidden), pruned by half, measured
+    before training, then trained alone and distilled."""
+    recipe = tiny_recipe(stages=["teacher", "prune", "baseline", "distill"])
+    recipe["student"]["model"] = {"name": "pruned_teacher", "args": {"channels": 0.5}}
+    run = tmp_path_factory.mktemp("pruned") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KDISTILL_DATA", str(shared_data))
+        kdistill.run(recipe, output_dir=run, quiet=True)
+    return run
+
+
+def test_the_prune_stage_is_a_row_and_its_weights_start_both_students(pruned_run: Path) -> None:
+    results = json.loads((pruned_run / "results.json").read_text())
+    assert list(results["stages"]) == ["teacher", "prune", "baseline", "distill"]
+    teacher, pruned = results["stages"]["teacher"], results["stages"]["prune"]
+    assert pruned["cost"]["params"] < 0.55 * teacher["cost"]["params"]
+    assert pruned["cost"]["flops"] < 0.55 * teacher["cost"]["flops"]
+    for stage in ("baseline", "distill"):
+        assert results["stages"][stage]["cost"]["params"] == pruned["cost"]["params"]
+    # the pruned teacher, untrained, is far better than chance: it kept the teacher's
+    # most useful half
+    assert pruned["test"]["accuracy"] > 0.5
+    assert "| prune |" in (pruned_run / "results.md").read_text()
+    record = json.loads((pruned_run / "distill" / "seed0" / "model.json").read_text())
+    assert record["model"]["name"] == "mlp" and record["pruned"]["name"] == "pruned_teacher"
+
+
+def test_a_pruned_stage_evaluates_and_exports_from_its_folder(
+    pruned_run: Path, shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KDISTILL_DATA", str(shared_data))
+    stage = pruned_run / "distill" / "seed0"
+    measured = json.loads((stage / "eval.json").read_text())
+    again = kdistill.api.evaluate(stage / "model.safetensors")
+    assert again["test"]["accuracy"] == pytest.approx(measured["test"]["accuracy"], abs=1e-9)
+    assert again["cost"]["params"] == measured["cost"]["params"]
+    record = kdistill.api.export(stage, output=tmp_path / "exported", int8=None)
+    assert record["parity"]["fp32"]["top1_agreement"] >= 0.995
