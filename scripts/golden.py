@@ -176,9 +176,10 @@ def _record(name: str, shipped: str, overrides: list[str]) -> dict[str, Any]:
         stages: dict[str, Any] = {}
         for stage_dir in sorted(p.parent for p in run_dir.glob("*/seed*/model.safetensors")):
             key = f"{stage_dir.parent.name}/{stage_dir.name}"
+            log = stage_dir / "metrics.jsonl"  # a stage that trains nothing (prune) has none
             metrics = [
                 _deterministic(json.loads(line))
-                for line in (stage_dir / "metrics.jsonl").read_text().splitlines()
+                for line in (log.read_text().splitlines() if log.exists() else [])
                 if line.strip()
             ]
             evaluation = json.loads((stage_dir / "eval.json").read_text())
