@@ -121,9 +121,15 @@ def _check_models(recipe: Recipe, data: DataBundle | TextData) -> None:
     if recipe.student is not None and {"prune", "baseline", "distill"} & set(recipe.stages):
         specs.append((recipe.student.model, "student.model"))
     built: dict[str, nn.Module] = {}
-    for spec, where in specs:  # the teacher first: a student may be built from it
-        with weights_follow():  # built to check, then thrown away: the stages say the notes
-            built[where] = make_model(data, spec, where=where, teacher=built.get("teacher.model"))
+    # seeded apart from the run's random state, so that the check (a pruned student is
+    # cut from this untrained teacher) is the same on every run and changes nothing after
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        for spec, where in specs:  # the teacher first: a student may be built from it
+            with weights_follow():  # built to check, then thrown away: stages say the notes
+                built[where] = make_model(
+                    data, spec, where=where, teacher=built.get("teacher.model")
+                )
     objective = Objective(recipe.objective)
     if "distill" not in recipe.stages or not objective.feature_terms:
         return
