@@ -169,7 +169,7 @@ def test_validate_names_a_bad_pruning_setting(shared_data: Path) -> None:
 def pruned_run(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished tiny MNIST run: MLP teacher (64 hidden), pruned by half, measured
     before training, then trained alone and distilled."""
-    recipe = tiny_recipe(stages=["teacher", "prune", "baseline", "distill"])
+    recipe = tiny_recipe(stages=["teacher", "prune", "baseline", "distill", "quantize"])
     recipe["student"]["model"] = {"name": "pruned_teacher", "args": {"channels": 0.5}}
     run = tmp_path_factory.mktemp("pruned") / "run"
     with pytest.MonkeyPatch.context() as patch:
@@ -180,7 +180,7 @@ def pruned_run(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 def test_the_prune_stage_is_a_row_and_its_weights_start_both_students(pruned_run: Path) -> None:
     results = json.loads((pruned_run / "results.json").read_text())
-    assert list(results["stages"]) == ["teacher", "prune", "baseline", "distill"]
+    assert list(results["stages"]) == ["teacher", "prune", "baseline", "distill", "quantize"]
     teacher, pruned = results["stages"]["teacher"], results["stages"]["prune"]
     assert pruned["cost"]["params"] < 0.55 * teacher["cost"]["params"]
     assert pruned["cost"]["flops"] < 0.55 * teacher["cost"]["flops"]
@@ -205,3 +205,29 @@ def test_a_pruned_stage_evaluates_and_exports_from_its_folder(
     assert again["cost"]["params"] == measured["cost"]["params"]
     record = kdistill.api.export(stage, output=tmp_path / "exported", int8=None)
     assert record["parity"]["fp32"]["top1_agreement"] >= 0.995
+
+
+def test_the_quantize_stage_is_the_distilled_student_as_int8_onnx(pruned_run: Path) -> None:
+    results = json.loads((pruned_run / "results.json").read_text())
+    distill, quantized = results["stages"]["distill"], results["stages"]["quantize"]
+    record = quantized["per_seed"][0]
+    assert record["source"] == "distill" and record["mode"] == "dynamic"
+    # the row measures the INT8 file itself, on the whole test split, in ONNX Runtime
+    export = pruned_run / "quantize" / "seed0" / "export"
+    assert quantized["cost"]["size_bytes"] == (export / "model.int8.onnx").stat().st_size
+    assert quantized["cost"]["size_bytes"] < distill["cost"]["size_bytes"]
+    assert quantized["cost"]["params"] == distill["cost"]["params"]
+    assert quantized["test"]["errors"] + distill["test"]["errors"] > 0
+    assert abs(quantized["test"]["accuracy"] - distill["test"]["accuracy"]) < 0.02
+    assert record["agreement_with_fp32"] > 0.95
+    engines = [row["engine"] for row in record["latency"]]
+    assert engines[:3] == ["PyTorch FP32", "ONNX Runtime FP32", "ONNX Runtime INT8"]
+    assert "| quantize |" in (pruned_run / "results.md").read_text()
+    assert "INT8 ONNX file" in (pruned_run / "results.md").read_text()
+
+
+def test_quantize_needs_the_stage_it_quantizes() -> None:
+    recipe = tiny_recipe(stages=["teacher", "baseline", "quantize"])
+    with pytest.raises(RecipeError, match="quantizes the distill stage's model"):
+        kdistill.api.as_recipe(recipe)
+    kdistill.api.as_recipe({**recipe, "quantize": {"stage": "baseline"}})

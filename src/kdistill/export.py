@@ -47,14 +47,20 @@ CALIBRATION = 512  # static INT8: training samples that set the activation range
 EXTRA = "pip install 'kdistill[export]' (onnx, onnxruntime, onnxscript)"
 
 
+def missing_onnx() -> list[str]:
+    """The export packages that are not installed."""
+    import importlib.util
+
+    return [
+        name
+        for name in ("onnx", "onnxruntime", "onnxscript")
+        if importlib.util.find_spec(name) is None
+    ]
+
+
 def require_onnx() -> None:
     """Refuse early, naming the extra, when the export packages are not installed."""
-    missing = []
-    for name in ("onnx", "onnxruntime", "onnxscript"):
-        try:
-            __import__(name)
-        except ImportError:
-            missing.append(name)
+    missing = missing_onnx()
     if missing:
         raise ExportError(f"exporting needs {', '.join(missing)}, not installed here; {EXTRA}")
 

@@ -40,7 +40,7 @@ from kdistill.schedules import as_schedule as as_schedule
 TEACHER_LOCATION = "teacher"
 PRUNED_TEACHER = "pruned_teacher"  # a student model: the teacher, pruned
 
-StageName = Literal["teacher", "assistant", "prune", "baseline", "distill"]
+StageName = Literal["teacher", "assistant", "prune", "baseline", "distill", "quantize"]
 
 
 # --------------------------------------------------------------------------- data
@@ -366,6 +366,20 @@ class AssistantConfig(Strict):
     model: ModelSpec
 
 
+class QuantizeConfig(Strict):
+    """The quantize stage: a trained stage's model as INT8 ONNX (ONNX Runtime's
+    quantization), measured on the whole test split and timed beside PyTorch."""
+
+    stage: Literal["distill", "baseline"] = Field(
+        "distill", description="the stage whose model is quantized, per seed"
+    )
+    mode: Literal["dynamic", "static"] = Field(
+        "dynamic",
+        description="dynamic: int8 weights, activations quantized per batch at run time; "
+        "static: activation ranges fixed on training batches",
+    )
+
+
 class Recipe(RecipeBase):
     task: Literal["classification"] = Field(
         "classification",
@@ -389,6 +403,7 @@ class Recipe(RecipeBase):
         description="born-again networks: distill generation g from generation g-1 "
         "(generation 1 from the teacher); results as distill, distill_gen2, ...",
     )
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     STAGES = "teacher, baseline, distill"
@@ -437,6 +452,12 @@ class Recipe(RecipeBase):
                 "must be one: student.model: {name: pruned_teacher, args: {channels: 0.5}} "
                 "(image and table models) or {ffn: 0.5, layers: [0, 2, 4]} (Hugging Face "
                 "encoders)"
+            )
+        if "quantize" in self.stages and self.quantize.stage not in self.stages:
+            problems.append(
+                f"the 'quantize' stage quantizes the {self.quantize.stage} stage's model "
+                f"(quantize.stage), which is not in stages; add {self.quantize.stage!r} to "
+                "stages or set quantize.stage to a listed one"
             )
         for role in ("teacher", "assistant"):
             section = getattr(self, role)

@@ -36,6 +36,15 @@ def check_recipe(recipe: Recipe, data_dir: str | Path | None = None) -> list[str
                 "data.text.transfer.file", transfer.file, root, "file", working_folder=False
             )
         )
+    if "quantize" in recipe.stages:
+        from kdistill.export import EXTRA, missing_onnx
+
+        missing = missing_onnx()
+        if missing:
+            problems.add(
+                f"stages: the quantize stage needs {', '.join(missing)}, not installed "
+                f"here; {EXTRA}"
+            )
     for where, spec in _model_specs(recipe):
         problems.add(_model_problem(where, spec, text=text))
     if recipe.teacher is not None:

@@ -23,7 +23,9 @@ The INT8 model's agreement and accuracy change are reported, not enforced.
 
 from __future__ import annotations
 
+import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +60,7 @@ from kdistill.export import (
     to_onnx,
     versions,
 )
-from kdistill.tasks.classification.measure import load_saved_model
+from kdistill.tasks.classification.measure import load_saved_model, recorded_data
 
 
 class RawInput(nn.Module):
@@ -169,11 +171,13 @@ def export_classifier(
     int8: str | None = "dynamic",
     threads: int = 1,
     data_dir: str | Path | None = None,
+    datasets: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Export a stage's classifier (its model.safetensors) to `output` (default
-    <stage>/export); returns what export.json holds."""
+    <stage>/export); returns what export.json holds. `datasets`: data already built,
+    by data section (see `load_saved_model`)."""
     require_onnx()
-    datasets: dict[str, Any] = {}  # the teacher (latency row) reads the same data
+    datasets = {} if datasets is None else datasets  # the teacher reads the same data
     net, data = load_saved_model(weights, data_dir=data_dir, datasets=datasets)
     feed = _feed(net, data)
     folder = claim_export_dir(output or weights.parent / "export", overwrite=overwrite)
@@ -330,3 +334,52 @@ def export_summary(record: dict[str, Any]) -> str:
     return summary_line(
         record, agreement="top-1", int8_change=f"accuracy change {change * 100:+.2f} points"
     )
+
+
+def quantized_stage(
+    source: Path,
+    *,
+    output: Path,
+    mode: str,
+    threads: int,
+    data: DataBundle | TextData,
+    section: Any,
+) -> dict[str, Any]:
+    """The quantize stage of a run: `source` (a stage folder) exported with INT8 into
+    `output`/export, and its eval.json record: the INT8 model's quality on the whole
+    test split (ONNX Runtime), the source's parameters and FLOPs, the INT8 file's size
+    and ONNX Runtime's INT8 latency, with the side-by-side latency table (PyTorch FP32,
+    ONNX Runtime FP32 and INT8 of the same model, on the same inputs and threads).
+    `data`: the run's data, `section` its recipe section, so nothing is read again."""
+    datasets = {recorded_data(section.model_dump(mode="json")).model_dump_json(): data}
+    started = time.perf_counter()
+    record = export_classifier(
+        source / "model.safetensors",
+        output=output / "export",
+        overwrite=True,
+        int8=mode,
+        threads=threads,
+        datasets=datasets,
+    )
+    source_cost = json.loads((source / "eval.json").read_text(encoding="utf-8"))["cost"]
+    int8 = next(row for row in record["latency"] if row["engine"] == "ONNX Runtime INT8")
+    batch_key = next(key for key in int8 if key.startswith("batch_") and key != "batch_1")
+    return {
+        "source": source.parent.name,
+        "mode": mode,
+        "test": record["parity"]["int8"]["test"],
+        "agreement_with_fp32": record["parity"]["int8"]["top1_agreement"],
+        "cost": {
+            "params": source_cost["params"],
+            "flops": source_cost["flops"],
+            "size_bytes": (output / "export" / "model.int8.onnx").stat().st_size,
+            "latency_ms_single": int8["batch_1"]["median_ms"],
+            "latency_ms": int8[batch_key]["median_ms"],
+            "batch_size": int(batch_key.removeprefix("batch_")),
+            "device": "cpu, ONNX Runtime INT8",
+            "threads": threads,
+        },
+        "latency": record["latency"],
+        "exporter": record["exporter"],
+        "train_seconds": round(time.perf_counter() - started, 3),
+    }

@@ -27,6 +27,7 @@ from torch import nn
 
 from kdistill.cache import open_cache, write_cache
 from kdistill.checkpoint import (
+    atomic_write_json,
     file_sha256,
     load_weights,
 )
@@ -48,6 +49,7 @@ from kdistill.stages import (
     open_run,
     resolve_weights,
     run_stages,
+    stage_dir,
     train_stage,
 )
 from kdistill.tasks.classification.measure import measure_stage
@@ -289,9 +291,46 @@ def _prune_stage(ctx: Context, stage: str, seed: int, guide: Guide | None) -> Gu
     return guide
 
 
+def _quantize_stage(ctx: Context, stage: str, seed: int, guide: Guide | None) -> Guide | None:
+    """The quantize.stage's model of this seed as INT8 ONNX, measured on test by ONNX
+    Runtime and timed beside PyTorch (tasks/classification/export.py); its row is the
+    deployable model's quality and cost."""
+    folder = stage_dir(ctx.run_dir, stage, seed)
+    if (folder / "eval.json").exists():
+        if ctx.is_main:
+            ctx.console.log(f"{stage} seed {seed}: finished earlier in {folder}, skipping")
+        return guide
+    if ctx.is_main:
+        from kdistill.tasks.classification.export import quantized_stage
+
+        settings = ctx.recipe.quantize
+        evaluation = quantized_stage(
+            stage_dir(ctx.run_dir, settings.stage, seed),
+            output=folder,
+            mode=settings.mode,
+            threads=torch.get_num_threads(),
+            data=ctx.data,
+            section=ctx.recipe.data,
+        )
+        atomic_write_json(folder / "eval.json", {"stage": stage, "seed": seed, **evaluation})
+        ctx.console.log(
+            f"{stage} seed {seed}: {settings.stage} as INT8 ({settings.mode}) test accuracy "
+            f"{100 * evaluation['test']['accuracy']:.2f}%, top-1 agreement with FP32 "
+            f"{100 * evaluation['agreement_with_fp32']:.2f}%, "
+            f"{evaluation['cost']['latency_ms_single']:.2f} ms per sample in ONNX Runtime"
+        )
+    ctx.accelerator.wait_for_everyone()
+    return guide
+
+
 STAGES = StageTable(
     teacher={"teacher": _teacher_stage, "assistant": _student_stage},
-    student={"prune": _prune_stage, "baseline": _student_stage, "distill": _student_stage},
+    student={
+        "prune": _prune_stage,
+        "baseline": _student_stage,
+        "distill": _student_stage,
+        "quantize": _quantize_stage,
+    },
     chained=frozenset({"distill"}),
 )
 

@@ -169,7 +169,14 @@ def cost_line(results: dict[str, Any]) -> str:
         "unpadded) and of a "
         + "; ".join(settings)
         + " (ms/batch). FLOPs as counted by torch.utils.flop_counter; size of the "
-        "safetensors weights."
+        "safetensors weights"
+        + (
+            "; the quantize row is the INT8 ONNX file, run and timed in ONNX Runtime "
+            "(its export/export.json times PyTorch FP32 and ONNX Runtime FP32 on the same "
+            "inputs)."
+            if "quantize" in results["stages"]
+            else "."
+        )
     )
 
 
