@@ -92,15 +92,31 @@ from kdistill.recipe.common import (
 )
 from kdistill.schedules import ScheduleOrNumber, as_schedule
 
-LMStage = Literal["teacher", "baseline", "seqkd", "distill"]
+LMStage = Literal["teacher", "prune", "baseline", "seqkd", "distill"]
 
 
 # ------------------------------------------------------------------------- models
 
 
+class LMPruneSpec(Strict):
+    """A student that is the run's teacher pruned to these GPT-2 sizes, its most
+    important embedding channels, heads, MLP neurons and layers kept (activation
+    importance on training sequences: kdistill.compress.prune_lm)."""
+
+    n_layer: int = Field(ge=1, description="layers kept")
+    n_embd: int = Field(ge=1, description="embedding channels kept (n_head × the head size)")
+    n_head: int = Field(ge=1, description="attention heads kept per layer, whole")
+    n_inner: int | None = Field(None, ge=1, description="MLP neurons per layer; 4 × n_embd")
+    layers: list[int] | None = Field(
+        None, description="which teacher layers to keep; default: by block importance"
+    )
+    samples: int = Field(64, ge=1, description="training sequences that rank the parts")
+
+
 class LMModelSpec(Strict):
-    """A Hugging Face causal LM: built from a `config` (random weights), or loaded from a
-    `path` (a folder written by save_pretrained, or a hub id already in the local cache)."""
+    """A Hugging Face causal LM: built from a `config` (random weights), loaded from a
+    `path` (a folder written by save_pretrained, or a hub id already in the local cache),
+    or, for a student, `prune`d from the run's teacher."""
 
     config: dict[str, Any] | None = Field(
         None,
@@ -108,13 +124,17 @@ class LMModelSpec(Strict):
         "vocab_size defaults to the tokenizer's size",
     )
     path: str | None = Field(None, description="a save_pretrained folder or a cached hub id")
+    prune: LMPruneSpec | None = Field(
+        None, description="students: the run's teacher pruned to these sizes (GPT-2)"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> LMModelSpec:
-        if (self.config is None) == (self.path is None):
+        if sum(x is not None for x in (self.config, self.path, self.prune)) != 1:
             raise ValueError(
-                "give exactly one of config ({type: gpt2, n_layer: ..., ...}: a new model) "
-                "and path (a pretrained model folder or hub id)"
+                "give exactly one of config ({type: gpt2, n_layer: ..., ...}: a new model), "
+                "path (a pretrained model folder or hub id) and prune ({n_layer, n_embd, "
+                "n_head}: the run's teacher, pruned)"
             )
         if self.config is not None and not isinstance(self.config.get("type"), str):
             raise ValueError(
@@ -125,6 +145,9 @@ class LMModelSpec(Strict):
     def describe(self) -> str:
         if self.path is not None:
             return self.path
+        if self.prune is not None:
+            sizes = self.prune.model_dump(exclude_none=True, exclude={"samples"})
+            return "the teacher pruned to " + ", ".join(f"{k}={v}" for k, v in sizes.items())
         assert self.config is not None
         return ", ".join(f"{k}={v}" for k, v in self.config.items())
 
@@ -320,6 +343,15 @@ class LMRecipe(RecipeBase):
             problems.append("stages 'teacher', 'seqkd' and 'distill' need a 'teacher' section")
         if stages & {"baseline", "seqkd", "distill"} and self.student is None:
             problems.append("stages 'baseline', 'seqkd' and 'distill' need a 'student' section")
+        pruned = self.student is not None and self.student.model.prune is not None
+        if pruned and self.teacher is None:
+            problems.append("student.model.prune prunes the run's teacher: add a 'teacher' section")
+        if "prune" in stages and not pruned:
+            problems.append(
+                "the 'prune' stage measures the pruned teacher before training, so the "
+                "student must be one: student.model: {prune: {n_layer: 2, n_embd: 128, "
+                "n_head: 2}}"
+            )
         if "seqkd" in stages and self.seqkd is None:
             problems.append(
                 "the seqkd stage needs a 'seqkd' section saying how the teacher writes, at "
@@ -412,7 +444,14 @@ class LMRecipe(RecipeBase):
         teacher, stages = self.teacher, set(self.stages)
         if teacher is None:
             return problems
-        for stage in ("seqkd", "distill"):
+        if teacher.model.prune is not None:
+            problems.append(
+                "teacher.model.prune: pruning makes a student from the teacher; give the "
+                "teacher a config or a path"
+            )
+        pruned = self.student is not None and self.student.model.prune is not None
+        needing = ("seqkd", "distill", "baseline", "prune") if pruned else ("seqkd", "distill")
+        for stage in needing:
             if stage in stages and "teacher" not in stages and not teacher.pretrained:
                 problems.append(
                     f"the {stage} stage needs a trained teacher: add 'teacher' to stages, "

@@ -75,11 +75,24 @@ class LMData:
     def tokenizer_fingerprint(self) -> str:
         return tokenizer_fingerprint(self.tokenizer)
 
-    def build_model(self, spec: LMModelSpec, where: str) -> CausalLM:
+    def build_model(
+        self, spec: LMModelSpec, where: str, teacher: CausalLM | None = None
+    ) -> CausalLM:
         """The model of `spec` for this data: its vocabulary, sequence length and
-        end-of-text id (`kdistill.tasks.causal_lm.models.build_causal_lm`)."""
+        end-of-text id (`kdistill.tasks.causal_lm.models.build_causal_lm`); a pruned
+        student is cut from `teacher`, ranked on training rows."""
+        calibration = None
+        if spec.prune is not None:
+            order = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(0))
+            calibration = self.train[order[: spec.prune.samples], :-1]
         return build_causal_lm(
-            spec, vocab_size=self.vocab_size, seq_len=self.seq_len, eos_id=self.eos_id, where=where
+            spec,
+            vocab_size=self.vocab_size,
+            seq_len=self.seq_len,
+            eos_id=self.eos_id,
+            where=where,
+            teacher=teacher,
+            calibration=calibration,
         )
 
     @property

@@ -121,16 +121,26 @@ class CausalLM(nn.Module):
 
 
 def build_causal_lm(
-    spec: LMModelSpec, *, vocab_size: int, seq_len: int, eos_id: int | None, where: str
+    spec: LMModelSpec,
+    *,
+    vocab_size: int,
+    seq_len: int,
+    eos_id: int | None,
+    where: str,
+    teacher: CausalLM | None = None,
+    calibration: Tensor | None = None,
 ) -> CausalLM:
     """A CausalLM from a recipe's model section; checks vocabulary and context length.
 
     vocab_size: the tokenizer's size. A `config` without vocab_size gets it; a model
     whose output layer has fewer rows cannot give every token a probability and is
-    refused, as is one whose context is shorter than seq_len.
+    refused, as is one whose context is shorter than seq_len. A `prune` section cuts
+    `teacher` down, ranking its parts on `calibration` (N, T) token ids.
     """
     if spec.path is not None:
         hf = _load_pretrained(spec.path, where)
+    elif spec.prune is not None:
+        hf = _pruned_teacher(spec, teacher, calibration, where)
     else:
         assert spec.config is not None
         hf = _from_config(spec.config, vocab_size=vocab_size, eos_id=eos_id, where=where)
@@ -156,6 +166,36 @@ def build_causal_lm(
         raise ModelError(f"{where} ({spec.describe()}): " + "; ".join(problems))
     _check_logits_are_head_of_hidden(model, where)
     return model
+
+
+def _pruned_teacher(
+    spec: LMModelSpec, teacher: CausalLM | None, calibration: Tensor | None, where: str
+) -> Any:
+    """The teacher's Hugging Face model pruned to `spec.prune`'s sizes, with what was
+    kept in its `kdistill_pruned` attribute (kdistill.compress.prune_lm)."""
+    from kdistill.compress.prune_lm import prune_gpt2
+
+    settings = spec.prune
+    assert settings is not None and calibration is not None
+    if teacher is None:
+        raise ModelError(
+            f"{where}.prune: prunes the run's teacher, and there is none for this stage; add "
+            "the teacher stage, teacher.checkpoint or teacher.model.path"
+        )
+    device = teacher.head_weight.device
+    batches = [rows.to(device) for rows in calibration.split(8)]
+    hf, report = prune_gpt2(
+        teacher.hf,
+        batches,
+        n_layer=settings.n_layer,
+        n_embd=settings.n_embd,
+        n_head=settings.n_head,
+        n_inner=settings.n_inner,
+        layers=settings.layers,
+        where=f"{where}.prune",
+    )
+    hf.kdistill_pruned = {**report, "samples": len(calibration)}
+    return hf
 
 
 def config_class_of(config: dict[str, Any], where: str) -> tuple[Any, set[str]]:

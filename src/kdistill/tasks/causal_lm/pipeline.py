@@ -34,6 +34,7 @@ and latency per token; `samples`: a few generated continuations.
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,9 +102,15 @@ class LMContext(RunContext):
     def data_dir(self) -> str | Path | None:
         return self.options.data_dir
 
-    def build(self, spec: LMModelSpec, where: str, data: LMData | None = None) -> CausalLM:
+    def build(
+        self,
+        spec: LMModelSpec,
+        where: str,
+        data: LMData | None = None,
+        teacher: CausalLM | None = None,
+    ) -> CausalLM:
         data = data or self.data
-        return data.build_model(spec, where)
+        return data.build_model(spec, where, teacher)
 
 
 @dataclass
@@ -132,12 +139,15 @@ def _run_stages(ctx: LMContext) -> None:
     """The teacher once, then per seed the baseline, seqkd and distill stages."""
     recipe = ctx.recipe
     _check_models(ctx)
-    needs_teacher = recipe.teacher is not None and set(recipe.stages) & {
-        "teacher",
-        "seqkd",
-        "distill",
-    }
+    needs_teacher = recipe.teacher is not None and set(recipe.stages) & _teacher_stages(recipe)
     run_stages(ctx, STAGES, teacher_seeds=recipe.seeds[:1] if needs_teacher else [])
+
+
+def _teacher_stages(recipe: LMRecipe) -> set[str]:
+    """The stages that need the teacher: all student stages when the student is pruned
+    from it."""
+    pruned = recipe.student is not None and recipe.student.model.prune is not None
+    return {"teacher", "seqkd", "distill"} | ({"prune", "baseline"} if pruned else set())
 
 
 def _describe_data(data: LMData, recipe: LMRecipe) -> str:
@@ -217,7 +227,8 @@ def _check_models(ctx: LMContext) -> None:
     or teacher that cannot be built (or distilled from this teacher: `_teacher_data`) or
     a prompt that does not fit fails now, not after the teacher trained."""
     recipe, stages = ctx.recipe, set(ctx.recipe.stages)
-    if recipe.teacher is not None and stages & {"teacher", "seqkd", "distill"}:
+    teacher = None
+    if recipe.teacher is not None and stages & _teacher_stages(recipe):
         teacher = ctx.build(recipe.teacher.model, "teacher.model", ctx.teacher_data)
         if "seqkd" in stages:
             assert recipe.seqkd is not None
@@ -228,14 +239,14 @@ def _check_models(ctx: LMContext) -> None:
                 student_tokenizer=ctx.data.tokenizer,
                 seq_len=ctx.data.seq_len,
             )
-    if recipe.student is not None and stages & {"baseline", "seqkd", "distill"}:
+    if recipe.student is not None and stages & {"prune", "baseline", "seqkd", "distill"}:
         check_same_tokenizer(
             model_tokenizer(recipe.student.model, None),
             ctx.data.tokenizer,
             where="student.model.path",
             role="student",
         )
-        ctx.build(recipe.student.model, "student.model")
+        ctx.build(recipe.student.model, "student.model", teacher=teacher)
 
 
 def _teacher_stage(ctx: LMContext, stage: str, seed: int, guide: None) -> LMTeacher:
@@ -282,7 +293,9 @@ def _student_stage(ctx: LMContext, stage: str, seed: int, teacher: LMTeacher | N
     if finished_earlier(ctx, stage, seed):
         return
     torch.manual_seed(seed)  # baseline and distill start from the same weights for a seed
-    model = ctx.build(recipe.student.model, "student.model")
+    model = ctx.build(
+        recipe.student.model, "student.model", teacher=teacher.model if teacher else None
+    )
     signal: TeacherSignal[LMTeacherOutput] | None = None
     if stage == "baseline":
         objective = LMObjective(ce_weight=1.0)
@@ -318,7 +331,7 @@ def _seqkd_stage(ctx: LMContext, stage: str, seed: int, teacher: LMTeacher) -> N
             "train.batch_size"
         )
     torch.manual_seed(seed)  # the same initial weights as the baseline of this seed
-    model = ctx.build(recipe.student.model, "student.model")
+    model = ctx.build(recipe.student.model, "student.model", teacher=teacher.model)
     _train_and_finish(
         ctx,
         "seqkd",
@@ -389,9 +402,36 @@ def _seqkd_rows(ctx: LMContext, teacher: LMTeacher) -> SeqKDRows:
     return rows
 
 
+def _prune_stage(ctx: LMContext, stage: str, seed: int, teacher: LMTeacher | None) -> None:
+    """The student (the teacher, pruned) measured before any training: what pruning
+    alone cost; baseline and distill start from the same pruned weights."""
+    recipe = ctx.recipe
+    assert recipe.student is not None and teacher is not None
+    if finished_earlier(ctx, stage, seed):
+        return
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    model = ctx.build(recipe.student.model, "student.model", teacher=teacher.model)
+    report = model.hf.kdistill_pruned
+    if ctx.is_main:
+        sizes = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in report["sizes"].items())
+        before, after = report["params"]
+        ctx.console.log(
+            f"{stage} seed {seed}: {sizes}, layers {report['layers']} kept (activation "
+            f"importance on {report['samples']} training sequences): {before:,} -> {after:,} "
+            "parameters"
+        )
+    measure_stage(ctx, stage, seed, model, recipe.student.model, time.perf_counter() - start, 0)
+
+
 STAGES = StageTable(
     teacher={"teacher": _teacher_stage},
-    student={"baseline": _student_stage, "seqkd": _seqkd_stage, "distill": _student_stage},
+    student={
+        "prune": _prune_stage,
+        "baseline": _student_stage,
+        "seqkd": _seqkd_stage,
+        "distill": _student_stage,
+    },
 )
 
 
