@@ -107,6 +107,10 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
         "shakespeare_gpt_small_from_gpt",
         [*_LM_SMALL, "seeds=[0]"],
     ),
+    "shakespeare_gpt_pruned_from_gpt": (
+        "shakespeare_gpt_pruned_from_gpt",
+        [*_LM_SMALL, "seeds=[0]"],
+    ),
     # the same recipe from the top-k cache (sampled tail), the other teacher signal
     "shakespeare_gpt_small_from_gpt_cache": (
         "shakespeare_gpt_small_from_gpt",
