@@ -29,7 +29,9 @@ import kdistill
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--keep", type=Path, help="write the run folders here (else a scratch folder)")
+    parser.add_argument(
+        "--keep", type=Path, help="write the run folders here (else a scratch folder)"
+    )
     parser.add_argument("--baselines", action="store_true", help="also train each student alone")
     args = parser.parse_args()
     students = "baseline, distill" if args.baselines else "distill"

@@ -127,7 +127,7 @@ def test_the_recipe_refuses_pruning_that_cannot_happen() -> None:
         kdistill.api.as_recipe(tiny_lm_recipe(stages=["teacher", "prune", "distill"]))
     recipe = tiny_lm_recipe()
     recipe["teacher"]["model"] = {"prune": {"n_layer": 1, "n_embd": 16, "n_head": 1}}
-    with pytest.raises(RecipeError, match="teacher.model.prune"):
+    with pytest.raises(RecipeError, match=r"teacher\.model\.prune"):
         kdistill.api.as_recipe(recipe)
     recipe = tiny_lm_recipe()
     recipe["student"]["model"]["prune"] = {"n_layer": 1, "n_embd": 16, "n_head": 1}
