@@ -40,7 +40,7 @@ from kdistill.schedules import as_schedule as as_schedule
 TEACHER_LOCATION = "teacher"
 PRUNED_TEACHER = "pruned_teacher"  # a student model: the teacher, pruned
 
-StageName = Literal["teacher", "assistant", "prune", "baseline", "distill", "quantize"]
+StageName = Literal["teacher", "assistant", "prune", "baseline", "distill", "qat", "quantize"]
 
 
 # --------------------------------------------------------------------------- data
@@ -366,11 +366,20 @@ class AssistantConfig(Strict):
     model: ModelSpec
 
 
+class QATConfig(Strict):
+    """The qat stage: the distilled student trained on with its layers computing on
+    int8-rounded weights and inputs (kdistill.compress.qat), with the distill
+    objective and teacher, the rest of `train` as it is."""
+
+    epochs: int = Field(1, ge=1, description="epochs of quantization-aware training")
+    lr: float = Field(1e-4, gt=0, description="learning rate: a fine-tuning rate, low")
+
+
 class QuantizeConfig(Strict):
     """The quantize stage: a trained stage's model as INT8 ONNX (ONNX Runtime's
     quantization), measured on the whole test split and timed beside PyTorch."""
 
-    stage: Literal["distill", "baseline"] = Field(
+    stage: Literal["distill", "baseline", "qat"] = Field(
         "distill", description="the stage whose model is quantized, per seed"
     )
     mode: Literal["dynamic", "static"] = Field(
@@ -403,6 +412,7 @@ class Recipe(RecipeBase):
         description="born-again networks: distill generation g from generation g-1 "
         "(generation 1 from the teacher); results as distill, distill_gen2, ...",
     )
+    qat: QATConfig = Field(default_factory=QATConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
@@ -458,6 +468,11 @@ class Recipe(RecipeBase):
                 f"the 'quantize' stage quantizes the {self.quantize.stage} stage's model "
                 f"(quantize.stage), which is not in stages; add {self.quantize.stage!r} to "
                 "stages or set quantize.stage to a listed one"
+            )
+        if "qat" in self.stages and "distill" not in self.stages:
+            problems.append(
+                "the 'qat' stage trains on from the distill stage's weights, with its "
+                "objective: add 'distill' to stages"
             )
         for role in ("teacher", "assistant"):
             section = getattr(self, role)

@@ -31,6 +31,7 @@ from kdistill.checkpoint import (
     file_sha256,
     load_weights,
 )
+from kdistill.compress import qat
 from kdistill.data import DataBundle, TextData
 from kdistill.data import build as build_data
 from kdistill.errors import CheckpointError
@@ -225,8 +226,8 @@ def _one_teacher(
 
 
 def _student_stage(ctx: Context, stage: str, seed: int, guide: Guide | None) -> Guide:
-    """Train a student-side model (baseline, assistant, distill, distill_gen<g>) and
-    return it as the guide of the next stage in a chain."""
+    """Train a student-side model (baseline, assistant, distill, distill_gen<g>, qat)
+    and return it as the guide of the next stage in a chain."""
     recipe = ctx.recipe
     if stage == "assistant":
         assert recipe.assistant is not None
@@ -241,6 +242,16 @@ def _student_stage(ctx: Context, stage: str, seed: int, guide: Guide | None) -> 
     if finished_earlier(ctx, stage, seed):
         load_weights(model, stage_dir / "model.safetensors")
         return Guide({"main": model}, stage, seed)
+    settings = recipe.train
+    if stage == "qat":  # the distilled student, trained on through int8 rounding
+        load_weights(model, ctx.run_dir / "distill" / f"seed{seed}" / "model.safetensors")
+        qat.prepare(model, recipe.quantize.mode)
+        settings = recipe.train.model_copy(
+            update={
+                "epochs": recipe.qat.epochs,
+                "optimizer": recipe.train.optimizer.model_copy(update={"lr": recipe.qat.lr}),
+            }
+        )
     signal: TeacherSignal[torch.Tensor] | None = None
     extras: nn.Module | None = None
     if stage == "baseline":  # the guide only measures agreement
@@ -265,7 +276,7 @@ def _student_stage(ctx: Context, stage: str, seed: int, guide: Guide | None) -> 
     try:
         _train_and_finish(
             ctx, stage, seed, model, spec, objective, signal,
-            settings=recipe.train, guide=guide, extras=extras,
+            settings=settings, guide=guide, extras=extras,
         )  # fmt: skip
     finally:
         objective.unbind()
@@ -329,6 +340,7 @@ STAGES = StageTable(
         "prune": _prune_stage,
         "baseline": _student_stage,
         "distill": _student_stage,
+        "qat": _student_stage,
         "quantize": _quantize_stage,
     },
     chained=frozenset({"distill"}),
