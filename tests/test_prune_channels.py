@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -224,6 +225,21 @@ def test_the_quantize_stage_is_the_distilled_student_as_int8_onnx(pruned_run: Pa
     assert engines[:3] == ["PyTorch FP32", "ONNX Runtime FP32", "ONNX Runtime INT8"]
     assert "| quantize |" in (pruned_run / "results.md").read_text()
     assert "INT8 ONNX file" in (pruned_run / "results.md").read_text()
+
+
+def test_kdistill_eval_measures_the_quantize_stages_int8_file(
+    pruned_run: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    from kdistill.cli import main
+
+    monkeypatch.setenv("KDISTILL_DATA", str(shared_data))
+    stage = pruned_run / "quantize" / "seed0"
+    recorded = json.loads((stage / "eval.json").read_text())
+    again = kdistill.api.evaluate(stage)
+    assert again["checkpoint"].endswith("model.int8.onnx")
+    assert again["test"]["accuracy"] == pytest.approx(recorded["test"]["accuracy"], abs=1e-9)
+    assert main(["eval", str(stage)]) == 0
+    assert "model.int8.onnx: test accuracy" in capsys.readouterr().out
 
 
 def test_quantize_needs_the_stage_it_quantizes() -> None:

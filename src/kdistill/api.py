@@ -121,13 +121,13 @@ def evaluate(
     model: str | None = None,
     data_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Measure saved weights (a stage folder, a run folder or a .safetensors file) with
-    their task's metric and cost. `data` ("SOURCE[:PATH]") and `model` (a zoo name or
+    """Measure saved weights (a stage folder, a run folder or a .safetensors file; a
+    quantize stage folder: its INT8 ONNX file) with their task's metric and cost. `data` ("SOURCE[:PATH]") and `model` (a zoo name or
     module:factory) apply to classifiers: for other data, or weights without model.json."""
-    from kdistill.stages import resolve_weights
+    from kdistill.stages import resolve_measurable
     from kdistill.tasks import task_of_checkpoint
 
-    weights = resolve_weights(checkpoint)
+    weights = resolve_measurable(checkpoint)
     return task_of_checkpoint(weights).function("evaluate")(
         weights, data=data, model=model, data_dir=data_dir
     )

@@ -324,9 +324,9 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         result = api.evaluate(
             args.checkpoint, data=args.data, model=args.model, data_dir=args.data_dir
         )
-        from kdistill.stages import resolve_weights
+        from kdistill.stages import resolve_measurable
 
-        summary = task_of_checkpoint(resolve_weights(args.checkpoint)).function("eval_summary")
+        summary = task_of_checkpoint(resolve_measurable(args.checkpoint)).function("eval_summary")
         print(json.dumps(result, indent=2) if args.json else summary(result))
     elif command == "export":
         record = api.export(

@@ -442,6 +442,15 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     ]
 
 
+def resolve_measurable(path_text: str | Path) -> Path:
+    """What `kdistill eval` measures at a path: a quantize stage's INT8 ONNX file
+    (<stage>/export/model.int8.onnx, with model.json beside it), else `resolve_weights`."""
+    int8 = Path(path_text) / "export" / "model.int8.onnx"
+    if int8.is_file() and int8.with_name("model.json").is_file():
+        return int8
+    return resolve_weights(path_text)
+
+
 def resolve_weights(path_text: str | Path) -> Path:
     """A weights file, a stage folder (holding model.safetensors) or a run folder (its teacher)."""
     path = Path(path_text)

@@ -166,6 +166,10 @@ def evaluate_checkpoint(
     """Measure a classifier's saved weights on a dataset's test split: quality and cost.
     data: "SOURCE[:PATH]" (default: the data in model.json beside the weights); model:
     a zoo name or module:factory (default: the model in model.json)."""
+    if weights.suffix == ".onnx":
+        from kdistill.tasks.classification.export import evaluate_onnx
+
+        return evaluate_onnx(weights, data_dir=data_dir)
     net, bundle = load_saved_model(weights, data=data, model=model, data_dir=data_dir)
     start = time.perf_counter()
     xs, to_input, order = bundle.eval_feed(net, "test")
