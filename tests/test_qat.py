@@ -48,6 +48,12 @@ def test_gradients_pass_straight_through_and_copies_stay_quantized() -> None:
     twin = copy.deepcopy(model).eval()
     assert qat.is_prepared(twin)
     assert torch.equal(twin(x), model.eval()(x))
+    # without the rounding inside `plain`, and with it again after
+    reference = copy.deepcopy(model)
+    with qat.plain(reference):
+        unrounded = reference(x)
+    assert not torch.equal(unrounded, model(x))
+    assert torch.equal(reference(x), model(x))
     # the copy's layers compute with the copy's weights
     with torch.no_grad():
         twin[3].weight.zero_()

@@ -20,7 +20,9 @@ the training has made them robust to (not bit-exact).
 
 from __future__ import annotations
 
+import contextlib
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -53,6 +55,19 @@ def prepare(model: nn.Module, mode: str) -> list[str]:
 
 def is_prepared(model: nn.Module) -> bool:
     return any(hasattr(m, "kdistill_qat") for m in model.modules())
+
+
+@contextlib.contextmanager
+def plain(model: nn.Module) -> Iterator[nn.Module]:
+    """The model computing in float inside the block (its cost is the deployable
+    model's, not the rounding simulation's); the rounding is back after it."""
+    layers = [m for m in model.modules() if "forward" in vars(m) and hasattr(m, "kdistill_qat")]
+    forwards = [vars(m).pop("forward") for m in layers]
+    try:
+        yield model
+    finally:
+        for layer, forward in zip(layers, forwards, strict=True):
+            layer.forward = forward
 
 
 def _forward(self: Any, x: Tensor) -> Tensor:

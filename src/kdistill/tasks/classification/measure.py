@@ -26,6 +26,7 @@ from kdistill.checkpoint import (
     atomic_write_json,
     load_weights,
 )
+from kdistill.compress import qat
 from kdistill.compress.prune import resize_to
 from kdistill.data import DataBundle, TextData
 from kdistill.data import build as build_data
@@ -87,7 +88,8 @@ def measure_stage(
         return out
 
     def main_only() -> dict[str, Any]:
-        out = {"cost": data_cost(data, model, device)}
+        with qat.plain(model):  # a qat stage costs what its float model costs
+            out = {"cost": data_cost(data, model, device)}
         if isinstance(data, TextData):
             out["texts_truncated"] = data.truncated(model)
         return out
