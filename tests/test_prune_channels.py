@@ -117,6 +117,9 @@ def test_a_residual_network_is_pruned_consistently_and_reloads_from_its_weights(
         ({"channels": 0.5, "importance": "taylr"}, "did you mean 'taylor'"),
         ({"channels": 0.5, "init": "scratch"}, "pruned, random"),
         ({"channels": 0.5, "samples": 0}, "positive number"),
+        ({"channels": 0.5, "steps": 0}, "positive whole number"),
+        ({"ffn": 0.5, "steps": 2}, "iterative pruning removes channels"),
+        ({"channels": 0.5, "steps": 2, "init": "random"}, "iterative pruning removes channels"),
     ],
 )
 def test_bad_prune_settings_name_their_fix(args: dict, message: str) -> None:
@@ -247,3 +250,39 @@ def test_quantize_needs_the_stage_it_quantizes() -> None:
     with pytest.raises(RecipeError, match="quantizes the distill stage's model"):
         kdistill.api.as_recipe(recipe)
     kdistill.api.as_recipe({**recipe, "quantize": {"stage": "baseline"}})
+
+
+def test_iterative_pruning_distils_between_steps_and_its_weights_start_the_students(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KDISTILL_DATA", str(shared_data))
+    recipe = tiny_recipe(stages=["teacher", "prune", "distill"])
+    recipe["student"]["model"] = {
+        "name": "pruned_teacher",
+        "args": {"channels": 0.75, "steps": 2, "step_epochs": 1},
+    }
+    run = tmp_path / "run"
+    results = kdistill.run(recipe, output_dir=run, quiet=True)
+    assert list(results["stages"]) == ["teacher", "prune_step1", "prune", "distill"]
+    widths = {
+        stage: json.loads((run / stage / "seed0" / "eval.json").read_text())["cost"]["params"]
+        for stage in ("teacher", "prune_step1", "prune", "distill")
+    }
+    # 64 hidden units -> 32 after the first step (half of them) -> 16 after the second
+    assert widths["teacher"] > widths["prune_step1"] > widths["prune"] == widths["distill"]
+    step = [json.loads(line) for line in (run / "prune_step1" / "seed0" / "metrics.jsonl").open()]
+    assert max(m["epoch"] for m in step) == 1
+    # the distill stage started from the prune stage's weights: its first epoch is far
+    # better than an untrained 16-unit network
+    first = json.loads((run / "distill" / "seed0" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["val_accuracy"] > 0.5
+    # and it reloads at its own shapes
+    again = kdistill.api.evaluate(run / "distill" / "seed0")
+    assert again["cost"]["params"] == widths["distill"]
+
+
+def test_iterative_pruning_needs_the_prune_stage() -> None:
+    recipe = tiny_recipe(stages=["teacher", "distill"])
+    recipe["student"]["model"] = {"name": "pruned_teacher", "args": {"channels": 0.75, "steps": 3}}
+    with pytest.raises(RecipeError, match="iterative pruning trains between its steps"):
+        kdistill.api.as_recipe(recipe)

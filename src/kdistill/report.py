@@ -128,8 +128,11 @@ def _recipe_name(run_dir: Path) -> str | None:
 
 
 def _stage_key(stage: str) -> tuple[int, int, str]:
-    """teacher, teacher_<member>..., assistant, baseline, distill, distill_gen2, ..., others."""
+    """teacher, teacher_<member>..., assistant, prune_step1, ..., prune, baseline,
+    distill, distill_gen2, ..., qat, quantize, others."""
     base, _, rest = stage.partition("_")
+    if base in STAGE_ORDER and rest.startswith("step") and rest[4:].isdigit():
+        return STAGE_ORDER.index(base), -1000 + int(rest[4:]), stage  # before the stage
     if base in STAGE_ORDER:
         generation = int(rest[3:]) if rest.startswith("gen") and rest[3:].isdigit() else 0
         return STAGE_ORDER.index(base), generation if rest else -1, stage

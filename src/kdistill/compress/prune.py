@@ -48,7 +48,10 @@ class PruneArgs:
     feed-forward neurons, and `layers`: which of its layers to keep (depth); `samples`:
     labelled training rows that rank them; `importance`: taylor | magnitude (channels);
     `init`: pruned (the teacher's surviving weights) or random (the same shape from
-    scratch, the control a pruned student is compared with)."""
+    scratch, the control a pruned student is compared with); `steps` > 1: reach
+    `channels` in that many prunings, each removing the same share of what is left,
+    with `step_epochs` epochs of distillation from the unpruned teacher after each
+    but the last (iterative pruning; the prune stage runs them)."""
 
     channels: float | None = None
     ffn: float | None = None
@@ -56,6 +59,8 @@ class PruneArgs:
     samples: int = 512
     importance: str = "taylor"
     init: str = "pruned"
+    steps: int = 1
+    step_epochs: int = 1
 
     @classmethod
     def of(cls, args: dict[str, Any], where: str) -> PruneArgs:
@@ -86,6 +91,15 @@ class PruneArgs:
         samples = settings.samples
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ModelError(f"{where}.samples: a positive number of rows; got {samples!r}")
+        for name in ("steps", "step_epochs"):
+            value = getattr(settings, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ModelError(f"{where}.{name}: a positive whole number; got {value!r}")
+        if settings.steps > 1 and (settings.channels is None or settings.init != "pruned"):
+            raise ModelError(
+                f"{where}.steps: iterative pruning removes channels (channels: fraction) "
+                "from the teacher's own weights (init: pruned)"
+            )
         for name, allowed in (("importance", IMPORTANCE), ("init", INITS)):
             value = getattr(settings, name)
             if value not in allowed:
@@ -303,3 +317,10 @@ def reinitialise(model: nn.Module) -> nn.Module:
         if callable(reset):
             reset()
     return model
+
+
+def step_ratios(total: float, steps: int) -> list[float]:
+    """The fraction of the remaining channels each of `steps` prunings removes, so that
+    together they remove `total`: the same share of what is left each time."""
+    share = 1 - (1 - total) ** (1 / steps)
+    return [share] * steps

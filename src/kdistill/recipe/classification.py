@@ -469,6 +469,13 @@ class Recipe(RecipeBase):
                 f"(quantize.stage), which is not in stages; add {self.quantize.stage!r} to "
                 "stages or set quantize.stage to a listed one"
             )
+        student_args = self.student.model.args if self.student is not None else {}
+        steps = student_args.get("steps", 1) if self.student_from_teacher else 1
+        if isinstance(steps, int) and steps > 1 and "prune" not in self.stages:
+            problems.append(
+                "student.model.args.steps: iterative pruning trains between its steps, which "
+                "the 'prune' stage does; add 'prune' to stages"
+            )
         if "qat" in self.stages and "distill" not in self.stages:
             problems.append(
                 "the 'qat' stage trains on from the distill stage's weights, with its "

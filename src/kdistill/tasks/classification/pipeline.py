@@ -32,9 +32,10 @@ from kdistill.checkpoint import (
     load_weights,
 )
 from kdistill.compress import qat
+from kdistill.compress.prune import PruneArgs, resize_to, step_ratios
 from kdistill.data import DataBundle, TextData
 from kdistill.data import build as build_data
-from kdistill.errors import CheckpointError
+from kdistill.errors import CheckpointError, RecipeError
 from kdistill.losses.objective import Objective, reads_teacher
 from kdistill.models.hf import weights_follow
 from kdistill.recipe import LossTerm, ModelSpec, Recipe, TrainConfig
@@ -55,6 +56,7 @@ from kdistill.stages import (
 )
 from kdistill.tasks.classification.measure import measure_stage
 from kdistill.tasks.classification.models import make_model, sample_inputs
+from kdistill.tasks.classification.prune import prune_step
 from kdistill.tasks.classification.report import write_report
 from kdistill.tasks.classification.steps import ClassifierSteps
 from kdistill.tasks.classification.teacher_cache import cache_folder
@@ -239,12 +241,14 @@ def _student_stage(ctx: Context, stage: str, seed: int, guide: Guide | None) -> 
     torch.manual_seed(seed)  # baseline and distill start from the same weights for a seed
     teacher = ctx.teachers.get(seed) or next(iter(ctx.teachers.values()), None)
     model = make_model(ctx.data, spec, where=where, teacher=teacher)
+    if "prune" in recipe.stages and stage != "assistant":  # start from the prune stage's
+        _load_sized(model, ctx.run_dir / "prune" / f"seed{seed}" / "model.safetensors")
     if finished_earlier(ctx, stage, seed):
-        load_weights(model, stage_dir / "model.safetensors")
+        _load_sized(model, stage_dir / "model.safetensors")
         return Guide({"main": model}, stage, seed)
     settings = recipe.train
     if stage == "qat":  # the distilled student, trained on through int8 rounding
-        load_weights(model, ctx.run_dir / "distill" / f"seed{seed}" / "model.safetensors")
+        _load_sized(model, ctx.run_dir / "distill" / f"seed{seed}" / "model.safetensors")
         qat.prepare(model, recipe.quantize.mode)
         settings = recipe.train.model_copy(
             update={
@@ -283,23 +287,73 @@ def _student_stage(ctx: Context, stage: str, seed: int, guide: Guide | None) -> 
     return Guide({"main": model}, stage, seed)
 
 
+def _load_sized(model: nn.Module, weights: Path) -> None:
+    """Load a stage's weights into `model`, first cut to their shapes (a student pruned
+    in steps can end a channel or two apart from the one-shot pruning it was built as)."""
+    resize_to(model, weights)
+    load_weights(model, weights)
+
+
 def _prune_stage(ctx: Context, stage: str, seed: int, guide: Guide | None) -> Guide | None:
     """The student (the teacher, pruned) measured before any training: what pruning
-    alone cost, and the weights the baseline and distill stages start from."""
+    alone cost, and the weights the baseline and distill stages start from. With
+    `steps` > 1 the channels go in steps, each but the last followed by distillation
+    from the unpruned teacher (stages prune_step<i>)."""
     recipe = ctx.recipe
     assert recipe.student is not None
     if not finished_earlier(ctx, stage, seed):
         spec = recipe.student.model
         teacher = ctx.teachers.get(seed) or next(iter(ctx.teachers.values()), None)
+        settings = PruneArgs.of(dict(spec.args), "student.model.args")
         torch.manual_seed(seed)
         start = time.perf_counter()
-        model = make_model(ctx.data, spec, where="student.model", teacher=teacher)
-        if ctx.is_main:
-            for note in getattr(model, "load_notes", ()):
-                ctx.console.log(f"{stage} seed {seed}: {note}")
+        if settings.steps > 1 and isinstance(ctx.data, DataBundle):
+            assert teacher is not None and guide is not None
+            model = _prune_in_steps(ctx, stage, seed, guide, teacher, settings)
+        else:
+            model = make_model(ctx.data, spec, where="student.model", teacher=teacher)
+            if ctx.is_main:
+                for note in getattr(model, "load_notes", ()):
+                    ctx.console.log(f"{stage} seed {seed}: {note}")
         seconds = time.perf_counter() - start
         measure_stage(ctx, stage, seed, model, spec, guide, train_seconds=seconds)
     return guide
+
+
+def _prune_in_steps(
+    ctx: Context, stage: str, seed: int, guide: Guide, teacher: nn.Module, settings: PruneArgs
+) -> nn.Module:
+    """Iterative pruning: remove the same share of the remaining channels `steps` times;
+    after each removal but the last, distill for `step_epochs` epochs with the recipe's
+    objective from the unpruned teacher (each a stage of its own, prune_step<i>)."""
+    recipe = ctx.recipe
+    assert recipe.student is not None and isinstance(ctx.data, DataBundle)
+    objective = Objective(recipe.objective)
+    if objective.feature_terms:
+        raise RecipeError(
+            "student.model.args.steps: the distillation between pruning steps uses logit "
+            "terms only, and this objective reads features (the pruned layers change "
+            "shape at every step); prune in one step, or drop the feature terms"
+        )
+    shares = step_ratios(settings.channels or 0.0, settings.steps)
+    step_train = recipe.train.model_copy(update={"epochs": settings.step_epochs})
+    current = copy.deepcopy(teacher)
+    for number, share in enumerate(shares, start=1):
+        current, notes = prune_step(ctx.data, current, settings, share, where="student.model")
+        if ctx.is_main:
+            ctx.console.log(f"{stage} seed {seed}, step {number}/{len(shares)}: {notes[0]}")
+        if number == len(shares):
+            break
+        name = f"{stage}_step{number}"
+        if finished_earlier(ctx, name, seed):
+            load_weights(current, stage_dir(ctx.run_dir, name, seed) / "model.safetensors")
+            continue
+        signal = _teacher_signal(ctx, guide) if objective.needs_teacher else None
+        current = _train_and_finish(
+            ctx, name, seed, current, recipe.student.model, objective, signal,
+            settings=step_train, guide=guide,
+        )  # fmt: skip
+    return current
 
 
 def _quantize_stage(ctx: Context, stage: str, seed: int, guide: Guide | None) -> Guide | None:

@@ -46,29 +46,37 @@ def build_pruned(
                 f"{type(teacher).__name__}: prune its channels (channels: fraction) instead"
             )
     assert settings.channels is not None  # PruneArgs asks for one of the three
+    pruned, notes = prune_step(data, teacher, settings, settings.channels, where=where)
+    if settings.init == "random":
+        reinitialise(pruned)
+        notes.append("pruned shape re-initialised at random (init: random)")
+    pruned.load_notes = tuple(notes)  # type: ignore[assignment]  # nn.Module stores any value
+    return pruned
+
+
+def prune_step(
+    data: DataBundle, model: nn.Module, settings: PruneArgs, ratio: float, *, where: str
+) -> tuple[nn.Module, list[str]]:
+    """`model` with the fraction `ratio` of its channels removed, ranked on the fixed
+    calibration rows, and a note of what was done."""
     rows = _calibration_rows(data.train.y, settings.samples)
     batches = [
         (data.to_input(data.train.x[chunk]), data.train.y[chunk])
         for chunk in rows.split(CALIBRATION_BATCH)
     ]
     pruned, report = prune_channels(
-        teacher,
+        model,
         batches,
-        ratio=settings.channels,
+        ratio=ratio,
         example_input=data.to_input(data.train.x[:2]),
         importance=settings.importance,
         where=f"{where}.args.channels",
     )
     (before, after) = report["params"]
-    notes = [
-        f"channels pruned by {settings.channels:g} per layer ({settings.importance} importance "
+    return pruned, [
+        f"channels pruned by {ratio:.3g} per layer ({settings.importance} importance "
         f"on {len(rows)} training rows): {before:,} -> {after:,} parameters"
     ]
-    if settings.init == "random":
-        reinitialise(pruned)
-        notes.append("pruned shape re-initialised at random (init: random)")
-    pruned.load_notes = tuple(notes)  # type: ignore[assignment]  # nn.Module stores any value
-    return pruned
 
 
 def _pruned_encoder(
