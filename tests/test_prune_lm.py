@@ -139,12 +139,12 @@ def test_a_pruned_student_runs_is_measured_before_training_and_exports(
     shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("KDISTILL_DATA", str(shared_data))
-    recipe = tiny_lm_recipe(stages=["teacher", "prune", "baseline", "distill"])
+    recipe = tiny_lm_recipe(stages=["teacher", "prune", "baseline", "distill", "quantize"])
     recipe["teacher"]["model"]["config"].update(n_layer=3, n_embd=32, n_head=2)
     recipe["student"]["model"] = {"prune": {"n_layer": 2, "n_embd": 16, "n_head": 1}}
     run = tmp_path / "run"
     results = kdistill.run(recipe, output_dir=run, quiet=True)
-    assert list(results["stages"]) == ["teacher", "prune", "baseline", "distill"]
+    assert list(results["stages"]) == ["teacher", "prune", "baseline", "distill", "quantize"]
     teacher, pruned = results["stages"]["teacher"], results["stages"]["prune"]
     assert pruned["cost"]["params"] < teacher["cost"]["params"] / 2
     # pruning alone costs quality; training recovers most of it
@@ -158,3 +158,14 @@ def test_a_pruned_student_runs_is_measured_before_training_and_exports(
     )
     record = kdistill.api.export(run / "distill" / "seed0", output=tmp_path / "exported", int8=None)
     assert record["parity"]["fp32"]["top1_agreement"] >= 0.995
+    # the quantize stage: the distilled student as INT8 ONNX, its loss from ONNX Runtime
+    quantized = results["stages"]["quantize"]
+    distilled = results["stages"]["distill"]
+    assert quantized["per_seed"][0]["source"] == "distill"
+    assert abs(quantized["val"]["loss"] - distilled["val"]["loss"]) < 0.05
+    assert quantized["val"]["bpc"] == pytest.approx(
+        distilled["val"]["bpc"] * quantized["val"]["loss"] / distilled["val"]["loss"], rel=1e-9
+    )
+    assert "| quantize |" in (run / "results.md").read_text()
+    again = kdistill.api.evaluate(run / "quantize" / "seed0")
+    assert again["val"]["loss"] == pytest.approx(quantized["val"]["loss"], rel=1e-6)

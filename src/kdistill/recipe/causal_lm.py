@@ -92,7 +92,7 @@ from kdistill.recipe.common import (
 )
 from kdistill.schedules import ScheduleOrNumber, as_schedule
 
-LMStage = Literal["teacher", "prune", "baseline", "seqkd", "distill"]
+LMStage = Literal["teacher", "prune", "baseline", "seqkd", "distill", "quantize"]
 
 
 # ------------------------------------------------------------------------- models
@@ -111,6 +111,16 @@ class LMPruneSpec(Strict):
         None, description="which teacher layers to keep; default: by block importance"
     )
     samples: int = Field(64, ge=1, description="training sequences that rank the parts")
+
+
+class LMQuantizeConfig(Strict):
+    """The quantize stage: a trained stage's model as INT8 ONNX (next-token logits),
+    measured on the validation split by ONNX Runtime."""
+
+    stage: Literal["distill", "baseline", "seqkd"] = Field(
+        "distill", description="the stage whose model is quantized, per seed"
+    )
+    mode: Literal["dynamic", "static"] = "dynamic"
 
 
 class LMModelSpec(Strict):
@@ -321,6 +331,7 @@ class LMRecipe(RecipeBase):
     stages: list[LMStage] = Field(default=["teacher", "baseline", "distill"])
     seeds: Seeds = Field(default_factory=lambda: [0])
     samples: SamplesConfig = Field(default_factory=SamplesConfig)
+    quantize: LMQuantizeConfig = Field(default_factory=LMQuantizeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     STAGES = "teacher, baseline, seqkd, distill"
@@ -351,6 +362,12 @@ class LMRecipe(RecipeBase):
                 "the 'prune' stage measures the pruned teacher before training, so the "
                 "student must be one: student.model: {prune: {n_layer: 2, n_embd: 128, "
                 "n_head: 2}}"
+            )
+        if "quantize" in stages and self.quantize.stage not in stages:
+            problems.append(
+                f"the 'quantize' stage quantizes the {self.quantize.stage} stage's model "
+                f"(quantize.stage), which is not in stages; add {self.quantize.stage!r} to "
+                "stages or set quantize.stage to a listed one"
             )
         if "seqkd" in stages and self.seqkd is None:
             problems.append(

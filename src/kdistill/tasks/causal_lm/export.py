@@ -19,8 +19,10 @@ logit difference within 1e-3 · (1 + largest |logit|) for float32, or the export
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from torch import nn
 
 from kdistill.checkpoint import atomic_write_json, atomic_write_text
 from kdistill.data.lm_text import IGNORE_INDEX
+from kdistill.errors import ExportError
 from kdistill.export import (
     CALIBRATION,
     OPSET,
@@ -233,3 +236,84 @@ def export_summary(record: dict[str, Any]) -> str:
     return summary_line(
         record, agreement="next-token", int8_change=f"val loss change {change:+.4f} nats/token"
     )
+
+
+def quantized_lm_stage(
+    source: Path, *, output: Path, mode: str, threads: int, data_dir: str | Path | None
+) -> dict[str, Any]:
+    """The quantize stage of a language-model run: `source` (a stage folder) exported
+    with INT8 into `output`/export, and its eval.json record: the INT8 model's
+    validation loss (ONNX Runtime), bits per character over the same tokens as the
+    source's, the source's parameters and FLOPs, the INT8 file's size and ONNX
+    Runtime's INT8 latency per token, with the side-by-side latency table."""
+    started = time.perf_counter()
+    record = export_lm(
+        source / "model.safetensors",
+        output=output / "export",
+        overwrite=True,
+        int8=mode,
+        threads=threads,
+        data_dir=data_dir,
+    )
+    measured = json.loads((source / "eval.json").read_text(encoding="utf-8"))
+    val, cost = measured["val"], measured["cost"]
+    loss = record["parity"]["int8"]["val"]["loss"]
+    int8 = next(row for row in record["latency"] if row["engine"] == "ONNX Runtime INT8")
+    return {
+        "task": "causal_lm",
+        "measured_split": measured.get("measured_split", "val"),
+        "source": source.parent.name,
+        "mode": mode,
+        "val": {
+            **record["parity"]["int8"]["val"],
+            "bpc": loss * val["tokens"] / (val["characters"] * math.log(2)),
+            "tokens": val["tokens"],
+            "characters": val["characters"],
+        },
+        "agreement_with_fp32": record["parity"]["int8"]["top1_agreement"],
+        "cost": {
+            "params": cost["params"],
+            "flops_per_token": cost["flops_per_token"],
+            "size_bytes": (output / "export" / "model.int8.onnx").stat().st_size,
+            "latency_ms_per_token": int8["batch_1"]["median_ms"] / cost["seq_len"],
+            "seq_len": cost["seq_len"],
+            "device": "cpu, ONNX Runtime INT8",
+            "threads": threads,
+        },
+        "latency": record["latency"],
+        "exporter": record["exporter"],
+        "train_seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def evaluate_lm_onnx(path: Path, *, data_dir: str | Path | None = None) -> dict[str, Any]:
+    """`kdistill eval` of a language-model quantize stage: its INT8 ONNX file (`path`)
+    on the validation rows of the stage it was quantized from."""
+    require_onnx()
+    stage = path.parent.parent
+    recorded = json.loads((stage / "eval.json").read_text(encoding="utf-8"))
+    weights = stage.parent.parent / recorded["source"] / stage.name / "model.safetensors"
+    if not weights.is_file():
+        raise ExportError(
+            f"{path} was quantized from {weights}, which is not there any more: the "
+            "validation text is tokenized with that stage's tokenizer"
+        )
+    start = time.perf_counter()
+    net, corpus = load_lm_stage(weights, data_dir=data_dir)
+    rows = corpus.val
+    labels = corpus.val_labels if corpus.val_labels is not None else rows[:, 1:]
+    parity = _parity(Logits(net).eval(), {"int8": OnnxModel(path, threads=1)}, rows[:, :-1], labels)
+    return {
+        "checkpoint": str(path),
+        "task": "causal_lm",
+        "val": {
+            **parity["int8"]["val"],
+            "bpc": parity["int8"]["val"]["loss"]
+            * parity["tokens"]
+            / (recorded["val"]["characters"] * math.log(2)),
+            "tokens": parity["tokens"],
+            "characters": recorded["val"]["characters"],
+        },
+        "cost": recorded["cost"],
+        "seconds": round(time.perf_counter() - start, 3),
+    }

@@ -218,6 +218,10 @@ def evaluate_lm_checkpoint(
             "text of the recipe it was trained with, so --data and --model do not apply; "
             "leave them out"
         )
+    if weights.suffix == ".onnx":
+        from kdistill.tasks.causal_lm.export import evaluate_lm_onnx
+
+        return evaluate_lm_onnx(weights, data_dir=data_dir)
     start = time.perf_counter()
     net, corpus = load_lm_stage(weights, data_dir=data_dir)
     device = torch.device("cpu")

@@ -44,7 +44,7 @@ from accelerate import Accelerator
 from rich.console import Console
 
 from kdistill.cache import open_topk_cache, write_teacher_cache
-from kdistill.checkpoint import load_weights
+from kdistill.checkpoint import atomic_write_json, load_weights
 from kdistill.data.lm_text import (
     tokenizer_fingerprint,
 )
@@ -424,6 +424,34 @@ def _prune_stage(ctx: LMContext, stage: str, seed: int, teacher: LMTeacher | Non
     measure_stage(ctx, stage, seed, model, recipe.student.model, time.perf_counter() - start, 0)
 
 
+def _quantize_stage(ctx: LMContext, stage: str, seed: int, teacher: LMTeacher | None) -> None:
+    """The quantize.stage's model of this seed as INT8 ONNX, its validation loss
+    measured by ONNX Runtime (tasks/causal_lm/export.py)."""
+    folder = ctx.run_dir / stage / f"seed{seed}"
+    if (folder / "eval.json").exists():
+        if ctx.is_main:
+            ctx.console.log(f"{stage} seed {seed}: finished earlier in {folder}, skipping")
+        return
+    if ctx.is_main:
+        from kdistill.tasks.causal_lm.export import quantized_lm_stage
+
+        settings = ctx.recipe.quantize
+        evaluation = quantized_lm_stage(
+            ctx.run_dir / settings.stage / f"seed{seed}",
+            output=folder,
+            mode=settings.mode,
+            threads=torch.get_num_threads(),
+            data_dir=ctx.data_dir,
+        )
+        atomic_write_json(folder / "eval.json", {"stage": stage, "seed": seed, **evaluation})
+        ctx.console.log(
+            f"{stage} seed {seed}: {settings.stage} as INT8 ({settings.mode}) val loss/token "
+            f"{evaluation['val']['loss']:.4f}, next-token agreement with FP32 "
+            f"{100 * evaluation['agreement_with_fp32']:.2f}%"
+        )
+    ctx.accelerator.wait_for_everyone()
+
+
 STAGES = StageTable(
     teacher={"teacher": _teacher_stage},
     student={
@@ -431,6 +459,7 @@ STAGES = StageTable(
         "baseline": _student_stage,
         "seqkd": _seqkd_stage,
         "distill": _student_stage,
+        "quantize": _quantize_stage,
     },
 )
 
