@@ -169,3 +169,19 @@ def test_a_pruned_student_runs_is_measured_before_training_and_exports(
     assert "| quantize |" in (run / "results.md").read_text()
     again = kdistill.api.evaluate(run / "quantize" / "seed0")
     assert again["val"]["loss"] == pytest.approx(quantized["val"]["loss"], rel=1e-6)
+
+
+def test_plan_and_inspect_build_a_pruned_student_from_an_untrained_teacher(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    import yaml
+
+    recipe = tiny_lm_recipe(stages=["teacher", "prune", "distill"])
+    recipe["student"]["model"] = {"prune": {"n_layer": 1, "n_embd": 16, "n_head": 1}}
+    planned = kdistill.api.plan(recipe, data_dir=shared_data, steps=1)
+    distill = next(stage for stage in planned.stages if stage.stage == "distill")
+    assert distill.parameters < 30_000  # the pruned 1×16 student, not the 2×32 teacher
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    tree = kdistill.api.inspect(path, role="student", data_dir=shared_data)
+    assert "GPT2LMHeadModel" in tree

@@ -201,7 +201,7 @@ def recipes() -> dict[str, Path]:
 
 
 def inspect(
-    model: str,
+    model: str | Path,
     *,
     role: str = "student",
     input_shape: tuple[int, ...] = (3, 32, 32),
@@ -213,6 +213,7 @@ def inspect(
     """A model's modules with their output shapes, to choose layers to tap. `model` is
     a zoo name or module:factory (built with `args` for `input_shape` and `num_classes`),
     or a recipe (.yaml), whose `role` model is shown on a batch of the recipe's data."""
+    model = str(model)
     if model.endswith((".yaml", ".yml")):
         from kdistill.tasks import task_of_recipe
 

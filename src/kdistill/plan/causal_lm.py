@@ -252,9 +252,13 @@ def _lm_stage(
         stand_in = _top_k_stand_in(torch.cat(used).unique(), data, teacher_cfg, objective)
     head: dict[str, int] = {}  # the student's output layer, noted by the first build
 
+    pruned_from = None
+    if spec.prune is not None and teacher_cfg is not None:  # cut from an untrained teacher
+        pruned_from = data.build_model(teacher_cfg.model, "teacher.model")
+
     def build() -> Session:
         torch.manual_seed(seed)
-        model = data.build_model(spec, where).to(device)
+        model = data.build_model(spec, where, pruned_from).to(device)
         head.update(
             hidden=int(model.head_weight.shape[1]),
             rows=model.vocab_rows,

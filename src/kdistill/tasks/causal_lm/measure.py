@@ -265,7 +265,11 @@ def inspect_lm_recipe(
     trains one)."""
     with tempfile.TemporaryDirectory() as scratch:
         data = build_lm_data(recipe.data, data_dir=data_dir, tokenizer_dir=Path(scratch))
-    model = data.build_model(getattr(recipe, role).model, f"{role}.model").eval()
+    spec = getattr(recipe, role).model
+    source = None
+    if spec.prune is not None and recipe.teacher is not None:  # cut from an untrained teacher
+        source = data.build_model(recipe.teacher.model, "teacher.model")
+    model = data.build_model(spec, f"{role}.model", source).eval()
     sample = data.val[:2, :-1]  # (2, seq_len) token ids
     header = (
         f"{role}: causal LM, vocabulary {data.vocab_size}, input {tuple(sample.shape)} token ids"

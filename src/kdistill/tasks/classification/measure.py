@@ -264,6 +264,7 @@ def inspect_recipe(
         return (
             header + "\n" + module_tree(model, sample_inputs(data, model, "cpu"), max_depth=depth)
         )
-    model = make_model(data, spec, where=where).eval()
+    source = untrained_teacher_source(recipe, data, where)  # pruned_teacher: cut from one
+    model = make_model(data, spec, where=where, teacher=source).eval()
     header = f"{spec.name}: input {tuple(data.input_shape)}, {data.num_classes} classes"
     return header + "\n" + module_tree(model, data.to_input(data.train.x[:2]), max_depth=depth)
