@@ -264,12 +264,11 @@ def test_iterative_pruning_distils_between_steps_and_its_weights_start_the_stude
     run = tmp_path / "run"
     results = kdistill.run(recipe, output_dir=run, quiet=True)
     assert list(results["stages"]) == ["teacher", "prune_step1", "prune", "distill"]
-    widths = {
+    params = {
         stage: json.loads((run / stage / "seed0" / "eval.json").read_text())["cost"]["params"]
         for stage in ("teacher", "prune_step1", "prune", "distill")
     }
-    # 64 hidden units -> 32 after the first step (half of them) -> 16 after the second
-    assert widths["teacher"] > widths["prune_step1"] > widths["prune"] == widths["distill"]
+    assert params["teacher"] > params["prune_step1"] > params["prune"] == params["distill"]
     step = [json.loads(line) for line in (run / "prune_step1" / "seed0" / "metrics.jsonl").open()]
     assert max(m["epoch"] for m in step) == 1
     # the distill stage started from the prune stage's weights: its first epoch is far
@@ -278,7 +277,7 @@ def test_iterative_pruning_distils_between_steps_and_its_weights_start_the_stude
     assert first["val_accuracy"] > 0.5
     # and it reloads at its own shapes
     again = kdistill.api.evaluate(run / "distill" / "seed0")
-    assert again["cost"]["params"] == widths["distill"]
+    assert again["cost"]["params"] == params["distill"]
 
 
 def test_iterative_pruning_needs_the_prune_stage() -> None:
@@ -322,3 +321,47 @@ def test_a_pruned_encoder_student_keeps_chosen_layers_and_half_the_ffn(shared_da
             where="student.model",
             teacher=teacher,
         )
+
+
+def test_the_students_start_from_the_prune_stages_weights(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a learning rate too small to move them, the distilled student's weights are
+    the prune stage's, whatever its own build drew."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("KDISTILL_DATA", str(shared_data))
+    recipe = tiny_recipe(stages=["teacher", "prune", "distill"])
+    recipe["student"]["model"] = {"name": "pruned_teacher", "args": {"channels": 0.5}}
+    recipe["train"]["optimizer"] = {"name": "sgd", "lr": 1e-12, "momentum": 0.0}
+    run = tmp_path / "run"
+    kdistill.run(recipe, output_dir=run, quiet=True)
+    pruned = load_file(run / "prune" / "seed0" / "model.safetensors")
+    distilled = load_file(run / "distill" / "seed0" / "model.safetensors")
+    assert pruned.keys() == distilled.keys()
+    for key, value in pruned.items():
+        torch.testing.assert_close(distilled[key], value, rtol=0, atol=1e-9)
+    teacher = load_file(run / "teacher" / "seed0" / "model.safetensors")
+    assert teacher["1.weight"].shape[0] == 2 * pruned["1.weight"].shape[0]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"stages": ["teacher", "distill", "qat"],
+             "objective": [{"loss": "cross_entropy"}, {"loss": "hint", "student": {"path": "1"},
+                                                      "teacher": {"path": "1"}}]},
+            "feature terms would start from fresh projectors",
+        ),
+        ({"stages": ["teacher", "distill", "quantize"], "generations": 2}, "generations > 1"),
+        (
+            {"stages": ["teacher", "prune", "distill"],
+             "student": {"model": {"name": "hf_student", "args": {"location": "teacher"}}}},
+            "'prune' stage measures the pruned teacher",
+        ),
+    ],
+)  # fmt: skip
+def test_compression_stages_refuse_what_they_cannot_do(changes: dict, message: str) -> None:
+    with pytest.raises(RecipeError, match=message):
+        kdistill.api.as_recipe(tiny_recipe(**changes))

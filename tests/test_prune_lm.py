@@ -185,3 +185,50 @@ def test_plan_and_inspect_build_a_pruned_student_from_an_untrained_teacher(
     path.write_text(yaml.safe_dump(recipe))
     tree = kdistill.api.inspect(path, role="student", data_dir=shared_data)
     assert "GPT2LMHeadModel" in tree
+
+
+def test_the_kept_heads_and_channels_are_sliced_from_q_k_v_and_the_projections() -> None:
+    """Every kept weight is the teacher's weight at the kept rows and columns: checked
+    here with slicing written independently of the pruning code (GPT-2's Conv1D
+    stores (in, out); c_attn's columns are q | k | v, each head_dim per head)."""
+    teacher = _teacher()
+    student, report = prune_gpt2(teacher, [_ids()], n_layer=2, n_embd=32, n_head=2)
+    channels = report["channels"]
+    head_dim = 16
+    for new, old in enumerate(report["layers"]):
+        heads = report["heads"][str(old)]
+        columns = [
+            part * 64 + head * head_dim + j
+            for part in range(3)
+            for head in heads
+            for j in range(head_dim)
+        ]
+        t_block, s_block = teacher.transformer.h[old], student.transformer.h[new]
+        expected = t_block.attn.c_attn.weight[channels][:, columns]
+        torch.testing.assert_close(s_block.attn.c_attn.weight, expected, rtol=0, atol=0)
+        torch.testing.assert_close(
+            s_block.attn.c_attn.bias, t_block.attn.c_attn.bias[columns], rtol=0, atol=0
+        )
+        rows = [head * head_dim + j for head in heads for j in range(head_dim)]
+        torch.testing.assert_close(
+            s_block.attn.c_proj.weight, t_block.attn.c_proj.weight[rows][:, channels],
+            rtol=0, atol=0,
+        )  # fmt: skip
+        torch.testing.assert_close(s_block.ln_1.weight, t_block.ln_1.weight[channels])
+    torch.testing.assert_close(
+        student.transformer.wpe.weight, teacher.transformer.wpe.weight[:, channels]
+    )
+
+
+def test_an_untied_output_layer_is_pruned_with_the_channels() -> None:
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=100, n_positions=32, n_layer=2, n_embd=32, n_head=2,
+        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    teacher = GPT2LMHeadModel(config).eval()
+    student, report = prune_gpt2(teacher, [_ids()], n_layer=2, n_embd=16, n_head=1)
+    assert student.lm_head.weight.data_ptr() != student.transformer.wte.weight.data_ptr()
+    torch.testing.assert_close(
+        student.lm_head.weight, teacher.lm_head.weight[:, report["channels"]]
+    )

@@ -29,7 +29,7 @@ from kdistill.errors import RunDirError
 if TYPE_CHECKING:
     pass
 
-STAGE_ORDER = ("teacher", "assistant", "prune", "baseline", "distill", "qat", "quantize")
+STAGE_ORDER = ("teacher", "assistant", "prune", "baseline", "seqkd", "distill", "qat", "quantize")
 SECTIONS = ("test", "val")
 SEED_DIR = re.compile(r"seed(\d+)")
 

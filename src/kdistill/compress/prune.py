@@ -9,7 +9,7 @@ channels, which hand-written slicing gets wrong as soon as there is a residual
 connection or a flatten. Importance is scored per group on labelled calibration
 batches of the training data:
 
-- `taylor` (default): first-order Taylor, |Σ w · ∂L/∂w| over each channel's weights,
+- `taylor` (default): first-order Taylor, Σ |w · ∂L/∂w| over each channel's weights,
   from the cross-entropy gradients of the calibration batches (Molchanov et al.,
   "Importance Estimation for Neural Network Pruning", CVPR 2019): what removing the
   channel would cost the loss, measured on the data;
@@ -265,11 +265,12 @@ def resize_to(model: nn.Module, weights: Path | dict[str, torch.Tensor]) -> nn.M
         }
         if not own:
             continue
-        if not isinstance(module, (*PRUNABLE, nn.modules.batchnorm._BatchNorm, nn.LayerNorm)):
+        if not isinstance(module, LAYERS):
             raise ModelError(
                 f"the saved weights of {name} ({type(module).__name__}) have other shapes than "
-                "the architecture, and kdistill only rebuilds pruned convolutions, linear "
-                "layers and norms; was this file written for another model?"
+                "the architecture, and kdistill only rebuilds the layers channel pruning "
+                "cuts (convolutions, linear layers, norms, embeddings, PReLU); was this file "
+                "written for another model?"
             )
         for key, shape in own.items():
             old = getattr(module, key)
@@ -305,8 +306,18 @@ def _fix_attributes(module: nn.Module) -> None:
         sized = module.weight if module.weight is not None else module.running_mean
         assert sized is not None  # a batch norm has affine weights or running statistics
         module.num_features = int(sized.shape[0])
+    elif isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        sized = module.weight if module.weight is not None else module.running_mean
+        assert sized is not None  # resized: it has a tensor of the channels' size
+        module.num_features = int(sized.shape[0])
     elif isinstance(module, nn.LayerNorm):
         module.normalized_shape = tuple(module.weight.shape)
+    elif isinstance(module, nn.GroupNorm):
+        module.num_channels = int(module.weight.shape[0])
+    elif isinstance(module, nn.Embedding):
+        module.num_embeddings, module.embedding_dim = module.weight.shape
+    elif isinstance(module, nn.PReLU):
+        module.num_parameters = int(module.weight.shape[0])
 
 
 def reinitialise(model: nn.Module) -> nn.Module:

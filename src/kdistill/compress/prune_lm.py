@@ -54,6 +54,12 @@ def prune_gpt2(
             f"{getattr(config, 'model_type', type(teacher).__name__)!r}. Build the student "
             "from its own config instead"
         )
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+        raise ModelError(
+            f"{where}: this GPT-2 scales attention by 1 / layer index, so a kept layer would "
+            "compute differently at its new index; prune a teacher without "
+            "scale_attn_by_inverse_layer_idx"
+        )
     teacher_inner = config.n_inner or 4 * config.n_embd
     head_dim = config.n_embd // config.n_head
     n_inner = n_inner or 4 * n_embd
@@ -94,18 +100,24 @@ def prune_gpt2(
     heads = {i: _top(scores["heads"][i], n_head) for i in kept_layers}
     neurons = {i: _top(scores["neurons"][i], n_inner) for i in kept_layers}
     state = _sliced_state(teacher, kept_layers, channels, heads, neurons, head_dim)
+    tied = bool(getattr(config, "tie_word_embeddings", True))
+    if not tied:  # an output layer of its own: its columns are the kept channels
+        state["lm_head.weight"] = teacher.lm_head.weight[:, channels].detach().clone()
     missing, unexpected = student.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith((".attn.bias", ".attn.masked_bias"))]
-    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the token embeddings
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
     if missing or unexpected:
         raise ModelError(
             f"{where}: the sliced weights do not fit the smaller GPT-2 (missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}); this transformers version lays GPT-2 out otherwise"
         )
-    student.tie_weights()
+    if tied:
+        student.tie_weights()
     student.train(teacher.training)
     return student, {
         "layers": kept_layers,
+        "channels": channels,
+        "heads": {str(i): heads[i] for i in kept_layers},
         "sizes": {
             "n_layer": [config.n_layer, n_layer],
             "n_embd": [config.n_embd, n_embd],

@@ -456,7 +456,8 @@ class Recipe(RecipeBase):
                 "(pruned_teacher, or location 'teacher'): add a 'teacher' section and either "
                 "the 'teacher' stage or teacher.checkpoint"
             )
-        if "prune" in self.stages and not self.student_from_teacher:
+        pruned = self.student is not None and self.student.model.name == PRUNED_TEACHER
+        if "prune" in self.stages and not pruned:
             problems.append(
                 "the 'prune' stage measures the pruned teacher before training, so the student "
                 "must be one: student.model: {name: pruned_teacher, args: {channels: 0.5}} "
@@ -475,6 +476,17 @@ class Recipe(RecipeBase):
             problems.append(
                 "student.model.args.steps: iterative pruning trains between its steps, which "
                 "the 'prune' stage does; add 'prune' to stages"
+            )
+        if "qat" in self.stages and any(t.student is not None for t in self.objective):
+            problems.append(
+                "the 'qat' stage trains with the distill objective, and its feature terms "
+                "would start from fresh projectors (the distill stage's are not kept); use "
+                "logit terms only, or leave qat out"
+            )
+        if {"qat", "quantize"} & set(self.stages) and self.generations > 1:
+            problems.append(
+                "qat and quantize start from the distill stage's first generation; with "
+                "generations > 1 run them in a recipe of their own on the last one"
             )
         if "qat" in self.stages and "distill" not in self.stages:
             problems.append(

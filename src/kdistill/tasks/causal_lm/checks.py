@@ -31,6 +31,15 @@ def check_lm_recipe(recipe: LMRecipe, data_dir: str | Path | None = None) -> lis
     for role, section in roles:
         if section is not None:
             problems.attempt(_model, section.model, f"{role}.model")
+    if "quantize" in recipe.stages:
+        from kdistill.export import EXTRA, missing_onnx
+
+        missing = missing_onnx()
+        if missing:
+            problems.add(
+                f"stages: the quantize stage needs {', '.join(missing)}, not installed "
+                f"here; {EXTRA}"
+            )
     teacher = recipe.teacher
     if teacher is not None:
         problems.add(weights_problem("teacher.checkpoint", teacher.checkpoint))

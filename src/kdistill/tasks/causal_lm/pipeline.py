@@ -48,7 +48,7 @@ from kdistill.checkpoint import atomic_write_json, load_weights
 from kdistill.data.lm_text import (
     tokenizer_fingerprint,
 )
-from kdistill.errors import CheckpointError, DataError
+from kdistill.errors import CheckpointError, DataError, ModelError
 from kdistill.recipe.causal_lm import (
     LMModelSpec,
     LMRecipe,
@@ -239,6 +239,13 @@ def _check_models(ctx: LMContext) -> None:
                 student_tokenizer=ctx.data.tokenizer,
                 seq_len=ctx.data.seq_len,
             )
+    pruned = recipe.student is not None and recipe.student.model.prune is not None
+    if pruned and ctx.teacher_data.tokenizer_fingerprint != ctx.data.tokenizer_fingerprint:
+        raise ModelError(
+            "student.model.prune: a pruned student keeps the teacher's token embeddings, so it "
+            "reads the teacher's tokenizer; this teacher has its own (teacher.model.path), "
+            "different from data.tokenizer. Set data.tokenizer.path to the teacher's folder"
+        )
     if recipe.student is not None and stages & {"prune", "baseline", "seqkd", "distill"}:
         check_same_tokenizer(
             model_tokenizer(recipe.student.model, None),

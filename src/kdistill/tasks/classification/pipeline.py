@@ -128,7 +128,7 @@ def _check_models(recipe: Recipe, data: DataBundle | TextData) -> None:
     built: dict[str, nn.Module] = {}
     # seeded apart from the run's random state, so that the check (a pruned student is
     # cut from this untrained teacher) is the same on every run and changes nothing after
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=[]):  # the check builds on the CPU
         torch.manual_seed(0)
         for spec, where in specs:  # the teacher first: a student may be built from it
             with weights_follow():  # built to check, then thrown away: stages say the notes
@@ -325,7 +325,8 @@ def _prune_in_steps(
 ) -> nn.Module:
     """Iterative pruning: remove the same share of the remaining channels `steps` times;
     after each removal but the last, distill for `step_epochs` epochs with the recipe's
-    objective from the unpruned teacher (each a stage of its own, prune_step<i>)."""
+    objective from the stage's guide: the unpruned teacher, or the assistant when the
+    recipe has one (each a stage of its own, prune_step<i>)."""
     recipe = ctx.recipe
     assert recipe.student is not None and isinstance(ctx.data, DataBundle)
     objective = Objective(recipe.objective)

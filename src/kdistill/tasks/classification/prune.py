@@ -60,15 +60,16 @@ def prune_step(
     """`model` with the fraction `ratio` of its channels removed, ranked on the fixed
     calibration rows, and a note of what was done."""
     rows = _calibration_rows(data.train.y, settings.samples)
+    device = next(model.parameters()).device  # a teacher trained in this run may be on GPU
     batches = [
-        (data.to_input(data.train.x[chunk]), data.train.y[chunk])
+        (data.to_input(data.train.x[chunk]).to(device), data.train.y[chunk].to(device))
         for chunk in rows.split(CALIBRATION_BATCH)
     ]
     pruned, report = prune_channels(
         model,
         batches,
         ratio=ratio,
-        example_input=data.to_input(data.train.x[:2]),
+        example_input=data.to_input(data.train.x[:2]).to(device),
         importance=settings.importance,
         where=f"{where}.args.channels",
     )
