@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import json
 import os
 import platform
 import re
@@ -420,3 +421,18 @@ def _first_line(exc: BaseException) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
     summary = text.partition("## Exception summary")[2].strip()
     return next(iter((summary or text).splitlines()), "")
+
+
+def quantized_source(int8: Path) -> tuple[dict[str, Any], Path]:
+    """For a quantize stage's INT8 file (<run>/quantize/seed<k>/export/model.int8.onnx):
+    the stage's eval.json and the weights it was quantized from (<run>/<source>/seed<k>),
+    which hold the tokenizer and inputs the file is measured with."""
+    stage = int8.parent.parent
+    recorded: dict[str, Any] = json.loads((stage / "eval.json").read_text(encoding="utf-8"))
+    weights = stage.parent.parent / recorded["source"] / stage.name / "model.safetensors"
+    if not weights.is_file():
+        raise ExportError(
+            f"{int8} was quantized from {weights}, which is not there any more: its inputs "
+            "(tokenizer, data) come from that stage; measure the export folder's files directly"
+        )
+    return recorded, weights

@@ -98,3 +98,15 @@ def args_problem(
     parts = [f"{name!r} takes no argument {key!r}{suggest(key, takes)}" for key in unknown]
     parts += [f"{name!r} needs argument {key!r}" for key in required]
     return f"{where}.args: {'; '.join(parts)}; its arguments: {', '.join(takes) or 'none'}"
+
+
+def export_extra_problem(stages: Iterable[str]) -> str | None:
+    """The quantize stage without the export packages installed: what to install."""
+    if "quantize" not in stages:
+        return None
+    from kdistill.export import EXTRA, missing_onnx
+
+    missing = missing_onnx()
+    if not missing:
+        return None
+    return f"stages: the quantize stage needs {', '.join(missing)}, not installed here; {EXTRA}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kdistill.preflight import Problems, missing_path, weights_problem
+from kdistill.preflight import Problems, export_extra_problem, missing_path, weights_problem
 from kdistill.recipe.causal_lm import LMModelSpec, LMRecipe
 
 
@@ -31,15 +31,7 @@ def check_lm_recipe(recipe: LMRecipe, data_dir: str | Path | None = None) -> lis
     for role, section in roles:
         if section is not None:
             problems.attempt(_model, section.model, f"{role}.model")
-    if "quantize" in recipe.stages:
-        from kdistill.export import EXTRA, missing_onnx
-
-        missing = missing_onnx()
-        if missing:
-            problems.add(
-                f"stages: the quantize stage needs {', '.join(missing)}, not installed "
-                f"here; {EXTRA}"
-            )
+    problems.add(export_extra_problem(recipe.stages))
     teacher = recipe.teacher
     if teacher is not None:
         problems.add(weights_problem("teacher.checkpoint", teacher.checkpoint))

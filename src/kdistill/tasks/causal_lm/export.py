@@ -32,7 +32,6 @@ from torch import nn
 
 from kdistill.checkpoint import atomic_write_json, atomic_write_text
 from kdistill.data.lm_text import IGNORE_INDEX
-from kdistill.errors import ExportError
 from kdistill.export import (
     CALIBRATION,
     OPSET,
@@ -45,6 +44,7 @@ from kdistill.export import (
     latency_markdown,
     latency_rows,
     quantize_int8,
+    quantized_source,
     require_onnx,
     run_teacher,
     summary_line,
@@ -290,14 +290,7 @@ def evaluate_lm_onnx(path: Path, *, data_dir: str | Path | None = None) -> dict[
     """`kdistill eval` of a language-model quantize stage: its INT8 ONNX file (`path`)
     on the validation rows of the stage it was quantized from."""
     require_onnx()
-    stage = path.parent.parent
-    recorded = json.loads((stage / "eval.json").read_text(encoding="utf-8"))
-    weights = stage.parent.parent / recorded["source"] / stage.name / "model.safetensors"
-    if not weights.is_file():
-        raise ExportError(
-            f"{path} was quantized from {weights}, which is not there any more: the "
-            "validation text is tokenized with that stage's tokenizer"
-        )
+    recorded, weights = quantized_source(path)
     start = time.perf_counter()
     net, corpus = load_lm_stage(weights, data_dir=data_dir)
     rows = corpus.val

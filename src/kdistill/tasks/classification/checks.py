@@ -9,7 +9,13 @@ from typing import Any
 from kdistill.compress.prune import PruneArgs
 from kdistill.data.paths import resolve_data_root
 from kdistill.errors import ModelError, suggest
-from kdistill.preflight import Problems, args_problem, missing_path, weights_problem
+from kdistill.preflight import (
+    Problems,
+    args_problem,
+    export_extra_problem,
+    missing_path,
+    weights_problem,
+)
 from kdistill.recipe.classification import PRUNED_TEACHER, ModelSpec, Recipe
 
 TEXT_SOURCES = ("sst2", "text_files", "hf_disk")
@@ -36,15 +42,7 @@ def check_recipe(recipe: Recipe, data_dir: str | Path | None = None) -> list[str
                 "data.text.transfer.file", transfer.file, root, "file", working_folder=False
             )
         )
-    if "quantize" in recipe.stages:
-        from kdistill.export import EXTRA, missing_onnx
-
-        missing = missing_onnx()
-        if missing:
-            problems.add(
-                f"stages: the quantize stage needs {', '.join(missing)}, not installed "
-                f"here; {EXTRA}"
-            )
+    problems.add(export_extra_problem(recipe.stages))
     for where, spec in _model_specs(recipe):
         problems.add(_model_problem(where, spec, text=text))
     if recipe.teacher is not None:

@@ -54,6 +54,7 @@ from kdistill.export import (
     latency_markdown,
     latency_rows,
     quantize_int8,
+    quantized_source,
     require_onnx,
     run_teacher,
     summary_line,
@@ -391,19 +392,11 @@ def evaluate_onnx(path: Path, *, data_dir: str | Path | None = None) -> dict[str
     model.json names, fed as the export fed it; cost as the stage measured it."""
     require_onnx()
     info = json.loads(path.with_name("model.json").read_text(encoding="utf-8"))
-    stage = path.parent.parent
-    source = stage.parent.parent / json.loads((stage / "eval.json").read_text())["source"]
-    weights = source / stage.name / "model.safetensors"
-    if not weights.is_file():
-        raise ExportError(
-            f"{path} was quantized from {weights}, which is not there any more: its tokenizer "
-            "and inputs come from that stage; evaluate the export folder's files directly"
-        )
+    stage_record, weights = quantized_source(path)
     start = time.perf_counter()
     net, data = load_saved_model(weights, data_dir=data_dir)
     feed = _feed(net, data)
     logits = _logits(OnnxModel(path, threads=1), feed.batches, numpy=True)
-    stage_record = json.loads((stage / "eval.json").read_text(encoding="utf-8"))
     return {
         "checkpoint": str(path),
         "model": info["model"],
