@@ -335,3 +335,11 @@ def step_ratios(total: float, steps: int) -> list[float]:
     together they remove `total`: the same share of what is left each time."""
     share = 1 - (1 - total) ** (1 / steps)
     return [share] * steps
+
+
+def calibration_rows(labels: torch.Tensor, samples: int) -> torch.Tensor:
+    """Up to `samples` labelled training rows (label >= 0), drawn with a fixed generator:
+    the same rows for every stage and seed, so one teacher prunes to one student."""
+    labelled = torch.nonzero(labels >= 0).flatten()
+    order = torch.randperm(len(labelled), generator=torch.Generator().manual_seed(0))
+    return labelled[order][:samples]

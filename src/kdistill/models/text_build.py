@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-import torch
 from torch import nn
 
 from kdistill.data.text_task import TextData
@@ -148,13 +147,12 @@ def _pruned(model: nn.Module, prune: Any, data: TextData, *, where: str) -> nn.M
     """`hf_student`'s `prune: {ffn: fraction, samples: N}`: the student with that fraction
     of each layer's feed-forward neurons removed, ranked on N labelled training texts
     (kdistill.models.prune_hf); the same teacher and data give the same student."""
+    from kdistill.compress.prune import calibration_rows
     from kdistill.models.prune_hf import PruneSettings, prune_encoder
 
     settings = PruneSettings.of(prune, where)
     assert isinstance(model, HFClassifier)
-    labelled = torch.nonzero(data.bundle.train.labels >= 0).flatten()
-    rows = labelled[torch.randperm(len(labelled), generator=torch.Generator().manual_seed(0))]
-    rows = rows[: settings.samples]
+    rows = calibration_rows(data.bundle.train.labels, settings.samples)
     batches = [
         (data.batch(model, "train", chunk), data.bundle.train.labels[chunk])
         for chunk in rows.split(32)

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
-from kdistill.compress.prune import PruneArgs, prune_channels, reinitialise
+from kdistill.compress.prune import PruneArgs, calibration_rows, prune_channels, reinitialise
 from kdistill.data import DataBundle, TextData
 from kdistill.errors import ModelError
 from kdistill.recipe import TEACHER_LOCATION, ModelSpec
@@ -59,7 +58,7 @@ def prune_step(
 ) -> tuple[nn.Module, list[str]]:
     """`model` with the fraction `ratio` of its channels removed, ranked on the fixed
     calibration rows, and a note of what was done."""
-    rows = _calibration_rows(data.train.y, settings.samples)
+    rows = calibration_rows(data.train.y, settings.samples)
     device = next(model.parameters()).device  # a teacher trained in this run may be on GPU
     batches = [
         (data.to_input(data.train.x[chunk]).to(device), data.train.y[chunk].to(device))
@@ -103,10 +102,3 @@ def _pruned_encoder(
     return build_text_model(
         ModelSpec(name="hf_student", args=args), data, where=where, teacher=teacher
     )
-
-
-def _calibration_rows(labels: torch.Tensor, samples: int) -> torch.Tensor:
-    """Up to `samples` labelled training rows, the same ones for every stage and seed."""
-    labelled = torch.nonzero(labels >= 0).flatten()
-    order = torch.randperm(len(labelled), generator=torch.Generator().manual_seed(0))
-    return labelled[order][:samples]
