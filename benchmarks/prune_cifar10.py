@@ -12,17 +12,10 @@ students learn from one teacher. Pass `--teacher RUN` to reuse a finished teache
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import platform
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
-import torch
-
-import kdistill
+from compare_runs import run_plans
 
 
 def main() -> None:
@@ -33,11 +26,6 @@ def main() -> None:
         "--keep", type=Path, help="write the run folders here (else a scratch folder)"
     )
     args = parser.parse_args()
-    results: dict[str, Any] = {
-        "date": dt.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-        "runs": {},
-    }
     with tempfile.TemporaryDirectory() as scratch:
         root = args.keep or Path(scratch)
         pruned_run = root / "pruned"
@@ -56,30 +44,7 @@ def main() -> None:
                 root / "scratch",
             ),
         }
-        for name, (recipe, overrides, folder) in plans.items():
-            start = time.perf_counter()
-            out = kdistill.api.run(recipe, overrides, output_dir=folder, quiet=True)
-            results["runs"][name] = {
-                "recipe": recipe,
-                "overrides": overrides,
-                "seconds": round(time.perf_counter() - start, 1),
-                "stages": {
-                    stage: {
-                        "test": info["test"],
-                        "seeds": info.get("seeds"),
-                        "cost": info["cost"],
-                        "train_seconds": info["train_seconds"],
-                    }
-                    for stage, info in out["stages"].items()
-                },
-            }
-            args.out.write_text(json.dumps(results, indent=2) + "\n")
-            for stage, info in out["stages"].items():
-                print(
-                    f"{name} {stage}: accuracy {info['test']['accuracy']}, "
-                    f"params {info['cost']['params']:,}, FLOPs {info['cost'].get('flops')}",
-                    flush=True,
-                )
+        run_plans(plans, out=args.out, split="test", metric="accuracy")
 
 
 if __name__ == "__main__":

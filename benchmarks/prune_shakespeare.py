@@ -13,17 +13,10 @@ The first run trains the teacher; the second loads it (teacher.checkpoint). Base
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import platform
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
-import torch
-
-import kdistill
+from compare_runs import run_plans
 
 
 def main() -> None:
@@ -35,11 +28,6 @@ def main() -> None:
     parser.add_argument("--baselines", action="store_true", help="also train each student alone")
     args = parser.parse_args()
     students = "baseline, distill" if args.baselines else "distill"
-    results: dict[str, Any] = {
-        "date": dt.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-        "runs": {},
-    }
     with tempfile.TemporaryDirectory() as scratch:
         root = args.keep or Path(scratch)
         plans = {
@@ -57,27 +45,7 @@ def main() -> None:
                 root / "scratch",
             ),
         }
-        for name, (recipe, overrides, folder) in plans.items():
-            start = time.perf_counter()
-            out = kdistill.api.run(recipe, overrides, output_dir=folder, quiet=True)
-            results["runs"][name] = {
-                "recipe": recipe,
-                "overrides": overrides,
-                "seconds": round(time.perf_counter() - start, 1),
-                "stages": {
-                    stage: {
-                        "val": info["val"],
-                        "seeds": info.get("seeds"),
-                        "per_seed": [s["val"]["loss"] for s in info.get("per_seed", [])],
-                        "cost": info["cost"],
-                        "train_seconds": info["train_seconds"],
-                    }
-                    for stage, info in out["stages"].items()
-                },
-            }
-            args.out.write_text(json.dumps(results, indent=2) + "\n")
-            for stage, info in out["stages"].items():
-                print(f"{name} {stage}: val loss {info['val']['loss']}", flush=True)
+        run_plans(plans, out=args.out, split="val", metric="loss")
 
 
 if __name__ == "__main__":
