@@ -37,7 +37,7 @@ SEED_DIR = re.compile(r"seed(\d+)")
 # ---------------------------------------------------------------------- collect
 
 
-def collect(run_dir: str | Path) -> dict[str, Any]:
+def collect(run_dir: str | Path, *, metric: str = "accuracy") -> dict[str, Any]:
     """Aggregate every `<stage>/seed<k>/eval.json` of a run folder.
 
     Per stage: for each numeric metric of `test`, `val`, `best.test` and
@@ -51,7 +51,7 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
 
     Top level: `recipe` (the name in recipe.yaml, or null), `stages`, and
     `gap_recovered` = (baseline error - distill error) / (baseline error - teacher
-    error) from mean test error rates (1 - accuracy), with `gap_recovered_note`
+    error) from mean test error rates (1 - `metric`: accuracy, or entity F1), with `gap_recovered_note`
     saying why it is null when it is; `gap_recovered_best` and its note do the
     same for the best-on-validation checkpoints. Non-finite numbers become null.
 
@@ -65,9 +65,9 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
         stages[stage] = _aggregate_stage(evals[stage])
 
     results: dict[str, Any] = {"recipe": _recipe_name(run_dir), "stages": stages}
-    gap, note = _gap_recovered(stages, lambda s: s["test"])
+    gap, note = _gap_recovered(stages, lambda s: s["test"], metric)
     results["gap_recovered"], results["gap_recovered_note"] = gap, note
-    gap, note = _gap_recovered(stages, lambda s: s["best"]["test"] if s["best"] else None)
+    gap, note = _gap_recovered(stages, lambda s: s["best"]["test"] if s["best"] else None, metric)
     results["gap_recovered_best"], results["gap_recovered_best_note"] = gap, note
     return _finite(results)
 
@@ -193,16 +193,18 @@ def _is_number(value: Any) -> bool:
 
 
 def _gap_recovered(
-    stages: dict[str, Any], pick: Callable[[dict[str, Any]], dict[str, Any] | None]
+    stages: dict[str, Any],
+    pick: Callable[[dict[str, Any]], dict[str, Any] | None],
+    metric: str = "accuracy",
 ) -> tuple[float | None, str | None]:
     error: dict[str, float] = {}
     for name in ("teacher", "baseline", "distill"):
         if name not in stages:
             return None, f"the run has no {name} stage"
         section = pick(stages[name])
-        accuracy = section.get("accuracy") if section else None
+        accuracy = section.get(metric) if section else None
         if accuracy is None:
-            return None, f"the {name} stage has no test accuracy for these checkpoints"
+            return None, f"the {name} stage has no test {metric} for these checkpoints"
         error[name] = 1.0 - accuracy
     denominator = error["baseline"] - error["teacher"]
     if denominator == 0:

@@ -62,6 +62,11 @@ TOKENIZER_FILES = (
 )
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 INITS = ("teacher_layers", "embeddings", "random")
+# the Hugging Face head a task puts on an encoder: a label per text, or a label per token
+HEADS = {
+    "sequence": "AutoModelForSequenceClassification",
+    "token": "AutoModelForTokenClassification",
+}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
@@ -354,9 +359,11 @@ def load_sequence_classifier(
     reset_head: bool = False,
     attn_implementation: str | None = None,
     dtype: str | torch.dtype | None = None,
+    head: str = "sequence",
     where: str = "model",
 ) -> HFClassifier:
-    """Load a pretrained encoder as a classifier with `num_labels` outputs.
+    """Load a pretrained encoder as a classifier with `num_labels` outputs: one label
+    per text (`head` "sequence", logits (B, C)) or per token ("token", (B, T, C)).
 
     A bare encoder (a `BertModel` such as all-MiniLM-L6-v2) gets a freshly initialised
     head, said in `load_notes` and logged. A checkpoint whose head has another number
@@ -364,8 +371,11 @@ def load_sequence_classifier(
     a fresh one. `dtype` None loads float32, "auto" keeps the checkpoint's dtype.
     `attn_implementation` "eager" is needed for attention maps (see `features`).
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    import transformers
+    from transformers import AutoConfig
 
+    auto_class = getattr(transformers, HEADS[head])
+    suffix = HEADS[head].removeprefix("AutoModel")
     if not isinstance(num_labels, int) or num_labels < 1:
         raise ModelError(f"{where}: num_labels must be a positive int; got {num_labels!r}")
     if id2label is not None and sorted(id2label) != list(range(num_labels)):
@@ -385,7 +395,7 @@ def load_sequence_classifier(
             raise _hub_error(loc, where, exc) from None
         raise ModelError(f"{where}: cannot read config.json in {loc}: {exc}") from None
 
-    has_head = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+    has_head = any(a.endswith(suffix) for a in config.architectures or [])
     if has_head and config.num_labels != num_labels and not reset_head:
         raise ModelError(
             f"{where}: the classification head in {loc} has {config.num_labels} labels, but the "
@@ -400,7 +410,7 @@ def load_sequence_classifier(
     )
     try:
         with quiet_transformers():
-            hf, info = AutoModelForSequenceClassification.from_pretrained(
+            hf, info = auto_class.from_pretrained(
                 loc.target,
                 num_labels=num_labels,
                 id2label=labels,
@@ -417,25 +427,25 @@ def load_sequence_classifier(
         raise ModelError(f"{where}: cannot load the model in {loc}: {exc}") from None
     except (ValueError, ImportError, RuntimeError) as exc:
         raise ModelError(
-            f"{where}: cannot load {loc} as a sequence classifier "
+            f"{where}: cannot load {loc} as a {head} classifier "
             f"(attn_implementation={attn_implementation!r}, dtype={dtype!r}): {exc}"
         ) from None
 
-    head = _head_modules(hf)
-    head_prefixes = tuple(f"{name}." for name, _ in head)
+    head_parts = _head_modules(hf)
+    head_prefixes = tuple(f"{name}." for name, _ in head_parts)
     notes = []
     missing = sorted(info["missing_keys"])
     mismatched = sorted(key for key, *_ in info["mismatched_keys"])
     if reset_head:
-        for _, module in head:
+        for _, module in head_parts:
             _reinitialise(hf, module)
         notes.append(
-            f"reset_head: the classification head ({', '.join(n for n, _ in head)}) is freshly "
+            f"reset_head: the classification head ({', '.join(n for n, _ in head_parts)}) is freshly "
             f"initialised with {num_labels} labels"
         )
     elif any(key.startswith(head_prefixes) for key in missing):
         notes.append(
-            f"{loc} has no sequence-classification head (it is a {', '.join(config.architectures or ['?'])}); "
+            f"{loc} has no {head}-classification head (it is a {', '.join(config.architectures or ['?'])}); "
             f"a freshly initialised {num_labels}-label head was added: "
             f"{', '.join(k for k in missing if k.startswith(head_prefixes))}"
         )
@@ -523,10 +533,16 @@ def student_from_teacher(
       layer count; 6 of 12 gives 0, 2, ..., 10).
     - "embeddings": copies only the token embedding matrix (needs the teacher's hidden size).
     - "random": nothing copied; draws from the global torch RNG.
+    The student has the teacher's head kind (a label per text or per token).
     """
-    from transformers import AutoModelForSequenceClassification
+    import transformers
 
     hf: Any = teacher.hf
+    auto_class = next(
+        (getattr(transformers, name) for name in HEADS.values()
+         if type(hf).__name__.endswith(name.removeprefix("AutoModel"))),
+        transformers.AutoModelForSequenceClassification,
+    )  # fmt: skip
     t_config = hf.config
     needed = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")
     base: Any = getattr(hf, hf.base_model_prefix, None)
@@ -612,7 +628,7 @@ def student_from_teacher(
     config.architectures = [type(hf).__name__]
     config._name_or_path = ""
     with quiet_transformers():
-        student = AutoModelForSequenceClassification.from_config(
+        student = auto_class.from_config(
             config, attn_implementation=t_config._attn_implementation, dtype=torch.float32
         )
     s_base = getattr(student, student.base_model_prefix)

@@ -77,6 +77,21 @@ TASKS: dict[str, Task] = {
         export="kdistill.tasks.causal_lm.export:export_lm",
         export_summary="kdistill.tasks.causal_lm.export:export_summary",
     ),
+    "token_classification": Task(
+        "token_classification",
+        "a label per word: named entities (CoNLL-format IOB2 files)",
+        schema="kdistill.recipe.token_classification:TaggingRecipe",
+        run="kdistill.tasks.token_classification.pipeline:run",
+        cache="kdistill.tasks.token_classification.pipeline:cache_teacher",
+        evaluate="kdistill.tasks.token_classification.pipeline:evaluate_checkpoint",
+        inspect="kdistill.tasks.token_classification.pipeline:inspect_recipe",
+        write_report="kdistill.tasks.token_classification.report:write_report",
+        print_table="kdistill.tasks.token_classification.report:print_table",
+        eval_summary="kdistill.tasks.token_classification.report:eval_summary",
+        check="kdistill.tasks.token_classification.pipeline:check_recipe",
+        export="kdistill.tasks.token_classification.pipeline:export_tagger",
+        export_summary="kdistill.tasks.token_classification.pipeline:export_summary",
+    ),
 }
 
 

@@ -1,0 +1,190 @@
+"""The token-classification results: entity F1 (strict IOB2) with precision, recall,
+the lenient conlleval F1, agreement with the teacher and the cost per sentence, mean ±
+std over seeds; entity F1 per type; the gap the teacher closed (on F1). Built from the
+run folder's files alone."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from kdistill.report import (
+    collect,
+    format_duration,
+    format_si,
+    format_value,
+    markdown_table,
+    show_table,
+    write_results,
+)
+
+COLUMNS = (
+    "stage",
+    "seeds",
+    "entity F1",
+    "precision",
+    "recall",
+    "F1 conlleval",
+    "word accuracy %",
+    "agreement %",
+    "params",
+    "FLOPs/sentence",
+    "latency ms/sentence",
+    "size MB",
+    "train time",
+)
+BEST_COLUMNS = ("stage", "seeds", "best epoch", "val entity F1", "test entity F1")
+METRIC_SENTENCE = (
+    "Entity F1, precision and recall ×100 on test, seqeval with the IOB2 scheme in strict "
+    "mode (an entity counts when its type and both boundaries match; a predicted I- "
+    "without its B- starts none); F1 conlleval: the CoNLL-2003 script's lenient reading "
+    "(a stray I- starts an entity), for comparison with published numbers. Mean ± sample "
+    "standard deviation over seeds."
+)
+
+
+def write_report(run_dir: str | Path) -> dict[str, Any]:
+    """results.json and results.md in the run folder; returns the results."""
+    run_dir = Path(run_dir)
+    results = collect(run_dir, metric="f1")
+    results["per_type"] = per_type(results)
+    files = write_results(run_dir, results, render_markdown(results))
+    return {**results, "report": {"files": files, "notes": []}}
+
+
+def per_type(results: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
+    """Test F1 per entity type and stage: [mean, std] over seeds."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for name, stage in results["stages"].items():
+        by_type: dict[str, list[float]] = {}
+        for record in stage["per_seed"]:
+            for kind, scores in ((record.get("test") or {}).get("per_type") or {}).items():
+                by_type.setdefault(kind, []).append(scores["f1"])
+        out[name] = {
+            kind: [statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0]
+            for kind, v in sorted(by_type.items())
+        }
+    return out
+
+
+def _pm(section: dict[str, Any] | None, name: str, n: int, scale: float = 100.0) -> str:
+    section = section or {}
+    mean, std = section.get(name), section.get(f"{name}_std")
+    if mean is None:
+        return "—"
+    if n < 2 or std is None:
+        return f"{mean * scale:.2f}"
+    return f"{mean * scale:.2f} ± {std * scale:.2f}"
+
+
+def table_rows(results: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for name, stage in results["stages"].items():
+        test, cost = stage["test"] or {}, stage["cost"] or {}
+        n = len(stage["seeds"])
+        rows.append(
+            [
+                name,
+                str(n),
+                _pm(test, "f1", n),
+                _pm(test, "precision", n),
+                _pm(test, "recall", n),
+                _pm(test, "f1_conlleval", n),
+                _pm(test, "token_accuracy", n),
+                _pm(test, "agreement", n),
+                format_value(cost.get("params"), format_si),
+                format_value(cost.get("flops"), format_si),
+                format_value(cost.get("latency_ms_single"), "{:.2f}"),
+                format_value(cost.get("size_bytes"), lambda b: f"{b / 1e6:.2f}"),
+                format_value(stage["train_seconds"], format_duration),
+            ]
+        )
+    return rows
+
+
+def type_rows(results: dict[str, Any]) -> tuple[tuple[str, ...], list[list[str]]]:
+    kinds = sorted({k for types in results["per_type"].values() for k in types})
+    rows = []
+    for name, types in results["per_type"].items():
+        n = len(results["stages"][name]["seeds"])
+        cells = []
+        for kind in kinds:
+            if kind not in types:
+                cells.append("—")
+            else:
+                mean, std = types[kind]
+                cells.append(f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if n > 1 else ""))
+        rows.append([name, *cells])
+    return ("stage", *kinds), rows
+
+
+def best_rows(results: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for name, stage in results["stages"].items():
+        best = stage["best"]
+        if best is None:
+            continue
+        n = len(best["seeds"])
+        rows.append(
+            [
+                name,
+                str(n),
+                ", ".join("—" if e is None else str(e) for e in best["epochs"]),
+                _pm(best["val"], "f1", n),
+                _pm(best["test"], "f1", n),
+            ]
+        )
+    return rows
+
+
+def gap_line(results: dict[str, Any]) -> str:
+    gap = results["gap_recovered"]
+    if gap is None:
+        return f"Gap recovered by distillation: n/a ({results['gap_recovered_note']})."
+    return (
+        f"Gap recovered by distillation: {gap * 100:.1f} % = (distill F1 − baseline F1) / "
+        "(teacher F1 − baseline F1), from mean test entity F1."
+    )
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    lines = [f"# Results: {results['recipe'] or 'unnamed recipe'}", ""]
+    lines += markdown_table(COLUMNS, table_rows(results))
+    lines += ["", METRIC_SENTENCE, "", gap_line(results), "", "## Entity F1 per type", ""]
+    header, rows = type_rows(results)
+    lines += markdown_table(header, rows)
+    lines += ["", "## Best-on-validation checkpoints", ""]
+    best = best_rows(results)
+    if best:
+        lines += [
+            "Each seed's checkpoint with the best validation entity F1, measured on test "
+            "once; the test set played no part in choosing it.",
+            "",
+        ]
+        lines += markdown_table(BEST_COLUMNS, best)
+    else:
+        lines.append("None: the run has no validation split.")
+    return "\n".join(lines) + "\n"
+
+
+def print_table(results: dict[str, Any], console: Console) -> None:
+    show_table(
+        console,
+        f"Results: {results['recipe'] or 'unnamed recipe'}",
+        COLUMNS,
+        table_rows(results),
+        caption=METRIC_SENTENCE,
+    )
+    console.print(gap_line(results))
+
+
+def eval_summary(result: dict[str, Any]) -> str:
+    test, cost = result["test"], result["cost"]
+    return (
+        f"{result['checkpoint']}: test entity F1 {100 * test['f1']:.2f} (precision "
+        f"{100 * test['precision']:.2f}, recall {100 * test['recall']:.2f}, {test['entities']} "
+        f"entities); {cost['params']:,} params, {cost.get('latency_ms_single', 0):.2f} ms/sentence"
+    )
