@@ -80,6 +80,19 @@ _LM_SMALL = [
     "samples.count=1",
     "samples.new_tokens=8",
 ]
+_NER_SMALL = [
+    "data.limit_train=64",
+    "data.limit_val=32",
+    "data.limit_test=32",
+    "train.batch_size=16",
+    "train.epochs=1",
+    "train.eval_batch_size=64",
+    "train.lr_schedule.warmup_steps=2",
+    "teacher.train.batch_size=16",
+    "teacher.train.epochs=1",
+    "teacher.train.eval_batch_size=64",
+    "teacher.train.lr_schedule.warmup_steps=2",
+]
 
 # name -> (shipped recipe, overrides)
 CONFIGS: dict[str, tuple[str, list[str]]] = {
@@ -111,6 +124,7 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
         "shakespeare_gpt_pruned_from_gpt",
         [*_LM_SMALL, "seeds=[0]"],
     ),
+    "conll_minilm2_from_minilm": ("conll_minilm2_from_minilm", [*_NER_SMALL, "seeds=[0]"]),
     # the same recipe from the top-k cache (sampled tail), the other teacher signal
     "shakespeare_gpt_small_from_gpt_cache": (
         "shakespeare_gpt_small_from_gpt",
