@@ -383,3 +383,27 @@ def test_labels_are_ignored_past_a_sentences_end() -> None:
     data = tagged([["a", "b", "c"], ["d"]], [["O", "O", "O"], ["B-PER"]])
     labels = data.word_labels("train", torch.tensor([0, 1]), 3)
     assert labels.tolist() == [[0, 0, 0], [3, IGNORE, IGNORE]]
+
+
+def test_export_writes_onnx_that_tags_every_test_word_as_pytorch_does(
+    tmp_path: Path, conll_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("onnxruntime")
+    recipe = _recipe(conll_dir, stages=["teacher", "baseline"], seeds=[0])
+    recipe["student"] = {
+        "model": {"name": "hf_student", "args": {"location": MINILM, "num_layers": 1}}
+    }
+    recipe["train"]["epochs"] = 1
+    out = tmp_path / "run"
+    assert run_cli(write_recipe(tmp_path / "r.yaml", recipe), out) == 0
+    capsys.readouterr()
+    for stage in ("teacher", "baseline"):  # the BiLSTM (words) and MiniLM (subwords)
+        assert main(["export", str(out / stage / "seed0")]) == 0
+        record = json.loads((out / stage / "seed0" / "export" / "export.json").read_text())
+        assert record["parity"]["fp32"]["top1_agreement"] >= 0.995
+        assert "f1_change" in record["parity"]["int8"]
+        assert {row["engine"] for row in record["latency"]} >= {"PyTorch FP32", "ONNX Runtime INT8"}
+    assert (out / "baseline" / "seed0" / "export" / "hf" / "tokenizer.json").is_file()
+    assert (out / "teacher" / "seed0" / "export" / "vocab.txt").is_file()
+    # an export folder that exists is refused without --overwrite
+    fails_cleanly(capsys, ["export", str(out / "teacher" / "seed0")], "already holds files")

@@ -89,8 +89,8 @@ TASKS: dict[str, Task] = {
         print_table="kdistill.tasks.token_classification.report:print_table",
         eval_summary="kdistill.tasks.token_classification.report:eval_summary",
         check="kdistill.tasks.token_classification.pipeline:check_recipe",
-        export="kdistill.tasks.token_classification.pipeline:export_tagger",
-        export_summary="kdistill.tasks.token_classification.pipeline:export_summary",
+        export="kdistill.tasks.token_classification.export:export_tagger",
+        export_summary="kdistill.tasks.token_classification.export:export_summary",
     ),
 }
 

@@ -514,18 +514,3 @@ def check_recipe(recipe: TaggingRecipe, data_dir: str | Path | None = None) -> l
     if recipe.teacher is not None:
         problems.add(weights_problem("teacher.checkpoint", recipe.teacher.checkpoint))
     return problems.lines
-
-
-def export_tagger(weights: Path, **_: Any) -> dict[str, Any]:
-    """`kdistill export` is not built for token classification yet: say what to use."""
-    from kdistill.errors import ExportError
-
-    raise ExportError(
-        f"kdistill export does not yet write ONNX for token-classification models; the stage "
-        f"folder's hf/ ({weights.parent / 'hf'}) is a save_pretrained folder with its "
-        "tokenizer that AutoModelForTokenClassification.from_pretrained loads"
-    )
-
-
-def export_summary(record: dict[str, Any]) -> str:
-    return str(record)
