@@ -14,8 +14,6 @@ import torch
 from rich.console import Console
 
 from kdistill.errors import RecipeError
-from kdistill.plan.causal_lm import lm_stages
-from kdistill.plan.classify import classifier_stages
 from kdistill.plan.results import MEASURE_METHOD, Plan
 from kdistill.plan.stage import measure_peak, plan_stage
 
@@ -36,7 +34,7 @@ def plan(
     the steps once more under an independent peak-memory measurement. stages: only
     these of the recipe's stages (default: all).
     """
-    from kdistill.recipe.causal_lm import LMRecipe
+    from kdistill.tasks import task_of_recipe
 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise RecipeError(f"--steps must be a positive integer (timed steps); got {steps!r}")
@@ -44,12 +42,10 @@ def plan(
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     process = _resident_bytes() if target.type == "cpu" else 0
     available, source = available_memory(target)
-    if isinstance(recipe, LMRecipe):
-        specs, data_bytes, data_text, notes = lm_stages(recipe, data_dir, target, steps)
-        task = "causal_lm"
-    else:
-        specs, data_bytes, data_text, notes = classifier_stages(recipe, data_dir, target, steps)
-        task = "classifier"
+    of_task = task_of_recipe(recipe)
+    stages_of = of_task.function("plan")
+    specs, data_bytes, data_text, notes = stages_of(recipe, data_dir, target, steps)
+    task = "classifier" if of_task.name == "classification" else of_task.name
     if stages:
         unknown = [s for s in stages if s not in {spec.name for spec in specs}]
         if unknown:

@@ -40,9 +40,18 @@ class Task:
     check: str  # (recipe, data_dir) -> problems `validate` finds beyond the schema
     export: str  # (weights, output=, overwrite=, int8=, threads=, data_dir=) -> export.json
     export_summary: str  # (what export returned) -> one line for the terminal
+    # (recipe, data_dir, device, steps) -> (stage specs, data bytes, data text, notes) of
+    # `kdistill plan`; None: no estimate for this task yet (plan says so)
+    plan: str | None = None
 
     def function(self, which: str) -> Callable[..., Any]:
-        module, _, name = getattr(self, which).partition(":")
+        entry = getattr(self, which)
+        if entry is None:
+            raise RecipeError(
+                f"kdistill {which} has no estimate for task {self.name} yet (run, validate, "
+                "eval, inspect, cache, report and export work for it)"
+            )
+        module, _, name = entry.partition(":")
         return getattr(importlib.import_module(module), name)
 
 
@@ -61,6 +70,7 @@ TASKS: dict[str, Task] = {
         check="kdistill.tasks.classification.checks:check_recipe",
         export="kdistill.tasks.classification.export:export_classifier",
         export_summary="kdistill.tasks.classification.export:export_summary",
+        plan="kdistill.plan.classify:classifier_stages",
     ),
     "causal_lm": Task(
         "causal_lm",
@@ -76,6 +86,7 @@ TASKS: dict[str, Task] = {
         check="kdistill.tasks.causal_lm.checks:check_lm_recipe",
         export="kdistill.tasks.causal_lm.export:export_lm",
         export_summary="kdistill.tasks.causal_lm.export:export_summary",
+        plan="kdistill.plan.causal_lm:lm_stages",
     ),
     "token_classification": Task(
         "token_classification",
