@@ -190,7 +190,7 @@ def _steps(data: TaggedSentences, model, objective, teacher_words=None) -> Tagge
         model,
         data=data,
         objective=objective,
-        teacher_words=teacher_words,
+        teacher=teacher_words,
         settings=TrainConfig(batch_size=2, eval_batch_size=4),
         accelerator=CPU(),
     )
@@ -371,12 +371,14 @@ def test_bad_data_fails_cleanly_naming_the_file(
 
 def test_the_teacher_cache_is_refused_when_stale(tmp_path: Path, conll_dir: Path) -> None:
     from kdistill.errors import CacheError
-    from kdistill.tasks.token_classification.pipeline import read_word_cache, write_word_cache
+    from kdistill.tasks.encoder import read_signal, write_signal
 
-    write_word_cache(tmp_path, [torch.zeros(2, 3)], "key-a", seconds=0.0)
-    assert torch.equal(read_word_cache(tmp_path, "key-a")[0], torch.zeros(2, 3))
+    rows = [torch.zeros(2, 3), torch.ones(1, 3)]
+    write_signal(tmp_path, rows, "key-a", seconds=0.0)
+    back = read_signal(tmp_path, "key-a")
+    assert len(back) == 2 and torch.equal(back[1], torch.ones(1, 3))
     with pytest.raises(CacheError, match="written for other teacher weights"):
-        read_word_cache(tmp_path, "key-b")
+        read_signal(tmp_path, "key-b")
 
 
 def test_labels_are_ignored_past_a_sentences_end() -> None:

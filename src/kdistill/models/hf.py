@@ -66,6 +66,7 @@ INITS = ("teacher_layers", "embeddings", "random")
 HEADS = {
     "sequence": "AutoModelForSequenceClassification",
     "token": "AutoModelForTokenClassification",
+    "span": "AutoModelForQuestionAnswering",
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
@@ -273,7 +274,9 @@ class HFClassifier(nn.Module):
         token_type_ids: torch.Tensor | None = None,  # (B, T)
     ) -> torch.Tensor:
         out = self.hf(**self._inputs(input_ids, attention_mask, token_type_ids), return_dict=True)
-        return out.logits  # (B, C)
+        if getattr(out, "logits", None) is None:  # a span head: start and end per token
+            return torch.stack((out.start_logits, out.end_logits), dim=-1)  # (B, T, 2)
+        return out.logits  # (B, C), or (B, T, C) for a token head
 
     def features(
         self,

@@ -16,7 +16,6 @@ and entity-F1 change are reported, not enforced.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -46,10 +45,10 @@ from kdistill.export import (
     to_onnx,
     versions,
 )
-from kdistill.recipe.token_classification import TaggingDataConfig
-from kdistill.tasks.token_classification.data import TaggedSentences, load_tagging
+from kdistill.tasks.encoder import saved_data
+from kdistill.tasks.token_classification.data import TaggedSentences
 from kdistill.tasks.token_classification.models import word_logits
-from kdistill.tasks.token_classification.pipeline import load_tagger
+from kdistill.tasks.token_classification.pipeline import TASK, load_tagger
 from kdistill.tasks.token_classification.steps import entity_scores
 
 
@@ -109,11 +108,9 @@ def _parity(
 
 
 def _load(weights: Path, data_dir: str | Path | None) -> tuple[nn.Module, TaggedSentences]:
-    info_path = weights.with_name("model.json")
-    if not info_path.is_file():
+    if not weights.with_name("model.json").is_file():
         raise ExportError(f"{weights} has no model.json beside it; export a stage folder")
-    info = json.loads(info_path.read_text(encoding="utf-8"))
-    data = load_tagging(TaggingDataConfig.model_validate(info["data"]), data_dir)
+    data = saved_data(TASK, weights, data_dir)
     return load_tagger(weights, data), data
 
 

@@ -38,15 +38,16 @@ class TaggerSteps:
         *,
         data: TaggedSentences,
         objective: Objective,
-        teacher_words: list[torch.Tensor] | None,
+        teacher: list[torch.Tensor] | None,
         settings: TrainConfig,
         accelerator: Placement,
         label: str = "train",
     ) -> None:
-        if objective.needs_teacher and teacher_words is None:
+        if objective.needs_teacher and teacher is None:
             raise TrainingError(f"{label}: the objective needs a teacher, but none was given")
         self.student, self.data, self.objective, self.settings = student, data, objective, settings
-        self.teacher_words = teacher_words if objective.needs_teacher else None
+        # the teacher's word logits of each training sentence (W_i, C), NaN where it has none
+        self.teacher_words = teacher if objective.needs_teacher else None
         self.device = accelerator.device
         self.autocast = autocast_of(accelerator)
         self.num_rows = len(data.train)
