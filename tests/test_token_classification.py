@@ -411,10 +411,12 @@ def test_export_writes_onnx_that_tags_every_test_word_as_pytorch_does(
     fails_cleanly(capsys, ["export", str(out / "teacher" / "seed0")], "already holds files")
 
 
-def test_plan_says_it_has_no_estimate_for_this_task(
+def test_plan_says_it_is_not_built_for_this_task(
     tmp_path: Path, conll_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     recipe = write_recipe(tmp_path / "r.yaml", _recipe(conll_dir))
     fails_cleanly(
-        capsys, ["plan", str(recipe)], "kdistill plan has no estimate for task token_classification"
+        capsys,
+        ["plan", str(recipe)],
+        "kdistill plan is not built for task token_classification yet",
     )

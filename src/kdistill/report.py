@@ -306,3 +306,47 @@ def format_duration(seconds: float) -> str:
 
 
 # ------------------------------------------------------------------ plots
+
+
+def mean_pm(section: dict[str, Any] | None, name: str, n: int, scale: float = 100.0) -> str:
+    """`name` of an aggregated section as "mean ± std" (the mean alone for one seed),
+    times `scale`, or "—" when missing."""
+    section = section or {}
+    mean, std = section.get(name), section.get(f"{name}_std")
+    if mean is None:
+        return "—"
+    if n < 2 or std is None:
+        return f"{mean * scale:.2f}"
+    return f"{mean * scale:.2f} ± {std * scale:.2f}"
+
+
+def best_metric_rows(results: dict[str, Any], metric: str) -> list[list[str]]:
+    """Per stage with best-on-validation checkpoints: stage, seeds, their epochs, the
+    validation and test `metric` of those checkpoints."""
+    rows = []
+    for name, stage in results["stages"].items():
+        best = stage["best"]
+        if best is None:
+            continue
+        n = len(best["seeds"])
+        rows.append(
+            [
+                name,
+                str(n),
+                ", ".join("—" if e is None else str(e) for e in best["epochs"]),
+                mean_pm(best["val"], metric, n),
+                mean_pm(best["test"], metric, n),
+            ]
+        )
+    return rows
+
+
+def metric_gap_line(results: dict[str, Any], metric: str) -> str:
+    """The gap-recovered sentence when the task's metric is not accuracy."""
+    gap = results["gap_recovered"]
+    if gap is None:
+        return f"Gap recovered by distillation: n/a ({results['gap_recovered_note']})."
+    return (
+        f"Gap recovered by distillation: {gap * 100:.1f} % = (distill {metric} − baseline "
+        f"{metric}) / (teacher {metric} − baseline {metric}), from mean test {metric}."
+    )

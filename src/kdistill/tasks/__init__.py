@@ -38,7 +38,7 @@ class Task:
     print_table: str  # (results, console) -> None
     eval_summary: str  # (the measurements of `evaluate`) -> one line for the terminal
     check: str  # (recipe, data_dir) -> problems `validate` finds beyond the schema
-    export: str  # (weights, output=, overwrite=, int8=, threads=, data_dir=) -> export.json
+    export: str | None  # (weights, output=, overwrite=, int8=, threads=, data_dir=) -> export.json
     export_summary: str  # (what export returned) -> one line for the terminal
     # (recipe, data_dir, device, steps) -> (stage specs, data bytes, data text, notes) of
     # `kdistill plan`; None: no estimate for this task yet (plan says so)
@@ -48,8 +48,8 @@ class Task:
         entry = getattr(self, which)
         if entry is None:
             raise RecipeError(
-                f"kdistill {which} has no estimate for task {self.name} yet (run, validate, "
-                "eval, inspect, cache, report and export work for it)"
+                f"kdistill {which} is not built for task {self.name} yet (run, validate, "
+                "eval, inspect, cache and report are)"
             )
         module, _, name = entry.partition(":")
         return getattr(importlib.import_module(module), name)
@@ -102,6 +102,21 @@ TASKS: dict[str, Task] = {
         check="kdistill.tasks.token_classification.pipeline:check_recipe",
         export="kdistill.tasks.token_classification.export:export_tagger",
         export_summary="kdistill.tasks.token_classification.export:export_summary",
+    ),
+    "question_answering": Task(
+        "question_answering",
+        "extractive question answering: a span of a paragraph (SQuAD-format JSON)",
+        schema="kdistill.recipe.question_answering:QARecipe",
+        run="kdistill.tasks.question_answering.pipeline:run",
+        cache="kdistill.tasks.question_answering.pipeline:cache_teacher",
+        evaluate="kdistill.tasks.question_answering.pipeline:evaluate_checkpoint",
+        inspect="kdistill.tasks.question_answering.pipeline:inspect_recipe",
+        write_report="kdistill.tasks.question_answering.report:write_report",
+        print_table="kdistill.tasks.question_answering.report:print_table",
+        eval_summary="kdistill.tasks.question_answering.report:eval_summary",
+        check="kdistill.tasks.question_answering.pipeline:check_recipe",
+        export=None,
+        export_summary="kdistill.tasks.question_answering.report:eval_summary",
     ),
 }
 

@@ -12,11 +12,14 @@ from typing import Any
 from rich.console import Console
 
 from kdistill.report import (
+    best_metric_rows,
     collect,
     format_duration,
     format_si,
     format_value,
     markdown_table,
+    mean_pm,
+    metric_gap_line,
     show_table,
     write_results,
 )
@@ -70,16 +73,6 @@ def per_type(results: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
     return out
 
 
-def _pm(section: dict[str, Any] | None, name: str, n: int, scale: float = 100.0) -> str:
-    section = section or {}
-    mean, std = section.get(name), section.get(f"{name}_std")
-    if mean is None:
-        return "—"
-    if n < 2 or std is None:
-        return f"{mean * scale:.2f}"
-    return f"{mean * scale:.2f} ± {std * scale:.2f}"
-
-
 def table_rows(results: dict[str, Any]) -> list[list[str]]:
     rows = []
     for name, stage in results["stages"].items():
@@ -89,12 +82,12 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
             [
                 name,
                 str(n),
-                _pm(test, "f1", n),
-                _pm(test, "precision", n),
-                _pm(test, "recall", n),
-                _pm(test, "f1_conlleval", n),
-                _pm(test, "token_accuracy", n),
-                _pm(test, "agreement", n),
+                mean_pm(test, "f1", n),
+                mean_pm(test, "precision", n),
+                mean_pm(test, "recall", n),
+                mean_pm(test, "f1_conlleval", n),
+                mean_pm(test, "token_accuracy", n),
+                mean_pm(test, "agreement", n),
                 format_value(cost.get("params"), format_si),
                 format_value(cost.get("flops"), format_si),
                 format_value(cost.get("latency_ms_single"), "{:.2f}"),
@@ -121,43 +114,22 @@ def type_rows(results: dict[str, Any]) -> tuple[tuple[str, ...], list[list[str]]
     return ("stage", *kinds), rows
 
 
-def best_rows(results: dict[str, Any]) -> list[list[str]]:
-    rows = []
-    for name, stage in results["stages"].items():
-        best = stage["best"]
-        if best is None:
-            continue
-        n = len(best["seeds"])
-        rows.append(
-            [
-                name,
-                str(n),
-                ", ".join("—" if e is None else str(e) for e in best["epochs"]),
-                _pm(best["val"], "f1", n),
-                _pm(best["test"], "f1", n),
-            ]
-        )
-    return rows
-
-
-def gap_line(results: dict[str, Any]) -> str:
-    gap = results["gap_recovered"]
-    if gap is None:
-        return f"Gap recovered by distillation: n/a ({results['gap_recovered_note']})."
-    return (
-        f"Gap recovered by distillation: {gap * 100:.1f} % = (distill F1 − baseline F1) / "
-        "(teacher F1 − baseline F1), from mean test entity F1."
-    )
-
-
 def render_markdown(results: dict[str, Any]) -> str:
     lines = [f"# Results: {results['recipe'] or 'unnamed recipe'}", ""]
     lines += markdown_table(COLUMNS, table_rows(results))
-    lines += ["", METRIC_SENTENCE, "", gap_line(results), "", "## Entity F1 per type", ""]
+    lines += [
+        "",
+        METRIC_SENTENCE,
+        "",
+        metric_gap_line(results, "entity F1"),
+        "",
+        "## Entity F1 per type",
+        "",
+    ]
     header, rows = type_rows(results)
     lines += markdown_table(header, rows)
     lines += ["", "## Best-on-validation checkpoints", ""]
-    best = best_rows(results)
+    best = best_metric_rows(results, "f1")
     if best:
         lines += [
             "Each seed's checkpoint with the best validation entity F1, measured on test "
@@ -178,7 +150,7 @@ def print_table(results: dict[str, Any], console: Console) -> None:
         table_rows(results),
         caption=METRIC_SENTENCE,
     )
-    console.print(gap_line(results))
+    console.print(metric_gap_line(results, "entity F1"))
 
 
 def eval_summary(result: dict[str, Any]) -> str:

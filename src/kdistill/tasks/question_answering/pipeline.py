@@ -1,0 +1,173 @@
+"""Extractive question answering on the encoder-task run (`kdistill.tasks.encoder`):
+its models (a Hugging Face encoder with a span head), and what it does its own way.
+
+    hf           args: location, reset_head, attn_implementation
+    hf_student   args: location (a pretrained encoder, or "teacher": the recipe's
+                 teacher as this run trained or loaded it), num_layers, layers,
+                 hidden_size, intermediate_size, num_heads, init
+
+The teacher's signal of a training window is its (T_i, 2) start and end scores;
+outputs are each question's answer text, scored with SQuAD v1.1's exact match and F1.
+Teacher and student must share a tokenizer, so their windows line up.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdistill.errors import ModelError
+from kdistill.models.hf import (
+    HFClassifier,
+    load_sequence_classifier,
+    load_tokenizer,
+    resolve_model_location,
+    student_from_teacher,
+)
+from kdistill.recipe import ModelSpec, TrainConfig
+from kdistill.recipe.question_answering import QADataConfig
+from kdistill.tasks import encoder
+from kdistill.tasks.question_answering.data import QAData, load_qa
+from kdistill.tasks.question_answering.report import write_report
+from kdistill.tasks.question_answering.steps import (
+    SpanSteps,
+    predict_spans,
+    squad_scores,
+    window_scores,
+)
+from kdistill.tasks.token_classification.models import carry
+
+
+def make_reader(
+    data: QAData, spec: ModelSpec, *, where: str, teacher: nn.Module | None = None
+) -> nn.Module:
+    """The model `spec` names, with a span head (start and end score per token)."""
+    args: dict[str, Any] = dict(spec.args)
+    if spec.name == "hf_student" and args.get("location") == "teacher":
+        args.pop("location")
+        if not isinstance(teacher, HFClassifier):
+            raise ModelError(f"{where}.args.location: 'teacher' needs a Hugging Face teacher")
+        try:
+            model = student_from_teacher(teacher, where=where, **args)
+        except TypeError as exc:
+            raise ModelError(f"{where}.args: {exc}") from None
+        return carry(model, teacher.kdistill_tokenizer, str(teacher.kdistill_tokenizer_key))
+    if spec.name not in ("hf", "hf_student"):
+        raise ModelError(
+            f"{where}.name: {spec.name!r} is not a question-answering model; use hf or hf_student"
+        )
+    location = args.pop("location", None)
+    if not location:
+        raise ModelError(f"{where}.args.location is required for {spec.name!r}")
+    source = load_sequence_classifier(
+        location,
+        num_labels=2,
+        reset_head=bool(args.pop("reset_head", False)),
+        attn_implementation=args.pop("attn_implementation", None),
+        head="span",
+        where=f"{where}.args.location",
+    )
+    if spec.name == "hf_student":
+        try:
+            model = student_from_teacher(source, where=where, **args)
+        except TypeError as exc:
+            raise ModelError(f"{where}.args: {exc}") from None
+    else:
+        if args:
+            raise ModelError(
+                f"{where}.args: unknown {', '.join(sorted(args))} for 'hf' "
+                "(allowed: location, reset_head, attn_implementation)"
+            )
+        model = source
+    tokenizer_location = spec.tokenizer or location
+    tokenizer = load_tokenizer(tokenizer_location, where=f"{where}.tokenizer")
+    return carry(model, tokenizer, f"hf:{resolve_model_location(tokenizer_location).target}")
+
+
+def check_pair(teacher: nn.Module, student: nn.Module) -> None:
+    """Refuse a teacher and student with different tokenizers: their windows would hold
+    other tokens, so the teacher's start/end scores would not line up with the student's."""
+    mine = getattr(student, "kdistill_tokenizer_key", None)
+    theirs = getattr(teacher, "kdistill_tokenizer_key", None)
+    if mine != theirs:
+        raise ModelError(
+            f"student.model: the student's tokenizer ({mine}) is not the teacher's ({theirs}); "
+            "question answering distils start/end scores token by token, so both must read "
+            "the same windows. Build the student from the teacher (hf_student with location: "
+            "teacher), or give it the teacher's tokenizer (student.model.tokenizer)"
+        )
+
+
+def _describe(data: QAData) -> str:
+    return (
+        f"data: {len(data.train)} train, {len(data.val)} val, {len(data.test)} test questions "
+        f"(articles {_range(data.articles('train'))} / {_range(data.articles('val'))} / "
+        f"{_range(data.articles('test'))} of {data.source})"
+    )
+
+
+def _range(articles: list[int]) -> str:
+    return f"{articles[0]}-{articles[-1]}" if articles else "none"
+
+
+def _content(data: QAData) -> list[str]:
+    section = data.section
+    settings = f"{section.max_length}/{section.doc_stride}/{section.max_question_length}"
+    return [settings, *(f"{q.id}\x1f{q.question}\x1f{q.context}" for q in data.train)]
+
+
+def _signal(teacher: nn.Module, data: QAData, *, batch_size: int, device: Any):
+    return window_scores(teacher, data, "train", batch_size=batch_size, device=device)
+
+
+def _predict(model: nn.Module, data: QAData, split: str, *, batch_size: int, device: Any):
+    settings = TrainConfig(eval_batch_size=batch_size)
+    return predict_spans(model, data, split, settings=settings, device=device)
+
+
+def _score(data: QAData, split: str, answers: dict[str, str], teacher: Any = None):
+    return squad_scores(data, split, answers, teacher)
+
+
+COST_WINDOWS = 8  # windows of a full max_length are heavy: 8 timed one at a time and at once
+
+
+def _example(data: QAData, model: nn.Module) -> dict[str, torch.Tensor]:
+    split = "test" if data.test else "train"
+    windows = data.windows(model, split)
+    return windows.batch(torch.arange(min(COST_WINDOWS, len(windows.ids))))
+
+
+def _summary(evaluation: dict[str, Any]) -> str:
+    test = evaluation.get("test", {})
+    return (
+        f"test EM {100 * test.get('exact', float('nan')):.2f}, "
+        f"F1 {100 * test.get('f1', float('nan')):.2f}"
+    )
+
+
+TASK = encoder.EncoderTask(
+    name="question_answering",
+    data_section=QADataConfig,
+    load=load_qa,
+    describe=_describe,
+    make_model=make_reader,
+    steps=SpanSteps,
+    signal=_signal,
+    content=_content,
+    predict=_predict,
+    score=_score,
+    example=_example,
+    summary=_summary,
+    write_report=write_report,
+    check_pair=check_pair,
+)
+
+run = partial(encoder.run, TASK)
+evaluate_checkpoint = partial(encoder.evaluate_checkpoint, TASK)
+inspect_recipe = partial(encoder.inspect_recipe, TASK)
+cache_teacher = partial(encoder.cache_teacher, TASK)
+check_recipe = partial(encoder.check_recipe, TASK)

