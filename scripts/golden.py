@@ -93,6 +93,19 @@ _NER_SMALL = [
     "teacher.train.eval_batch_size=64",
     "teacher.train.lr_schedule.warmup_steps=2",
 ]
+_QA_SMALL = [
+    "data.limit_train=48",
+    "data.limit_val=16",
+    "data.limit_test=16",
+    "train.batch_size=16",
+    "train.epochs=1",
+    "train.eval_batch_size=32",
+    "train.lr_schedule.warmup_steps=2",
+    "teacher.train.batch_size=16",
+    "teacher.train.epochs=1",
+    "teacher.train.eval_batch_size=32",
+    "teacher.train.lr_schedule.warmup_steps=2",
+]
 
 # name -> (shipped recipe, overrides)
 CONFIGS: dict[str, tuple[str, list[str]]] = {
@@ -125,6 +138,7 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
         [*_LM_SMALL, "seeds=[0]"],
     ),
     "conll_minilm2_from_minilm": ("conll_minilm2_from_minilm", [*_NER_SMALL, "seeds=[0]"]),
+    "squad_minilm2_from_minilm": ("squad_minilm2_from_minilm", [*_QA_SMALL, "seeds=[0]"]),
     # the same recipe from the top-k cache (sampled tail), the other teacher signal
     "shakespeare_gpt_small_from_gpt_cache": (
         "shakespeare_gpt_small_from_gpt",
