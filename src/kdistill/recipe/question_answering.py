@@ -9,21 +9,12 @@ line up token by token); a student built from the teacher's layers does.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from kdistill.losses.table import is_feature_loss
-from kdistill.recipe.classification import LossTerm, ModelSpec
-from kdistill.recipe.common import (
-    OutputConfig,
-    Precision,
-    RecipeBase,
-    Seeds,
-    Strict,
-    TrainConfig,
-    raise_all,
-)
+from kdistill.recipe.common import Strict, raise_all
+from kdistill.recipe.encoder import EncoderRecipe
 
 QAStage = Literal["teacher", "baseline", "distill"]
 QA_ZOO = ("hf", "hf_student")
@@ -83,95 +74,22 @@ class QADataConfig(Strict):
         return self
 
 
-class QATeacherConfig(Strict):
-    model: ModelSpec
-    checkpoint: str | None = Field(
-        None, description="load these weights instead of training (safetensors or run folder)"
-    )
-    train: TrainConfig | None = Field(
-        None, description="teacher training settings; keys not given inherit from `train`"
-    )
-    precision: Precision | None = None
-    cache: bool = Field(
-        True, description="keep the teacher's start/end scores of the training windows on disk"
-    )
+class QARecipe(EncoderRecipe):
+    ZOO = QA_ZOO
+    KIND = "question-answering"
+    COMPARES = "question answering compares the start and end distributions"
 
-
-class QAStudentConfig(Strict):
-    model: ModelSpec
-
-
-class QARecipe(RecipeBase):
     task: Literal["question_answering"] = Field(
         description="the task (kdistill.tasks.TASKS); this schema's is question_answering"
     )
     data: QADataConfig = Field(default_factory=QADataConfig)
-    teacher: QATeacherConfig | None = None
-    student: QAStudentConfig | None = None
-    objective: list[LossTerm] = Field(
-        default_factory=lambda: [LossTerm(loss="cross_entropy")],
-        description="loss terms of the distill stage, over the start and end distributions",
-    )
-    train: TrainConfig = Field(default_factory=TrainConfig)
     stages: list[QAStage] = Field(default=["teacher", "baseline", "distill"])
-    seeds: Seeds = Field(default_factory=lambda: [0])
-    output: OutputConfig = Field(default_factory=OutputConfig)
 
-    STAGES = "teacher, baseline, distill"
-
-    @field_validator("objective")
-    @classmethod
-    def _span_terms(cls, objective: list[LossTerm]) -> list[LossTerm]:
-        problems = []
-        for i, term in enumerate(objective):
-            if is_feature_loss(term.loss) or term.loss == "crd" or term.student is not None:
-                problems.append(
-                    f"objective[{i}]: loss {term.loss!r} reads features; question answering "
-                    "compares the start and end distributions, so use logit terms "
-                    "(cross_entropy, kd, kl, jsd, ...)"
-                )
-        raise_all(problems)
-        return objective
-
-    @property
-    def student_from_teacher(self) -> bool:
-        if self.student is None:
-            return False
-        model = self.student.model
-        return model.name == "hf_student" and model.args.get("location") == "teacher"
-
-    @model_validator(mode="after")
-    def _check(self) -> QARecipe:
-        problems: list[str] = []
-        if {"teacher", "distill"} & set(self.stages) and self.teacher is None:
-            problems.append("stages 'teacher' and 'distill' need a 'teacher' section")
-        if {"baseline", "distill"} & set(self.stages) and self.student is None:
-            problems.append("stages 'baseline' and 'distill' need a 'student' section")
-        trained = self.teacher is not None and (
-            "teacher" in self.stages or self.teacher.checkpoint is not None
-        )
-        if ("distill" in self.stages or self.student_from_teacher) and not trained:
-            problems.append(
-                "the distill stage (and a student with location: teacher) needs a trained "
-                "teacher: add 'teacher' to stages or set teacher.checkpoint"
-            )
-        for role in ("teacher", "student"):
-            section: Any = getattr(self, role)
-            if section is not None and section.model.name not in QA_ZOO:
-                problems.append(
-                    f"{role}.model.name: {section.model.name!r} is not a question-answering "
-                    f"model; use one of {', '.join(QA_ZOO)} (a Hugging Face encoder with a "
-                    "span head)"
-                )
+    def task_problems(self) -> list[str]:
         if self.data.doc_stride >= self.data.max_length:
-            problems.append(
-                f"data.doc_stride ({self.data.doc_stride}) must be smaller than data.max_length "
-                f"({self.data.max_length}): windows overlap by the stride, so a stride of a "
-                "whole window never moves forward"
-            )
-        raise_all(problems)
-        return self
-
-    def teacher_train(self) -> TrainConfig:
-        assert self.teacher is not None
-        return self.teacher.train or self.train
+            return [
+                f"data.doc_stride ({self.data.doc_stride}) must be smaller than "
+                f"data.max_length ({self.data.max_length}): windows overlap by the stride, "
+                "so a stride of a whole window never moves forward"
+            ]
+        return []

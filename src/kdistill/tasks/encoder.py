@@ -30,10 +30,18 @@ from torch import nn
 
 from kdistill import __version__
 from kdistill.checkpoint import atomic_write_json, file_sha256, load_weights
-from kdistill.errors import CacheError, CheckpointError, KdistillError, RecipeError
+from kdistill.errors import CacheError, CheckpointError, KdistillError, ModelError, RecipeError
 from kdistill.evaluate import cost
 from kdistill.losses.objective import Objective, reads_teacher
-from kdistill.models.hf import HFClassifier, save_hf, weights_follow
+from kdistill.models.hf import (
+    HFClassifier,
+    load_sequence_classifier,
+    load_tokenizer,
+    resolve_model_location,
+    save_hf,
+    student_from_teacher,
+    weights_follow,
+)
 from kdistill.recipe import LossTerm, ModelSpec
 from kdistill.stages import (
     RunContext,
@@ -81,6 +89,76 @@ class EncoderTask:
     extra: Callable[[Any, nn.Module], dict[str, Any]] = lambda data, model: {}  # for eval.json
     save_extra: Callable[[nn.Module, Path], None] = lambda model, folder: None
     load_saved: Callable[[Any, Path, Any], nn.Module] | None = None  # non-HF models
+
+
+def carry(model: nn.Module, tokenizer: Any, key: str) -> nn.Module:
+    """The model with the tokenizer that makes its inputs, and the key its tokenizations
+    are kept under (two models with one key share them)."""
+    setattr(model, "kdistill_tokenizer", tokenizer)  # noqa: B010
+    setattr(model, "kdistill_tokenizer_key", key)  # noqa: B010
+    return model
+
+
+def hf_encoder(
+    spec: ModelSpec,
+    *,
+    head: str,
+    num_labels: int,
+    where: str,
+    teacher: nn.Module | None = None,
+    labels: list[str] | None = None,
+    check: Callable[[HFClassifier, bool], None] = lambda source, reset: None,
+) -> nn.Module:
+    """`hf` (a pretrained encoder with a `head`: "token" or "span") or `hf_student` (a
+    smaller one built from a pretrained encoder's layers, or from the recipe's trained
+    teacher with `location: teacher`), with its tokenizer. `labels` name the head's
+    outputs; `check(source, reset_head)` may refuse a loaded checkpoint."""
+    args: dict[str, Any] = dict(spec.args)
+    if spec.name == "hf_student" and args.get("location") == "teacher":
+        args.pop("location")
+        if not isinstance(teacher, HFClassifier):
+            raise ModelError(
+                f"{where}.args.location: 'teacher' copies layers of a Hugging Face teacher, "
+                f"and the teacher is {type(teacher).__name__}"
+            )
+        try:
+            model: nn.Module = student_from_teacher(teacher, where=where, **args)
+        except TypeError as exc:
+            raise ModelError(f"{where}.args: {exc}") from None
+        return carry(model, teacher.kdistill_tokenizer, str(teacher.kdistill_tokenizer_key))
+    location = args.pop("location", None)
+    if not location:
+        raise ModelError(f"{where}.args.location is required for {spec.name!r}")
+    reset = bool(args.pop("reset_head", False))
+    source = load_sequence_classifier(
+        location,
+        num_labels=num_labels,
+        reset_head=reset,
+        attn_implementation=args.pop("attn_implementation", None),
+        head=head,
+        where=f"{where}.args.location",
+    )
+    check(source, reset)
+    if labels is not None:
+        source.hf.config.id2label = dict(enumerate(labels))
+        source.hf.config.label2id = {name: i for i, name in enumerate(labels)}
+    model = source
+    if spec.name == "hf_student":
+        try:
+            model = student_from_teacher(source, where=where, **args)
+        except TypeError as exc:
+            raise ModelError(f"{where}.args: {exc}") from None
+    elif args:
+        raise ModelError(
+            f"{where}.args: unknown {', '.join(sorted(args))} for 'hf' "
+            "(allowed: location, reset_head, attn_implementation)"
+        )
+    tokenizer_location = spec.tokenizer or location
+    return carry(
+        model,
+        load_tokenizer(tokenizer_location, where=f"{where}.tokenizer"),
+        f"hf:{resolve_model_location(tokenizer_location).target}",
+    )
 
 
 @dataclass

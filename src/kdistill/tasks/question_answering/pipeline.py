@@ -20,13 +20,6 @@ import torch
 from torch import nn
 
 from kdistill.errors import ModelError
-from kdistill.models.hf import (
-    HFClassifier,
-    load_sequence_classifier,
-    load_tokenizer,
-    resolve_model_location,
-    student_from_teacher,
-)
 from kdistill.recipe import ModelSpec, TrainConfig
 from kdistill.recipe.question_answering import QADataConfig
 from kdistill.tasks import encoder
@@ -38,53 +31,17 @@ from kdistill.tasks.question_answering.steps import (
     squad_scores,
     window_scores,
 )
-from kdistill.tasks.token_classification.models import carry
 
 
 def make_reader(
     data: QAData, spec: ModelSpec, *, where: str, teacher: nn.Module | None = None
 ) -> nn.Module:
     """The model `spec` names, with a span head (start and end score per token)."""
-    args: dict[str, Any] = dict(spec.args)
-    if spec.name == "hf_student" and args.get("location") == "teacher":
-        args.pop("location")
-        if not isinstance(teacher, HFClassifier):
-            raise ModelError(f"{where}.args.location: 'teacher' needs a Hugging Face teacher")
-        try:
-            model = student_from_teacher(teacher, where=where, **args)
-        except TypeError as exc:
-            raise ModelError(f"{where}.args: {exc}") from None
-        return carry(model, teacher.kdistill_tokenizer, str(teacher.kdistill_tokenizer_key))
     if spec.name not in ("hf", "hf_student"):
         raise ModelError(
             f"{where}.name: {spec.name!r} is not a question-answering model; use hf or hf_student"
         )
-    location = args.pop("location", None)
-    if not location:
-        raise ModelError(f"{where}.args.location is required for {spec.name!r}")
-    source = load_sequence_classifier(
-        location,
-        num_labels=2,
-        reset_head=bool(args.pop("reset_head", False)),
-        attn_implementation=args.pop("attn_implementation", None),
-        head="span",
-        where=f"{where}.args.location",
-    )
-    if spec.name == "hf_student":
-        try:
-            model = student_from_teacher(source, where=where, **args)
-        except TypeError as exc:
-            raise ModelError(f"{where}.args: {exc}") from None
-    else:
-        if args:
-            raise ModelError(
-                f"{where}.args: unknown {', '.join(sorted(args))} for 'hf' "
-                "(allowed: location, reset_head, attn_implementation)"
-            )
-        model = source
-    tokenizer_location = spec.tokenizer or location
-    tokenizer = load_tokenizer(tokenizer_location, where=f"{where}.tokenizer")
-    return carry(model, tokenizer, f"hf:{resolve_model_location(tokenizer_location).target}")
+    return encoder.hf_encoder(spec, head="span", num_labels=2, where=where, teacher=teacher)
 
 
 def check_pair(teacher: nn.Module, student: nn.Module) -> None:

@@ -20,14 +20,9 @@ import torch
 from torch import nn
 
 from kdistill.errors import ModelError
-from kdistill.models.hf import (
-    HFClassifier,
-    load_sequence_classifier,
-    load_tokenizer,
-    resolve_model_location,
-    student_from_teacher,
-)
+from kdistill.models.hf import HFClassifier
 from kdistill.recipe import ModelSpec
+from kdistill.tasks.encoder import carry, hf_encoder
 from kdistill.tasks.token_classification.data import TaggedSentences, WordVocab
 
 
@@ -85,53 +80,15 @@ def make_tagger(
 ) -> nn.Module:
     """The model `spec` names, with a head of the data's labels."""
     args: dict[str, Any] = dict(spec.args)
-    id2label = dict(enumerate(data.label_names))
-    model: nn.Module
-    if spec.name == "hf_student" and args.get("location") == "teacher":
-        args.pop("location")
-        if not isinstance(teacher, HFClassifier):
-            raise ModelError(
-                f"{where}.args.location: 'teacher' copies layers of a Hugging Face teacher, "
-                f"and the teacher is {type(teacher).__name__}"
-            )
-        try:
-            model = student_from_teacher(teacher, where=where, **args)
-        except TypeError as exc:
-            raise ModelError(f"{where}.args: {exc}") from None
-        return carry(model, teacher.kdistill_tokenizer, str(teacher.kdistill_tokenizer_key))
     if spec.name in ("hf", "hf_student"):
-        location = args.pop("location", None)
-        if not location:
-            raise ModelError(f"{where}.args.location is required for {spec.name!r}")
-        reset = bool(args.pop("reset_head", False))
-        source = load_sequence_classifier(
-            location,
-            num_labels=data.num_labels,
-            reset_head=reset,
-            attn_implementation=args.pop("attn_implementation", None),
+        return hf_encoder(
+            spec,
             head="token",
-            where=f"{where}.args.location",
-        )
-        _check_labels(source, data, where, trained_head=not reset)
-        source.hf.config.id2label = id2label
-        source.hf.config.label2id = {name: i for i, name in id2label.items()}
-        if spec.name == "hf_student":
-            try:
-                model = student_from_teacher(source, where=where, **args)
-            except TypeError as exc:
-                raise ModelError(f"{where}.args: {exc}") from None
-        else:
-            if args:
-                raise ModelError(
-                    f"{where}.args: unknown {', '.join(sorted(args))} for 'hf' "
-                    "(allowed: location, reset_head, attn_implementation)"
-                )
-            model = source
-        tokenizer_location = spec.tokenizer or location
-        return carry(
-            model,
-            load_tokenizer(tokenizer_location, where=f"{where}.tokenizer"),
-            f"hf:{resolve_model_location(tokenizer_location).target}",
+            num_labels=data.num_labels,
+            where=where,
+            teacher=teacher,
+            labels=data.label_names,
+            check=lambda source, reset: _check_labels(source, data, where, trained_head=not reset),
         )
     if spec.name == "bilstm":
         if spec.tokenizer not in (None, "vocab"):
@@ -154,14 +111,6 @@ def make_tagger(
         f"{where}.name: {spec.name!r} is not a token-classification model; use hf, "
         "hf_student or bilstm"
     )
-
-
-def carry(model: nn.Module, tokenizer: Any, key: str) -> nn.Module:
-    """The model with the tokenizer that makes its inputs, and the key its tokenizations
-    are kept under (two models with one key share them)."""
-    setattr(model, "kdistill_tokenizer", tokenizer)  # noqa: B010
-    setattr(model, "kdistill_tokenizer_key", key)  # noqa: B010
-    return model
 
 
 def _check_labels(model: HFClassifier, data: TaggedSentences, where: str, *, trained_head: bool):

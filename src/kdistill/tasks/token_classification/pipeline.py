@@ -19,7 +19,7 @@ from kdistill.recipe import ModelSpec
 from kdistill.recipe.token_classification import TaggingDataConfig
 from kdistill.tasks import encoder
 from kdistill.tasks.token_classification.data import TaggedSentences, WordVocab, load_tagging
-from kdistill.tasks.token_classification.models import BiLSTMTagger, carry, make_tagger
+from kdistill.tasks.token_classification.models import BiLSTMTagger, make_tagger
 from kdistill.tasks.token_classification.report import write_report
 from kdistill.tasks.token_classification.steps import (
     TaggerSteps,
@@ -75,7 +75,7 @@ def _load_saved(data: TaggedSentences, folder: Path, spec: ModelSpec) -> nn.Modu
     """A BiLSTM tagger with the words it was trained with (vocab.txt)."""
     vocab = WordVocab((folder / "vocab.txt").read_text(encoding="utf-8").splitlines())
     args = {k: v for k, v in spec.args.items() if k not in ("vocab_min_freq", "vocab_size")}
-    model = carry(BiLSTMTagger(len(vocab), data.num_labels, **args), vocab, vocab.key)
+    model = encoder.carry(BiLSTMTagger(len(vocab), data.num_labels, **args), vocab, vocab.key)
     setattr(model, "label_names", list(data.label_names))  # noqa: B010
     return model
 
