@@ -106,6 +106,12 @@ def test_recipes_refuse_overlapping_articles_and_a_stride_of_a_whole_window() ->
         RecipeError, match=r"data\.doc_stride \(300\) must be smaller than data\.max_length \(256\)"
     ):
         validate_recipe(base | {"data": {"doc_stride": 300}})
+    with pytest.raises(
+        RecipeError, match=r"the longest question: max_length 128 - max_question_length 64 - 3"
+    ):
+        validate_recipe(
+            base | {"data": {"max_length": 128, "max_question_length": 64, "doc_stride": 96}}
+        )
     with pytest.raises(RecipeError, match="not a question-answering model"):
         validate_recipe(base | {"student": {"model": {"name": "bilstm"}}})
 
@@ -168,6 +174,8 @@ def test_the_official_normalisation_and_f1() -> None:
     )
     assert scores["exact"] == 0.5 and scores["f1"] == 0.5
     assert scores["agreement"] == 0.5  # "a nurse" and "nurse" normalise alike
+    # a question without an answer (no valid span in any window) scores 0
+    assert squad_scores(data, "test", {"b": "doctor"})["exact"] == 0.5
 
 
 # ------------------------------------------------------------------- loss

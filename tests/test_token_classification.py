@@ -114,7 +114,7 @@ def test_a_test_tag_missing_from_training_is_refused(tmp_path: Path) -> None:
     write_conll(tmp_path / "valid.txt", [[("Anna", "B-PER")]])
     write_conll(tmp_path / "test.txt", [[("Riga", "B-LOC")]])
     recipe = validate_recipe(_recipe(tmp_path, stages=["teacher"]))
-    with pytest.raises(DataError, match="tags B-LOC never occur in the training file"):
+    with pytest.raises(DataError, match="tags B-LOC never occur in the training sentences"):
         load_tagging(recipe.data, None)
 
 

@@ -86,10 +86,19 @@ class QARecipe(EncoderRecipe):
     stages: list[QAStage] = Field(default=["teacher", "baseline", "distill"])
 
     def task_problems(self) -> list[str]:
-        if self.data.doc_stride >= self.data.max_length:
+        data = self.data
+        if data.doc_stride >= data.max_length:
             return [
-                f"data.doc_stride ({self.data.doc_stride}) must be smaller than "
-                f"data.max_length ({self.data.max_length}): windows overlap by the stride, "
+                f"data.doc_stride ({data.doc_stride}) must be smaller than "
+                f"data.max_length ({data.max_length}): windows overlap by the stride, "
                 "so a stride of a whole window never moves forward"
+            ]
+        room = data.max_length - data.max_question_length - 3  # [CLS] q [SEP] p [SEP]
+        if data.doc_stride >= room:
+            return [
+                f"data.doc_stride ({data.doc_stride}) must be smaller than the paragraph's "
+                f"part of a window with the longest question: max_length {data.max_length} "
+                f"- max_question_length {data.max_question_length} - 3 special tokens = "
+                f"{room}; lower doc_stride or max_question_length, or raise max_length"
             ]
         return []

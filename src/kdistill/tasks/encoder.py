@@ -243,6 +243,7 @@ def _teacher_stage(ctx: Context, stage: str, seed: int, guide: None) -> Guide:
             settings=recipe.teacher_train(), guide=None,
         )  # fmt: skip
         weights = folder / "model.safetensors"
+    model.to(ctx.accelerator.device)  # loaded weights stay on the CPU otherwise
     ctx.teachers[seed] = model
     return Guide(model, seed, weights)
 
@@ -323,7 +324,9 @@ def _teacher_signal(ctx: Context, guide: Guide) -> list[torch.Tensor]:
     recipe, task = ctx.recipe, ctx.task
     folder = ctx.run_dir / "cache" / f"teacher-seed{guide.seed}"
     device = ctx.accelerator.device
-    key = cache_key(task, ctx.data, file_sha256(guide.weights))
+    tokenizer = str(getattr(guide.model, "kdistill_tokenizer_key", ""))
+    precision = recipe.teacher.precision or "fp32"
+    key = cache_key(task, ctx.data, f"{file_sha256(guide.weights)}/{tokenizer}/{precision}")
     if recipe.teacher.cache and (folder / "manifest.json").is_file():
         rows = read_signal(folder, key)
         ctx.console.log(
@@ -333,7 +336,6 @@ def _teacher_signal(ctx: Context, guide: Guide) -> list[torch.Tensor]:
         return rows
     start = time.perf_counter()
     teacher = copy.deepcopy(guide.model).to(device)
-    precision = recipe.teacher.precision
     if precision in ("bf16", "fp16"):
         teacher = teacher.to(torch.bfloat16 if precision == "bf16" else torch.float16)
     rows = task.signal(teacher, ctx.data, batch_size=recipe.train.eval_batch_size, device=device)
@@ -349,6 +351,9 @@ def write_signal(folder: Path, rows: list[torch.Tensor], key: str, *, seconds: f
     """The rows (each (n_i, ...)) as one safetensors file with their lengths, and a
     manifest naming the key they were computed for."""
     folder.mkdir(parents=True, exist_ok=True)
+    # the manifest goes first and comes back last: an interrupted write leaves no
+    # manifest, so no old key can vouch for a new or partial file
+    (folder / "manifest.json").unlink(missing_ok=True)
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.int64)
     save_file(
         {"signal": torch.cat(rows).contiguous(), "lengths": lengths},
@@ -388,6 +393,7 @@ def _measure_stage(
 ) -> None:
     data, task, device = ctx.data, ctx.task, ctx.accelerator.device
     batch = ctx.recipe.train.eval_batch_size
+    model.to(device)  # a teacher loaded from its checkpoint is measured where it runs
     reference = None
     if guide is not None:
         if guide.seed not in ctx.teacher_test:
@@ -545,10 +551,14 @@ def cache_teacher(
         model = task.make_model(data, teacher.model, where="teacher.model")
     load_weights(model, weights)
     folder = run_dir / "cache" / f"teacher-seed{seed}"
-    key = cache_key(task, data, file_sha256(weights))
+    tokenizer = str(getattr(model, "kdistill_tokenizer_key", ""))
+    precision = teacher.precision or "fp32"
+    key = cache_key(task, data, f"{file_sha256(weights)}/{tokenizer}/{precision}")
     if (folder / "manifest.json").is_file() and not overwrite:
         return {"folder": str(folder), "reused": True, "rows": len(read_signal(folder, key))}
     start = time.perf_counter()
+    if precision in ("bf16", "fp16"):  # as the distill stage would compute it
+        model = model.to(torch.bfloat16 if precision == "bf16" else torch.float16)
     rows = task.signal(model, data, batch_size=256, device="cpu")
     write_signal(folder, rows, key, seconds=time.perf_counter() - start)
     return {"folder": str(folder), "reused": False, "rows": len(rows)}

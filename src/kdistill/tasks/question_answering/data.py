@@ -40,7 +40,7 @@ class Windows:
     """A split's windows for one tokenizer."""
 
     ids: list[torch.Tensor]  # (T_i,) token ids
-    type_ids: list[torch.Tensor]  # (T_i,) 0 question, 1 paragraph
+    type_ids: list[torch.Tensor] | None  # (T_i,) the tokenizer's; None: the model takes none
     offsets: list[list[tuple[int, int] | None]]  # per token: its paragraph characters, or None
     question: torch.Tensor  # (N,) the question of each window
     start: torch.Tensor  # (N,) target start token (0: the answer is not in the window)
@@ -59,8 +59,13 @@ class Windows:
         mask = torch.zeros((len(rows_list), width), dtype=torch.int64)
         for i, r in enumerate(rows_list):
             n = len(self.ids[r])
-            ids[i, :n], types[i, :n], mask[i, :n] = self.ids[r], self.type_ids[r], 1
-        return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
+            ids[i, :n], mask[i, :n] = self.ids[r], 1
+            if self.type_ids is not None:
+                types[i, :n] = self.type_ids[r]
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if self.type_ids is not None:
+            batch["token_type_ids"] = types
+        return batch
 
 
 @dataclass
@@ -189,7 +194,7 @@ def make_windows(tokenizer: Any, questions: list[Question], section: QADataConfi
             stride=section.doc_stride,
             return_overflowing_tokens=True,
             return_offsets_mapping=True,
-            return_token_type_ids=True,
+            return_token_type_ids="token_type_ids" in tokenizer.model_input_names,
         )
         for w in range(len(out["input_ids"])):
             q = chunk[out["overflow_to_sample_mapping"][w]]
@@ -205,24 +210,22 @@ def make_windows(tokenizer: Any, questions: list[Question], section: QADataConfi
                 start = next(t for t in inside if spans[t][1] > first_char)  # type: ignore[index]
                 end = next(t for t in reversed(inside) if spans[t][0] < last_char)  # type: ignore[index]
             ids.append(torch.tensor(out["input_ids"][w], dtype=torch.int64))
-            types.append(torch.tensor(sequence_types(sequence), dtype=torch.int64))
+            if "token_type_ids" in out:
+                types.append(torch.tensor(out["token_type_ids"][w], dtype=torch.int64))
             offsets.append(spans)
             owner.append(begin + out["overflow_to_sample_mapping"][w])
             starts.append(start)
             ends.append(end)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return Windows(
-        ids, types, offsets, torch.tensor(owner), torch.tensor(starts), torch.tensor(ends), pad
+        ids,
+        types if len(types) == len(ids) else None,
+        offsets,
+        torch.tensor(owner),
+        torch.tensor(starts),
+        torch.tensor(ends),
+        pad,
     )
-
-
-def sequence_types(sequence: list[int | None]) -> list[int]:
-    """Token type ids: 1 from the paragraph's first token on (its [SEP] included)."""
-    types, seen = [], False
-    for s in sequence:
-        seen = seen or s == 1
-        types.append(1 if seen else 0)
-    return types
 
 
 def _cut(tokenizer: Any, question: str, limit: int) -> str:

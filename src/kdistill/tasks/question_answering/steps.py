@@ -201,7 +201,9 @@ def decode(
                     first, last = spans[s], spans[e]
                     assert first is not None and last is not None
                     best[q] = (value, questions[q].context[first[0] : last[1]])
-    return {question.id: best.get(i, (0.0, ""))[1] for i, question in enumerate(questions)}
+    # a question no window has a valid span for gets no answer (scored 0, as the
+    # official script scores a missing prediction)
+    return {question.id: best[i][1] for i, question in enumerate(questions) if i in best}
 
 
 # ------------------------------------------------------- the official SQuAD v1.1 metric
@@ -235,7 +237,9 @@ def squad_scores(
     questions = data.split(split)
     exact = f1 = 0.0
     for q in questions:
-        predicted = answers.get(q.id, "")
+        if q.id not in answers:
+            continue
+        predicted = answers[q.id]
         exact += max(float(normalize_answer(predicted) == normalize_answer(a)) for a in q.answers)
         f1 += max(answer_f1(predicted, a) for a in q.answers)
     n = max(len(questions), 1)

@@ -286,8 +286,9 @@ def load_tagging(section: TaggingDataConfig, data_dir: str | Path | None) -> Tag
             raise DataError(
                 f"CoNLL-2003 not found: {Path(where) / section.files.train} does not exist. "
                 "Its text is licensed for research use and cannot be downloaded here: put "
-                "train.txt, valid.txt and test.txt (eng.train, eng.testa, eng.testb) in "
-                "<data folder>/conll2003 (the data folder is --data-dir, else $KDISTILL_DATA)"
+                "train.txt, valid.txt and test.txt (eng.train, eng.testa, eng.testb with IOB2 "
+                "tags; the original files are IOB1: convert them first) in <data "
+                "folder>/conll2003 (the data folder is --data-dir, else $KDISTILL_DATA)"
             )
     else:
         if root is None:
@@ -320,8 +321,9 @@ def load_tagging(section: TaggingDataConfig, data_dir: str | Path | None) -> Tag
         if unseen:
             raise DataError(
                 f"{splits[name].source}: tags {', '.join(unseen)} never occur in the training "
-                f"file {splits['train'].source}, so no model can learn them; the training "
-                f"tags are {', '.join(names)}"
+                f"sentences ({splits['train'].source}"
+                + (f", the first {section.limit_train}" if section.limit_train else "")
+                + f"), so no model can learn them; the training tags are {', '.join(names)}"
             )
     return TaggedSentences(
         splits["train"], splits["val"], splits["test"], names, section.max_length
