@@ -38,7 +38,7 @@ class Task:
     print_table: str  # (results, console) -> None
     eval_summary: str  # (the measurements of `evaluate`) -> one line for the terminal
     check: str  # (recipe, data_dir) -> problems `validate` finds beyond the schema
-    export: str | None  # (weights, output=, overwrite=, int8=, threads=, data_dir=) -> export.json
+    export: str  # (weights, output=, overwrite=, int8=, threads=, data_dir=) -> export.json
     export_summary: str  # (what export returned) -> one line for the terminal
     # (recipe, data_dir, device, steps) -> (stage specs, data bytes, data text, notes) of
     # `kdistill plan`; None: no estimate for this task yet (plan says so)
@@ -100,8 +100,8 @@ TASKS: dict[str, Task] = {
         print_table="kdistill.tasks.token_classification.report:print_table",
         eval_summary="kdistill.tasks.token_classification.report:eval_summary",
         check="kdistill.tasks.token_classification.pipeline:check_recipe",
-        export="kdistill.tasks.token_classification.export:export_tagger",
-        export_summary="kdistill.tasks.token_classification.export:export_summary",
+        export="kdistill.tasks.token_classification.pipeline:export_tagger",
+        export_summary="kdistill.tasks.encoder_export:export_summary",
     ),
     "question_answering": Task(
         "question_answering",
@@ -115,8 +115,8 @@ TASKS: dict[str, Task] = {
         print_table="kdistill.tasks.question_answering.report:print_table",
         eval_summary="kdistill.tasks.question_answering.report:eval_summary",
         check="kdistill.tasks.question_answering.pipeline:check_recipe",
-        export=None,
-        export_summary="kdistill.tasks.question_answering.report:eval_summary",
+        export="kdistill.tasks.question_answering.pipeline:export_reader",
+        export_summary="kdistill.tasks.encoder_export:export_summary",
     ),
 }
 

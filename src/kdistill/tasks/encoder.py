@@ -80,7 +80,13 @@ class EncoderTask:
     content: Callable[[Any], Iterable[str]]  # the training rows the signal depends on
     predict: Callable[..., Any]  # (model, data, split, *, batch_size, device) -> outputs
     score: Callable[..., dict[str, Any]]  # (data, split, outputs, teacher outputs | None)
-    example: Callable[[Any, nn.Module], dict[str, torch.Tensor]]  # first test inputs
+    # (data, model, split, rows) -> the model's input tensors of those rows, by name
+    inputs: Callable[[Any, nn.Module, str, torch.Tensor], dict[str, torch.Tensor]]
+    lengths: Callable[[Any, nn.Module, str], torch.Tensor]  # tokens of each row of a split
+    # (data, model, split, per-row outputs (T_i, C) of the model) -> predict's outputs
+    from_raw: Callable[[Any, nn.Module, str, list[torch.Tensor]], Any]
+    agreement: str  # what export's parity compares: "word label", "answer"
+    reading: str  # how the per-token outputs are read, for the export's model card
     summary: Callable[[dict[str, Any]], str]  # a stage's eval.json -> its log line
     write_report: Callable[[Path], dict[str, Any]]
     metric: str = "f1"  # the validation score in metrics.jsonl is val_<metric>
@@ -89,6 +95,15 @@ class EncoderTask:
     extra: Callable[[Any, nn.Module], dict[str, Any]] = lambda data, model: {}  # for eval.json
     save_extra: Callable[[nn.Module, Path], None] = lambda model, folder: None
     load_saved: Callable[[Any, Path, Any], nn.Module] | None = None  # non-HF models
+    latency_rows: int | None = None  # inputs timed one at a time (default SINGLE_SAMPLES)
+
+
+def example(task: EncoderTask, data: Any, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The first test inputs (training ones when there is no test split), as one batch:
+    what cost and inspect run the model on."""
+    split = "test" if len(data.split("test")) else "train"
+    count = min(task.latency_rows or SINGLE_SAMPLES, len(task.lengths(data, model, split)))
+    return task.inputs(data, model, split, torch.arange(count))
 
 
 def carry(model: nn.Module, tokenizer: Any, key: str) -> nn.Module:
@@ -424,8 +439,8 @@ def _measure_stage(
 def encoder_cost(task: EncoderTask, data: Any, model: nn.Module, device: Any) -> dict[str, Any]:
     """evaluate.cost on the task's first test inputs (padded to one batch, and one at a
     time for the latency per input)."""
-    example = {k: v.to(device) for k, v in task.example(data, model).items()}
-    return cost(model, device=device, example_input=example, single=SINGLE_SAMPLES)
+    batch = {k: v.to(device) for k, v in example(task, data, model).items()}
+    return cost(model, device=device, example_input=batch, single=SINGLE_SAMPLES)
 
 
 def save_model(task: EncoderTask, model: nn.Module, folder: Path, spec: ModelSpec, recipe: Any):
@@ -525,7 +540,7 @@ def inspect_recipe(
             teacher = task.make_model(data, recipe.teacher.model, where="teacher.model")
     model = task.make_model(data, spec, where=f"{role}.model", teacher=teacher).eval()
     header = f"{spec.name}: {task.name}, a batch of the first test inputs"
-    return header + "\n" + module_tree(model, task.example(data, model), max_depth=depth)
+    return header + "\n" + module_tree(model, example(task, data, model), max_depth=depth)
 
 
 def cache_teacher(

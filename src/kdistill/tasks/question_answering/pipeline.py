@@ -23,10 +23,12 @@ from kdistill.errors import ModelError
 from kdistill.recipe import ModelSpec, TrainConfig
 from kdistill.recipe.question_answering import QADataConfig
 from kdistill.tasks import encoder
+from kdistill.tasks.encoder_export import export_encoder
 from kdistill.tasks.question_answering.data import QAData, load_qa
 from kdistill.tasks.question_answering.report import write_report
 from kdistill.tasks.question_answering.steps import (
     SpanSteps,
+    decode,
     predict_spans,
     squad_scores,
     window_scores,
@@ -89,13 +91,16 @@ def _score(data: QAData, split: str, answers: dict[str, str], teacher: Any = Non
     return squad_scores(data, split, answers, teacher)
 
 
-COST_WINDOWS = 8  # windows of a full max_length are heavy: 8 timed one at a time and at once
+def _inputs(data: QAData, model: nn.Module, split: str, rows: torch.Tensor):
+    return data.windows(model, split).batch(rows)
 
 
-def _example(data: QAData, model: nn.Module) -> dict[str, torch.Tensor]:
-    split = "test" if data.test else "train"
-    windows = data.windows(model, split)
-    return windows.batch(torch.arange(min(COST_WINDOWS, len(windows.ids))))
+def _lengths(data: QAData, model: nn.Module, split: str) -> torch.Tensor:
+    return data.windows(model, split).lengths
+
+
+def _from_raw(data: QAData, model: nn.Module, split: str, raw: list[torch.Tensor]):
+    return decode(data, split, data.windows(model, split), raw)
 
 
 def _summary(evaluation: dict[str, Any]) -> str:
@@ -117,7 +122,13 @@ TASK = encoder.EncoderTask(
     content=_content,
     predict=_predict,
     score=_score,
-    example=_example,
+    inputs=_inputs,
+    lengths=_lengths,
+    from_raw=_from_raw,
+    agreement="answer",
+    reading="start and end scores per token; the answer is the paragraph span with the "
+    "best start + end score",
+    latency_rows=8,  # windows of a full max_length are heavy: 8 timed alone and at once
     summary=_summary,
     write_report=write_report,
     check_pair=check_pair,
@@ -128,3 +139,4 @@ evaluate_checkpoint = partial(encoder.evaluate_checkpoint, TASK)
 inspect_recipe = partial(encoder.inspect_recipe, TASK)
 cache_teacher = partial(encoder.cache_teacher, TASK)
 check_recipe = partial(encoder.check_recipe, TASK)
+export_reader = partial(export_encoder, TASK)

@@ -18,6 +18,7 @@ from torch import nn
 from kdistill.recipe import ModelSpec
 from kdistill.recipe.token_classification import TaggingDataConfig
 from kdistill.tasks import encoder
+from kdistill.tasks.encoder_export import export_encoder
 from kdistill.tasks.token_classification.data import TaggedSentences, WordVocab, load_tagging
 from kdistill.tasks.token_classification.models import BiLSTMTagger, make_tagger
 from kdistill.tasks.token_classification.report import write_report
@@ -50,11 +51,28 @@ def _predict(model: nn.Module, data: TaggedSentences, split: str, *, batch_size:
     return predict_words(model, data, split, batch_size=batch_size, device=device)
 
 
-def _example(data: TaggedSentences, model: nn.Module) -> dict[str, torch.Tensor]:
-    split = "test" if len(data.test) else "train"
-    rows = torch.arange(min(encoder.SINGLE_SAMPLES, len(data.split(split))))
+def _inputs(data: TaggedSentences, model: nn.Module, split: str, rows: torch.Tensor):
     batch = data.batch(model, split, rows)
     return {k: v for k, v in batch.items() if k != "first"}
+
+
+def _lengths(data: TaggedSentences, model: nn.Module, split: str) -> torch.Tensor:
+    return data.encode(model, split).lengths
+
+
+def _from_raw(
+    data: TaggedSentences, model: nn.Module, split: str, raw: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Each sentence's word logits from its per-token logits, as predict_words reads
+    them (a word without a first token predicts label 0, O)."""
+    out = []
+    for first, tokens in zip(data.encode(model, split).first, raw, strict=True):
+        words = tokens[first.clamp(min=0)].clone()
+        absent = first < 0
+        words[absent] = 0.0
+        words[absent, 0] = 1.0
+        out.append(words)
+    return out
 
 
 def _summary(evaluation: dict[str, Any]) -> str:
@@ -104,7 +122,11 @@ TASK = encoder.EncoderTask(
     content=_content,
     predict=_predict,
     score=entity_scores,
-    example=_example,
+    inputs=_inputs,
+    lengths=_lengths,
+    from_raw=_from_raw,
+    agreement="word label",
+    reading="a word's label is read at its first token",
     summary=_summary,
     write_report=write_report,
     requires=require_seqeval,
@@ -125,3 +147,4 @@ evaluate_checkpoint = partial(encoder.evaluate_checkpoint, TASK)
 inspect_recipe = partial(encoder.inspect_recipe, TASK)
 cache_teacher = partial(encoder.cache_teacher, TASK)
 check_recipe = partial(encoder.check_recipe, TASK)
+export_tagger = partial(export_encoder, TASK)
