@@ -350,3 +350,19 @@ def metric_gap_line(results: dict[str, Any], metric: str) -> str:
         f"Gap recovered by distillation: {gap * 100:.1f} % = (distill {metric} − baseline "
         f"{metric}) / (teacher {metric} − baseline {metric}), from mean test {metric}."
     )
+
+
+def write_metric_report(
+    run_dir: str | Path,
+    metric: str,
+    render: Callable[[dict[str, Any]], str],
+    extra: Callable[[dict[str, Any]], dict[str, Any]] = lambda results: {},
+) -> dict[str, Any]:
+    """results.json and results.md of a task whose gap is measured on `metric`:
+    collect()'s aggregates plus `extra(results)`, rendered by `render`; returns them
+    with `report` (the files written)."""
+    run_dir = Path(run_dir)
+    results = collect(run_dir, metric=metric)
+    results.update(extra(results))
+    files = write_results(run_dir, results, render(results))
+    return {**results, "report": {"files": files, "notes": []}}

@@ -11,7 +11,6 @@ from rich.console import Console
 
 from kdistill.report import (
     best_metric_rows,
-    collect,
     format_duration,
     format_si,
     format_value,
@@ -19,7 +18,7 @@ from kdistill.report import (
     mean_pm,
     metric_gap_line,
     show_table,
-    write_results,
+    write_metric_report,
 )
 
 COLUMNS = (
@@ -45,10 +44,7 @@ METRIC_SENTENCE = (
 
 def write_report(run_dir: str | Path) -> dict[str, Any]:
     """results.json and results.md in the run folder; returns the results."""
-    run_dir = Path(run_dir)
-    results = collect(run_dir, metric="f1")
-    files = write_results(run_dir, results, render_markdown(results))
-    return {**results, "report": {"files": files, "notes": []}}
+    return write_metric_report(run_dir, "f1", render_markdown)
 
 
 def table_rows(results: dict[str, Any]) -> list[list[str]]:

@@ -27,6 +27,7 @@ from kdistill.tasks.token_classification.steps import (
     entity_scores,
     predict_words,
     require_seqeval,
+    without_token,
 )
 
 
@@ -67,11 +68,7 @@ def _from_raw(
     them (a word without a first token predicts label 0, O)."""
     out = []
     for first, tokens in zip(data.encode(model, split).first, raw, strict=True):
-        words = tokens[first.clamp(min=0)].clone()
-        absent = first < 0
-        words[absent] = 0.0
-        words[absent, 0] = 1.0
-        out.append(words)
+        out.append(without_token(tokens[first.clamp(min=0)].clone(), first < 0))
     return out
 
 

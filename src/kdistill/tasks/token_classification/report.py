@@ -13,7 +13,6 @@ from rich.console import Console
 
 from kdistill.report import (
     best_metric_rows,
-    collect,
     format_duration,
     format_si,
     format_value,
@@ -21,7 +20,7 @@ from kdistill.report import (
     mean_pm,
     metric_gap_line,
     show_table,
-    write_results,
+    write_metric_report,
 )
 
 COLUMNS = (
@@ -51,11 +50,9 @@ METRIC_SENTENCE = (
 
 def write_report(run_dir: str | Path) -> dict[str, Any]:
     """results.json and results.md in the run folder; returns the results."""
-    run_dir = Path(run_dir)
-    results = collect(run_dir, metric="f1")
-    results["per_type"] = per_type(results)
-    files = write_results(run_dir, results, render_markdown(results))
-    return {**results, "report": {"files": files, "notes": []}}
+    return write_metric_report(
+        run_dir, "f1", render_markdown, lambda results: {"per_type": per_type(results)}
+    )
 
 
 def per_type(results: dict[str, Any]) -> dict[str, dict[str, list[float]]]:

@@ -174,16 +174,20 @@ def predict_words(
             logits = logits.float().cpu()
             for i, r in enumerate(chunk.tolist()):
                 n = len(encoded.first[r])
-                words = logits[i, :n].clone()
-                absent = first[i, :n] < 0
-                if absent.any():
-                    words[absent] = float("nan") if missing == "nan" else 0.0
-                    if missing != "nan":
-                        words[absent, 0] = 1.0
-                out[r] = words
+                out[r] = without_token(logits[i, :n].clone(), first[i, :n] < 0, missing)
     finally:
         model.train(was_training)
     return [out[int(r)] for r in rows]
+
+
+def without_token(words: torch.Tensor, absent: torch.Tensor, missing: str = "O") -> torch.Tensor:
+    """`words` (W, C) with the rows of words that have no first token set (in place):
+    to logits that predict label 0 (`O`), or to NaN with `missing="nan"`."""
+    if absent.any():
+        words[absent] = float("nan") if missing == "nan" else 0.0
+        if missing != "nan":
+            words[absent, 0] = 1.0
+    return words
 
 
 SEQEVAL_MISSING = (
