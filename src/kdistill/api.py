@@ -186,6 +186,41 @@ def cache(
         )
 
 
+def tune(
+    recipe: Any,
+    overrides: list[str] | None = None,
+    *,
+    trials: int | None = None,
+    timeout: float | None = None,
+    space: str | Path | None = None,
+    output_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    final: bool = True,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Search the recipe's `tune.space` with Optuna (`kdistill.tune`): trials chosen on
+    validation, the best settings re-run on the final seeds and measured on test once.
+    `trials` overrides tune.trials, `timeout` (seconds) stops this worker's search,
+    `space` is a YAML file with the tune section; returns the study's summary."""
+    from kdistill.tune import tune as run_study
+
+    return run_study(
+        recipe,
+        overrides,
+        trials=trials,
+        timeout=timeout,
+        space=space,
+        output_dir=output_dir,
+        data_dir=data_dir,
+        resume=resume,
+        overwrite=overwrite,
+        final=final,
+        quiet=quiet,
+    )
+
+
 def report(run_dir: str | Path) -> dict[str, Any]:
     """Rebuild a run folder's results.json, results.md and plots from its files."""
     from kdistill.tasks import task_of_run

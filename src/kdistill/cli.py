@@ -24,6 +24,7 @@ EXAMPLES = """examples:
   kdistill plan shakespeare_gpt_small_from_gpt --measure
   kdistill report runs/mnist_quick
   kdistill eval runs/mnist_quick/distill/seed0
+  kdistill tune mnist_quick --space space.yaml --trials 20
 """
 
 
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     _inspect_command(sub, common)
     _recipes_command(sub, common)
     _report_command(sub, common)
+    _tune_command(sub, common)
     return parser
 
 
@@ -239,6 +241,32 @@ def _report_command(sub: Any, common: argparse.ArgumentParser) -> None:
 _WRITE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS, errno.EACCES}
 
 
+def _tune_command(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "tune",
+        parents=[common],
+        help="search the distillation settings (Optuna); re-run the best on test once",
+    )
+    _add_recipe_args(p)
+    p.add_argument("--trials", type=int, help="trials of the study (default: tune.trials)")
+    p.add_argument(
+        "--timeout", type=float, help="seconds after which this worker starts no new trial"
+    )
+    p.add_argument("--space", help="a YAML file with the tune section (space, sampler, ...)")
+    p.add_argument("--output-dir", help="study folder (default: runs/<name>-tune)")
+    _add_data_dir(p)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the study in the folder (or join it as another worker)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace the study in the folder")
+    p.add_argument(
+        "--no-final", action="store_true", help="search only; do not re-run the best settings"
+    )
+    p.add_argument("--quiet", action="store_true", help="log lines only, no progress bars")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(stderr=True)
@@ -361,6 +389,21 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
 
         for name, path in api.recipes().items():
             print(f"{name:24s} {describe(path)}")
+    elif command == "tune":
+        study = api.tune(
+            args.recipe,
+            args.overrides,
+            trials=args.trials,
+            timeout=args.timeout,
+            space=args.space,
+            output_dir=args.output_dir,
+            data_dir=args.data_dir,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            final=not args.no_final,
+            quiet=args.quiet,
+        )
+        _print_study(study, console)
     elif command == "report":
         results = api.report(args.run_dir)
         task_of_run(Path(args.run_dir)).function("print_table")(results, Console())
@@ -368,6 +411,16 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     else:
         raise AssertionError(command)
     return 0
+
+
+def _print_study(summary: dict[str, Any], console: Console) -> None:
+    states = ", ".join(f"{n} {s}" for s, n in sorted(summary["trials"].items()))
+    console.print(f"study {summary['study']}: {states}; {summary['left']} left", soft_wrap=True)
+    for best in summary.get("best", []):
+        values = ", ".join(f"{k} {v:.6g}" for k, v in best["values"].items())
+        console.print(f"  trial {best['trial']}: {values}", soft_wrap=True)
+    if "final" in summary:
+        console.print(f"wrote {Path(summary['study']) / 'study.md'} and the final run's results")
 
 
 def _input_shape(text: str) -> tuple[int, ...]:

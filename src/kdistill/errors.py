@@ -77,3 +77,7 @@ class TrainingError(KdistillError):
 
 class LossInputError(KdistillError, ValueError):
     """A loss function received tensors or parameters it cannot accept."""
+
+
+class TuneError(KdistillError):
+    """A study cannot start, resume or finish as asked."""

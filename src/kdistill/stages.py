@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as dt
+import functools
 import json
 import os
 import shutil
@@ -52,6 +53,9 @@ class RunOptions:
     overwrite: bool = False
     quiet: bool = False
     console: Console | None = None
+    # told of every epoch record of every trained stage: (stage, seed, record); may
+    # raise to stop the run (`kdistill tune` stops a trial that lags the others)
+    on_epoch: Callable[[str, int, dict[str, Any]], None] | None = None
 
 
 @dataclass
@@ -180,6 +184,9 @@ def train_stage(
         tensorboard=ctx.recipe.output.tensorboard,
         console=ctx.console,
         extras=extras,
+        on_epoch=(
+            functools.partial(ctx.options.on_epoch, stage, seed) if ctx.options.on_epoch else None
+        ),
     )
 
 

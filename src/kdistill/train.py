@@ -140,11 +140,14 @@ def fit(
     tensorboard: bool = False,
     console: Console | None = None,
     extras: nn.Module | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> FitResult:
     """Train `model` in place; write metrics.jsonl, checkpoints/, best.safetensors in out_dir.
 
     `extras` (projectors, loss modules with parameters or buffers) train with the
-    model and are saved in its checkpoints, but not in best.safetensors.
+    model and are saved in its checkpoints, but not in best.safetensors. `on_epoch` is
+    given each epoch's record (as metrics.jsonl has it) on the main process, after the
+    epoch's checkpoint is written.
     """
     console = console or Console(stderr=True)
     steps_per_epoch, total_steps = _schedule(steps, settings, accelerator, label)
@@ -200,6 +203,8 @@ def fit(
                 seconds=elapsed(), epoch_seconds=max(time.perf_counter() - tick, 1e-9),
             )  # fmt: skip
             checkpoints.save(accelerator, elapsed())
+            if on_epoch is not None and accelerator.is_main_process and log.last is not None:
+                on_epoch(log.last)
     log.close()
     return FitResult(
         epochs_run=state.epoch,
@@ -425,6 +430,7 @@ class _MetricsLog:
         self.tensorboard = tensorboard
         self.writer: Any = None
         self.bar: Progress | None = None
+        self.last: dict[str, Any] | None = None  # the latest epoch record
 
     def resumed(self, state: FitState, restored: Restored) -> None:
         if self.is_main:
@@ -445,6 +451,8 @@ class _MetricsLog:
     def write(self, record: dict[str, Any], step: int) -> None:
         if not self.is_main:
             return
+        if record.get("split") == "train":
+            self.last = record
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:

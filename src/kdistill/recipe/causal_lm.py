@@ -498,6 +498,19 @@ class LMRecipe(RecipeBase):
                 )
         return problems
 
+    def reads_teacher_cache(self) -> bool:
+        return self.teacher is not None and self.teacher.signal == "cache"
+
+    def cache_temperature(self) -> float:
+        """The temperature the top-k cache stores the teacher at: the divergence term's
+        (its schedule's start), else 1."""
+        term = self.divergence()
+        temperature = term.temperature if term is not None and term.temperature is not None else 1.0
+        return float(temperature if isinstance(temperature, (int, float)) else temperature.start)
+
+    def teacher_cache_settings(self) -> dict[str, Any]:
+        return {"temperature": self.cache_temperature()}
+
     def teacher_train(self) -> LMTrainConfig:
         assert self.teacher is not None
         return self.teacher.train or self.train

@@ -537,6 +537,9 @@ class Recipe(RecipeBase):
         raise_all(problems)
         return self
 
+    def reads_teacher_cache(self) -> bool:
+        return self.teacher is not None and self.teacher.cache
+
     def teacher_train(self) -> TrainConfig:
         assert self.teacher is not None
         return self.teacher.train or self.train

@@ -10,23 +10,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from kdistill.recipe.strict import Strict, raise_all  # noqa: F401  (re-exported)
+from kdistill.recipe.tune import TuneConfig
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Seeds = Annotated[list[int], Field(min_length=1)]
-
-
-def raise_all(problems: list[str]) -> None:
-    """Cross-field checks collect every problem and raise once: one ValueError whose lines
-    are the problems, each listed on its own by `recipe.load.validate_recipe`."""
-    if problems:
-        raise ValueError("\n".join(problems))
-
-
-class Strict(BaseModel):
-    # a number that is not finite (.inf, .nan) is refused in every section: a learning
-    # rate of .inf would otherwise be found as a NaN loss after the first step
-    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class AugmentConfig(Strict):
@@ -111,6 +101,19 @@ class RecipeBase(Strict):
     task: str = Field(description="the task (kdistill.tasks.TASKS)")
     name: str
     description: str = ""
+    tune: TuneConfig | None = Field(
+        None, description="what `kdistill tune` searches (kdistill.recipe.tune); run ignores it"
+    )
+
+    def reads_teacher_cache(self) -> bool:
+        """Whether the distill stage reads the teacher's outputs from a cache written once
+        (`kdistill cache`) rather than running the teacher each step."""
+        return False
+
+    def teacher_cache_settings(self) -> dict[str, Any]:
+        """The recipe values, beyond the teacher and the data, that the teacher's cache
+        depends on (a cache written under others is refused as stale)."""
+        return {}
 
     @field_validator("seeds", check_fields=False)
     @classmethod

@@ -123,6 +123,9 @@ class EncoderRecipe(RecipeBase):
         raise_all(problems + self.task_problems())
         return self
 
+    def reads_teacher_cache(self) -> bool:
+        return self.teacher is not None and self.teacher.cache
+
     def teacher_train(self) -> TrainConfig:
         assert self.teacher is not None
         return self.teacher.train or self.train

@@ -62,26 +62,32 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     raw = copy.deepcopy(raw)
     for text in overrides:
         parts, value = parse_override(text)
-        node: Any = raw
-        for i, part in enumerate(parts[:-1]):
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    where = ".".join(parts[: i + 1])
-                    raise RecipeError(f"--set {text}: {where} is not an index of the list")
-                node = node[int(part)]
-            else:
-                node = node.setdefault(part, {})
-            if not isinstance(node, (dict, list)):
-                where = ".".join(parts[: i + 1])
-                raise RecipeError(f"--set {text}: {where} holds a value, not a section")
-        last = parts[-1]
-        if isinstance(node, list):
-            if not last.isdigit() or int(last) >= len(node):
-                raise RecipeError(f"--set {text}: {last} is not an index of the list")
-            node[int(last)] = value
-        else:
-            node[last] = value
+        set_path(raw, parts, value, where=f"--set {text}")
     return raw
+
+
+def set_path(raw: dict[str, Any], parts: list[str], value: Any, *, where: str) -> None:
+    """Put `value` at the dotted path `parts` of a parsed recipe, in place: missing
+    sections are made, a list is indexed by a number. `where` starts the error."""
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError(
+                    f"{where}: {'.'.join(parts[: i + 1])} is not an index of the list"
+                )
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise RecipeError(f"{where}: {'.'.join(parts[: i + 1])} holds a value, not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise RecipeError(f"{where}: {last} is not an index of the list")
+        node[int(last)] = value
+    else:
+        node[last] = value
 
 
 def _model_at(loc: tuple[Any, ...], schema: type[BaseModel]) -> type[BaseModel] | None:

@@ -40,6 +40,9 @@ class Task:
     check: str  # (recipe, data_dir) -> problems `validate` finds beyond the schema
     export: str  # (weights, output=, overwrite=, int8=, threads=, data_dir=) -> export.json
     export_summary: str  # (what export returned) -> one line for the terminal
+    # the metrics.jsonl key of the validation score that picks the best epoch, and
+    # whether higher is better (`kdistill tune` optimises it)
+    score: tuple[str, bool]
     # (recipe, data_dir, device, steps) -> (stage specs, data bytes, data text, notes) of
     # `kdistill plan`; None: no estimate for this task yet (plan says so)
     plan: str | None = None
@@ -70,6 +73,7 @@ TASKS: dict[str, Task] = {
         check="kdistill.tasks.classification.checks:check_recipe",
         export="kdistill.tasks.classification.export:export_classifier",
         export_summary="kdistill.tasks.classification.export:export_summary",
+        score=("val_accuracy", True),
         plan="kdistill.plan.classify:classifier_stages",
     ),
     "causal_lm": Task(
@@ -86,6 +90,7 @@ TASKS: dict[str, Task] = {
         check="kdistill.tasks.causal_lm.checks:check_lm_recipe",
         export="kdistill.tasks.causal_lm.export:export_lm",
         export_summary="kdistill.tasks.causal_lm.export:export_summary",
+        score=("val_loss", False),
         plan="kdistill.plan.causal_lm:lm_stages",
     ),
     "token_classification": Task(
@@ -102,6 +107,7 @@ TASKS: dict[str, Task] = {
         check="kdistill.tasks.token_classification.pipeline:check_recipe",
         export="kdistill.tasks.token_classification.pipeline:export_tagger",
         export_summary="kdistill.tasks.encoder_export:export_summary",
+        score=("val_f1", True),
     ),
     "question_answering": Task(
         "question_answering",
@@ -117,6 +123,7 @@ TASKS: dict[str, Task] = {
         check="kdistill.tasks.question_answering.pipeline:check_recipe",
         export="kdistill.tasks.question_answering.pipeline:export_reader",
         export_summary="kdistill.tasks.encoder_export:export_summary",
+        score=("val_f1", True),
     ),
 }
 

@@ -531,7 +531,12 @@ def _teacher_signal(ctx: LMContext, teacher: LMTeacher) -> TeacherSignal[LMTeach
             shard_sequences=recipe.teacher.cache.shard_sequences,
             device=device,
         )
-        if not info["reused"]:
+        if info["reused"]:
+            ctx.console.log(
+                f"teacher top-{spec.k} cache hit: {spec.num_sequences} sequences read from "
+                f"{folder} (teacher, tokenizer, data and temperature match; no teacher pass)"
+            )
+        else:
             ctx.console.log(
                 f"teacher top-{spec.k} cached in {folder} ({info['bytes'] / 1e6:.1f} MB, "
                 f"{info['bytes_per_token']} bytes/token, {info['seconds']:.1f}s)"

@@ -37,15 +37,12 @@ def teacher_checkpoint(recipe: LMRecipe) -> Path | None:
 
 def cache_spec(recipe: LMRecipe, data: LMData, teacher_fingerprint: str) -> TopKCacheSpec:
     assert recipe.teacher is not None
-    term = recipe.divergence()
-    temperature = term.temperature if term is not None and term.temperature is not None else 1.0
-    start = temperature if isinstance(temperature, (int, float)) else temperature.start
     return TopKCacheSpec(
         teacher=teacher_fingerprint,
         tokenizer=data.tokenizer_fingerprint,
         dataset=data.fingerprint,
         k=recipe.teacher.cache.top_k,
-        temperature=float(start),
+        temperature=recipe.cache_temperature(),
         seq_len=data.seq_len,
         num_sequences=len(data.train),
         vocab_size=data.vocab_size,
