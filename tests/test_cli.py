@@ -22,6 +22,7 @@ REQUIRED = {
     "inspect": ["mlp"],
     "recipes": [],
     "report": ["runs/x"],
+    "tune": ["r.yaml"],
 }
 
 
@@ -93,6 +94,7 @@ def test_every_command_is_an_api_function_of_its_name() -> None:
         "inspect",
         "recipes",
         "report",
+        "tune",
     }
     for command in commands:
         assert callable(getattr(api, {"eval": "evaluate"}.get(command, command))), command
