@@ -367,3 +367,42 @@ def test_two_workers_share_one_study(tiny: dict, tmp_path: Path) -> None:
     workers_seen = {t.user_attrs["worker"]["pid"] for t in complete}
     assert len(workers_seen) == 2  # both took trials
     assert sum("the study's teacher" in out for out in outputs) == 1  # trained once
+
+
+# ------------------------------------------------------------------ several objectives
+
+
+def test_pareto_front_of_accuracy_against_parameters(tiny: dict, tmp_path: Path) -> None:
+    recipe = _recipe(
+        {"student.model.args.hidden": {"choices": [[4], [8], [16], [32]]}},
+        objectives=["val", "params"],
+        sampler="grid",
+        trials=4,
+        final_seeds=[0, 1],
+        final_limit=3,
+    )
+    summary = tune(recipe, output_dir=tmp_path / "p", quiet=True)
+    assert summary["objectives"] == ["val_accuracy", "params"]
+    assert summary["directions"] == ["maximize", "minimize"]
+    handle = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/p/study.db")
+    trials = handle.trials
+    # params grow with the hidden width: 784*h + h + h*10 + 10
+    for trial in trials:
+        width = json.loads(trial.params["student.model.args.hidden"])[0]
+        assert trial.values[1] == 784 * width + width + 10 * width + 10
+    front = {best["trial"] for best in summary["best"]}
+    dominated = {
+        t.number
+        for t in trials
+        for u in trials
+        if u.values[0] >= t.values[0] and u.values[1] <= t.values[1] and u.values != t.values
+    }
+    assert front and not front & dominated
+    pareto = json.loads((tmp_path / "p" / "pareto.json").read_text())
+    assert len(pareto["rows"]) == min(len(front), 3)
+    for row in pareto["rows"]:
+        assert row["seeds"] == [0, 1] and len(row["mean"]) == 2 and row["std"][1] == 0.0
+        run = tmp_path / "p" / "final" / f"trial-{row['trial']:04d}"
+        assert (run / "distill" / "seed1" / "eval.json").is_file()
+    assert (tmp_path / "p" / "pareto.md").read_text().count("\n| ") >= 2
+    assert (tmp_path / "p" / "plots" / "pareto_params.png").is_file()
