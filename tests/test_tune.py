@@ -406,3 +406,21 @@ def test_pareto_front_of_accuracy_against_parameters(tiny: dict, tmp_path: Path)
         assert (run / "distill" / "seed1" / "eval.json").is_file()
     assert (tmp_path / "p" / "pareto.md").read_text().count("\n| ") >= 2
     assert (tmp_path / "p" / "plots" / "pareto_params.png").is_file()
+
+
+def test_default_space_is_the_temperature_the_weights_and_the_learning_rate() -> None:
+    from kdistill.tune import default_space
+
+    recipe = kdistill.as_recipe(tiny_recipe())  # CE 0.5 + KD 0.5 at T 2, SGD lr 0.05
+    space = default_space(recipe)
+    assert set(space) == {
+        "objective.0.weight", "objective.1.weight", "objective.1.temperature",
+        "train.optimizer.lr",
+    }  # fmt: skip
+    assert (space["objective.1.temperature"].low, space["objective.1.temperature"].high) == (1, 10)
+    lr = space["train.optimizer.lr"]
+    assert lr.log and lr.low == pytest.approx(0.05 / 3) and lr.high == pytest.approx(0.15)
+    # a cached language-model teacher holds one temperature: it is left out
+    lm = kdistill.as_recipe(tiny_lm_recipe())
+    assert "objective.0.temperature" not in default_space(lm)
+    assert "objective.0.weight" in default_space(lm)

@@ -120,6 +120,40 @@ def check_space(recipe: Any, config: TuneConfig) -> list[str]:
     return problems
 
 
+def default_space(recipe: Any) -> dict[str, Param]:
+    """What `kdistill tune` searches when the recipe has no tune section: the settings
+    that decide whether distillation helps (Hinton et al.'s temperature and the weight
+    of each loss term, the α of the write-ups) and the learning rate, each range
+    widened to hold the recipe's own value so trial 0 runs it. A setting the study
+    cannot vary (a cached teacher's temperature) is left out."""
+    raw = _plain(recipe)
+    candidates: dict[str, Param] = {}
+    terms = raw.get("objective") or []
+    for i, term in enumerate(terms):
+        temperature = term.get("temperature")
+        if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
+            low, high = min(1.0, temperature), max(10.0, temperature)
+            candidates[f"objective.{i}.temperature"] = Param(low=low, high=high)
+        weight = term.get("weight")
+        if len(terms) > 1 and isinstance(weight, (int, float)) and weight > 0:
+            low, high = min(0.05, weight), max(1.0, weight)
+            candidates[f"objective.{i}.weight"] = Param(low=low, high=high)
+    lr = _get(raw, "train.optimizer.lr")
+    if isinstance(lr, (int, float)) and lr > 0:
+        candidates["train.optimizer.lr"] = Param(low=lr / 3, high=lr * 3, log=True)
+    return {
+        path: param
+        for path, param in candidates.items()
+        if not check_space(recipe, TuneConfig(space={path: param}))
+    }
+
+
+def _range(param: Param) -> str:
+    if param.choices is not None:
+        return f"in {param.choices}"
+    return f"[{param.low:.3g}, {param.high:.3g}]" + (" log" if param.log else "")
+
+
 def _missing(raw: Any, parts: list[str]) -> str | None:
     node: Any = raw
     for i, part in enumerate(parts):
@@ -275,10 +309,20 @@ def tune(
         recipe = raw
     recipe = api.validate(recipe, data_dir=data_dir)
     if recipe.tune is None:
-        raise TuneError(
-            f"recipe {recipe.name!r} has no tune section: add `tune: {{space: {{...}}}}` "
-            "(see kdistill.recipe.tune) or pass --space FILE"
-        )
+        defaults = default_space(recipe)
+        if not defaults:
+            raise TuneError(
+                f"recipe {recipe.name!r} has no tune section and no setting kdistill searches "
+                "by default (distillation temperatures and term weights, the learning rate); "
+                "add `tune: {space: {...}}` (see kdistill.recipe.tune) or pass --space FILE"
+            )
+        shown = ", ".join(f"{path} {_range(param)}" for path, param in defaults.items())
+        console.log(f"tune: the recipe has no tune section; searching the default space: {shown}")
+        raw = recipe.model_dump(mode="json")
+        raw["tune"] = {
+            "space": {path: p.model_dump(exclude_defaults=True) for path, p in defaults.items()}
+        }
+        recipe = api.as_recipe(raw)
     problems = check_space(recipe, recipe.tune)
     if problems:
         raise problems_error(f"recipe {recipe.name!r}", problems)

@@ -121,11 +121,84 @@ def measure_stage(
         accuracy = 100 * test.get("accuracy", float("nan"))
         return f"test accuracy {accuracy:.2f}% ({test.get('errors', '?')} errors)"
 
+    after = None
+    if stage == "teacher" and len(data.val):
+        fit = teacher_fit(ctx, model)
+        after = {"fit": fit}
+        if fit["memorised"] and ctx.is_main:
+            ctx.console.log(f"[yellow]{stage} seed {seed}: {fit_warning(fit)}")
     finish_stage(
         ctx, stage, seed, model,
         measure=measure, best_by=("val_accuracy", True), train_seconds=train_seconds,
-        main_only=main_only, save=save, summary=summary,
+        main_only=main_only, save=save, summary=summary, after=after,
     )  # fmt: skip
+
+
+FIT_ROWS = 5000  # training rows the teacher's fit is measured on (a seeded sample)
+
+
+def teacher_fit(ctx: Context, model: nn.Module) -> dict[str, Any]:
+    """How much closer the teacher fits its training rows than validation: accuracy and
+    the mean entropy (nats) of its targets at T = 1 and at the recipe's distillation
+    temperature, on up to FIT_ROWS training rows (seeded sample) and on validation.
+    A teacher that memorised its training set gives near one-hot targets there, which
+    carry little of what distillation transfers: `memorised` when its training
+    accuracy is 5 points or more above validation and its training targets' entropy
+    (T = 1) is under half of validation's. A higher temperature narrows the entropy
+    gap, which is why it is the first remedy."""
+    data, device = ctx.data, ctx.accelerator.device
+    temperature = next(
+        (
+            float(t.temperature)
+            for t in ctx.recipe.objective
+            if isinstance(t.temperature, (int, float))
+        ),
+        1.0,
+    )
+    out: dict[str, Any] = {"temperature": temperature, "train_rows": 0}
+    for split_name in ("train", "val"):
+        xs, to_input, order = data.eval_feed(model, split_name)
+        labels = getattr(data, split_name).y
+        if split_name == "train" and len(labels) > FIT_ROWS:
+            rows = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+            rows = rows[:FIT_ROWS].sort().values
+            xs, labels, order = xs[rows], labels[rows], None
+        logits = predict(
+            model, xs, to_input=to_input, batch_size=ctx.recipe.train.eval_batch_size,
+            device=device, order=order,
+        )  # fmt: skip
+        out[f"{split_name}_accuracy"] = (logits.argmax(1) == labels).float().mean().item()
+        out[f"{split_name}_entropy"] = mean_entropy(logits, 1.0)
+        out[f"{split_name}_entropy_t"] = mean_entropy(logits, temperature)
+        if split_name == "train":
+            out["train_rows"] = len(labels)
+    out["memorised"] = bool(
+        out["train_accuracy"] - out["val_accuracy"] >= 0.05
+        and out["train_entropy"] < 0.5 * out["val_entropy"]
+    )
+    return out
+
+
+def mean_entropy(logits: torch.Tensor, temperature: float) -> float:
+    """Mean entropy in nats of softmax(logits / temperature) over the rows."""
+    log_p = torch.log_softmax(logits.double() / temperature, dim=1)
+    return float(-(log_p.exp() * log_p).sum(1).mean())
+
+
+def fit_warning(fit: dict[str, Any]) -> str:
+    """What a memorised teacher means for distillation, and what to try."""
+    return (
+        f"the teacher fits its training rows far closer than validation (accuracy "
+        f"{fit['train_accuracy']:.1%} vs {fit['val_accuracy']:.1%}; mean entropy of its "
+        f"targets at T = {fit['temperature']:g}: {fit['train_entropy_t']:.3f} vs "
+        f"{fit['val_entropy_t']:.3f} nats), so its soft targets on the rows the student "
+        "trains on are close to one-hot and carry little that labels do not; distillation "
+        "may not beat the student alone. Try a higher temperature or a lower weight on "
+        "the distillation terms, a transfer set or augmentation for the distill stage "
+        "(the teacher then labels rows it did not memorise), or a teacher trained with "
+        "more regularisation (weight decay, dropout, fewer epochs); `kdistill tune` "
+        "searches the temperature and the weights by default"
+    )
 
 
 def _teacher_logits(ctx: Context, guide: Guide) -> torch.Tensor:

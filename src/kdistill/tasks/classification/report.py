@@ -194,7 +194,52 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines += ["", gap_line(results, best=True)]
     else:
         lines.append("None: the run has no validation split.")
+    lines += teacher_fit_lines(results)
     return "\n".join(lines) + "\n"
+
+
+def teacher_fit_lines(results: dict[str, Any]) -> list[str]:
+    """The teacher's fit of its training rows against validation (eval.json `fit`), and
+    what to try when it memorised them or when distillation lost to the student alone."""
+    from kdistill.tasks.classification.measure import fit_warning
+
+    teacher = results["stages"].get("teacher")
+    fits = (
+        [d["fit"] for d in teacher["per_seed"] if isinstance(d.get("fit"), dict)] if teacher else []
+    )
+    if not fits:
+        return []
+    fit = fits[0]
+    lines = [
+        "",
+        "## The teacher on its training rows",
+        "",
+        f"Accuracy {fit['train_accuracy']:.2%} on {fit['train_rows']:,} training rows vs "
+        f"{fit['val_accuracy']:.2%} on validation; mean entropy of its targets "
+        f"{fit['train_entropy']:.3f} vs {fit['val_entropy']:.3f} nats at T = 1, "
+        f"{fit['train_entropy_t']:.3f} vs {fit['val_entropy_t']:.3f} at the distillation "
+        f"temperature T = {fit['temperature']:g}.",
+    ]
+    if fit["memorised"]:
+        lines += ["", f"**Warning:** {fit_warning(fit)}."]
+    stages = results["stages"]
+    base, distill = stages.get("baseline"), stages.get("distill")
+    if base and distill and base["test"] and distill["test"]:
+        gain = distill["test"].get("accuracy", 0.0) - base["test"].get("accuracy", 0.0)
+        if gain < 0:
+            lines += [
+                "",
+                f"The distilled student is {-gain * 100:.2f} points below the student "
+                "trained alone on test (mean over seeds): with these settings distillation "
+                "did not help. "
+                + (
+                    "The teacher's near one-hot targets above are the likely cause."
+                    if fit["memorised"]
+                    else "Its targets are not near one-hot here, so look first at the "
+                    "temperature and the weights of the terms (`kdistill tune`)."
+                ),
+            ]
+    return lines
 
 
 def print_table(results: dict[str, Any], console: Console) -> None:
