@@ -14,6 +14,7 @@ Loss weights follow RepDistiller's defaults (CE weight 1 plus the method's term,
 no KD in the feature rows), since our feature losses use the same normalisation
 as its code: FitNets 100, AT 1000, SP 3000, RKD 1 (distance 25, angle 50), PKT
 30000, CRD 0.8 (1,024 negatives instead of 16,384: the CPU budget), DKD (alpha 1, beta 8, T 4) and DIST (T 4) replace KD.
+CTKD is the KD row with its temperature learned (CTKD's global temperature).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 from safetensors.torch import load_file
 
 import kdistill
-from kdistill import pipeline
+from kdistill.tasks.classification import pipeline
 from kdistill.recipe import validate_recipe
 
 KD = {"loss": "kd", "weight": 0.9, "temperature": 4}
@@ -62,6 +63,9 @@ METHODS: dict[str, list[dict[str, Any]]] = {
     "dkd": [CE, {"loss": "dkd", "weight": 1.0, "temperature": 4, "params": {"beta": 8.0}}],
     "dist": [CE, {"loss": "dist", "weight": 1.0, "temperature": 4}],
     "kd_ensemble": [CE_KD, KD],
+    # CTKD (Li et al., AAAI 2023): KD's terms with a global temperature trained against the
+    # student in [1, 21], from CTKD's start (T 15.6), reversal ramped over the first 10%
+    "ctkd": [CE_KD, {**KD, "temperature": {"kind": "learned"}}],
 }
 
 

@@ -53,6 +53,42 @@ class Schedule(BaseModel):
         return min(values), max(values)
 
 
+class LearnedTemperature(BaseModel):
+    """A temperature trained with the student and against it: Curriculum Temperature for
+    Knowledge Distillation (CTKD, Li et al., AAAI 2023, arXiv:2211.16231), its global
+    variant. T = low + (high − low)·sigmoid(θ), θ one parameter trained by the student's
+    optimizer through a gradient reversal of strength λ, so T moves to make the
+    distillation term harder for the student; λ rises from 0 to `strength` along a half
+    cosine over the first `curriculum` of training (easy to hard), then stays.
+    `start` is T at the first step (default CTKD's: θ = 1, T = low + 0.731·(high − low)).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    kind: Literal["learned"]
+    low: float = Field(1.0, gt=0)
+    high: float = 21.0
+    start: float | None = None
+    curriculum: float = Field(0.1, ge=0, le=1, description="fraction of training for λ's ramp")
+    strength: float = Field(1.0, ge=0, description="λ after the ramp")
+
+    @model_validator(mode="after")
+    def _check(self) -> LearnedTemperature:
+        if not self.low < self.high:
+            raise ValueError(f"a learned temperature needs low < high; got {self.low}, {self.high}")
+        if self.start is not None and not self.low < self.start < self.high:
+            raise ValueError(f"start {self.start} must lie strictly between low and high")
+        return self
+
+    def initial(self) -> float:
+        if self.start is not None:
+            return self.start
+        return self.low + (self.high - self.low) / (1 + math.exp(-1.0))
+
+    def bounds(self) -> tuple[float, float]:
+        return self.low, self.high
+
+
 ScheduleOrNumber = float | Schedule
 
 

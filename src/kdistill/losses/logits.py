@@ -63,6 +63,8 @@ def _range_errors(loss: str, ranges: Mapping[str, tuple[object, _Interval]]) -> 
     """One message per hyperparameter that is not a real number in its interval."""
     errors = []
     for name, (value, interval) in ranges.items():
+        if isinstance(value, Tensor) and value.dim() == 0:  # a learned temperature (CTKD)
+            value = float(value.detach())
         if (
             isinstance(value, bool)
             or not isinstance(value, numbers.Real)

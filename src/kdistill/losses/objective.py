@@ -36,8 +36,9 @@ from kdistill.losses.table import (
     reads_teacher,
     takes,
 )
+from kdistill.losses.temperature import LearnableTemperature, reversal_strength
 from kdistill.recipe import LossTerm, TapSpec
-from kdistill.schedules import as_schedule, schedule_value
+from kdistill.schedules import LearnedTemperature, as_schedule, schedule_value
 
 
 @dataclass
@@ -72,8 +73,18 @@ class Objective:
         # resolved once: __call__ runs every step
         self._weights = [as_schedule(t.weight) for t in terms]
         self._temperatures = [
-            None if t.temperature is None else as_schedule(t.temperature) for t in terms
+            None
+            if t.temperature is None or isinstance(t.temperature, LearnedTemperature)
+            else as_schedule(t.temperature)
+            for t in terms
         ]
+        # CTKD: a temperature trained with the student, against it (losses/temperature.py)
+        self._learned: dict[int, tuple[LearnableTemperature, LearnedTemperature]] = {}
+        for i, term in enumerate(terms):
+            if isinstance(term.temperature, LearnedTemperature):
+                spec = term.temperature
+                module = LearnableTemperature(low=spec.low, high=spec.high, start=spec.initial())
+                self._learned[i] = (module, spec)
         self._reads = [(takes(t.loss, "teacher_logits"), takes(t.loss, "labels")) for t in terms]
         self.feature_terms = [i for i, t in enumerate(terms) if is_feature_loss(t.loss)]
         self.needs_teacher = any(reads_teacher(t) for t in terms)
@@ -82,7 +93,15 @@ class Objective:
         self._members: dict[int, str] = {}
         self._student_taps: tapping.Taps | None = None
         self._teacher_taps: dict[str, tapping.Taps] = {}
-        self.extras = nn.ModuleDict()
+        self.extras = self._learned_modules()
+
+    def _learned_modules(self) -> nn.ModuleDict:
+        """The learned temperatures, under the names they are saved with in checkpoints."""
+        return nn.ModuleDict({f"term{i}_temperature": m for i, (m, _) in self._learned.items()})
+
+    def temperatures(self) -> dict[str, float]:
+        """The learned temperatures' current values, by term name."""
+        return {self.names[i]: module.value for i, (module, _) in self._learned.items()}
 
     @staticmethod
     def _unique_names(terms: list[LossTerm]) -> list[str]:
@@ -145,7 +164,7 @@ class Objective:
                 teachers[member], _unique(specs), where=f"teacher {member!r}"
             ).attach()
         generator = torch.Generator().manual_seed(seed)
-        extras = nn.ModuleDict()
+        extras = self._learned_modules()
         for i in self.feature_terms:
             term = self.terms[i]
             member = self._member(i, teachers)
@@ -155,6 +174,7 @@ class Objective:
                 if term.loss == "crd":
                     options = dict(term.params)
                     if term.temperature is not None:
+                        assert not isinstance(term.temperature, LearnedTemperature)  # refused
                         options["temperature"] = as_schedule(term.temperature).start
                     extras[f"term{i}_crd"] = CRDMemory(
                         _width(s_shape), _width(t_shape), num_train, generator=generator, **options
@@ -287,6 +307,12 @@ class Objective:
                     kwargs["labels"] = labels
                 if temperature is not None:
                     kwargs["temperature"] = schedule_value(temperature, progress)
+                elif i in self._learned:
+                    module, spec = self._learned[i]
+                    reversal = reversal_strength(
+                        progress, curriculum=spec.curriculum, strength=spec.strength
+                    )
+                    kwargs["temperature"] = module(reversal)
                 if student_logits.shape[0] == 0:
                     value = inputs.student_logits.sum() * 0.0
                 elif i in self._checked:  # the first call checked the inputs (logits.py)

@@ -24,7 +24,7 @@ from kdistill.losses.crd import CRDMemory
 from kdistill.losses.features import FEATURE_LOSSES
 from kdistill.losses.logits import LOGIT_LOSSES
 from kdistill.losses.transformer import TRANSFORMER_LOSSES
-from kdistill.schedules import as_schedule
+from kdistill.schedules import LearnedTemperature, as_schedule
 
 # recipe name -> `kind` of kdistill.losses.lm_chunked.chunked_divergence (task: causal_lm)
 LM_DIVERGENCES = {
@@ -142,7 +142,13 @@ def check_term(term: Any) -> None:
     if term.temperature is not None:
         if not takes(term.loss, "temperature"):
             raise ValueError(f"loss {term.loss!r} takes no temperature; remove 'temperature'")
-        t_low, t_high = as_schedule(term.temperature).bounds()
+        learned = isinstance(term.temperature, LearnedTemperature)
+        if learned and term.loss == "crd":
+            raise ValueError(
+                "crd's temperature is fixed in its memory; a learned one is not possible"
+            )
+        bounded = term.temperature if learned else as_schedule(term.temperature)
+        t_low, t_high = bounded.bounds()
         if t_low <= 0 or not math.isfinite(t_high):
             raise ValueError(
                 f"the temperature of loss {term.loss!r} must stay in (0, inf) over training; "
@@ -159,11 +165,14 @@ def check_term(term: Any) -> None:
         kwargs["teacher_logits"] = probe.flip(1)
     if takes(term.loss, "labels"):
         kwargs["labels"] = torch.tensor([0, 2])
-    if term.temperature is not None:
+    if isinstance(term.temperature, LearnedTemperature):
+        # the loss must take T as a 0-d tensor and pass gradients through it
+        kwargs["temperature"] = torch.tensor(term.temperature.initial(), dtype=torch.float64)
+    elif term.temperature is not None:
         kwargs["temperature"] = as_schedule(term.temperature).start or 1.0
     try:
         LOSSES[term.loss](probe, **kwargs)
-    except (LossInputError, TypeError) as exc:
+    except (LossInputError, TypeError, RuntimeError) as exc:
         raise ValueError(str(exc)) from None
 
 

@@ -30,10 +30,10 @@ from kdistill.recipe.common import (
     TrainConfig,
     raise_all,
 )
+from kdistill.schedules import LearnedTemperature, ScheduleOrNumber
 
 # Schedule and as_schedule are part of the recipe schema; they live in kdistill.schedules
 from kdistill.schedules import Schedule as Schedule
-from kdistill.schedules import ScheduleOrNumber
 from kdistill.schedules import as_schedule as as_schedule
 
 # hf_student's `location` naming the recipe's own teacher (models/text_build.py)
@@ -233,8 +233,10 @@ class LossTerm(Strict):
 
     loss: str
     weight: ScheduleOrNumber = 1.0
-    temperature: ScheduleOrNumber | None = Field(
-        None, description="for losses that take one; a number or a schedule"
+    temperature: ScheduleOrNumber | LearnedTemperature | None = Field(
+        None,
+        description="for losses that take one; a number, a schedule, or {kind: learned} "
+        "(CTKD: trained with the student, against it)",
     )
     params: dict[str, Any] = Field(default_factory=dict)
     student: TapRef | list[TapRef] | None = Field(

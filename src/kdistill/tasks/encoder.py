@@ -314,7 +314,9 @@ def _train_and_finish(
         accelerator=ctx.accelerator,
         label=label(stage, seed),
     )
-    result = train_stage(ctx, stage, seed, model, steps, settings=settings)
+    # learned temperatures (CTKD) train with the student
+    extras = objective.extras.to(ctx.accelerator.device) if len(objective.extras) else None
+    result = train_stage(ctx, stage, seed, model, steps, settings=settings, extras=extras)
     model = ctx.accelerator.unwrap_model(model)
     _measure_stage(ctx, stage, seed, model, spec, guide, train_seconds=result.seconds)
     ctx.accelerator.free_memory()

@@ -277,6 +277,8 @@ def _student_stage(ctx: Context, stage: str, seed: int, guide: Guide | None) -> 
                 num_train=len(data.train),
                 seed=seed,
             )
+        elif len(objective.extras):  # learned temperatures (CTKD) train with the student
+            extras = objective.extras.to(ctx.accelerator.device)
     try:
         _train_and_finish(
             ctx, stage, seed, model, spec, objective, signal,

@@ -140,6 +140,8 @@ class ClassifierSteps:
         if self.data.is_text and self.padded:
             fields["tokens_per_second"] = round(self.tokens / seconds, 1)
             fields["padding_share"] = round(1 - self.tokens / self.padded, 4)
+        for name, value in self.objective.temperatures().items():  # learned (CTKD)
+            fields[f"temperature_{name}"] = round(value, 4)
         return fields
 
     def describe(self, label: str, epochs: int, record: dict[str, Any]) -> str:
