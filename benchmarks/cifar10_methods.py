@@ -29,8 +29,8 @@ from typing import Any
 from safetensors.torch import load_file
 
 import kdistill
-from kdistill.tasks.classification import pipeline
 from kdistill.recipe import validate_recipe
+from kdistill.tasks.classification import pipeline
 
 KD = {"loss": "kd", "weight": 0.9, "temperature": 4}
 CE = {"loss": "cross_entropy", "weight": 1.0}
