@@ -222,10 +222,14 @@ def tune(
 
 
 def report(run_dir: str | Path) -> dict[str, Any]:
-    """Rebuild a run folder's results.json, results.md and plots from its files."""
+    """Rebuild a run folder's results.json, results.md, plots and report.html from its
+    files."""
+    from kdistill.report_html import write_run_html
     from kdistill.tasks import task_of_run
 
-    return task_of_run(Path(run_dir)).function("write_report")(Path(run_dir))
+    results = task_of_run(Path(run_dir)).function("write_report")(Path(run_dir))
+    results.setdefault("report", {}).setdefault("files", []).append(write_run_html(run_dir).name)
+    return results
 
 
 def recipes() -> dict[str, Path]:

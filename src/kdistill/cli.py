@@ -232,7 +232,7 @@ def _report_command(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "report",
         parents=[common],
-        help="rebuild results.json, results.md and plots from a run folder",
+        help="rebuild results.json, results.md, plots and report.html from a run folder",
     )
     p.add_argument("run_dir", help="a run folder")
 
@@ -407,7 +407,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     elif command == "report":
         results = api.report(args.run_dir)
         task_of_run(Path(args.run_dir)).function("print_table")(results, Console())
-        console.print(f"wrote {Path(args.run_dir) / 'results.md'}")
+        console.print(f"wrote {Path(args.run_dir) / 'results.md'} and report.html")
     else:
         raise AssertionError(command)
     return 0

@@ -353,6 +353,13 @@ def finish_run(ctx: RunContext, write_report: Callable[[Path], dict[str, Any]]) 
     if ctx.is_main:
         results = write_report(ctx.run_dir)
         write_status(ctx.run_dir, "finished")
+        if ctx.recipe.output.plots:
+            from kdistill.report_html import write_run_html
+
+            try:
+                write_run_html(ctx.run_dir)
+            except Exception as exc:  # the page is a view of files already written
+                ctx.console.log(f"[yellow]report.html not written: {type(exc).__name__}: {exc}")
     return results
 
 
@@ -426,7 +433,7 @@ def _read_status(path: Path) -> dict[str, Any] | None:
 def write_status(run_dir: Path, status: str, error: str | None = None) -> None:
     path = run_dir / "run.json"
     record = _read_status(path) or {"started": _now()}
-    record.update(status=status, kdistill=__version__, argv=sys.argv)
+    record.update(status=status, kdistill=__version__, argv=sys.argv, environment=_environment())
     record["finished" if status == "finished" else "updated"] = _now()
     # a record describes the latest attempt: no "finished" while failed, no stale error
     if status != "finished":
@@ -435,6 +442,25 @@ def write_status(run_dir: Path, status: str, error: str | None = None) -> None:
     if error:
         record["error"] = error
     atomic_write_json(path, record)
+
+
+def _environment() -> dict[str, Any]:
+    """What the numbers of a run depend on besides the recipe (for the report)."""
+    import platform
+
+    import accelerate
+
+    device = "cpu"
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name(0)
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "accelerate": accelerate.__version__,
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "processor": platform.processor() or platform.machine(),
+    }
 
 
 def _now() -> str:

@@ -1,0 +1,400 @@
+"""report.html: one self-contained page per run, built from the run folder's files only.
+
+It reads what the run wrote, as the markdown report does: results.md (the task's
+tables, rendered here), results.json, each stage's metrics.jsonl and eval.json,
+recipe.yaml and run.json. The plots are inline SVG drawn with matplotlib, so the page
+has no script and makes no request: it opens from disk, a mail attachment or an
+artifact store the same way, and rebuilds for any old run (`kdistill report`).
+
+    the results     the task's tables (mean ± std over seeds, last and best-on-validation
+                    checkpoints, gap recovered), as results.md has them
+    training        per stage, mean over seeds per epoch: each loss term on its own (so
+                    the baseline's cross-entropy and the distilled student's compare),
+                    the validation metrics, the learning rate, throughput and data share
+    quality & cost  the task's test metric against parameters, FLOPs and latency, seed
+                    spread as error bars
+    the run         the recipe, versions, device and threads, wall time per stage
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import re
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdistill.checkpoint import atomic_write_text
+
+STAGE_COLORS = {
+    "teacher": "#4c72b0",
+    "assistant": "#8172b2",
+    "prune": "#937860",
+    "baseline": "#dd8452",
+    "distill": "#55a868",
+    "qat": "#c44e52",
+    "quantize": "#c44e52",
+}
+COSTS = (("params", "parameters"), ("flops", "FLOPs / sample"), ("latency_ms_single", "latency ms"))
+
+
+def write_html(run_dir: str | Path, *, score: tuple[str, bool] | None = None) -> Path:
+    """Write <run_dir>/report.html from the folder's files; returns its path. `score`
+    is the task's validation key and direction (`kdistill.tasks.Task.score`): its test
+    counterpart is the quality axis of the cost plots."""
+    run_dir = Path(run_dir)
+    page = render(run_dir, score=score)
+    path = run_dir / "report.html"
+    atomic_write_text(path, page)
+    return path
+
+
+def write_run_html(run_dir: str | Path) -> Path:
+    """report.html of a run folder, with its task's metric (from its recipe.yaml)."""
+    from kdistill.tasks import task_of_run
+
+    return write_html(run_dir, score=task_of_run(Path(run_dir)).score)
+
+
+def render(run_dir: Path, *, score: tuple[str, bool] | None = None) -> str:
+    results = _read_json(run_dir / "results.json") or {}
+    recipe_text = _read_text(run_dir / "recipe.yaml")
+    recipe = yaml.safe_load(recipe_text) if recipe_text else {}
+    status = _read_json(run_dir / "run.json") or {}
+    title = f"kdistill: {results.get('recipe') or run_dir.name}"
+    sections = [
+        f"<h1>{_e(title)}</h1>",
+        _summary(recipe or {}, status),
+        "<h2>Results</h2>",
+        markdown_to_html(_read_text(run_dir / "results.md") or "(no results.md)", skip_title=True),
+        "<h2>Training</h2>",
+        _training(run_dir, results),
+        "<h2>Quality and cost</h2>",
+        _quality_and_cost(results, score),
+        "<h2>The run</h2>",
+        _environment(run_dir, results, status),
+        "<details><summary>The recipe (recipe.yaml)</summary><pre>"
+        + _e(recipe_text or "(missing)")
+        + "</pre></details>",
+    ]
+    return _page(title, "\n".join(sections))
+
+
+# ---------------------------------------------------------------------- markdown
+
+
+def markdown_to_html(text: str, *, skip_title: bool = False) -> str:
+    """The markdown kdistill writes (headings, paragraphs, lists, pipe tables, **bold**,
+    `code`) as HTML; anything else as a paragraph."""
+    out: list[str] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if not line.strip():
+            i += 1
+            continue
+        heading = re.match(r"^(#{1,4}) (.*)$", line)
+        if heading:
+            level = len(heading.group(1))
+            if not (skip_title and level == 1):
+                out.append(f"<h{level + 1}>{_inline(heading.group(2))}</h{level + 1}>")
+            i += 1
+        elif line.startswith("|"):
+            block = []
+            while i < len(lines) and lines[i].startswith("|"):
+                block.append(lines[i])
+                i += 1
+            out.append(_table(block))
+        elif re.match(r"^\s*[-*] ", line):
+            items = []
+            while i < len(lines) and re.match(r"^\s*[-*] ", lines[i]):
+                items.append(_inline(re.sub(r"^\s*[-*] ", "", lines[i])))
+                i += 1
+            out.append("<ul>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>")
+        else:
+            paragraph = []
+            while (
+                i < len(lines) and lines[i].strip() and not re.match(r"^(#|\||\s*[-*] )", lines[i])
+            ):
+                paragraph.append(lines[i])
+                i += 1
+            out.append(f"<p>{_inline(' '.join(paragraph))}</p>")
+    return "\n".join(out)
+
+
+def _cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def _table(block: list[str]) -> str:
+    header, rows = _cells(block[0]), [_cells(line) for line in block[1:]]
+    align = ["left"] * len(header)
+    if rows and all(re.fullmatch(r":?-+:?", cell) for cell in rows[0]):
+        align = [
+            "right" if cell.endswith(":") and not cell.startswith(":") else "left"
+            for cell in rows[0]
+        ]
+        rows = rows[1:]
+    head = "".join(f'<th style="text-align:{a}">{_inline(c)}</th>' for c, a in zip(header, align))
+    body = "".join(
+        "<tr>"
+        + "".join(f'<td style="text-align:{a}">{_inline(c)}</td>' for c, a in zip(row, align))
+        + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _inline(text: str) -> str:
+    text = _e(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
+# ---------------------------------------------------------------------- sections
+
+
+def _summary(recipe: dict[str, Any], status: dict[str, Any]) -> str:
+    parts = []
+    if recipe.get("description"):
+        parts.append(f"<p>{_e(recipe['description'])}</p>")
+    facts = [
+        ("task", recipe.get("task", "classification")),
+        ("stages", ", ".join(recipe.get("stages") or [])),
+        ("seeds", ", ".join(str(s) for s in recipe.get("seeds") or [])),
+        ("status", status.get("status")),
+        ("started", status.get("started")),
+        ("finished", status.get("finished")),
+    ]
+    parts.append(
+        '<p class="facts">'
+        + " · ".join(f"<b>{_e(k)}</b> {_e(str(v))}" for k, v in facts if v)
+        + "</p>"
+    )
+    return "\n".join(parts)
+
+
+def read_curves(run_dir: Path, stage: str, seeds: list[int]) -> dict[str, dict[int, float]]:
+    """Each metric of a stage's epoch records: {metric: {epoch: mean over seeds}}."""
+    values: dict[str, dict[int, list[float]]] = {}
+    for seed in seeds:
+        path = run_dir / stage / f"seed{seed}" / "metrics.jsonl"
+        for line in (_read_text(path) or "").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("split") != "train":
+                continue
+            for key, value in record.items():
+                if key in ("epoch", "step", "split") or not isinstance(value, (int, float)):
+                    continue
+                values.setdefault(key, {}).setdefault(int(record["epoch"]), []).append(float(value))
+    return {
+        key: {epoch: statistics.mean(v) for epoch, v in sorted(by_epoch.items())}
+        for key, by_epoch in values.items()
+    }
+
+
+def _training(run_dir: Path, results: dict[str, Any]) -> str:
+    stages = results.get("stages") or {}
+    curves = {
+        stage: read_curves(run_dir, stage, list(info.get("seeds") or []))
+        for stage, info in stages.items()
+    }
+    curves = {stage: c for stage, c in curves.items() if c}
+    if not curves:
+        return "<p>No stage recorded epochs (metrics.jsonl).</p>"
+    panels: list[tuple[str, Callable[[str], bool]]] = [
+        ("training loss per term (unweighted, per counted unit)", lambda k: k.startswith("loss_")),
+        ("training loss (weighted sum)", lambda k: k == "loss"),
+        ("validation", lambda k: k.startswith("val_")),
+        ("learning rate", lambda k: k == "lr"),
+        ("throughput (per second)", lambda k: k.endswith("_per_second")),
+        ("data share of step time", lambda k: k == "data_share"),
+        ("learned temperature", lambda k: k.startswith("temperature_")),
+    ]
+    figures = []
+    for title, wanted in panels:
+        keys = sorted({k for c in curves.values() for k in c if wanted(k)})
+        # one panel per validation metric: accuracy and NLL do not share an axis
+        groups = [[key] for key in keys] if title == "validation" else [keys] if keys else []
+        for group in groups:
+            shown = (
+                f"validation {group[0].removeprefix('val_')}" if title == "validation" else title
+            )
+            figures.append(_figure(_curve_plot(curves, group, shown), shown))
+    return '<div class="grid">' + "".join(figures) + "</div>"
+
+
+def _curve_plot(curves: dict[str, dict[str, dict[int, float]]], keys: list[str], title: str) -> str:
+    from matplotlib.ticker import MaxNLocator
+
+    def draw(ax: Any) -> None:
+        styles = ["-", "--", ":", "-."]
+        for stage, metrics in curves.items():
+            for k, key in enumerate(keys):
+                if key not in metrics:
+                    continue
+                points = metrics[key]
+                label = f"{stage} {key}" if len(keys) > 1 else stage
+                ax.plot(
+                    list(points), list(points.values()), styles[k % len(styles)], marker="o",
+                    markersize=3, color=STAGE_COLORS.get(stage.split("_")[0]), label=label,
+                )  # fmt: skip
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if title.startswith("learning"):
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        ax.legend(fontsize=7)
+
+    return _svg(draw)
+
+
+def _quality_and_cost(results: dict[str, Any], score: tuple[str, bool] | None) -> str:
+    stages = results.get("stages") or {}
+    metric = (score[0] if score else "val_accuracy").removeprefix("val_")
+    points = []
+    for stage, info in stages.items():
+        test, cost = info.get("test") or {}, info.get("cost") or {}
+        if isinstance(test.get(metric), (int, float)):
+            points.append((stage, test[metric], test.get(f"{metric}_std") or 0.0, cost))
+    if not points:
+        return f"<p>No stage has a test {_e(metric)} to plot.</p>"
+    from matplotlib.ticker import NullFormatter
+
+    figures = []
+    for key, label in COSTS:
+        usable = [p for p in points if isinstance(p[3].get(key), (int, float))]
+        if not usable:
+            continue
+
+        def draw(ax: Any, usable: list[Any] = usable, key: str = key, label: str = label) -> None:
+            for stage, value, spread, cost in usable:
+                ax.errorbar(
+                    cost[key], value, yerr=spread, fmt="o", capsize=4, markersize=7,
+                    color=STAGE_COLORS.get(stage.split("_")[0]), label=stage,
+                )  # fmt: skip
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xlabel(label + " (log)")
+            ax.set_ylabel(f"test {metric}")
+            ax.legend(fontsize=7)
+
+        figures.append(_figure(_svg(draw), f"test {metric} against {label}"))
+    note = (
+        "<p>Each point is a stage: mean over its seeds, error bar one standard deviation. "
+        "Cost from the stage's eval.json (the lowest seed: seeds share the architecture).</p>"
+    )
+    return note + '<div class="grid">' + "".join(figures) + "</div>"
+
+
+def _environment(run_dir: Path, results: dict[str, Any], status: dict[str, Any]) -> str:
+    env = status.get("environment") or {}
+    rows = [("kdistill", status.get("kdistill"))]
+    rows += [
+        (name, env.get(name)) for name in ("python", "torch", "accelerate", "device", "threads")
+    ]
+    for stage, info in (results.get("stages") or {}).items():
+        seconds = info.get("train_seconds")
+        if isinstance(seconds, (int, float)):
+            rows.append((f"{stage} wall time (mean per seed)", _duration(seconds)))
+    body = "".join(
+        f"<tr><td>{_e(name)}</td><td>{_e(str(value))}</td></tr>"
+        for name, value in rows
+        if value is not None
+    )
+    return f"<table>{body}</table>"
+
+
+# ---------------------------------------------------------------------- drawing
+
+
+def _svg(draw: Callable[[Any], None]) -> str:
+    """One matplotlib axes as inline SVG text (fonts as text: small and selectable)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "kdistill"}):
+        fig, ax = plt.subplots(figsize=(5.2, 3.4))
+        try:
+            draw(ax)
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            buffer = io.StringIO()
+            fig.savefig(buffer, format="svg", metadata={"Date": None})
+        finally:
+            plt.close(fig)
+    text = buffer.getvalue()
+    return text[text.index("<svg") :]
+
+
+def _figure(svg: str, caption: str) -> str:
+    return f'<figure class="plot">{svg}<figcaption>{_e(caption)}</figcaption></figure>'
+
+
+def _page(title: str, body: str) -> str:
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_e(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 72rem; padding: 0 1rem;
+       color: #222; line-height: 1.45; }}
+h1 {{ font-size: 1.6rem; }} h2 {{ border-bottom: 1px solid #ddd; margin-top: 2.2rem; }}
+table {{ border-collapse: collapse; margin: 0.8rem 0; font-size: 0.88rem; }}
+th, td {{ border: 1px solid #ddd; padding: 0.25rem 0.55rem; }}
+thead th {{ background: #f4f5f7; }}
+tbody tr:nth-child(even) {{ background: #fafafa; }}
+.facts {{ color: #555; }}
+.grid {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(26rem, 1fr)); gap: 1rem; }}
+figure.plot {{ margin: 0; }} figure.plot svg {{ width: 100%; height: auto; }}
+figcaption {{ font-size: 0.8rem; color: #555; text-align: center; }}
+pre {{ background: #f6f8fa; padding: 0.8rem; overflow-x: auto; font-size: 0.8rem; }}
+code {{ background: #f6f8fa; padding: 0 0.2rem; }}
+</style></head>
+<body>
+{body}
+<footer><p class="facts">Written by kdistill from the run folder's files; no script, no network.</p></footer>
+</body></html>
+"""
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    return (
+        f"{minutes} min {rest:02d} s"
+        if minutes < 60
+        else f"{minutes // 60} h {minutes % 60:02d} min"
+    )
+
+
+def _e(text: str) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _read_json(path: Path) -> Any:
+    text = _read_text(path)
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None

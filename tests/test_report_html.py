@@ -1,0 +1,104 @@
+"""report.html: the markdown it renders, the page of a real run (self-contained, small,
+the run's numbers), and that page opened in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers import tiny_recipe
+
+import kdistill
+from kdistill import api
+from kdistill.report_html import markdown_to_html
+
+
+def test_markdown_tables_headings_and_inline_marks() -> None:
+    text = "# Title\n\n## Part\n\n| a | b |\n|:---|---:|\n| 1 | **2** |\n\nSome `code` <b>.\n\n- one\n- two\n"
+    page = markdown_to_html(text, skip_title=True)
+    assert "Title" not in page and "<h3>Part</h3>" in page
+    assert '<td style="text-align:right"><strong>2</strong></td>' in page
+    assert '<th style="text-align:left">a</th>' in page
+    assert "<code>code</code> &lt;b&gt;." in page  # escaped, never markup
+    assert "<ul><li>one</li><li>two</li></ul>" in page
+
+
+@pytest.fixture(scope="module")
+def run(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("html") / "run"
+    recipe = tiny_recipe(seeds=[0, 1], description="A <tiny> run & its report")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KDISTILL_DATA", str(shared_data))
+        kdistill.run(recipe, output_dir=folder, quiet=True)
+    return folder
+
+
+def test_a_run_writes_a_self_contained_page(run: Path) -> None:
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert len(page.encode()) < 2_000_000
+    assert "<script" not in page.lower()
+    # no URL the browser would fetch: only the SVG namespace names appear
+    urls = set(re.findall(r"(?:src|href)=\"([^\"]+)\"", page))
+    assert not {u for u in urls if not u.startswith("#")}, urls
+    results = json.loads((run / "results.json").read_text())
+    distill = 100 * results["stages"]["distill"]["test"]["accuracy"]
+    assert f"{distill:.2f}" in page  # the table holds the run's numbers
+    assert "A &lt;tiny&gt; run &amp; its report" in page
+    assert page.count("<svg") >= 6  # curves and the quality-against-cost plots
+    status = json.loads((run / "run.json").read_text())
+    assert status["environment"]["torch"] and f"<td>{status['environment']['torch']}</td>" in page
+
+
+def test_report_command_rebuilds_the_page(run: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / "report.html").unlink()
+    results = api.report(copy)
+    assert "report.html" in results["report"]["files"]
+    assert (copy / "report.html").read_text() == (run / "report.html").read_text().replace(
+        str(run), str(copy)
+    )
+
+
+def _chromium() -> str | None:
+    for name in (os.environ.get("KDISTILL_CHROMIUM"), "chromium", "chromium-browser"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def test_the_page_renders_in_headless_chromium(run: Path, tmp_path: Path) -> None:
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    executable = _chromium()
+    if executable is None:
+        pytest.skip("no Chromium on this machine (apt-get install -y chromium); .ci/run installs it")
+    page_path = (run / "report.html").resolve()
+    errors: list[str] = []
+    requests: list[str] = []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(page_path.as_uri())
+            page.wait_for_load_state("load")
+            assert errors == []
+            assert requests == [page_path.as_uri()]  # the page itself, nothing else
+            results = json.loads((run / "results.json").read_text())
+            distill = 100 * results["stages"]["distill"]["test"]["accuracy"]
+            assert f"{distill:.2f}" in page.inner_text("table")
+            sizes = page.eval_on_selector_all(
+                "figure.plot svg",
+                "els => els.map(e => [e.getBoundingClientRect().width, e.getBoundingClientRect().height])",
+            )
+            assert len(sizes) >= 6 and all(w > 100 and h > 50 for w, h in sizes)
+            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (tmp_path / "report.png").stat().st_size > 10_000
