@@ -41,9 +41,9 @@ def test_a_run_writes_a_self_contained_page(run: Path) -> None:
     page = (run / "report.html").read_text(encoding="utf-8")
     assert len(page.encode()) < 2_000_000
     assert "<script" not in page.lower()
-    # no URL the browser would fetch: only the SVG namespace names appear
+    # no URL the browser would fetch: links within the page and inline data only
     urls = set(re.findall(r"(?:src|href)=\"([^\"]+)\"", page))
-    assert not {u for u in urls if not u.startswith("#")}, urls
+    assert not {u for u in urls if not u.startswith(("#", "data:image/png;base64,"))}
     results = json.loads((run / "results.json").read_text())
     distill = 100 * results["stages"]["distill"]["test"]["accuracy"]
     assert f"{distill:.2f}" in page  # the table holds the run's numbers
@@ -102,3 +102,16 @@ def test_the_page_renders_in_headless_chromium(run: Path, tmp_path: Path) -> Non
         finally:
             browser.close()
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_classifier_details_are_measured_and_drawn(run: Path) -> None:
+    evaluation = json.loads((run / "distill" / "seed0" / "eval.json").read_text())
+    details = evaluation["test_details"]
+    assert len(details["per_class_accuracy"]) == 10 and sum(details["per_class_support"]) == 1000
+    matrix = details["confusion"]
+    assert sum(map(sum, matrix)) == 1000
+    assert sum(matrix[i][i] for i in range(10)) == 1000 - evaluation["test"]["errors"]
+    assert sum(details["reliability"]["count"]) == 1000
+    page = (run / "report.html").read_text()
+    assert "Classes and calibration" in page and "confusion matrix of distill" in page
+    assert "the distilled student&#x27;s accuracy minus the student alone&#x27;s" in page

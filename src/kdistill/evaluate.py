@@ -138,10 +138,7 @@ def quality(
     correct = predicted == labels  # (N,)
     nll = -log_probs.gather(1, labels[:, None]).squeeze(1).mean()
 
-    # Bin b holds confidences in (b / n_bins, (b + 1) / n_bins]; the first bin also holds 0.
-    bins = (torch.ceil(confidence * n_bins).long() - 1).clamp(0, n_bins - 1)  # (N,)
-    correct_sum = torch.bincount(bins, weights=correct.double(), minlength=n_bins)
-    confidence_sum = torch.bincount(bins, weights=confidence, minlength=n_bins)
+    correct_sum, confidence_sum, _ = _calibration_bins(confidence, correct, n_bins)
     ece = (correct_sum - confidence_sum).abs().sum() / n  # sum_b |B_b|/N * |acc_b - conf_b|
 
     result: dict[str, float] = {
@@ -159,6 +156,50 @@ def quality(
         teacher_top1 = teacher_logits.detach().cpu().argmax(dim=1)
         result["agreement"] = (teacher_top1 == predicted).double().mean().item()
     return result
+
+
+def _calibration_bins(
+    confidence: torch.Tensor, correct: torch.Tensor, n_bins: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per bin: the sums of correctness and of confidence, and the count. Bin b holds
+    confidences in (b / n_bins, (b + 1) / n_bins]; the first bin also holds 0."""
+    bins = (torch.ceil(confidence * n_bins).long() - 1).clamp(0, n_bins - 1)  # (N,)
+    correct_sum = torch.bincount(bins, weights=correct.double(), minlength=n_bins)
+    confidence_sum = torch.bincount(bins, weights=confidence, minlength=n_bins)
+    return correct_sum, confidence_sum, torch.bincount(bins, minlength=n_bins)
+
+
+MAX_CONFUSION_CLASSES = 50  # a larger confusion matrix is not written (C² numbers)
+
+
+def details(logits: torch.Tensor, labels: torch.Tensor, *, n_bins: int = 15) -> dict[str, Any]:
+    """What the report draws beyond `quality`: per-class accuracy and support, the
+    confusion matrix (rows: true class, columns: predicted; up to
+    MAX_CONFUSION_CLASSES classes) and the reliability diagram's bins (mean confidence,
+    accuracy and count per bin, as `quality`'s ECE bins them). Lists, for eval.json."""
+    labels = labels.detach().cpu().long()
+    probs = torch.softmax(logits.detach().cpu().double(), dim=1)
+    confidence, predicted = probs.max(dim=1)
+    correct = predicted == labels
+    num_classes = logits.shape[1]
+    support = torch.bincount(labels, minlength=num_classes)
+    hits = torch.bincount(labels, weights=correct.double(), minlength=num_classes)
+    correct_sum, confidence_sum, count = _calibration_bins(confidence, correct, n_bins)
+    shown = count.clamp(min=1).double()
+    out: dict[str, Any] = {
+        "per_class_accuracy": (hits / support.clamp(min=1)).tolist(),
+        "per_class_support": support.tolist(),
+        "reliability": {
+            "confidence": (confidence_sum / shown).tolist(),
+            "accuracy": (correct_sum / shown).tolist(),
+            "count": count.tolist(),
+        },
+    }
+    if num_classes <= MAX_CONFUSION_CLASSES:
+        pairs = labels * num_classes + predicted
+        matrix = torch.bincount(pairs, minlength=num_classes * num_classes)
+        out["confusion"] = matrix.view(num_classes, num_classes).tolist()
+    return out
 
 
 def cost(

@@ -76,6 +76,7 @@ def render(run_dir: Path, *, score: tuple[str, bool] | None = None) -> str:
         _training(run_dir, results),
         "<h2>Quality and cost</h2>",
         _quality_and_cost(results, score),
+        _classes(run_dir, results),
         "<h2>The run</h2>",
         _environment(run_dir, results, status),
         "<details><summary>The recipe (recipe.yaml)</summary><pre>"
@@ -281,9 +282,12 @@ def _quality_and_cost(results: dict[str, Any], score: tuple[str, bool] | None) -
                     cost[key], value, yerr=spread, fmt="o", capsize=4, markersize=7,
                     color=STAGE_COLORS.get(stage.split("_")[0]), label=stage,
                 )  # fmt: skip
-            ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.set_xlabel(label + " (log)")
+            xs = [cost[key] for _, _, _, cost in usable]
+            if min(xs) > 0 and max(xs) / min(xs) > 10:  # several decades: a log axis
+                ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())
+                label += " (log)"
+            ax.set_xlabel(label)
             ax.set_ylabel(f"test {metric}")
             ax.legend(fontsize=7)
 
@@ -293,6 +297,143 @@ def _quality_and_cost(results: dict[str, Any], score: tuple[str, bool] | None) -
         "Cost from the stage's eval.json (the lowest seed: seeds share the architecture).</p>"
     )
     return note + '<div class="grid">' + "".join(figures) + "</div>"
+
+
+def _classes(run_dir: Path, results: dict[str, Any]) -> str:
+    """Classifiers: per-class accuracy of each stage, the distilled student's gain over
+    the student alone per class, its confusion matrix, and reliability diagrams."""
+    stages = results.get("stages") or {}
+    found: dict[str, list[dict[str, Any]]] = {}
+    for stage, info in stages.items():
+        runs = [d["test_details"] for d in info.get("per_seed") or [] if "test_details" in d]
+        if runs:
+            found[stage] = runs
+    if not found:
+        return ""
+    names = _class_names(run_dir, stages) or [
+        str(i) for i in range(len(next(iter(found.values()))[0]["per_class_accuracy"]))
+    ]
+    accuracy = {
+        stage: [statistics.mean(col) for col in zip(*(r["per_class_accuracy"] for r in runs))]
+        for stage, runs in found.items()
+    }
+    figures = [
+        _figure(
+            _svg(lambda ax: _class_bars(ax, accuracy, names)),
+            "test accuracy per class, mean over seeds",
+        )
+    ]
+    if "baseline" in accuracy and "distill" in accuracy:
+        gain = {
+            "distill − baseline": [d - b for d, b in zip(accuracy["distill"], accuracy["baseline"])]
+        }
+        figures.append(
+            _figure(
+                _svg(lambda ax: _class_bars(ax, gain, names, diverging=True)),
+                "per class: the distilled student's accuracy minus the student alone's (points)",
+            )
+        )
+    matrix_stage = "distill" if "distill" in found else next(iter(found))
+    matrices = [r["confusion"] for r in found[matrix_stage] if "confusion" in r]
+    if matrices:
+        summed = [[sum(cells) for cells in zip(*rows)] for rows in zip(*matrices)]
+        figures.append(
+            _figure(
+                _svg(lambda ax: _confusion(ax, summed, names)),
+                f"confusion matrix of {matrix_stage} (rows: true class; all seeds' test rows)",
+            )
+        )
+    figures.append(
+        _figure(
+            _svg(lambda ax: _reliability(ax, found)), "reliability: accuracy against confidence"
+        )
+    )
+    return "<h2>Classes and calibration</h2>" + '<div class="grid">' + "".join(figures) + "</div>"
+
+
+def _class_names(run_dir: Path, stages: dict[str, Any]) -> list[str] | None:
+    for stage, info in stages.items():
+        for seed in info.get("seeds") or []:
+            model = _read_json(run_dir / stage / f"seed{seed}" / "model.json") or {}
+            if model.get("class_names"):
+                return [str(n) for n in model["class_names"]]
+    return None
+
+
+def _class_bars(
+    ax: Any, series: dict[str, list[float]], names: list[str], *, diverging: bool = False
+) -> None:
+    width = 0.8 / len(series)
+    for k, (stage, values) in enumerate(series.items()):
+        positions = [i + (k - (len(series) - 1) / 2) * width for i in range(len(values))]
+        scaled = [100 * v for v in values]
+        colors = (
+            ["#55a868" if v >= 0 else "#c44e52" for v in scaled]
+            if diverging
+            else STAGE_COLORS.get(stage.split("_")[0])
+        )
+        ax.bar(positions, scaled, width=width, color=colors, label=stage)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(
+        names,
+        rotation=60 if len(names) > 6 else 0,
+        fontsize=7,
+        ha="right" if len(names) > 6 else "center",
+    )
+    ax.set_ylabel("points" if diverging else "accuracy %")
+    if diverging:
+        ax.axhline(0, color="#555", linewidth=0.8)
+    else:
+        ax.legend(fontsize=7)
+
+
+def _confusion(ax: Any, matrix: list[list[int]], names: list[str]) -> None:
+    import numpy as np
+
+    counts = np.array(matrix, dtype=float)
+    shares = counts / counts.sum(axis=1, keepdims=True).clip(min=1)
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names)))
+    ax.set_yticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=60, fontsize=6, ha="right")
+    ax.set_yticklabels(names, fontsize=6)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if len(names) <= 12:
+        for i in range(len(names)):
+            for j in range(len(names)):
+                color = "white" if shares[i, j] > 0.6 else "#333"
+                ax.text(
+                    j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=6, color=color
+                )
+    ax.grid(False)
+
+
+def _reliability(ax: Any, found: dict[str, list[dict[str, Any]]]) -> None:
+    ax.plot([0, 1], [0, 1], ":", color="#888", label="calibrated")
+    for stage, runs in found.items():
+        count = [sum(c) for c in zip(*(r["reliability"]["count"] for r in runs))]
+        confidence = [
+            sum(r["reliability"]["confidence"][b] * r["reliability"]["count"][b] for r in runs) / n
+            for b, n in enumerate(count)
+            if n
+        ]
+        accuracy = [
+            sum(r["reliability"]["accuracy"][b] * r["reliability"]["count"][b] for r in runs) / n
+            for b, n in enumerate(count)
+            if n
+        ]
+        ax.plot(
+            confidence,
+            accuracy,
+            marker="o",
+            markersize=3,
+            label=stage,
+            color=STAGE_COLORS.get(stage.split("_")[0]),
+        )
+    ax.set_xlabel("confidence (max softmax probability)")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=7)
 
 
 def _environment(run_dir: Path, results: dict[str, Any], status: dict[str, Any]) -> str:

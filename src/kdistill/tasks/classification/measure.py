@@ -31,7 +31,7 @@ from kdistill.compress.prune import resize_to
 from kdistill.data import DataBundle, TextData
 from kdistill.data import build as build_data
 from kdistill.errors import CheckpointError, RecipeError
-from kdistill.evaluate import cost, predict, quality
+from kdistill.evaluate import cost, details, predict, quality
 from kdistill.models.hf import HFClassifier, save_hf, weights_follow
 from kdistill.recipe import DataConfig, ModelSpec, Recipe
 from kdistill.recipe.classification import PRUNED_TEACHER, TEXT_SOURCES
@@ -85,6 +85,8 @@ def measure_stage(
                     weights, xs, to_input=to_input, batch_size=batch, device=device, order=order
                 )
                 out[split_name] = quality(logits, split.y, teacher_logits=reference)
+                if split_name == "test":  # per class, confusion, reliability: the report's
+                    out["test_details"] = details(logits, split.y)
         return out
 
     def main_only() -> dict[str, Any]:
