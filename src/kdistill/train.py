@@ -119,6 +119,7 @@ class FitState:
     seconds: float = 0.0
     running_loss: float = 0.0  # of the current epoch, this process
     running_count: int = 0
+    running_terms: dict[str, float] = dataclasses.field(default_factory=dict)  # unweighted
 
     def improved(self, score: float, higher_is_better: bool, min_delta: float) -> bool:
         if higher_is_better:
@@ -291,6 +292,8 @@ def _optimizer_step(
     state.units += count.total
     state.running_loss += step_loss
     state.running_count += count.local
+    for name, value in sum_terms(parts).items():
+        state.running_terms[name] = state.running_terms.get(name, 0.0) + value
     return count, step_loss, parts
 
 
@@ -327,6 +330,11 @@ def _end_epoch(
         "step": state.global_step,
         "split": "train",
         "loss": state.running_loss / max(state.running_count, 1),
+        # each term unweighted, so a baseline's and a distilled student's compare
+        **{
+            f"loss_{name}": total / max(state.running_count, 1)
+            for name, total in state.running_terms.items()
+        },
         "lr": scheduler.get_last_lr()[0],
         "seconds": round(seconds, 3),
         **steps.epoch_fields(state.units, epoch_seconds),
@@ -350,7 +358,7 @@ def _end_epoch(
         stop = stopping is not None and state.bad_epochs >= stopping.patience
     log.write(record, state.global_step)
     state.epoch, state.step_in_epoch = epoch + 1, 0
-    state.running_loss, state.running_count = 0.0, 0
+    state.running_loss, state.running_count, state.running_terms = 0.0, 0, {}
     return stop
 
 
