@@ -23,6 +23,7 @@ REQUIRED = {
     "recipes": [],
     "report": ["runs/x"],
     "tune": ["r.yaml"],
+    "compare": ["runs/a", "runs/b"],
 }
 
 
@@ -95,6 +96,7 @@ def test_every_command_is_an_api_function_of_its_name() -> None:
         "recipes",
         "report",
         "tune",
+        "compare",
     }
     for command in commands:
         assert callable(getattr(api, {"eval": "evaluate"}.get(command, command))), command

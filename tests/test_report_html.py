@@ -10,10 +10,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import tiny_recipe
+from helpers import fails_cleanly, tiny_recipe
 
 import kdistill
 from kdistill import api
+from kdistill.cli import main
 from kdistill.report_html import markdown_to_html
 
 
@@ -75,7 +76,9 @@ def test_the_page_renders_in_headless_chromium(run: Path, tmp_path: Path) -> Non
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     executable = _chromium()
     if executable is None:
-        pytest.skip("no Chromium on this machine (apt-get install -y chromium); .ci/run installs it")
+        pytest.skip(
+            "no Chromium on this machine (apt-get install -y chromium); .ci/run installs it"
+        )
     page_path = (run / "report.html").resolve()
     errors: list[str] = []
     requests: list[str] = []
@@ -115,3 +118,34 @@ def test_classifier_details_are_measured_and_drawn(run: Path) -> None:
     page = (run / "report.html").read_text()
     assert "Classes and calibration" in page and "confusion matrix of distill" in page
     assert "the distilled student&#x27;s accuracy minus the student alone&#x27;s" in page
+
+
+def test_compare_puts_three_runs_on_one_page(
+    run: Path, tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KDISTILL_DATA", str(shared_data))
+    others = []
+    for name, temperature in (("t1", 1.0), ("t8", 8.0)):
+        recipe = tiny_recipe(stages=["teacher", "distill"])
+        recipe["objective"][1]["temperature"] = temperature
+        recipe["teacher"]["checkpoint"] = str(run / "teacher" / "seed0")
+        kdistill.run(recipe, output_dir=tmp_path / name, quiet=True)
+        others.append(tmp_path / name)
+    output = tmp_path / "out" / "compare.html"
+    assert main(["compare", str(run), *map(str, others), "--output", str(output)]) == 0
+    page = output.read_text()
+    for name in ("run", "t1", "t8"):
+        assert f'<td style="text-align:left">{name}</td>' in page
+    t8 = json.loads((tmp_path / "t8" / "results.json").read_text())
+    assert f"{t8['stages']['distill']['test']['accuracy']:.4f}" in page
+    assert "t8/distill" in page and "run/baseline" in page  # curves overlaid, one series each
+    assert "<script" not in page.lower()
+
+
+def test_compare_refuses_unfinished_folders(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a").mkdir()
+    fails_cleanly(
+        capsys, ["compare", str(tmp_path / "a"), str(tmp_path / "b")], "no results.json in"
+    )

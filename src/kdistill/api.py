@@ -232,6 +232,24 @@ def report(run_dir: str | Path) -> dict[str, Any]:
     return results
 
 
+def compare(run_dirs: list[str | Path], *, output: str | Path | None = None) -> Path:
+    """One self-contained HTML page comparing runs (`kdistill.report_html`): a row per
+    run and stage, their curves overlaid, quality against cost; returns its path
+    (default compare.html in the current folder)."""
+    from kdistill.errors import RunDirError
+    from kdistill.report_html import write_compare_html
+
+    missing = [str(r) for r in run_dirs if not (Path(r) / "results.json").is_file()]
+    if missing:
+        raise RunDirError(
+            f"no results.json in {', '.join(missing)}: compare reads finished runs (or run "
+            "`kdistill report` on a run folder first)"
+        )
+    if len(run_dirs) < 2:
+        raise RunDirError("compare needs two run folders or more; for one, `kdistill report`")
+    return write_compare_html(list(run_dirs), output or "compare.html")
+
+
 def recipes() -> dict[str, Path]:
     """The shipped recipes by name."""
     from kdistill.recipes import shipped

@@ -25,6 +25,7 @@ EXAMPLES = """examples:
   kdistill report runs/mnist_quick
   kdistill eval runs/mnist_quick/distill/seed0
   kdistill tune mnist_quick --space space.yaml --trials 20
+  kdistill compare runs/a runs/b runs/c --output compare.html
 """
 
 
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     _recipes_command(sub, common)
     _report_command(sub, common)
     _tune_command(sub, common)
+    _compare_command(sub, common)
     return parser
 
 
@@ -239,6 +241,14 @@ def _report_command(sub: Any, common: argparse.ArgumentParser) -> None:
 
 # the machine's fault, not kdistill's: a full disk, a quota, a read-only or refused folder
 _WRITE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS, errno.EACCES}
+
+
+def _compare_command(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "compare", parents=[common], help="one HTML page comparing several finished runs"
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--output", help="the page to write (default: compare.html)")
 
 
 def _tune_command(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -404,6 +414,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
             quiet=args.quiet,
         )
         _print_study(study, console)
+    elif command == "compare":
+        console.print(f"wrote {api.compare(args.run_dirs, output=args.output)}")
     elif command == "report":
         results = api.report(args.run_dir)
         task_of_run(Path(args.run_dir)).function("print_table")(results, Console())

@@ -86,6 +86,88 @@ def render(run_dir: Path, *, score: tuple[str, bool] | None = None) -> str:
     return _page(title, "\n".join(sections))
 
 
+def write_compare_html(run_dirs: list[str | Path], output: str | Path) -> Path:
+    """One page for several runs (three recipes, a study's best trials): a row per run
+    and stage, the curves of every run overlaid, quality against cost for all."""
+    from kdistill.tasks import task_of_run
+
+    runs = [Path(r) for r in run_dirs]
+    scores = {task_of_run(r).score for r in runs}
+    score = next(iter(scores)) if len(scores) == 1 else None
+    names = _run_names(runs)
+    results = {name: _read_json(run / "results.json") or {} for name, run in zip(names, runs)}
+    metric = (score[0] if score else "val_accuracy").removeprefix("val_")
+    title = "kdistill: " + " vs ".join(names)
+    rows = []
+    for name in names:
+        for stage, info in (results[name].get("stages") or {}).items():
+            test, cost = info.get("test") or {}, info.get("cost") or {}
+            value, spread = test.get(metric), test.get(f"{metric}_std") or 0.0
+            shown = f"{value:.4f} ± {spread:.4f}" if isinstance(value, (int, float)) else "—"
+            rows.append(
+                f"| {name} | {stage} | {len(info.get('seeds') or [])} | {shown} | "
+                f"{_si(cost.get('params'))} | {_si(cost.get('flops'))} | "
+                f"{_number(cost.get('latency_ms_single'))} |"
+            )
+    table = "\n".join(
+        [
+            f"| run | stage | seeds | test {metric} | params | FLOPs/sample | latency ms |",
+            "|:---|:---|---:|---:|---:|---:|---:|",
+            *rows,
+        ]
+    )
+    merged: dict[str, dict[str, Any]] = {}
+    for name in names:
+        for stage, info in (results[name].get("stages") or {}).items():
+            merged[f"{name}/{stage}"] = info
+    curves = {
+        label: read_curves(run, stage, list(info.get("seeds") or []))
+        for name, run in zip(names, runs)
+        for stage, info in (results[name].get("stages") or {}).items()
+        for label in [f"{name}/{stage}"]
+    }
+    sections = [
+        f"<h1>{_e(title)}</h1>",
+        "<p>Runs: "
+        + ", ".join(f"<b>{_e(n)}</b> ({_e(str(r))})" for n, r in zip(names, runs))
+        + "</p>",
+        "<h2>Results</h2>",
+        markdown_to_html(table),
+        "<p>Mean ± standard deviation over each run's seeds, last checkpoints. "
+        + ("" if score else "The runs are of different tasks: accuracy is shown where present. ")
+        + "</p>",
+        "<h2>Training</h2>",
+        _curve_panels({k: v for k, v in curves.items() if v}),
+        "<h2>Quality and cost</h2>",
+        _quality_and_cost({"stages": merged}, score),
+    ]
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, _page(title, "\n".join(sections)))
+    return path
+
+
+def _run_names(runs: list[Path]) -> list[str]:
+    """Each run by its folder name, made unique with its parent's where two agree."""
+    names = [run.name for run in runs]
+    return [
+        f"{run.parent.name}/{run.name}" if names.count(run.name) > 1 else run.name for run in runs
+    ]
+
+
+def _si(value: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return "—"
+    for limit, suffix in ((1e9, " G"), (1e6, " M"), (1e3, " K")):
+        if abs(value) >= limit:
+            return f"{value / limit:.2f}{suffix}"
+    return f"{value:g}"
+
+
+def _number(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "—"
+
+
 # ---------------------------------------------------------------------- markdown
 
 
@@ -209,7 +291,11 @@ def _training(run_dir: Path, results: dict[str, Any]) -> str:
         stage: read_curves(run_dir, stage, list(info.get("seeds") or []))
         for stage, info in stages.items()
     }
-    curves = {stage: c for stage, c in curves.items() if c}
+    return _curve_panels({stage: c for stage, c in curves.items() if c})
+
+
+def _curve_panels(curves: dict[str, dict[str, dict[int, float]]]) -> str:
+    """A panel per kind of metric, a line per series (a stage, or run/stage)."""
     if not curves:
         return "<p>No stage recorded epochs (metrics.jsonl).</p>"
     panels: list[tuple[str, Callable[[str], bool]]] = [
@@ -247,7 +333,7 @@ def _curve_plot(curves: dict[str, dict[str, dict[int, float]]], keys: list[str],
                 label = f"{stage} {key}" if len(keys) > 1 else stage
                 ax.plot(
                     list(points), list(points.values()), styles[k % len(styles)], marker="o",
-                    markersize=3, color=STAGE_COLORS.get(stage.split("_")[0]), label=label,
+                    markersize=3, color=_color(stage, len(curves)), label=label,
                 )  # fmt: skip
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -280,7 +366,7 @@ def _quality_and_cost(results: dict[str, Any], score: tuple[str, bool] | None) -
             for stage, value, spread, cost in usable:
                 ax.errorbar(
                     cost[key], value, yerr=spread, fmt="o", capsize=4, markersize=7,
-                    color=STAGE_COLORS.get(stage.split("_")[0]), label=stage,
+                    color=_color(stage, len(usable)), label=stage,
                 )  # fmt: skip
             xs = [cost[key] for _, _, _, cost in usable]
             if min(xs) > 0 and max(xs) / min(xs) > 10:  # several decades: a log axis
@@ -476,6 +562,14 @@ def _svg(draw: Callable[[Any], None]) -> str:
             plt.close(fig)
     text = buffer.getvalue()
     return text[text.index("<svg") :]
+
+
+def _color(series: str, count: int) -> str | None:
+    """A stage's own colour; a run/stage series of a comparison takes the default cycle
+    (several runs share stage names)."""
+    if "/" in series:
+        return None
+    return STAGE_COLORS.get(series.split("_")[0])
 
 
 def _figure(svg: str, caption: str) -> str:
