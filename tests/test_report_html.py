@@ -3,6 +3,7 @@ the run's numbers), and that page opened in headless Chromium."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -10,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import fails_cleanly, tiny_recipe
+from helpers import fails_cleanly, tiny_lm_recipe, tiny_recipe
 
 import kdistill
 from kdistill import api
@@ -149,3 +150,18 @@ def test_compare_refuses_unfinished_folders(
     fails_cleanly(
         capsys, ["compare", str(tmp_path / "a"), str(tmp_path / "b")], "no results.json in"
     )
+
+
+def test_language_model_page_shows_samples_and_validation_quality(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KDISTILL_DATA", str(shared_data))
+    kdistill.run(tiny_lm_recipe(), output_dir=tmp_path / "lm", quiet=True)
+    page = (tmp_path / "lm" / "report.html").read_text()
+    assert "<h2>Samples</h2>" in page
+    completion = json.loads((tmp_path / "lm" / "distill" / "seed0" / "eval.json").read_text())[
+        "samples"
+    ][0]["completion"]
+    assert html.escape(completion) in page
+    assert "validation loss against parameters" in page  # no test split: validation quality
+    assert "loss_forward_kl" in page  # the divergence's own curve beside the cross-entropy

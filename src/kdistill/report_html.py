@@ -40,7 +40,12 @@ STAGE_COLORS = {
     "qat": "#c44e52",
     "quantize": "#c44e52",
 }
-COSTS = (("params", "parameters"), ("flops", "FLOPs / sample"), ("latency_ms_single", "latency ms"))
+COSTS = (
+    ("params", "parameters"),
+    ("flops", "FLOPs / sample"),
+    ("latency_ms_single", "latency ms"),
+    ("latency_ms_per_token", "latency ms / token"),
+)
 
 
 def write_html(run_dir: str | Path, *, score: tuple[str, bool] | None = None) -> Path:
@@ -77,6 +82,7 @@ def render(run_dir: Path, *, score: tuple[str, bool] | None = None) -> str:
         "<h2>Quality and cost</h2>",
         _quality_and_cost(results, score),
         _classes(run_dir, results),
+        _samples(results),
         "<h2>The run</h2>",
         _environment(run_dir, results, status),
         "<details><summary>The recipe (recipe.yaml)</summary><pre>"
@@ -347,13 +353,16 @@ def _curve_plot(curves: dict[str, dict[str, dict[int, float]]], keys: list[str],
 def _quality_and_cost(results: dict[str, Any], score: tuple[str, bool] | None) -> str:
     stages = results.get("stages") or {}
     metric = (score[0] if score else "val_accuracy").removeprefix("val_")
-    points = []
+    points, split = [], "test"
     for stage, info in stages.items():
-        test, cost = info.get("test") or {}, info.get("cost") or {}
-        if isinstance(test.get(metric), (int, float)):
-            points.append((stage, test[metric], test.get(f"{metric}_std") or 0.0, cost))
+        # a language model is measured on its validation text (it has no test split)
+        measured = info.get("test") or info.get("val") or {}
+        split = "test" if info.get("test") else "validation"
+        cost = info.get("cost") or {}
+        if isinstance(measured.get(metric), (int, float)):
+            points.append((stage, measured[metric], measured.get(f"{metric}_std") or 0.0, cost))
     if not points:
-        return f"<p>No stage has a test {_e(metric)} to plot.</p>"
+        return f"<p>No stage has a {_e(metric)} to plot.</p>"
     from matplotlib.ticker import NullFormatter
 
     figures = []
@@ -374,10 +383,10 @@ def _quality_and_cost(results: dict[str, Any], score: tuple[str, bool] | None) -
                 ax.xaxis.set_minor_formatter(NullFormatter())
                 label += " (log)"
             ax.set_xlabel(label)
-            ax.set_ylabel(f"test {metric}")
+            ax.set_ylabel(f"{split} {metric}")
             ax.legend(fontsize=7)
 
-        figures.append(_figure(_svg(draw), f"test {metric} against {label}"))
+        figures.append(_figure(_svg(draw), f"{split} {metric} against {label}"))
     note = (
         "<p>Each point is a stage: mean over its seeds, error bar one standard deviation. "
         "Cost from the stage's eval.json (the lowest seed: seeds share the architecture).</p>"
@@ -435,6 +444,34 @@ def _classes(run_dir: Path, results: dict[str, Any]) -> str:
         )
     )
     return "<h2>Classes and calibration</h2>" + '<div class="grid">' + "".join(figures) + "</div>"
+
+
+def _samples(results: dict[str, Any]) -> str:
+    """Language models: what each stage writes from the same prompts (first seed)."""
+    stages = results.get("stages") or {}
+    written = {
+        stage: info["per_seed"][0]["samples"]
+        for stage, info in stages.items()
+        if info.get("per_seed") and info["per_seed"][0].get("samples")
+    }
+    if not written:
+        return ""
+    prompts = [sample["prompt"] for sample in next(iter(written.values()))]
+    head = "<tr><th>prompt</th>" + "".join(f"<th>{_e(s)}</th>" for s in written) + "</tr>"
+    body = ""
+    for i, prompt in enumerate(prompts):
+        cells = "".join(
+            f"<td><pre>{_e(samples[i]['completion'])}</pre></td>"
+            if i < len(samples)
+            else "<td></td>"
+            for samples in written.values()
+        )
+        body += f"<tr><td><pre>{_e(prompt)}</pre></td>{cells}</tr>"
+    return (
+        "<h2>Samples</h2><p>Each stage's continuation of the same prompts (first seed; the "
+        "recipe's sampling settings).</p>"
+        f'<table class="samples"><thead>{head}</thead><tbody>{body}</tbody></table>'
+    )
 
 
 def _class_names(run_dir: Path, stages: dict[str, Any]) -> list[str] | None:
@@ -595,6 +632,7 @@ figure.plot {{ margin: 0; }} figure.plot svg {{ width: 100%; height: auto; }}
 figcaption {{ font-size: 0.8rem; color: #555; text-align: center; }}
 pre {{ background: #f6f8fa; padding: 0.8rem; overflow-x: auto; font-size: 0.8rem; }}
 code {{ background: #f6f8fa; padding: 0 0.2rem; }}
+table.samples pre {{ background: none; padding: 0; margin: 0; white-space: pre-wrap; }}
 </style></head>
 <body>
 {body}
