@@ -61,7 +61,9 @@ def validate(
 
     source = str(recipe) if isinstance(recipe, (str, Path)) else "recipe"
     recipe = as_recipe(recipe, overrides)
-    problems = task_of_recipe(recipe).function("check")(recipe, data_dir)
+    from kdistill.track import track_problems
+
+    problems = task_of_recipe(recipe).function("check")(recipe, data_dir) + track_problems(recipe)
     if problems:
         raise problems_error(source, problems)
     return recipe

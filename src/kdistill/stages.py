@@ -181,7 +181,7 @@ def train_stage(
         resume=ctx.resume,
         label=label(stage, seed),
         quiet=ctx.quiet,
-        tensorboard=ctx.recipe.output.tensorboard,
+        tensorboard=ctx.recipe.output.writes_tensorboard,
         console=ctx.console,
         extras=extras,
         on_epoch=(
@@ -360,6 +360,14 @@ def finish_run(ctx: RunContext, write_report: Callable[[Path], dict[str, Any]]) 
                 write_run_html(ctx.run_dir)
             except Exception as exc:  # the page is a view of files already written
                 ctx.console.log(f"[yellow]report.html not written: {type(exc).__name__}: {exc}")
+        if "mlflow" in ctx.recipe.output.track:
+            from kdistill.track import log_to_mlflow
+
+            try:
+                where = log_to_mlflow(ctx.run_dir, ctx.recipe)
+                ctx.console.log(f"mlflow: run logged to {where}")
+            except Exception as exc:  # the run's files are written; the tracker is a copy
+                ctx.console.log(f"[yellow]mlflow logging failed: {type(exc).__name__}: {exc}")
     return results
 
 

@@ -465,7 +465,7 @@ class _MetricsLog:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
             for key, value in record.items():
-                if key in ("loss", "lr") or key.startswith("val_"):
+                if key in ("loss", "lr") or key.startswith(("val_", "loss_", "temperature_")):
                     self.writer.add_scalar(f"{self.label}/{key}", value, step)
         line = self.steps.describe(self.label, self.epochs, record)
         (self.console if self.bar is None else self.bar.console).log(line)

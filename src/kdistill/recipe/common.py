@@ -88,6 +88,20 @@ class OutputConfig(Strict):
     dir: str | None = Field(None, description="run folder; default runs/<recipe name>")
     tensorboard: bool = False
     plots: bool = True
+    track: list[Literal["mlflow", "tensorboard"]] = Field(
+        default_factory=list,
+        description="experiment trackers: mlflow (the resolved recipe as parameters, every "
+        "stage's and seed's metrics, the results, report and student weights as artifacts) "
+        "and tensorboard (event files per stage and seed; the same as tensorboard: true)",
+    )
+    track_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (default sqlite:///<the run's parent folder>/mlflow.db)",
+    )
+
+    @property
+    def writes_tensorboard(self) -> bool:
+        return self.tensorboard or "tensorboard" in self.track
 
 
 class RecipeBase(Strict):
