@@ -21,7 +21,7 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -67,6 +67,8 @@ class RunContext:
     accelerator: Accelerator
     options: RunOptions
     console: Console
+    # (k, n): this stage is the k-th of the run's n (the progress bar shows it)
+    position: tuple[int, int] | None = field(default=None, kw_only=True)
 
     @property
     def is_main(self) -> bool:
@@ -115,25 +117,36 @@ def run_stages(
     (none: no stage needs a teacher), then the student side for each of the recipe's
     seeds."""
     listed = set(ctx.recipe.stages)
+    teacher_side = [n for n in table.teacher if n == "teacher" or n in listed]
+    student_side = [n for n in table.student if n in listed]
+    total = len(teacher_seeds) * len(teacher_side) + len(ctx.recipe.seeds) * sum(
+        generations if n in table.chained else 1 for n in student_side
+    )
+    done = 0
+
+    def run(stage: Stage, name: str, seed: int, guide: Any) -> Any:
+        nonlocal done
+        done += 1
+        ctx.position = (done, total)
+        return stage(ctx, name, seed, guide)
+
     guides: dict[int, Any] = {}
     for seed in teacher_seeds:
         guide = None
-        for name, stage in table.teacher.items():
-            if name == "teacher" or name in listed:
-                guide = stage(ctx, name, seed, guide)
+        for name in teacher_side:
+            guide = run(table.teacher[name], name, seed, guide)
         guides[seed] = guide
     for seed in ctx.recipe.seeds:
         guide = guides.get(seed) or next(iter(guides.values()), None)
-        for name, stage in table.student.items():
-            if name not in listed:
-                continue
+        for name in student_side:
+            stage = table.student[name]
             if name not in table.chained:
-                stage(ctx, name, seed, guide)
+                run(stage, name, seed, guide)
                 continue
             chain = guide
             for generation in range(1, generations + 1):
-                chain = stage(
-                    ctx, name if generation == 1 else f"{name}_gen{generation}", seed, chain
+                chain = run(
+                    stage, name if generation == 1 else f"{name}_gen{generation}", seed, chain
                 )
 
 
@@ -180,6 +193,11 @@ def train_stage(
         accelerator=ctx.accelerator,
         resume=ctx.resume,
         label=label(stage, seed),
+        description=(
+            f"{label(stage, seed)} · stage {ctx.position[0]} of {ctx.position[1]}"
+            if ctx.position
+            else None
+        ),
         quiet=ctx.quiet,
         tensorboard=ctx.recipe.output.writes_tensorboard,
         console=ctx.console,

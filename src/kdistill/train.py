@@ -137,6 +137,7 @@ def fit(
     accelerator: Accelerator,
     resume: bool = False,
     label: str = "train",
+    description: str | None = None,
     quiet: bool = False,
     tensorboard: bool = False,
     console: Console | None = None,
@@ -173,7 +174,7 @@ def fit(
     stopped_early = False
     with progress_bar(console, quiet or not accelerator.is_main_process) as bar:
         log.bar = bar
-        task = bar.add_task(label, total=total_steps, info="") if bar else None
+        task = bar.add_task(description or label, total=total_steps, info="") if bar else None
         if bar is not None and task is not None:
             bar.update(task, completed=state.global_step)
         while state.epoch < settings.epochs and not stopped_early:
