@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import io
 import json
 import math
 import os
@@ -48,6 +49,7 @@ from typing import Any
 import yaml
 from rich.console import Console
 
+from kdistill.checkpoint import atomic_write_json, atomic_write_text
 from kdistill.errors import KdistillError, RecipeError, TuneError, suggest
 from kdistill.recipe.tune import Param, TuneConfig
 
@@ -926,7 +928,7 @@ def _write_best_recipe(study: Study, trial: Any, settings: dict[str, Any]) -> No
         + "".join(f"#   {path}: {_short(v)}\n" for path, v in settings.items())
     )
     text = header + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)
-    (study.folder / "best_recipe.yaml").write_text(text, encoding="utf-8")
+    atomic_write_text(study.folder / "best_recipe.yaml", text)
 
 
 def _write_pareto(study: Study, chosen: list[Any], runs: dict[str, Any]) -> None:
@@ -962,7 +964,7 @@ def _write_pareto(study: Study, chosen: list[Any], runs: dict[str, Any]) -> None
         cells = [f"{m:.4g} ± {s:.2g}" for m, s in zip(row["mean"], row["std"])]
         shown = ", ".join(f"{k}={_short(v)}" for k, v in row["settings"].items())
         lines.append(f"| {row['trial']} | " + " | ".join(cells) + f" | {shown} |")
-    (study.folder / "pareto.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_text(study.folder / "pareto.md", "\n".join(lines) + "\n")
     _pareto_plot(study, rows)
 
 
@@ -996,16 +998,17 @@ def _write_tables(study: Study, optuna: Any) -> None:
     space = list(study.config.space)
     header = ["trial", "state", *study.objective_names, "seconds", *space, "error"]
     trials = study.optuna_study.get_trials(deepcopy=False)
-    with open(study.folder / "trials.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        for t in trials:
-            values = list(t.values) if t.values else [""] * len(study.objective_names)
-            reason = t.user_attrs.get("error") or t.user_attrs.get("pruned") or ""
-            writer.writerow(
-                [t.number, t.state.name.lower(), *values, t.user_attrs.get("seconds", ""),
-                 *[t.params.get(p, "") for p in space], reason]
-            )  # fmt: skip
+    buffer = io.StringIO()  # written whole and atomically: two workers may both write it
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for t in trials:
+        values = list(t.values) if t.values else [""] * len(study.objective_names)
+        reason = t.user_attrs.get("error") or t.user_attrs.get("pruned") or ""
+        writer.writerow(
+            [t.number, t.state.name.lower(), *values, t.user_attrs.get("seconds", ""),
+             *[t.params.get(p, "") for p in space], reason]
+        )  # fmt: skip
+    atomic_write_text(study.folder / "trials.csv", buffer.getvalue())
     summary = _summary(study, optuna)
     lines = [
         f"# Study {study.folder.name}: {study.recipe.name}",
@@ -1022,7 +1025,7 @@ def _write_tables(study: Study, optuna: Any) -> None:
         shown = ", ".join(f"{k} {v:.6g}" for k, v in best["values"].items())
         lines.append(f"- trial {best['trial']}: {shown}")
         lines += [f"    - {k}: {_short(v)}" for k, v in best["settings"].items()]
-    (study.folder / "study.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_text(study.folder / "study.md", "\n".join(lines) + "\n")
 
 
 def _plots(study: Study, optuna: Any) -> None:
@@ -1075,6 +1078,4 @@ def _state(summary: dict[str, Any]) -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    from kdistill.checkpoint import atomic_write_json
-
     atomic_write_json(path, data)
