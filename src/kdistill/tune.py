@@ -695,6 +695,14 @@ def _search(study: Study, optuna: Any, *, timeout: float | None) -> int:
             break
         _trial(study, optuna, trial)
         ran += 1
+        counted, _ = _count(study, optuna)
+        if counted < budget:
+            pace = (time.monotonic() - started) / ran
+            study.console.log(
+                f"tune: {counted} of {budget} trials; at this worker's pace "
+                f"({pace / 60:.1f} min a trial) about {(budget - counted) * pace / 60:.0f} min "
+                "of trials are left"
+            )
     return ran
 
 
