@@ -66,6 +66,8 @@ METHODS: dict[str, list[dict[str, Any]]] = {
     # CTKD (Li et al., AAAI 2023): KD's terms with a global temperature trained against the
     # student in [1, 21], from CTKD's start (T 15.6), reversal ramped over the first 10%
     "ctkd": [CE_KD, {**KD, "temperature": {"kind": "learned"}}],
+    # the same, from the KD row's T = 4: what learning T adds, apart from a higher T
+    "ctkd_t4": [CE_KD, {**KD, "temperature": {"kind": "learned", "start": 4.0}}],
 }
 
 
