@@ -182,8 +182,14 @@ def train_stage(
     *,
     settings: Any,
     extras: nn.Module | None = None,
+    teacher: str | None = None,
 ) -> FitResult:
-    """Train one stage's model with `fit` into its folder, with the run's settings."""
+    """Train one stage's model with `fit` into its folder, with the run's settings.
+    `teacher` says where the stage's teacher signal comes from (the progress bar shows
+    it: "live", "cache")."""
+    where = [f"stage {ctx.position[0]} of {ctx.position[1]}"] if ctx.position else []
+    if teacher:
+        where.append(f"teacher {teacher}")
     return fit(
         model,
         steps,
@@ -193,11 +199,7 @@ def train_stage(
         accelerator=ctx.accelerator,
         resume=ctx.resume,
         label=label(stage, seed),
-        description=(
-            f"{label(stage, seed)} · stage {ctx.position[0]} of {ctx.position[1]}"
-            if ctx.position
-            else None
-        ),
+        description=" · ".join([label(stage, seed), *where]) if where else None,
         quiet=ctx.quiet,
         tensorboard=ctx.recipe.output.writes_tensorboard,
         console=ctx.console,

@@ -316,7 +316,11 @@ def _train_and_finish(
     )
     # learned temperatures (CTKD) train with the student
     extras = objective.extras.to(ctx.accelerator.device) if len(objective.extras) else None
-    result = train_stage(ctx, stage, seed, model, steps, settings=settings, extras=extras)
+    # the encoder tasks run the teacher once over the training rows, cached or not
+    source = None if signal is None else "cache" if ctx.recipe.reads_teacher_cache() else "one pass"
+    result = train_stage(
+        ctx, stage, seed, model, steps, settings=settings, extras=extras, teacher=source
+    )
     model = ctx.accelerator.unwrap_model(model)
     _measure_stage(ctx, stage, seed, model, spec, guide, train_seconds=result.seconds)
     ctx.accelerator.free_memory()

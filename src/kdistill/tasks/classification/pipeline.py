@@ -428,7 +428,10 @@ def _train_and_finish(
         seed=seed,
         label=label(stage, seed),
     )
-    result = train_stage(ctx, stage, seed, model, steps, settings=settings, extras=extras)
+    source = None if signal is None else "cache" if isinstance(signal, CachedTeacher) else "live"
+    result = train_stage(
+        ctx, stage, seed, model, steps, settings=settings, extras=extras, teacher=source
+    )
     model = ctx.accelerator.unwrap_model(model)
     measure_stage(ctx, stage, seed, model, spec, guide, train_seconds=result.seconds)
     ctx.accelerator.free_memory()
