@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import html
 import io
-import json
 import re
 import statistics
 from collections.abc import Callable
@@ -30,6 +29,13 @@ from typing import Any
 import yaml
 
 from kdistill.checkpoint import atomic_write_text
+from kdistill.report import (
+    format_duration,
+    format_si,
+    format_value,
+    read_json_if_any,
+    read_records,
+)
 
 STAGE_COLORS = {
     "teacher": "#4c72b0",
@@ -67,10 +73,10 @@ def write_run_html(run_dir: str | Path) -> Path:
 
 
 def render(run_dir: Path, *, score: tuple[str, bool] | None = None) -> str:
-    results = _read_json(run_dir / "results.json") or {}
+    results = read_json_if_any(run_dir / "results.json") or {}
     recipe_text = _read_text(run_dir / "recipe.yaml")
     recipe = yaml.safe_load(recipe_text) if recipe_text else {}
-    status = _read_json(run_dir / "run.json") or {}
+    status = read_json_if_any(run_dir / "run.json") or {}
     title = f"kdistill: {results.get('recipe') or run_dir.name}"
     sections = [
         f"<h1>{_e(title)}</h1>",
@@ -101,7 +107,7 @@ def write_compare_html(run_dirs: list[str | Path], output: str | Path) -> Path:
     scores = {task_of_run(r).score for r in runs}
     score = next(iter(scores)) if len(scores) == 1 else None
     names = _run_names(runs)
-    results = {name: _read_json(run / "results.json") or {} for name, run in zip(names, runs)}
+    results = {name: read_json_if_any(run / "results.json") or {} for name, run in zip(names, runs)}
     metric = (score[0] if score else "val_accuracy").removeprefix("val_")
     title = "kdistill: " + " vs ".join(names)
     rows = []
@@ -112,7 +118,7 @@ def write_compare_html(run_dirs: list[str | Path], output: str | Path) -> Path:
             shown = f"{value:.4f} ± {spread:.4f}" if isinstance(value, (int, float)) else "—"
             rows.append(
                 f"| {name} | {stage} | {len(info.get('seeds') or [])} | {shown} | "
-                f"{_si(cost.get('params'))} | {_si(cost.get('flops'))} | "
+                f"{format_value(cost.get('params'), format_si)} | {format_value(cost.get('flops'), format_si)} | "
                 f"{_number(cost.get('latency_ms_single'))} |"
             )
     table = "\n".join(
@@ -159,15 +165,6 @@ def _run_names(runs: list[Path]) -> list[str]:
     return [
         f"{run.parent.name}/{run.name}" if names.count(run.name) > 1 else run.name for run in runs
     ]
-
-
-def _si(value: Any) -> str:
-    if not isinstance(value, (int, float)):
-        return "—"
-    for limit, suffix in ((1e9, " G"), (1e6, " M"), (1e3, " K")):
-        if abs(value) >= limit:
-            return f"{value / limit:.2f}{suffix}"
-    return f"{value:g}"
 
 
 def _number(value: Any) -> str:
@@ -273,12 +270,7 @@ def read_curves(run_dir: Path, stage: str, seeds: list[int]) -> dict[str, dict[i
     """Each metric of a stage's epoch records: {metric: {epoch: mean over seeds}}."""
     values: dict[str, dict[int, list[float]]] = {}
     for seed in seeds:
-        path = run_dir / stage / f"seed{seed}" / "metrics.jsonl"
-        for line in (_read_text(path) or "").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+        for record in read_records(run_dir / stage / f"seed{seed}" / "metrics.jsonl"):
             if record.get("split") != "train":
                 continue
             for key, value in record.items():
@@ -477,7 +469,7 @@ def _samples(results: dict[str, Any]) -> str:
 def _class_names(run_dir: Path, stages: dict[str, Any]) -> list[str] | None:
     for stage, info in stages.items():
         for seed in info.get("seeds") or []:
-            model = _read_json(run_dir / stage / f"seed{seed}" / "model.json") or {}
+            model = read_json_if_any(run_dir / stage / f"seed{seed}" / "model.json") or {}
             if model.get("class_names"):
                 return [str(n) for n in model["class_names"]]
     return None
@@ -568,7 +560,7 @@ def _environment(run_dir: Path, results: dict[str, Any], status: dict[str, Any])
     for stage, info in (results.get("stages") or {}).items():
         seconds = info.get("train_seconds")
         if isinstance(seconds, (int, float)):
-            rows.append((f"{stage} wall time (mean per seed)", _duration(seconds)))
+            rows.append((f"{stage} wall time (mean per seed)", format_duration(seconds)))
     body = "".join(
         f"<tr><td>{_e(name)}</td><td>{_e(str(value))}</td></tr>"
         for name, value in rows
@@ -641,17 +633,6 @@ table.samples pre {{ background: none; padding: 0; margin: 0; white-space: pre-w
 """
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, rest = divmod(round(seconds), 60)
-    return (
-        f"{minutes} min {rest:02d} s"
-        if minutes < 60
-        else f"{minutes // 60} h {minutes % 60:02d} min"
-    )
-
-
 def _e(text: str) -> str:
     return html.escape(str(text), quote=True)
 
@@ -660,14 +641,4 @@ def _read_text(path: Path) -> str | None:
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
-        return None
-
-
-def _read_json(path: Path) -> Any:
-    text = _read_text(path)
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
         return None

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kdistill.errors import RecipeError
+from kdistill.report import read_json_if_any, read_records
 
 PARAM_BATCH = 100  # MLflow takes at most this many parameters per call
 
@@ -84,7 +85,7 @@ def log_to_mlflow(run_dir: Path, recipe: Any) -> str:
     params = [Param(key, value) for key, value in flatten_params(recipe.model_dump(mode="json"))]
     for start in range(0, len(params), PARAM_BATCH):
         client.log_batch(parent_id, params=params[start : start + PARAM_BATCH])
-    results = _read_json(run_dir / "results.json") or {}
+    results = read_json_if_any(run_dir / "results.json") or {}
     for stage, info in (results.get("stages") or {}).items():
         for seed in info.get("seeds") or []:
             folder = run_dir / stage / f"seed{seed}"
@@ -94,13 +95,13 @@ def log_to_mlflow(run_dir: Path, recipe: Any) -> str:
                 tags={"mlflow.parentRunId": parent_id, "kdistill.stage": stage},
             )
             metrics = []
-            for record in _records(folder / "metrics.jsonl"):
+            for record in read_records(folder / "metrics.jsonl"):
                 step = int(record.get("epoch", 0))
                 prefix = "step_" if record.get("split") == "val" else ""
                 for key, value in record.items():
                     if key not in ("epoch", "step", "split") and _number(value):
                         metrics.append(Metric(prefix + _key(key), float(value), 0, step))
-            evaluation = _read_json(folder / "eval.json") or {}
+            evaluation = read_json_if_any(folder / "eval.json") or {}
             for key, value in flatten_numbers(evaluation):
                 metrics.append(Metric(_key(f"eval/{key}"), value, 0, 0))
             for start in range(0, len(metrics), 900):  # the batch limit is 1,000
@@ -156,21 +157,3 @@ def _number(value: Any) -> bool:
 def _key(name: str) -> str:
     """MLflow keys allow letters, digits, _ - . space : / only."""
     return re.sub(r"[^\w\-. :/]", "_", name)[:250]
-
-
-def _records(path: Path) -> list[dict[str, Any]]:
-    out = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
