@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -237,6 +238,22 @@ def test_resume_with_another_space_is_refused_saying_what_differs(
     other = dict(study["recipe"], train={**study["recipe"]["train"], "epochs": 3})
     with pytest.raises(TuneError, match=r"recipe.train.epochs: 2 in the study, 3 now"):
         tune(other, output_dir=study["folder"], resume=True)
+
+
+def test_a_field_added_to_recipes_since_the_study_began_is_not_a_difference(
+    study: dict[str, Any], tmp_path: Path
+) -> None:
+    # a study written by an older kdistill lacks fields added since (output.track, ...);
+    # they take their defaults, so the study is still its own recipe's study
+    folder = tmp_path / "old"
+    shutil.copytree(study["folder"], folder, symlinks=True)
+    record = json.loads((folder / "study.json").read_text())
+    del record["recipe"]["output"]["track"]
+    (folder / "study.json").write_text(json.dumps(record))
+    with pytest.raises(TuneError) as caught:  # finished, so refused without --resume
+        tune(study["recipe"], output_dir=folder)
+    assert "holds a finished study" in str(caught.value)
+    assert "differs" not in str(caught.value)
 
 
 def test_folders_that_are_not_studies_are_refused(tiny: dict, tmp_path: Path) -> None:

@@ -390,6 +390,21 @@ def _fingerprint(study: Study) -> dict[str, Any]:
     return {"recipe": _plain(study.recipe), "tune": config, "seed": study.seed}
 
 
+def _current_form(recipe: Any, stored: Any) -> Any:
+    """A study's stored recipe as this version of kdistill reads it: a field added since
+    the study began takes its default, so upgrading kdistill does not make a study
+    refuse its own recipe. A stored recipe the schema no longer reads stays as stored
+    (and its differences are listed)."""
+    from pydantic import ValidationError
+
+    if not isinstance(stored, dict):
+        return stored
+    try:
+        return _plain(type(recipe).model_validate(stored))
+    except ValidationError:
+        return stored
+
+
 def _differences(old: Any, new: Any, where: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         out: list[str] = []
@@ -416,9 +431,9 @@ def _claim(study: Study, *, resume: bool, overwrite: bool) -> None:
         )
     elif held:
         record = json.loads(record_path.read_text(encoding="utf-8"))
-        differs = _differences(
-            {k: record.get(k) for k in ("recipe", "tune", "seed")}, _fingerprint(study)
-        )
+        old = {k: record.get(k) for k in ("recipe", "tune", "seed")}
+        old["recipe"] = _current_form(study.recipe, old["recipe"])
+        differs = _differences(old, _fingerprint(study))
         if differs:
             raise TuneError(
                 f"study {folder} was made from another recipe or space, so its trials would "
