@@ -438,8 +438,13 @@ def _classes(run_dir: Path, results: dict[str, Any]) -> str:
     return "<h2>Classes and calibration</h2>" + '<div class="grid">' + "".join(figures) + "</div>"
 
 
+OUTPUT_KEYS = ("completion", "translation")  # what a model wrote, in a sample record
+
+
 def _samples(results: dict[str, Any]) -> str:
-    """Language models: what each stage writes from the same prompts (first seed)."""
+    """What each stage writes from the same inputs (first seed): language models'
+    continuations of prompts, translators' translations beside source and reference.
+    A sample record holds the inputs (prompt; source, reference) and one output key."""
     stages = results.get("stages") or {}
     written = {
         stage: info["per_seed"][0]["samples"]
@@ -448,20 +453,31 @@ def _samples(results: dict[str, Any]) -> str:
     }
     if not written:
         return ""
-    prompts = [sample["prompt"] for sample in next(iter(written.values()))]
-    head = "<tr><th>prompt</th>" + "".join(f"<th>{_e(s)}</th>" for s in written) + "</tr>"
+    first = next(iter(written.values()))
+    inputs = [k for k in first[0] if k not in OUTPUT_KEYS]
+    output = next((k for k in first[0] if k in OUTPUT_KEYS), None)
+    if output is None:
+        return ""
+    head = (
+        "<tr>"
+        + "".join(f"<th>{_e(k)}</th>" for k in inputs)
+        + "".join(f"<th>{_e(s)}</th>" for s in written)
+        + "</tr>"
+    )
     body = ""
-    for i, prompt in enumerate(prompts):
+    for i, sample in enumerate(first):
+        shared = "".join(f"<td><pre>{_e(str(sample.get(k, '')))}</pre></td>" for k in inputs)
         cells = "".join(
-            f"<td><pre>{_e(samples[i]['completion'])}</pre></td>"
+            f"<td><pre>{_e(str(samples[i].get(output, '')))}</pre></td>"
             if i < len(samples)
             else "<td></td>"
             for samples in written.values()
         )
-        body += f"<tr><td><pre>{_e(prompt)}</pre></td>{cells}</tr>"
+        body += f"<tr>{shared}{cells}</tr>"
+    what = "continuation of the same prompts" if output == "completion" else "translation"
     return (
-        "<h2>Samples</h2><p>Each stage's continuation of the same prompts (first seed; the "
-        "recipe's sampling settings).</p>"
+        f"<h2>Samples</h2><p>Each stage's {what} (first seed; the recipe's decoding "
+        "settings).</p>"
         f'<table class="samples"><thead>{head}</thead><tbody>{body}</tbody></table>'
     )
 

@@ -698,3 +698,34 @@ def save_hf(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+class TiedWeights(nn.Module):
+    """A base for nn.Module wrappers of Hugging Face models with tied weights (an input
+    embedding that is also the output layer, shared encoder/decoder embeddings): each
+    shared tensor appears once in `state_dict()`, under its first name, so the weights
+    save as safetensors; `load_state_dict` restores every tied name through it."""
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+        state = super().state_dict(*args, **kwargs)
+        seen: set[tuple[int, tuple[int, ...], tuple[int, ...]]] = set()
+        for key in list(state):
+            tensor = state[key]
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            identity = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+            if identity in seen and tensor.numel():
+                del state[key]  # a tied copy: restored through the first name
+            seen.add(identity)
+        return state
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        tied = set(super().state_dict()) - set(self.state_dict())
+        missing = [k for k in result.missing_keys if k not in tied]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"state dict does not match the model: missing {missing[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]}"
+            )
+        return result

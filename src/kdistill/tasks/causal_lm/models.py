@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from kdistill.data.lm_text import TOKENIZER_FILE, load_tokenizer, tokenizer_fingerprint
 from kdistill.errors import DataError, ModelError, suggest
-from kdistill.models.hf import quiet_transformers, resolve_model_location
+from kdistill.models.hf import TiedWeights, quiet_transformers, resolve_model_location
 from kdistill.recipe.causal_lm import LMModelSpec
 
 EOS_TOKEN = "<|endoftext|>"
@@ -39,7 +39,7 @@ _CONTEXT_KEYS = ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"
 HeadLoss = Callable[[Tensor, Tensor, Tensor | None], Any]
 
 
-class CausalLM(nn.Module):
+class CausalLM(TiedWeights):
     """A Hugging Face causal LM whose forward returns final hidden states (B, T, H).
 
     `hf` is the Hugging Face model. Weights shared by tied embeddings (GPT-2's input
@@ -94,30 +94,6 @@ class CausalLM(nn.Module):
             if isinstance(value, int) and value > 0:
                 return value
         return None
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
-        state = super().state_dict(*args, **kwargs)
-        seen: set[tuple[int, tuple[int, ...], tuple[int, ...]]] = set()
-        for key in list(state):
-            tensor = state[key]
-            if not isinstance(tensor, Tensor):
-                continue
-            identity = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
-            if identity in seen and tensor.numel():
-                del state[key]  # a tied copy: restored through the first name
-            seen.add(identity)
-        return state
-
-    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        tied = set(super().state_dict()) - set(self.state_dict())
-        missing = [k for k in result.missing_keys if k not in tied]
-        if strict and (missing or result.unexpected_keys):
-            raise RuntimeError(
-                f"state dict does not match the model: missing {missing[:5]}, "
-                f"unexpected {result.unexpected_keys[:5]}"
-            )
-        return result
 
 
 def build_causal_lm(

@@ -1,0 +1,807 @@
+"""Stages of a translation run: teacher, baseline, distill, seqkd, seqkd_distill; and the
+other commands (eval, inspect, validate, export) for `task: seq2seq`.
+
+    teacher        trained with cross-entropy on the references (or loaded and measured)
+    baseline       the student alone, on the references
+    distill        word-level KD: the recipe's objective, the live teacher reading the
+                   same source and target prefix at every target position
+    seqkd          sequence-level KD (Kim & Rush 2016): the student on the teacher's beam
+                   translations of the training sources (cross-entropy)
+    seqkd_distill  both: the teacher's translations as targets and word-level KD
+
+The teacher's translations are written once per teacher and decoding settings
+(seqkd/translations/: translations.jsonl, manifest.json with the teacher's and the
+tokenizer's fingerprints, the settings and a digest of the sources), reused by every
+seed and both seqkd stages, continued after an interruption, refused when stale.
+
+Run folder (as every task's, plus the tokenizer):
+    tokenizer/                      trained on the training pairs (or the one loaded)
+    <stage>/seed<k>/                model.safetensors  model.json  eval.json  metrics.jsonl
+                                    best.safetensors  hf/ (save_pretrained + tokenizer)
+                                    test.greedy.txt  test.beam.txt (the translations scored)
+eval.json: `test` BLEU and chrF, greedy and beam (bleu, chrf, bleu_beam, chrf_beam),
+decoding speed (tokens_per_second, ..._beam), how many translations ended on their own;
+`val` the greedy BLEU and loss per token; `best` the same for the best-on-validation
+epoch; `cost` parameters, size, FLOPs of one teacher-forced forward pass per pair;
+`samples` a few test translations beside their source and reference.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdistill import __version__
+from kdistill.checkpoint import atomic_write_json, atomic_write_text, load_weights
+from kdistill.errors import CacheError, CheckpointError, KdistillError, ModelError, RecipeError
+from kdistill.evaluate import cost
+from kdistill.models.hf import quiet_transformers, weights_follow
+from kdistill.recipe.seq2seq import (
+    TEACHER_TRANSLATION_STAGES,
+    WORD_KD_STAGES,
+    DecodeConfig,
+    Seq2SeqDataConfig,
+    Seq2SeqModelSpec,
+    Seq2SeqRecipe,
+)
+from kdistill.stages import (
+    RunContext,
+    RunOptions,
+    StageTable,
+    finish_run,
+    finish_stage,
+    finished,
+    finished_earlier,
+    label,
+    log_start,
+    open_run,
+    resolve_weights,
+    run_stages,
+    stage_dir,
+    train_stage,
+)
+from kdistill.steps import TrainSteps
+from kdistill.tasks.causal_lm.steps import LMObjective
+from kdistill.tasks.seq2seq.data import (
+    Pairs,
+    Seq2SeqData,
+    TextPairs,
+    encode_pairs,
+    encode_targets,
+    load_seq2seq,
+    load_tokenizers,
+    texts_digest,
+)
+from kdistill.tasks.seq2seq.models import Seq2SeqLM, build_model, weights_fingerprint
+from kdistill.tasks.seq2seq.report import write_report
+from kdistill.tasks.seq2seq.steps import (
+    LiveSeq2SeqTeacher,
+    Seq2SeqSteps,
+    Translations,
+    corpus_scores,
+    require_sacrebleu,
+    token_loss,
+    translate,
+)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+COST_PAIRS = 32  # test pairs in the batch FLOPs and forward latency are measured on
+
+
+@dataclass
+class Seq2SeqContext(RunContext):
+    recipe: Seq2SeqRecipe
+    data: Seq2SeqData
+    teacher_data: dict[str, Seq2SeqData] = field(default_factory=dict)  # by tokenizer key
+    translations: dict[str, list[str]] = field(default_factory=dict)  # by teacher fingerprint
+
+
+@dataclass
+class Teacher:
+    model: Seq2SeqLM
+    seed: int
+    fingerprint: str
+
+
+def run(recipe: Seq2SeqRecipe, options: RunOptions) -> dict[str, Any]:
+    """Run the recipe's stages and return the results (the content of results.json)."""
+    require_sacrebleu()
+    with open_run(recipe, options) as (shared, _):
+        data = _build_data(recipe, options.data_dir, shared)
+        ctx = Seq2SeqContext(**shared.shared(), data=data)
+        log_start(ctx, describe(data))
+        _check_models(ctx)
+        stages = set(recipe.stages)
+        needs = stages & {"teacher", *WORD_KD_STAGES, *TEACHER_TRANSLATION_STAGES}
+        uses_teacher = recipe.teacher is not None and (needs or recipe.student_from_teacher)
+        run_stages(ctx, STAGES, teacher_seeds=recipe.seeds[:1] if uses_teacher else [])
+        return finish_run(ctx, write_report)
+
+
+def describe(data: Seq2SeqData) -> str:
+    info = data.info()
+    pairs, cut_s, cut_t = info["pairs"], info["cut_sources"], info["cut_targets"]
+    vocab = (
+        f"joint vocabulary {info['source_vocab']}"
+        if info["joint_vocabulary"]
+        else f"vocabularies {info['source_vocab']} + {info['target_vocab']}"
+    )
+    return (
+        f"pairs: {pairs['train']:,} train, {pairs['val']:,} val, {pairs['test']:,} test "
+        f"({data.section.source_lang}→{data.section.target_lang}, {data.source}); {vocab}; "
+        f"cut at the length limits: sources {sum(cut_s.values())}, targets {sum(cut_t.values())}"
+    )
+
+
+def _build_data(recipe: Seq2SeqRecipe, data_dir: Any, shared: RunContext) -> Seq2SeqData:
+    """The main process trains and saves the tokenizer; the others then load it."""
+    folder = shared.run_dir / "tokenizer"
+    data = None
+    if shared.is_main:
+        data = load_seq2seq(recipe.data, data_dir, tokenizer_dir=folder)
+    shared.accelerator.wait_for_everyone()
+    if data is None:
+        data = load_seq2seq(recipe.data, data_dir, tokenizer_dir=folder, may_train_tokenizer=False)
+    return data
+
+
+def _data_for(ctx: Seq2SeqContext, model: Seq2SeqLM) -> Seq2SeqData:
+    """The splits as `model` tokenizes them: the run's, unless a loaded model brought
+    its own tokenizer."""
+    key = model.tokenizer_key
+    if key == ctx.data.tokenizers.key:
+        return ctx.data
+    if key not in ctx.teacher_data:
+        ctx.teacher_data[key] = retokenized(ctx.data, model.kdistill_tokenizers)
+    return ctx.teacher_data[key]
+
+
+def retokenized(data: Seq2SeqData, tokenizers: Any) -> Seq2SeqData:
+    encoded = {
+        s: encode_pairs(data.split(s).text, tokenizers, data.section)
+        for s in ("train", "val", "test")
+    }
+    return Seq2SeqData(
+        encoded["train"], encoded["val"], encoded["test"], tokenizers, data.section, data.source
+    )
+
+
+def _build(
+    ctx: Seq2SeqContext, spec: Seq2SeqModelSpec, where: str, teacher: Seq2SeqLM | None = None
+) -> Seq2SeqLM:
+    return build_model(spec, ctx.data.tokenizers, where=where, teacher=teacher)
+
+
+def _check_models(ctx: Seq2SeqContext) -> None:
+    """Build every model once before anything trains: a bad model section, shrink
+    indices past the teacher's layers, or a teacher whose vocabulary differs from the
+    student's for a token-level loss fail now, not after the teacher trained."""
+    recipe, stages = ctx.recipe, set(ctx.recipe.stages)
+    with torch.random.fork_rng(devices=[]), weights_follow():
+        torch.manual_seed(0)
+        teacher = None
+        if recipe.teacher is not None:
+            teacher = _build(ctx, recipe.teacher.model, "teacher.model")
+        if recipe.student is not None and stages - {"teacher"}:
+            student = _build(ctx, recipe.student.model, "student.model", teacher)
+            if teacher is not None and stages & set(WORD_KD_STAGES):
+                check_vocabularies(teacher, student)
+
+
+def check_vocabularies(teacher: Seq2SeqLM, student: Seq2SeqLM) -> None:
+    """Word-level KD compares distributions over one vocabulary, token by token."""
+    if teacher.tokenizer_key != student.tokenizer_key:
+        raise ModelError(
+            "student.model: the teacher's tokenizer is not the student's, so their "
+            "next-token distributions are over different vocabularies and a token-level "
+            "loss (distill, seqkd_distill) cannot compare them. Use sequence-level KD "
+            "(stages: [teacher, baseline, seqkd]), which passes the teacher's translations "
+            "as text and works across tokenizers, or give both models one tokenizer"
+        )
+
+
+# ------------------------------------------------------------------------------ stages
+
+
+def _teacher_stage(ctx: Seq2SeqContext, stage: str, seed: int, guide: None) -> Teacher:
+    recipe = ctx.recipe
+    assert recipe.teacher is not None
+    folder = stage_dir(ctx.run_dir, stage, seed)
+    torch.manual_seed(seed)
+    model = _build(ctx, recipe.teacher.model, "teacher.model")
+    checkpoint = resolve_weights(recipe.teacher.checkpoint) if recipe.teacher.checkpoint else None
+    if checkpoint is not None:
+        try:
+            load_weights(model, checkpoint)
+        except CheckpointError as exc:
+            raise CheckpointError(f"teacher.checkpoint: {exc}") from None
+    if recipe.teacher.pretrained:
+        if not finished(folder):
+            _measure(ctx, stage, seed, model, recipe.teacher.model, 0.0, 0)
+    elif finished(folder):
+        load_weights(model, folder / "model.safetensors")
+        finished_earlier(ctx, stage, seed, teacher=True)
+    else:
+        model = _train_and_finish(
+            ctx, stage, seed, model, recipe.teacher.model, LMObjective(ce_weight=1.0), None,
+            train=_data_for(ctx, model).train, settings=recipe.teacher_train(),
+        )  # fmt: skip
+    model.to(ctx.accelerator.device)
+    return Teacher(model, seed, weights_fingerprint(model))
+
+
+def _student_stage(ctx: Seq2SeqContext, stage: str, seed: int, teacher: Teacher | None) -> None:
+    recipe = ctx.recipe
+    assert recipe.student is not None
+    if finished_earlier(ctx, stage, seed):
+        return
+    word_kd = stage in WORD_KD_STAGES
+    train = ctx.data.train
+    if stage in TEACHER_TRANSLATION_STAGES:
+        assert teacher is not None
+        train = _seqkd_pairs(ctx, teacher)
+    torch.manual_seed(seed)  # every student stage of a seed starts from the same weights
+    model = _build(ctx, recipe.student.model, "student.model", teacher.model if teacher else None)
+    signal = None
+    objective = LMObjective(ce_weight=1.0)
+    if word_kd:
+        assert teacher is not None
+        check_vocabularies(teacher.model, model)
+        objective = LMObjective.of(recipe.objective)
+        precision = recipe.teacher.precision if recipe.teacher else None
+        signal = LiveSeq2SeqTeacher(copy.deepcopy(teacher.model), dtype=DTYPES[precision or "fp32"])
+        signal.model.to(ctx.accelerator.device)
+    _train_and_finish(
+        ctx, stage, seed, model, recipe.student.model, objective, signal,
+        train=train, settings=recipe.train,
+    )  # fmt: skip
+
+
+STAGES = StageTable(
+    teacher={"teacher": _teacher_stage},
+    student={
+        "baseline": _student_stage,
+        "distill": _student_stage,
+        "seqkd": _student_stage,
+        "seqkd_distill": _student_stage,
+    },
+)
+
+
+def _train_and_finish(
+    ctx: Seq2SeqContext,
+    stage: str,
+    seed: int,
+    model: Seq2SeqLM,
+    spec: Seq2SeqModelSpec,
+    objective: LMObjective,
+    signal: LiveSeq2SeqTeacher | None,
+    *,
+    train: Pairs,
+    settings: Any,
+) -> Seq2SeqLM:
+    data = _data_for(ctx, model)
+    steps: TrainSteps = Seq2SeqSteps(
+        model,
+        train=train,
+        val=data.val,
+        objective=objective,
+        teacher=signal,
+        settings=settings,
+        accelerator=ctx.accelerator,
+        pad_id=data.pad_id,
+        start_id=model.start_id,
+        vocab_size=data.tokenizers.target.get_vocab_size(),
+        greedy_max_new_tokens=ctx.recipe.evaluation.greedy_max_new_tokens,
+        val_sentences=ctx.recipe.evaluation.val_sentences,
+        label=label(stage, seed),
+    )
+    result = train_stage(
+        ctx, stage, seed, model, steps, settings=settings,
+        teacher="live" if signal is not None else None,
+    )  # fmt: skip
+    model = ctx.accelerator.unwrap_model(model)
+    _measure(ctx, stage, seed, model, spec, result.seconds, result.units)
+    ctx.accelerator.free_memory()
+    return model
+
+
+# ------------------------------------------------------------------ teacher translations
+
+
+def _seqkd_pairs(ctx: Seq2SeqContext, teacher: Teacher) -> Pairs:
+    """The training sources with the teacher's translations as targets (tokenized for
+    the student), plus the references when seqkd.mix_references is on."""
+    recipe = ctx.recipe
+    assert recipe.seqkd is not None
+    texts = _teacher_translations(ctx, teacher)
+    data = ctx.data
+    eos = data.eos_id
+    targets = encode_targets(data.tokenizers.target, texts, data.section.max_target_length, eos)
+    keep = [i for i, t in enumerate(texts) if t.strip()]
+    if len(keep) < len(texts) and ctx.is_main:
+        ctx.console.log(f"seqkd: {len(texts) - len(keep)} empty teacher translations left out")
+    pairs = Pairs(
+        [data.train.sources[i] for i in keep],
+        [targets[i] for i in keep],
+        TextPairs([data.train.text.sources[i] for i in keep], [texts[i] for i in keep], "teacher"),
+    )
+    return data.train + pairs if recipe.seqkd.mix_references else pairs
+
+
+def _teacher_translations(ctx: Seq2SeqContext, teacher: Teacher) -> list[str]:
+    if teacher.fingerprint in ctx.translations:
+        return ctx.translations[teacher.fingerprint]
+    recipe = ctx.recipe
+    assert recipe.seqkd is not None
+    folder = (
+        Path(recipe.seqkd.dir).expanduser()
+        if recipe.seqkd.dir
+        else ctx.run_dir / "seqkd" / "translations"
+    )
+    data = _data_for(ctx, teacher.model)
+    spec = translations_spec(teacher, data, recipe.seqkd)
+    if ctx.is_main:
+        info = write_translations(
+            folder, spec, teacher.model, data.train, recipe.seqkd, ctx.accelerator.device
+        )
+        if info["reused"]:
+            ctx.console.log(f"seqkd: reusing the teacher's translations in {folder}")
+        else:
+            ctx.console.log(
+                f"seqkd: the teacher translated {spec['sources']:,} training sources (beam "
+                f"{recipe.seqkd.num_beams}; {info['ended']:,} ended on their own, the others "
+                f"at max_new_tokens) in {info['seconds']:.0f}s → {folder}"
+            )
+    ctx.accelerator.wait_for_everyone()
+    texts = read_translations(folder, spec)
+    ctx.translations[teacher.fingerprint] = texts
+    return texts
+
+
+def translations_spec(
+    teacher: Teacher, data: Seq2SeqData, settings: DecodeConfig
+) -> dict[str, Any]:
+    """What the teacher's translations depend on: its weights and tokenizer, the
+    sources, and the decoding settings."""
+    return {
+        "teacher": teacher.fingerprint,
+        "tokenizer": teacher.model.tokenizer_key,
+        "sources": len(data.train),
+        "sources_sha256": texts_digest(data.train.text.sources),
+        "max_source_length": data.section.max_source_length,
+        "num_beams": settings.num_beams,
+        "length_penalty": settings.length_penalty,
+        "max_new_tokens": settings.max_new_tokens,
+    }
+
+
+def write_translations(
+    folder: Path,
+    spec: dict[str, Any],
+    teacher: Seq2SeqLM,
+    train: Pairs,
+    settings: DecodeConfig,
+    device: Any,
+) -> dict[str, Any]:
+    """Write (or finish, or verify) the teacher's translations of `train`'s sources.
+
+    translations.jsonl holds one {"i", "text", "ended"} line per source, appended and
+    synced batch by batch; manifest.json (written first) names the spec and says
+    whether the file is complete. An interrupted write continues with the sources not
+    yet written; a folder written for another spec is refused, never overwritten."""
+    manifest_path, lines_path = folder / "manifest.json", folder / "translations.jsonl"
+    done: dict[int, dict[str, Any]] = {}
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        stale = [k for k in spec if manifest.get("spec", {}).get(k) != spec[k]]
+        if stale:
+            raise CacheError(
+                f"the teacher translations in {folder} were written for another teacher, data "
+                f"or decoding ({', '.join(stale)} differ); delete the folder to translate again, "
+                "or set seqkd.dir to another folder"
+            )
+        done = _read_lines(lines_path)
+        if manifest.get("complete"):
+            return {"reused": True, "ended": sum(r["ended"] for r in done.values()), "seconds": 0}
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(manifest_path, {"spec": spec, "complete": False, "kdistill": __version__})
+    # keep only whole lines of an interrupted write
+    atomic_write_text(lines_path, "".join(json.dumps(done[i]) + "\n" for i in sorted(done)))
+    todo = [i for i in range(len(train)) if i not in done]
+    start = time.perf_counter()
+    with open(lines_path, "a", encoding="utf-8") as handle:
+
+        def on_batch(chosen: list[int], ids: list[list[int]]) -> None:
+            for k, tokens in zip(chosen, ids):
+                record = {
+                    "i": todo[k],
+                    "text": teacher.kdistill_tokenizers.decode(tokens),
+                    "ended": len(tokens) < settings.max_new_tokens,
+                }
+                done[todo[k]] = record
+                handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+        if todo:
+            translate(
+                teacher,
+                [train.sources[i] for i in todo],
+                settings,
+                device=device,
+                on_batch=on_batch,
+            )
+    atomic_write_json(
+        manifest_path,
+        {"spec": spec, "complete": True, "seconds": round(time.perf_counter() - start, 3),
+         "kdistill": __version__},
+    )  # fmt: skip
+    return {
+        "reused": False,
+        "ended": sum(r["ended"] for r in done.values()),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _read_lines(path: Path) -> dict[int, dict[str, Any]]:
+    records: dict[int, dict[str, Any]] = {}
+    if not path.is_file():
+        return records
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the last line of an interrupted write
+        records[int(record["i"])] = record
+    return records
+
+
+def read_translations(folder: Path, spec: dict[str, Any]) -> list[str]:
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    if manifest.get("spec") != spec or not manifest.get("complete"):
+        raise CacheError(f"the teacher translations in {folder} are incomplete or stale")
+    records = _read_lines(folder / "translations.jsonl")
+    missing = [i for i in range(spec["sources"]) if i not in records]
+    if missing:
+        raise CacheError(
+            f"{folder}/translations.jsonl lacks {len(missing)} of its {spec['sources']} "
+            "translations; delete the folder to translate again"
+        )
+    return [records[i]["text"] for i in range(spec["sources"])]
+
+
+# ------------------------------------------------------------------------------ measuring
+
+
+def measure_model(
+    model: Seq2SeqLM,
+    data: Seq2SeqData,
+    recipe: Seq2SeqRecipe,
+    *,
+    device: Any,
+    beam: bool = True,
+) -> tuple[dict[str, Any], dict[str, Translations]]:
+    """Test BLEU and chrF, greedy and (with `beam`) beam search, decoding speed; the
+    validation BLEU (greedy) and loss per token."""
+    ev = recipe.evaluation
+    greedy = DecodeConfig(
+        num_beams=1, max_new_tokens=ev.greedy_max_new_tokens, batch_size=ev.beam.batch_size
+    )
+    out: dict[str, Any] = {}
+    written: dict[str, Translations] = {}
+    test = data.test
+    if len(test):
+        made = translate(model, test.sources, greedy, device=device)
+        scores = corpus_scores(made.texts, test.text.targets)
+        section = {
+            "bleu": scores["bleu"],
+            "chrf": scores["chrf"],
+            "tokens_per_second": made.tokens_per_second,
+            "sentences_per_second": len(test) / made.seconds,
+            "ended": made.ended / len(test),
+            "sentences": len(test),
+            "bleu_signature": scores["bleu_signature"],
+            "chrf_signature": scores["chrf_signature"],
+        }
+        written["greedy"] = made
+        if beam:
+            made = translate(model, test.sources, ev.beam, device=device)
+            scores = corpus_scores(made.texts, test.text.targets)
+            section.update(
+                bleu_beam=scores["bleu"],
+                chrf_beam=scores["chrf"],
+                tokens_per_second_beam=made.tokens_per_second,
+                ended_beam=made.ended / len(test),
+            )
+            written["beam"] = made
+        out["test"] = section
+    if len(data.val):
+        made = translate(model, data.val.sources, greedy, device=device)
+        pad, start = data.pad_id, model.start_id
+        out["val"] = {
+            "bleu": corpus_scores(made.texts, data.val.text.targets)["bleu"],
+            "loss": token_loss(
+                model, data.val, batch_size=ev.beam.batch_size, device=device, pad_id=pad,
+                start_id=start,
+            ),
+        }  # fmt: skip
+    return out, written
+
+
+def _measure(
+    ctx: Seq2SeqContext,
+    stage: str,
+    seed: int,
+    model: Seq2SeqLM,
+    spec: Seq2SeqModelSpec,
+    train_seconds: float,
+    train_tokens: int,
+) -> None:
+    recipe, device = ctx.recipe, ctx.accelerator.device
+    data = _data_for(ctx, model)
+    model.to(device)
+    written: dict[str, Translations] = {}
+
+    def measure(weights: Seq2SeqLM) -> dict[str, Any]:
+        first = not written
+        values, made = measure_model(
+            weights, data, recipe, device=device, beam=first or recipe.evaluation.beam_on_best
+        )
+        if first:
+            written.update(made)
+        return values
+
+    def main_only() -> dict[str, Any]:
+        extra: dict[str, Any] = {"cost": seq2seq_cost(model, data, device), "data": data.info()}
+        shrunk = getattr(model, "kdistill_shrunk", None)
+        if shrunk is not None:
+            extra["shrunk_from_teacher"] = shrunk
+        extra["samples"] = samples(data, written, recipe.evaluation.samples)
+        return extra
+
+    def save(folder: Path) -> None:
+        save_model(model, folder, spec, recipe.data)
+        for kind, made in written.items():
+            atomic_write_text(folder / f"test.{kind}.txt", "".join(t + "\n" for t in made.texts))
+
+    finish_stage(
+        ctx, stage, seed, model,
+        measure=measure, best_by=("val_bleu", True), train_seconds=train_seconds,
+        record={"task": "seq2seq"}, after={"train_tokens": train_tokens},
+        main_only=main_only, save=save, summary=summary,
+    )  # fmt: skip
+
+
+def summary(evaluation: dict[str, Any]) -> str:
+    test = evaluation.get("test", {})
+    beam = f", beam {test['bleu_beam']:.2f}" if "bleu_beam" in test else ""
+    return (
+        f"test BLEU {test.get('bleu', float('nan')):.2f} greedy{beam}, chrF "
+        f"{test.get('chrf', float('nan')):.2f}; {test.get('tokens_per_second', float('nan')):.0f} "
+        "tokens/s greedy"
+    )
+
+
+def samples(
+    data: Seq2SeqData, written: dict[str, Translations], count: int
+) -> list[dict[str, str]]:
+    made = written.get("beam") or written.get("greedy")
+    if made is None:
+        return []
+    return [
+        {"source": data.test.text.sources[i], "reference": data.test.text.targets[i],
+         "translation": made.texts[i]}
+        for i in range(min(count, len(made.texts)))
+    ]  # fmt: skip
+
+
+def seq2seq_cost(model: Seq2SeqLM, data: Seq2SeqData, device: Any) -> dict[str, Any]:
+    """evaluate.cost of one teacher-forced forward pass over the first test pairs."""
+    from kdistill.tasks.seq2seq.data import batch
+
+    pairs = data.test if len(data.test) else data.train
+    rows = torch.arange(min(COST_PAIRS, len(pairs)))
+    made = batch(pairs, rows, pad_id=data.pad_id, start_id=model.start_id)
+    made.pop("labels")
+    return cost(model, device=device, example_input={k: v.to(device) for k, v in made.items()})
+
+
+def save_model(
+    model: Seq2SeqLM, folder: Path, spec: Seq2SeqModelSpec, section: Seq2SeqDataConfig
+) -> None:
+    """hf/ (save_pretrained and the tokenizers) and model.json: what rebuilds it."""
+    hf_dir = folder / "hf"
+    with quiet_transformers():
+        model.hf.save_pretrained(str(hf_dir), safe_serialization=True)
+    model.kdistill_tokenizers.save(hf_dir)
+    atomic_write_json(
+        folder / "model.json",
+        {
+            "task": "seq2seq",
+            "model": spec.model_dump(mode="json"),
+            "tokenizer": model.tokenizer_key,
+            "data": section.model_dump(mode="json"),
+            "kdistill": __version__,
+        },
+    )
+
+
+def load_stage(weights: Path, data_dir: Any) -> tuple[Seq2SeqLM, Seq2SeqData]:
+    """A stage's model (from its hf/ folder and weights) and its data, as trained."""
+    info_path = weights.with_name("model.json")
+    if not info_path.is_file():
+        raise CheckpointError(
+            f"{weights} has no model.json beside it, so its architecture is unknown; give a "
+            "stage folder of a seq2seq run"
+        )
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    section = Seq2SeqDataConfig.model_validate(info["data"])
+    hf_dir = weights.parent / "hf"
+    tokenizers = load_tokenizers(hf_dir, where=str(hf_dir))
+    section = section.model_copy(
+        update={
+            "tokenizer": section.tokenizer.model_copy(
+                update={"path": str(hf_dir), "vocab_size": None}
+            )
+        }
+    )
+    data = load_seq2seq(section, data_dir)
+    data.tokenizers = tokenizers
+    spec = Seq2SeqModelSpec(path=str(hf_dir))
+    with weights_follow():
+        model = build_model(spec, tokenizers, where="model")
+    load_weights(model, weights)
+    return model.eval(), data
+
+
+# ----------------------------------------------------------------------- other commands
+
+
+def evaluate_checkpoint(
+    weights: Path, *, data: str | None = None, model: str | None = None, data_dir: Any = None
+) -> dict[str, Any]:
+    """`kdistill eval` of a stage: test BLEU and chrF (greedy and beam) and its cost."""
+    if data is not None or model is not None:
+        raise RecipeError(
+            "kdistill eval of a seq2seq stage reads its data and model from the model.json "
+            "beside the weights; --data and --model do not apply"
+        )
+    require_sacrebleu()
+    net, loaded = load_stage(weights, data_dir)
+    recipe = _recipe_of(weights)
+    start = time.perf_counter()
+    values, _ = measure_model(net, loaded, recipe, device="cpu")
+    return {
+        "checkpoint": str(weights),
+        **values,
+        "cost": seq2seq_cost(net, loaded, "cpu"),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def _recipe_of(weights: Path) -> Seq2SeqRecipe:
+    """The recipe of the run a stage belongs to (its evaluation settings), or the
+    defaults when the stage folder stands alone."""
+    from kdistill.recipe import read_yaml
+
+    for parent in weights.parents:
+        path = parent / "recipe.yaml"
+        if path.is_file():
+            return Seq2SeqRecipe.model_validate(read_yaml(path))
+    return Seq2SeqRecipe(task="seq2seq", name="eval")
+
+
+def inspect_recipe(recipe: Seq2SeqRecipe, role: str, *, depth: int | None, data_dir: Any) -> str:
+    from kdistill.taps import module_tree
+    from kdistill.tasks.seq2seq.data import batch
+
+    section = recipe.data.model_copy(update={"limit_train": 2000, "limit_test": 4, "limit_val": 4})
+    data = load_seq2seq(section, data_dir)
+    spec = getattr(recipe, role).model
+    teacher = None
+    if role == "student" and recipe.student_from_teacher:
+        assert recipe.teacher is not None
+        teacher = build_model(recipe.teacher.model, data.tokenizers, where="teacher.model")
+    model = build_model(spec, data.tokenizers, where=f"{role}.model", teacher=teacher).eval()
+    made = batch(data.test, torch.arange(len(data.test)), pad_id=data.pad_id, start_id=data.pad_id)
+    made.pop("labels")
+    header = f"{spec.describe()}: seq2seq, the first test pairs (teacher forcing)"
+    return header + "\n" + module_tree(model, made, max_depth=depth)
+
+
+def check_recipe(recipe: Seq2SeqRecipe, data_dir: Any = None) -> list[str]:
+    """What `validate` finds beyond the schema: sacrebleu, the data (read and checked,
+    the tokenizer not trained), the teacher checkpoint."""
+    from kdistill.preflight import Problems, weights_problem
+    from kdistill.tasks.seq2seq.data import read_split
+
+    problems = Problems()
+    try:
+        require_sacrebleu()
+    except KdistillError as exc:
+        problems.add(str(exc))
+    for split in ("train", "val", "test"):
+        name = getattr(recipe.data, split)
+        if name is None:
+            continue
+        try:
+            read_split(recipe.data, name, data_dir)
+        except KdistillError as exc:
+            problems.add(f"data.{split}: {exc}")
+    if recipe.teacher is not None:
+        problems.add(weights_problem("teacher.checkpoint", recipe.teacher.checkpoint))
+    return problems.lines
+
+
+def cache_teacher(recipe: Seq2SeqRecipe, **_: Any) -> dict[str, Any]:
+    raise RecipeError(
+        "kdistill cache is not built for task seq2seq: its word-level KD reads the teacher "
+        "live, and the seqkd stages write the teacher's translations once themselves "
+        "(<run>/seqkd/translations), reused by every seed"
+    )
+
+
+def export_translator(
+    weights: Path,
+    *,
+    output: Path,
+    overwrite: bool = False,
+    int8: bool = False,
+    threads: int | None = None,
+    data_dir: Any = None,
+) -> dict[str, Any]:
+    """`kdistill export` of a seq2seq stage: a Hugging Face folder (save_pretrained,
+    safetensors, the tokenizers), reloaded and checked to translate the test sources as
+    the stage did (greedy). Decoding stays in PyTorch (transformers' generate): no ONNX
+    graph of the autoregressive decoder is written."""
+    if int8:
+        raise RecipeError(
+            "kdistill export --int8 is not built for seq2seq: the translator is exported as a "
+            "PyTorch (Hugging Face) folder, whose decoding loop stays in PyTorch"
+        )
+    output = Path(output)
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise CheckpointError(f"{output} is not empty; pass --overwrite to replace it")
+    if threads:
+        torch.set_num_threads(threads)
+    model, data = load_stage(weights, data_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    with quiet_transformers():
+        model.hf.save_pretrained(str(output), safe_serialization=True)
+    model.kdistill_tokenizers.save(output)
+    reloaded = build_model(Seq2SeqModelSpec(path=str(output)), data.tokenizers, where="export")
+    reloaded.eval()
+    count = min(64, len(data.test))
+    settings = DecodeConfig(num_beams=1, max_new_tokens=data.section.max_target_length)
+    original = translate(model, data.test.sources[:count], settings, device="cpu").texts
+    again = translate(reloaded, data.test.sources[:count], settings, device="cpu").texts
+    same = sum(a == b for a, b in zip(original, again))
+    result = {
+        "format": "huggingface",
+        "folder": str(output),
+        "checked_sentences": count,
+        "same_translation": same / max(count, 1),
+        "note": "decoding runs in PyTorch (transformers' generate); no ONNX decoder is written",
+    }
+    atomic_write_json(output / "export.json", result)
+    if same != count:
+        raise CheckpointError(
+            f"the exported model translates {count - same} of {count} test sentences differently "
+            f"from the stage it came from ({output}); the export is not faithful"
+        )
+    return result
+
+
+def export_summary(result: dict[str, Any]) -> str:
+    return (
+        f"{result['folder']}: Hugging Face folder; reloaded, {100 * result['same_translation']:.0f}% "
+        f"of {result['checked_sentences']} test translations identical (decoding in PyTorch)"
+    )
