@@ -266,6 +266,9 @@ def translate(
     written = ended = 0
     was_training = model.training
     model.eval()
+    # generate() fills settings a passed config leaves at their defaults from the model's
+    # own (a checkpoint's forced end token, say); the model's is replaced meanwhile
+    own, model.hf.generation_config = model.hf.generation_config, config
     start = time.perf_counter()
     try:
         with torch.inference_mode():
@@ -291,6 +294,7 @@ def translate(
                     on_batch(chosen, [ids[i] for i in chosen])
     finally:
         model.train(was_training)
+        model.hf.generation_config = own
     seconds = time.perf_counter() - start
     done = [t if t is not None else [] for t in ids]
     return Translations(
