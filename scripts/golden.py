@@ -107,6 +107,22 @@ _QA_SMALL = [
     "teacher.train.lr_schedule.warmup_steps=2",
 ]
 
+_MT_SMALL = [
+    "data.limit_train=160",
+    "data.limit_val=16",
+    "data.limit_test=16",
+    "data.tokenizer.vocab_size=400",
+    "data.tokenizer.kind=bpe",  # tokenizers' unigram trainer breaks ties differently per run
+    "train.batch_size=32",
+    "train.epochs=1",
+    "train.lr_schedule.warmup_steps=2",
+    "teacher.train.epochs=1",
+    "seqkd.max_new_tokens=16",
+    "seqkd.mix_references=true",  # a teacher of one epoch writes mostly nothing
+    "evaluation.beam.max_new_tokens=16",
+    "evaluation.greedy_max_new_tokens=16",
+]
+
 # name -> (shipped recipe, overrides)
 CONFIGS: dict[str, tuple[str, list[str]]] = {
     "mnist_quick": ("mnist_quick", [*_CLASSIFIER_SMALL, "seeds=[0, 1]"]),
@@ -139,6 +155,10 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     ),
     "conll_minilm2_from_minilm": ("conll_minilm2_from_minilm", [*_NER_SMALL, "seeds=[0]"]),
     "squad_minilm2_from_minilm": ("squad_minilm2_from_minilm", [*_QA_SMALL, "seeds=[0]"]),
+    "multi30k_transformer_small_from_base": (
+        "multi30k_transformer_small_from_base",
+        [*_MT_SMALL, "seeds=[0]"],
+    ),
     # the same recipe from the top-k cache (sampled tail), the other teacher signal
     "shakespeare_gpt_small_from_gpt_cache": (
         "shakespeare_gpt_small_from_gpt",

@@ -42,7 +42,11 @@ class Seq2SeqTokenizerConfig(Strict):
     """Train a subword tokenizer on the training side of the corpus, or load one."""
 
     kind: Literal["unigram", "bpe"] = Field(
-        "unigram", description="unigram: SentencePiece's unigram model; bpe: byte-pair merges"
+        "unigram",
+        description="unigram: SentencePiece's unigram model; bpe: byte-pair merges. The "
+        "tokenizers library's unigram trainer breaks ties in hash order, so two trainings on "
+        "the same text may differ slightly; bpe's do not (a run trains its tokenizer once and "
+        "keeps it in <run>/tokenizer for every stage, seed and resume)",
     )
     vocab_size: int | None = Field(
         None, ge=64, le=1 << 20, description="train a tokenizer with this vocabulary"

@@ -266,7 +266,7 @@ def _tsv(path: Path) -> TextPairs:
 
 
 def _jsonl(path: Path, source_field: str, target_field: str) -> TextPairs:
-    sources, targets, bad = [], [], []
+    sources, targets, bad, numbers = [], [], [], []
     for i, line in enumerate(_lines(path)):
         if not line.strip():
             continue
@@ -281,6 +281,7 @@ def _jsonl(path: Path, source_field: str, target_field: str) -> TextPairs:
             continue
         sources.append(pair[0])
         targets.append(pair[1])
+        numbers.append(i + 1)
     if bad:
         raise DataError(
             f"{path}: "
@@ -288,7 +289,7 @@ def _jsonl(path: Path, source_field: str, target_field: str) -> TextPairs:
             + (f"; and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else "")
             + " (set data.source_field and data.target_field to the fields holding the texts)"
         )
-    return _checked(sources, targets, str(path), lambda i: f"record {i + 1}")
+    return _checked(sources, targets, str(path), lambda i: f"line {numbers[i]}")
 
 
 def _pair_of(record: Any, source_field: str, target_field: str) -> tuple[str, str] | str:

@@ -183,7 +183,7 @@ def build_model(
         hf = AutoModelForSeq2SeqLM.from_config(config)
     except (ValueError, TypeError) as exc:
         raise ModelError(f"{where}.config: {exc}") from None
-    return Seq2SeqLM(hf, tokenizers)
+    return check_vocabulary(Seq2SeqLM(hf, tokenizers), where=where)
 
 
 def load_pretrained(location: str | Path, tokenizers: Tokenizers, *, where: str) -> Seq2SeqLM:
@@ -207,7 +207,28 @@ def load_pretrained(location: str | Path, tokenizers: Tokenizers, *, where: str)
         if (folder / "tokenizer.json").is_file() or (folder / "source").is_dir()
         else tokenizers
     )
-    return Seq2SeqLM(hf, own)
+    return check_vocabulary(Seq2SeqLM(hf, own), where=where)
+
+
+def check_vocabulary(model: Seq2SeqLM, *, where: str) -> Seq2SeqLM:
+    """Refuse a model with fewer embedding or output rows than its tokenizers have
+    tokens: some tokens would have no embedding, or no probability."""
+    tokenizers = model.kdistill_tokenizers
+    rows = {
+        "source": int(model.hf.get_input_embeddings().weight.shape[0]),
+        "target": model.vocab_rows,
+    }
+    for side, have in rows.items():
+        need = (tokenizers.source if side == "source" else tokenizers.target).get_vocab_size()
+        if have < need:
+            layer = "input embedding" if side == "source" else "output layer"
+            raise ModelError(
+                f"{where}: the model's {layer} has {have} rows and the {side} tokenizer "
+                f"{need} tokens, so some tokens have no row. Give the model its own tokenizer "
+                "(a tokenizer.json in its folder) or the run the model's tokenizer "
+                "(data.tokenizer.path)"
+            )
+    return model
 
 
 def shrink(teacher: Seq2SeqLM, spec: ShrinkSpec, *, where: str) -> Seq2SeqLM:

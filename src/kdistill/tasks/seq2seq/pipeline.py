@@ -40,7 +40,14 @@ import torch
 
 from kdistill import __version__
 from kdistill.checkpoint import atomic_write_json, atomic_write_text, load_weights
-from kdistill.errors import CacheError, CheckpointError, KdistillError, ModelError, RecipeError
+from kdistill.errors import (
+    CacheError,
+    CheckpointError,
+    DataError,
+    KdistillError,
+    ModelError,
+    RecipeError,
+)
 from kdistill.evaluate import cost
 from kdistill.models.hf import quiet_transformers, weights_follow
 from kdistill.recipe.seq2seq import (
@@ -333,7 +340,16 @@ def _seqkd_pairs(ctx: Seq2SeqContext, teacher: Teacher) -> Pairs:
         [targets[i] for i in keep],
         TextPairs([data.train.text.sources[i] for i in keep], [texts[i] for i in keep], "teacher"),
     )
-    return data.train + pairs if recipe.seqkd.mix_references else pairs
+    rows = data.train + pairs if recipe.seqkd.mix_references else pairs
+    if len(rows) < recipe.train.batch_size:
+        raise DataError(
+            f"seqkd: the teacher's translations give {len(pairs)} training pairs "
+            f"({len(texts) - len(keep)} of its {len(texts)} translations are empty), fewer "
+            f"than train.batch_size ({recipe.train.batch_size}). A teacher that writes "
+            "nothing is not trained enough: check its BLEU in teacher/seed*/eval.json, train "
+            "it longer, or set seqkd.mix_references: true to keep the references"
+        )
+    return rows
 
 
 def _teacher_translations(ctx: Seq2SeqContext, teacher: Teacher) -> list[str]:

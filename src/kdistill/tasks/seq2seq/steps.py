@@ -162,11 +162,13 @@ class Seq2SeqSteps:
     def describe(self, label: str, epochs: int, record: dict[str, Any]) -> str:
         if record["split"] == "val":
             return f"{label} step {record['step']}: val BLEU {record['val_bleu']:.2f}"
-        return (
-            f"{label} epoch {record['epoch']}/{epochs}: train loss/token {record['loss']:.4f}, "
-            f"val loss/token {record['val_loss']:.4f}, val BLEU (greedy) "
-            f"{record['val_bleu']:.2f} ({record['seconds']:.0f}s)"
-        )
+        line = f"{label} epoch {record['epoch']}/{epochs}: train loss/token {record['loss']:.4f}"
+        if "val_bleu" in record:
+            line += (
+                f", val loss/token {record['val_loss']:.4f}, val BLEU (greedy) "
+                f"{record['val_bleu']:.2f}"
+            )
+        return line + f" ({record['seconds']:.0f}s)"
 
     def state_dict(self) -> dict[str, Any]:
         return {}
