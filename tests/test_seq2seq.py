@@ -322,3 +322,80 @@ def test_eval_and_export_of_a_stage(tiny_run: Path, data_root: Path, tmp_path: P
     exported = export_translator(weights, output=tmp_path / "exp", data_dir=data_root)
     assert exported["same_translation"] == 1.0
     assert (tmp_path / "exp" / "tokenizer.json").is_file()
+
+
+# ---------------------------------------------------------------------- top-k cache
+
+
+def test_cached_teacher_gives_the_live_teachers_loss(data: Any, tmp_path: Path) -> None:
+    """With k = the whole vocabulary the cache holds the teacher's distribution (float16
+    log-probabilities), so the cached loss is the live one up to that rounding; rows of
+    any length read their own positions."""
+    from kdistill.cache.topk import open_topk_cache
+    from kdistill.recipe.seq2seq import Seq2SeqRecipe
+    from kdistill.tasks.seq2seq.teacher_cache import (
+        CachedSeq2SeqTeacher,
+        cache_spec,
+        write_cache,
+    )
+
+    student, teacher = _model(data, seed=1), _model(data, seed=2)
+    vocab = data.tokenizers.target.get_vocab_size()
+    recipe = Seq2SeqRecipe.model_validate(
+        {
+            "task": "seq2seq",
+            "name": "c",
+            "data": data.section.model_dump(),
+            "teacher": {"model": {"config": MARIAN}, "signal": "cache", "cache": {"top_k": vocab}},
+            "student": {"model": {"config": MARIAN}},
+            "objective": [{"loss": "forward_kl", "temperature": 2.0}],
+            "stages": ["teacher", "distill"],
+        }
+    )
+    spec = cache_spec(recipe, data, "teacher-a")
+    first = write_cache(
+        tmp_path / "c", spec, teacher, data, batch_size=64, shard_sequences=100, device="cpu"
+    )
+    assert not first["reused"]
+    again = write_cache(
+        tmp_path / "c", spec, teacher, data, batch_size=64, shard_sequences=100, device="cpu"
+    )
+    assert again["reused"]
+    objective = LMObjective.of(recipe.objective)
+
+    class Place:
+        device = torch.device("cpu")
+        process_index = 0
+        mixed_precision = "no"
+
+    def loss_with(signal: Any) -> torch.Tensor:
+        steps = Seq2SeqSteps(
+            student, train=data.train, val=data.val, objective=objective, teacher=signal,
+            settings=LMTrainConfig(), accelerator=Place(),  # type: ignore[arg-type]
+            pad_id=data.pad_id, start_id=student.start_id, vocab_size=vocab,
+            greedy_max_new_tokens=8, val_sentences=None,
+        )  # fmt: skip
+        return steps.loss(student, torch.tensor([5, 1, 9, 2, 40]), progress=0.0)[0]
+
+    live = loss_with(LiveSeq2SeqTeacher(teacher))
+    cached = loss_with(CachedSeq2SeqTeacher(open_topk_cache(tmp_path / "c", expect=spec), "cpu"))
+    torch.testing.assert_close(cached, live, rtol=2e-3, atol=2e-3)
+    from kdistill.errors import CacheError
+
+    stale = cache_spec(recipe.model_copy(update={"objective": []}), data, "teacher-b")
+    with pytest.raises(CacheError, match="teacher"):
+        open_topk_cache(tmp_path / "c", expect=stale)
+
+
+def test_distill_stage_reads_the_cache_once_for_every_seed(
+    tmp_path: Path, data_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = tiny_mt_recipe(stages=["teacher", "distill"], seeds=[0, 1])
+    recipe["teacher"] = {"model": {"config": MARIAN}, "signal": "cache", "cache": {"top_k": 16}}
+    path = write_recipe(tmp_path / "recipe.yaml", recipe)
+    out = tmp_path / "run"
+    assert main(["run", str(path), "--output-dir", str(out), "--data-dir", str(data_root)]) == 0
+    err = capsys.readouterr().err
+    assert "teacher top-16 cached in" in err and "teacher top-16 cache hit" in err
+    assert (out / "cache" / "topk-teacher-seed0" / "manifest.json").is_file()
+    assert main(["cache", str(path), "--output-dir", str(out), "--data-dir", str(data_root)]) == 0

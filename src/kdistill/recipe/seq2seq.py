@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from kdistill.recipe.causal_lm import LMLossTerm, LMTrainConfig
+from kdistill.recipe.causal_lm import CacheConfig, LMLossTerm, LMTrainConfig
 from kdistill.recipe.common import (
     OutputConfig,
     Precision,
@@ -187,6 +187,13 @@ class Seq2SeqTeacherConfig(Strict):
     precision: Precision | None = Field(
         None, description="dtype the frozen teacher runs in during distillation"
     )
+    signal: Literal["live", "cache"] = Field(
+        "live",
+        description="the distill stage: live (the teacher runs every step) or cache (its "
+        "top-k per target position, written once for the training pairs; seqkd_distill, "
+        "whose targets are the teacher's own translations, always runs it live)",
+    )
+    cache: CacheConfig = Field(default_factory=CacheConfig)
 
     @property
     def pretrained(self) -> bool:
@@ -293,6 +300,18 @@ class Seq2SeqRecipe(RecipeBase):
                 "term (forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd); the seqkd "
                 "stage alone trains on the teacher's translations with cross-entropy"
             )
+        if self.teacher is not None and self.reads_teacher_cache():
+            cache = self.teacher.cache
+            if cache.tail_samples >= cache.top_k:
+                problems.append(
+                    f"teacher.cache.tail_samples ({cache.tail_samples}) must be below "
+                    f"teacher.cache.top_k ({cache.top_k})"
+                )
+            if cache.tail_samples and any(t.loss != "forward_kl" for t in divergences):
+                problems.append(
+                    "teacher.cache.tail_samples > 0 samples the teacher's tail, which is "
+                    "unbiased for forward_kl only; use forward_kl or tail_samples: 0"
+                )
         if self.teacher is not None:
             if self.teacher.model.shrink is not None:
                 problems.append(
@@ -314,6 +333,19 @@ class Seq2SeqRecipe(RecipeBase):
     def teacher_train(self) -> LMTrainConfig:
         assert self.teacher is not None
         return self.teacher.train or self.train
+
+    def reads_teacher_cache(self) -> bool:
+        return self.teacher is not None and self.teacher.signal == "cache"
+
+    def cache_temperature(self) -> float:
+        """The temperature the top-k cache stores the teacher at: the divergence's
+        (its schedule's start), else 1."""
+        term = self.divergence()
+        temperature = term.temperature if term is not None and term.temperature is not None else 1.0
+        return float(temperature if isinstance(temperature, (int, float)) else temperature.start)
+
+    def teacher_cache_settings(self) -> dict[str, Any]:
+        return {"temperature": self.cache_temperature()} if self.reads_teacher_cache() else {}
 
     def divergence(self) -> LMLossTerm | None:
         return next((t for t in self.objective if t.is_divergence), None)

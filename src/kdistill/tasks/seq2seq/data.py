@@ -412,6 +412,9 @@ def make_tokenizers(
         )
     if folder is not None:
         made.save(folder)
+        # what a resumed run or another process reads back: a trained tokenizer and the
+        # same one loaded from its JSON need not serialise alike, and caches key on it
+        return load_tokenizers(folder, where=str(folder))
     return made
 
 

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from kdistill import __version__
+from kdistill.cache.topk import open_topk_cache
 from kdistill.checkpoint import atomic_write_json, atomic_write_text, load_weights
 from kdistill.errors import (
     CacheError,
@@ -69,10 +70,13 @@ from kdistill.stages import (
     label,
     log_start,
     open_run,
+    require_teacher,
     resolve_weights,
+    run_dir_of,
     run_stages,
     stage_dir,
     train_stage,
+    trained_teacher,
 )
 from kdistill.steps import TrainSteps
 from kdistill.tasks.causal_lm.steps import LMObjective
@@ -96,6 +100,12 @@ from kdistill.tasks.seq2seq.steps import (
     require_sacrebleu,
     token_loss,
     translate,
+)
+from kdistill.tasks.seq2seq.teacher_cache import (
+    CachedSeq2SeqTeacher,
+    cache_folder,
+    cache_spec,
+    write_cache,
 )
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -262,9 +272,7 @@ def _student_stage(ctx: Seq2SeqContext, stage: str, seed: int, teacher: Teacher 
         assert teacher is not None
         check_vocabularies(teacher.model, model)
         objective = LMObjective.of(recipe.objective)
-        precision = recipe.teacher.precision if recipe.teacher else None
-        signal = LiveSeq2SeqTeacher(copy.deepcopy(teacher.model), dtype=DTYPES[precision or "fp32"])
-        signal.model.to(ctx.accelerator.device)
+        signal = _teacher_signal(ctx, teacher, cached=stage == "distill")
     _train_and_finish(
         ctx, stage, seed, model, recipe.student.model, objective, signal,
         train=train, settings=recipe.train,
@@ -289,7 +297,7 @@ def _train_and_finish(
     model: Seq2SeqLM,
     spec: Seq2SeqModelSpec,
     objective: LMObjective,
-    signal: LiveSeq2SeqTeacher | None,
+    signal: Any,
     *,
     train: Pairs,
     settings: Any,
@@ -312,12 +320,49 @@ def _train_and_finish(
     )
     result = train_stage(
         ctx, stage, seed, model, steps, settings=settings,
-        teacher="live" if signal is not None else None,
+        teacher=None
+        if signal is None
+        else "live"
+        if isinstance(signal, LiveSeq2SeqTeacher)
+        else "cache",
     )  # fmt: skip
     model = ctx.accelerator.unwrap_model(model)
     _measure(ctx, stage, seed, model, spec, result.seconds, result.units)
     ctx.accelerator.free_memory()
     return model
+
+
+def _teacher_signal(ctx: Seq2SeqContext, teacher: Teacher, *, cached: bool) -> Any:
+    """The live teacher, or (distill with teacher.signal: cache) its top-k of the training
+    pairs, written once and reused by every seed."""
+    recipe, device = ctx.recipe, ctx.accelerator.device
+    assert recipe.teacher is not None
+    if not (cached and recipe.reads_teacher_cache()):
+        live = LiveSeq2SeqTeacher(
+            copy.deepcopy(teacher.model), dtype=DTYPES[recipe.teacher.precision or "fp32"]
+        )
+        live.model.to(device)
+        return live
+    data = _data_for(ctx, teacher.model)
+    spec = cache_spec(recipe, data, teacher.fingerprint)
+    folder = cache_folder(recipe, ctx.run_dir, teacher.seed)
+    if ctx.is_main:
+        info = write_cache(
+            folder, spec, teacher.model, data, batch_size=recipe.train.eval_batch_size,
+            shard_sequences=recipe.teacher.cache.shard_sequences, device=device,
+        )  # fmt: skip
+        if info["reused"]:
+            ctx.console.log(
+                f"teacher top-{spec.k} cache hit: {spec.num_sequences} pairs read from {folder} "
+                "(teacher, tokenizers, pairs and temperature match; no teacher pass)"
+            )
+        else:
+            ctx.console.log(
+                f"teacher top-{spec.k} cached in {folder} ({info['bytes'] / 1e6:.1f} MB, "
+                f"{info['seconds']:.1f}s)"
+            )
+    ctx.accelerator.wait_for_everyone()
+    return CachedSeq2SeqTeacher(open_topk_cache(folder, expect=spec), device)
 
 
 # ------------------------------------------------------------------ teacher translations
@@ -757,12 +802,43 @@ def check_recipe(recipe: Seq2SeqRecipe, data_dir: Any = None) -> list[str]:
     return problems.lines
 
 
-def cache_teacher(recipe: Seq2SeqRecipe, **_: Any) -> dict[str, Any]:
-    raise RecipeError(
-        "kdistill cache is not built for task seq2seq: its word-level KD reads the teacher "
-        "live, and the seqkd stages write the teacher's translations once themselves "
-        "(<run>/seqkd/translations), reused by every seed"
+def cache_teacher(
+    recipe: Seq2SeqRecipe,
+    *,
+    output_dir: Any = None,
+    data_dir: Any = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """`kdistill cache`: the trained teacher's top-k of every training pair, written once
+    into the run folder (finished after a killed job, verified when already there). The
+    seqkd stages write the teacher's translations themselves."""
+    import shutil
+
+    section = require_teacher(recipe)
+    run_dir = run_dir_of(recipe, output_dir)
+    seed = recipe.seeds[0]
+    data = load_seq2seq(
+        recipe.data, data_dir, tokenizer_dir=run_dir / "tokenizer", may_train_tokenizer=False
     )
+    with weights_follow():
+        model = build_model(section.model, data.tokenizers, where="teacher.model")
+    checkpoint = None
+    if section.checkpoint:
+        checkpoint = resolve_weights(section.checkpoint)
+    elif section.model.path is None:
+        checkpoint = trained_teacher(run_dir, seed)
+    if checkpoint is not None:
+        load_weights(model, checkpoint)
+    if model.tokenizer_key != data.tokenizers.key:
+        data = retokenized(data, model.kdistill_tokenizers)
+    folder = cache_folder(recipe, run_dir, seed)
+    if overwrite and folder.exists():
+        shutil.rmtree(folder)
+    spec = cache_spec(recipe, data, weights_fingerprint(model))
+    return write_cache(
+        folder, spec, model, data, batch_size=recipe.train.eval_batch_size,
+        shard_sequences=section.cache.shard_sequences, device="cpu",
+    )  # fmt: skip
 
 
 def export_translator(

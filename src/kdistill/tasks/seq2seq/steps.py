@@ -57,7 +57,7 @@ class LiveSeq2SeqTeacher:
     def __init__(self, model: Seq2SeqLM, *, dtype: torch.dtype = torch.float32) -> None:
         self.model = model.to(dtype).eval().requires_grad_(False)
 
-    def __call__(self, inputs: dict[str, Tensor]) -> dict[str, Tensor | None]:
+    def __call__(self, inputs: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor | None]:
         with torch.inference_mode():
             hidden = self.model.hidden(
                 inputs["input_ids"],
@@ -86,7 +86,7 @@ class Seq2SeqSteps:
         train: Pairs,
         val: Pairs,
         objective: LMObjective,
-        teacher: LiveSeq2SeqTeacher | None,
+        teacher: Any,  # LiveSeq2SeqTeacher or teacher_cache.CachedSeq2SeqTeacher
         settings: LMTrainConfig,
         accelerator: Placement,
         pad_id: int,
@@ -126,7 +126,7 @@ class Seq2SeqSteps:
     ) -> tuple[Tensor, dict[str, float]]:
         inputs = self.inputs(self.train, rows)
         labels = inputs.pop("labels")
-        signal = None if self.teacher is None else self.teacher(inputs)
+        signal = None if self.teacher is None else self.teacher(inputs, rows)
         head_loss = functools.partial(
             step_losses,
             labels=labels,
