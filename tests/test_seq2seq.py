@@ -399,3 +399,20 @@ def test_distill_stage_reads_the_cache_once_for_every_seed(
     assert "teacher top-16 cached in" in err and "teacher top-16 cache hit" in err
     assert (out / "cache" / "topk-teacher-seed0" / "manifest.json").is_file()
     assert main(["cache", str(path), "--output-dir", str(out), "--data-dir", str(data_root)]) == 0
+
+
+def test_plan_runs_the_stages_own_steps(data_root: Path) -> None:
+    """kdistill plan builds every trained stage and runs its real micro-step: the teacher
+    it reads (live, handing the loss its decoder states), the chunked loss over the
+    longest pairs' target tokens."""
+    from kdistill.api import plan as plan_recipe
+    from kdistill.recipe import validate_recipe
+
+    plan = plan_recipe(validate_recipe(tiny_mt_recipe()), data_dir=data_root, steps=1)
+    names = [s.stage for s in plan.stages]
+    assert names == ["teacher", "baseline", "distill", "seqkd", "seqkd_distill"]
+    by_name = {s.stage: s for s in plan.stages}
+    assert by_name["baseline"].teacher is None and by_name["distill"].teacher == "teacher.model"
+    assert by_name["distill"].teacher_output_bytes > 0 and by_name["baseline"].activation_bytes > 0
+    loss = by_name["distill"].loss
+    assert loss is not None and loss.kind == "kl" and loss.tokens > 32

@@ -124,6 +124,7 @@ TASKS: dict[str, Task] = {
         export="kdistill.tasks.seq2seq.pipeline:export_translator",
         export_summary="kdistill.tasks.seq2seq.pipeline:export_summary",
         score=("val_bleu", True),
+        plan="kdistill.plan.seq2seq:seq2seq_stages",
     ),
     "question_answering": Task(
         "question_answering",

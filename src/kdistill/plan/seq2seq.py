@@ -1,0 +1,242 @@
+"""The stages of a translation recipe, as `kdistill.tasks.seq2seq.pipeline` runs them,
+for `kdistill plan`.
+
+Each stage's micro-step is the real `Seq2SeqSteps.loss` (its padded batch, the live
+teacher when the stage reads one, the chunked loss inside the student's forward) with
+the plan's probes around it; batches come in length buckets, so the timed steps use
+the epoch's own order and one untimed step on the longest pairs sets the peak. The
+seqkd stages are planned on the references (the teacher's translations do not exist
+yet; they are about as long), without the translation pass before them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdistill.plan.causal_lm import lm_loss_memory
+from kdistill.plan.probes import (
+    RecordedSignal,
+    SavedTensors,
+    largest_layer,
+    tensor_bytes,
+    weight_storages,
+)
+from kdistill.plan.results import LossMemory
+from kdistill.plan.stage import (
+    PlanPlacement,
+    Probe,
+    Session,
+    StageSpec,
+    steps_in_epoch,
+    training_step,
+)
+
+
+def seq2seq_stages(
+    recipe: Any, data_dir: str | Path | None, device: torch.device, steps: int
+) -> tuple[list[StageSpec], int, str, list[str]]:
+    """The trained stages: teacher, baseline, distill, seqkd, seqkd_distill."""
+    from kdistill.tasks.causal_lm.steps import LMObjective
+    from kdistill.tasks.seq2seq.data import load_seq2seq
+    from kdistill.tasks.seq2seq.models import build_model
+
+    with tempfile.TemporaryDirectory(prefix="kdistill-plan-") as folder:
+        data = load_seq2seq(recipe.data, data_dir, tokenizer_dir=Path(folder))
+    data_bytes = sum(
+        sum(t.numel() * 8 for t in rows)
+        for split in ("train", "val", "test")
+        for rows in (data.split(split).sources, data.split(split).targets)
+    )
+    described = (
+        f"{len(data.train):,} train + {len(data.val):,} val pairs, target vocabulary "
+        f"{data.tokenizers.target.get_vocab_size()}"
+    )
+    specs: list[StageSpec] = []
+    notes: list[str] = []
+    teacher_cfg, seed = recipe.teacher, recipe.seeds[0]
+    untrained_teacher = None
+    if teacher_cfg is not None:
+        torch.manual_seed(seed)
+        untrained_teacher = build_model(teacher_cfg.model, data.tokenizers, where="teacher.model")
+    for name in recipe.stages:
+        if name == "teacher":
+            if teacher_cfg.pretrained:
+                notes.append("teacher: weights from teacher.checkpoint / model.path, not trained")
+                continue
+            specs.append(
+                _stage(
+                    data, name, (teacher_cfg.model, "teacher.model"), LMObjective(ce_weight=1.0),
+                    recipe.teacher_train(), "teacher.train", device, seed, None, None,
+                )
+            )  # fmt: skip
+            continue
+        word_kd = name in ("distill", "seqkd_distill")
+        objective = LMObjective.of(recipe.objective) if word_kd else LMObjective(ce_weight=1.0)
+        stage = _stage(
+            data, name, (recipe.student.model, "student.model"), objective, recipe.train,
+            "train", device, seed, untrained_teacher,
+            teacher_cfg.precision if teacher_cfg is not None else None,
+        )  # fmt: skip
+        if name.startswith("seqkd"):
+            stage.notes.append(
+                "planned on the references; the teacher's translation pass before it is not planned"
+            )
+        if name == "distill" and recipe.reads_teacher_cache():
+            stage.notes.append(
+                "planned with the live teacher; teacher.signal: cache reads its top-k"
+            )
+        specs.append(stage)
+    return specs, data_bytes, described, notes
+
+
+class _Probed(nn.Module):
+    """The student as Seq2SeqSteps.loss calls it, with the plan's counter between its
+    forward and the chunked loss (which `lm_loss_memory` sizes)."""
+
+    def __init__(self, model: nn.Module, counter: SavedTensors) -> None:
+        super().__init__()
+        self.model, self.counter = model, counter
+
+    def forward(self, head_loss: Callable[..., Any], **inputs: Tensor) -> Any:
+        def probed(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Any:
+            self.counter.add(hidden)
+            with self.counter.paused():
+                return head_loss(hidden, weight, bias)
+
+        return self.model(**inputs, head_loss=probed)
+
+
+def _stage(
+    data: Any,
+    name: str,
+    trained: tuple[Any, str],
+    objective: Any,
+    settings: Any,
+    prefix: str,
+    device: torch.device,
+    seed: int,
+    teacher_model: Any,
+    precision: str | None,
+) -> StageSpec:
+    from kdistill.optim import make_optimizer
+    from kdistill.tasks.seq2seq.data import bucketed_order
+    from kdistill.tasks.seq2seq.models import build_model
+    from kdistill.tasks.seq2seq.steps import LiveSeq2SeqTeacher, Seq2SeqSteps
+
+    spec, where = trained
+    reads = objective.needs_teacher
+    n_train = len(data.train)
+    steps_per_epoch = steps_in_epoch(n_train, settings, name, "pairs")
+    micro = settings.batch_size // settings.grad_accum
+    order = bucketed_order(
+        data.train.target_lengths, torch.Generator().manual_seed(seed), settings.batch_size
+    )
+    longest = torch.argsort(data.train.target_lengths, descending=True, stable=True)
+    head: dict[str, int] = {}
+
+    def build() -> Session:
+        torch.manual_seed(seed)
+        model = build_model(spec, data.tokenizers, where=where, teacher=teacher_model).to(device)
+        head.update(hidden=int(model.head_weight.shape[1]), rows=model.vocab_rows)
+        head.update(bias=int(model.head_bias is not None))
+        teachers: list[nn.Module] = []
+        recorded = None
+        if reads:
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+                precision or "", torch.float32
+            )
+            import copy
+
+            live = LiveSeq2SeqTeacher(copy.deepcopy(teacher_model).to(device), dtype=dtype)
+            teachers = [live.model]
+            recorded = RecordedSignal(live)
+        optimizer = make_optimizer(model, settings.optimizer)
+        steps = Seq2SeqSteps(
+            model, train=data.train, val=data.val, objective=objective, teacher=recorded,
+            settings=settings, accelerator=PlanPlacement(device, settings.precision),
+            pad_id=data.pad_id, start_id=model.start_id,
+            vocab_size=data.tokenizers.target.get_vocab_size(),
+            greedy_max_new_tokens=1, val_sentences=1, label=name,
+        )  # fmt: skip
+
+        def micro_step(rows: Tensor, scale: float, counter: SavedTensors | None = None) -> Probe:
+            student = model if counter is None else _Probed(model, counter)
+            with largest_layer(teachers) as layer, counter or contextlib.nullcontext():
+                total, _ = steps.loss(student, rows, progress=0.0)
+            handed = tensor_bytes(recorded.last if recorded else None, weight_storages(teachers))
+            if counter is None:
+                (total * scale).backward()
+                return Probe(0, 0, handed, layer[0])
+            with counter.gradients_during(model.parameters()):
+                (total * scale).backward()
+            return Probe(
+                counter.bytes, counter.backward_bytes, handed, layer[0],
+                backward_bytes=counter.backward_with_gradients,
+            )  # fmt: skip
+
+        def rows_of(i: int) -> Tensor:
+            step = i % steps_per_epoch
+            return order[step * settings.batch_size : (step + 1) * settings.batch_size]
+
+        def step(i: int) -> None:
+            rows = rows_of(i)
+            scale = 1.0 / max(steps.count(rows, rows, i).total, 1)
+            training_step(model, optimizer, settings, rows, lambda part: micro_step(part, scale))
+
+        def heaviest() -> None:
+            rows = longest[: settings.batch_size]
+            scale = 1.0 / max(steps.count(rows, rows, 0).total, 1)
+            training_step(model, optimizer, settings, rows, lambda part: micro_step(part, scale))
+
+        def probe() -> Probe:
+            model.train()
+            result = micro_step(longest[:micro], 1.0, SavedTensors([model, *teachers]))
+            optimizer.zero_grad(set_to_none=True)
+            return result
+
+        return Session(model, teachers, optimizer, step, probe, heaviest=heaviest)
+
+    return StageSpec(
+        name=name,
+        where=where,
+        prefix=prefix,
+        settings=settings,
+        teacher="teacher.model" if reads else None,
+        build=build,
+        steps_per_epoch=steps_per_epoch,
+        loss=functools.partial(_loss_memory, data, objective, settings, head, longest),
+        cache=None,
+        options={"task": "seq2seq", "teacher_precision": precision if reads else None},
+    )
+
+
+def _loss_memory(
+    data: Any, objective: Any, settings: Any, head: dict[str, int], longest: Tensor, micro: int
+) -> LossMemory:
+    """The chunked loss over a micro-batch of the longest pairs."""
+    from kdistill.losses.table import LM_DIVERGENCES
+
+    tokens = int(data.train.target_lengths[longest[:micro]].sum())
+    if objective.divergence is None:
+        kind, with_ce = "cross_entropy", False
+    else:
+        kind = LM_DIVERGENCES[objective.divergence.loss]
+        with_ce = objective.ce_weight is not None and objective.at(0.0)[0] > 0
+    return lm_loss_memory(
+        kind=kind,
+        tokens=tokens,
+        hidden=head["hidden"],
+        head_rows=head["rows"],
+        vocab=data.tokenizers.target.get_vocab_size(),
+        bias=bool(head["bias"]),
+        with_cross_entropy=with_ce,
+        chunk_size=settings.chunk_size,
+    )
