@@ -23,10 +23,9 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from kdistill.recipe.causal_lm import CacheConfig, LMLossTerm, LMTrainConfig
+from kdistill.recipe.causal_lm import LMLossTerm, LMRecipe, LMTeacherConfig, LMTrainConfig
 from kdistill.recipe.common import (
     OutputConfig,
-    Precision,
     RecipeBase,
     Seeds,
     Strict,
@@ -176,28 +175,17 @@ class Seq2SeqModelSpec(Strict):
         return ", ".join(f"{k}={v}" for k, v in self.config.items())
 
 
-class Seq2SeqTeacherConfig(Strict):
-    model: Seq2SeqModelSpec
-    checkpoint: str | None = Field(
-        None, description="weights from an earlier run (run folder, stage folder or .safetensors)"
-    )
-    train: LMTrainConfig | None = Field(
-        None, description="teacher training settings; keys not given inherit from `train`"
-    )
-    precision: Precision | None = Field(
-        None, description="dtype the frozen teacher runs in during distillation"
-    )
+class Seq2SeqTeacherConfig(LMTeacherConfig):
+    """The causal-LM teacher section (checkpoint, train, precision, signal, cache) with a
+    translation model."""
+
+    model: Seq2SeqModelSpec  # type: ignore[assignment]
     signal: Literal["live", "cache"] = Field(
         "live",
         description="the distill stage: live (the teacher runs every step) or cache (its "
         "top-k per target position, written once for the training pairs; seqkd_distill, "
         "whose targets are the teacher's own translations, always runs it live)",
     )
-    cache: CacheConfig = Field(default_factory=CacheConfig)
-
-    @property
-    def pretrained(self) -> bool:
-        return self.checkpoint is not None or self.model.path is not None
 
 
 class Seq2SeqStudentConfig(Strict):
@@ -338,11 +326,8 @@ class Seq2SeqRecipe(RecipeBase):
         return self.teacher is not None and self.teacher.signal == "cache"
 
     def cache_temperature(self) -> float:
-        """The temperature the top-k cache stores the teacher at: the divergence's
-        (its schedule's start), else 1."""
-        term = self.divergence()
-        temperature = term.temperature if term is not None and term.temperature is not None else 1.0
-        return float(temperature if isinstance(temperature, (int, float)) else temperature.start)
+        """The temperature the top-k cache stores the teacher at, as causal_lm's."""
+        return LMRecipe.cache_temperature(self)  # type: ignore[arg-type]
 
     def teacher_cache_settings(self) -> dict[str, Any]:
         return {"temperature": self.cache_temperature()} if self.reads_teacher_cache() else {}
