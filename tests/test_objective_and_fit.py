@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -141,3 +142,35 @@ def test_grad_accumulation_gives_the_same_weights(shared_data: Path, tmp_path: P
         weights.append({k: v.clone() for k, v in model.state_dict().items()})
     worst = max(float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[0])
     assert worst < 1e-5, worst
+
+
+def test_run_time_left_adds_the_stages_to_come_at_this_stages_pace() -> None:
+    from types import SimpleNamespace
+
+    from kdistill.train import run_time_left
+
+    task = SimpleNamespace(time_remaining=600.0, elapsed=1200.0)
+    # 10 min of this stage, then 2 stages of 30 min each: 1 h 10 min
+    assert run_time_left(task, 2) == "run ≈1:10:00 left (2 more stages)"
+    assert run_time_left(SimpleNamespace(time_remaining=None, elapsed=5.0), 2) == ""
+
+
+def test_every_stage_is_told_how_many_come_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from helpers import tiny_recipe
+
+    import kdistill.stages as stages
+    from kdistill.api import run
+
+    seen: list[tuple[str | None, int]] = []
+    real = stages.fit
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append((kwargs.get("description"), kwargs["stages_after"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stages, "fit", spy)
+    run(tiny_recipe(seeds=[0]), output_dir=tmp_path / "r", quiet=True)
+    assert [after for _, after in seen] == [2, 1, 0]
+    assert seen[0][0] is not None and "stage 1 of 3" in seen[0][0]

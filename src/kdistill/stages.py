@@ -207,6 +207,7 @@ def train_stage(
         on_epoch=(
             functools.partial(ctx.options.on_epoch, stage, seed) if ctx.options.on_epoch else None
         ),
+        stages_after=ctx.position[1] - ctx.position[0] if ctx.position else 0,
     )
 
 

@@ -89,9 +89,22 @@ def progress_bar(console: Console, quiet: bool) -> Progress | contextlib.nullcon
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
+        TextColumn("{task.fields[run]}"),
         console=console,
         transient=True,
     )
+
+
+def run_time_left(task: Any, stages_after: int) -> str:
+    """The whole run's time left, at this stage's pace: what is left of this stage plus
+    `stages_after` stages as long as this one (an estimate: a student stage after the
+    teacher's is usually shorter)."""
+    left = task.time_remaining
+    if left is None or task.elapsed is None:
+        return ""
+    seconds = left + stages_after * (task.elapsed + left)
+    hours, rest = divmod(int(seconds), 3600)
+    return f"run ≈{hours}:{rest // 60:02d}:{rest % 60:02d} left ({stages_after} more stages)"
 
 
 @dataclass
@@ -143,13 +156,16 @@ def fit(
     console: Console | None = None,
     extras: nn.Module | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    stages_after: int = 0,
 ) -> FitResult:
     """Train `model` in place; write metrics.jsonl, checkpoints/, best.safetensors in out_dir.
 
     `extras` (projectors, loss modules with parameters or buffers) train with the
     model and are saved in its checkpoints, but not in best.safetensors. `on_epoch` is
     given each epoch's record (as metrics.jsonl has it) on the main process, after the
-    epoch's checkpoint is written.
+    epoch's checkpoint is written. `stages_after`: the run's stages still to come after
+    this one; the progress bar then adds an estimate of the whole run's time left, at
+    this stage's pace.
     """
     console = console or Console(stderr=True)
     steps_per_epoch, total_steps = _schedule(steps, settings, accelerator, label)
@@ -174,7 +190,9 @@ def fit(
     stopped_early = False
     with progress_bar(console, quiet or not accelerator.is_main_process) as bar:
         log.bar = bar
-        task = bar.add_task(description or label, total=total_steps, info="") if bar else None
+        task = (
+            bar.add_task(description or label, total=total_steps, info="", run="") if bar else None
+        )
         if bar is not None and task is not None:
             bar.update(task, completed=state.global_step)
         while state.epoch < settings.epochs and not stopped_early:
@@ -196,6 +214,8 @@ def fit(
                     rate = units_since / max(time.perf_counter() - tick, 1e-9)
                     info = log.step_info(epoch, count, step_loss, sum_terms(parts), rate)
                     bar.update(task, advance=1, info=info)
+                    if stages_after:
+                        bar.update(task, run=run_time_left(bar.tasks[task], stages_after))
                 if settings.eval_every and state.global_step % settings.eval_every == 0:
                     log.validation(state, steps.validate(student_of(trainee)), elapsed())
                 if settings.checkpoint_every and state.global_step % settings.checkpoint_every == 0:
