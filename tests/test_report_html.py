@@ -165,3 +165,30 @@ def test_language_model_page_shows_samples_and_validation_quality(
     assert html.escape(completion) in page
     assert "validation loss against parameters" in page  # no test split: validation quality
     assert "loss_forward_kl" in page  # the divergence's own curve beside the cross-entropy
+    # loss by position: measured once per stage, its ranges covering the sequence
+    evaluation = json.loads((tmp_path / "lm" / "distill" / "seed0" / "eval.json").read_text())
+    curve = evaluation["loss_by_position"]
+    assert curve["positions"][0][0] == 1 and len(curve["positions"]) == len(curve["loss"])
+    assert all(loss > 0 for loss in curve["loss"])
+    assert "<h2>Loss by position</h2>" in page
+
+
+def test_loss_by_position_agrees_with_the_validation_loss(shared_data: Path) -> None:
+    """The token-weighted mean of the per-position losses is the validation loss."""
+    import torch
+
+    from kdistill.recipe import validate_recipe
+    from kdistill.tasks.causal_lm.data import build_lm_data
+    from kdistill.tasks.causal_lm.measure import loss_by_position, measure
+
+    recipe = validate_recipe(tiny_lm_recipe())
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        data = build_lm_data(recipe.data, data_dir=shared_data, tokenizer_dir=Path(folder))
+    torch.manual_seed(0)
+    model = data.build_model(recipe.student.model, "student.model")
+    curve = loss_by_position(model, data, batch_size=4, device="cpu", buckets=5)
+    widths = [high - low + 1 for low, high in curve["positions"]]
+    mean = sum(w * loss for w, loss in zip(widths, curve["loss"])) / sum(widths)
+    assert mean == pytest.approx(measure(model, data, batch_size=8, device="cpu")["loss"], rel=1e-4)

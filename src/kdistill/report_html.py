@@ -88,6 +88,7 @@ def render(run_dir: Path, *, score: tuple[str, bool] | None = None) -> str:
         "<h2>Quality and cost</h2>",
         _quality_and_cost(results, score),
         _classes(run_dir, results),
+        _positions(results),
         _samples(results),
         "<h2>The run</h2>",
         _environment(run_dir, results, status),
@@ -436,6 +437,36 @@ def _classes(run_dir: Path, results: dict[str, Any]) -> str:
         )
     )
     return "<h2>Classes and calibration</h2>" + '<div class="grid">' + "".join(figures) + "</div>"
+
+
+def _positions(results: dict[str, Any]) -> str:
+    """Language models: validation loss per token by its position in the sequence (first
+    seed), each stage a line."""
+    stages = results.get("stages") or {}
+    found = {
+        stage: info["per_seed"][0]["loss_by_position"]
+        for stage, info in stages.items()
+        if info.get("per_seed") and info["per_seed"][0].get("loss_by_position")
+    }
+    if not found:
+        return ""
+
+    def draw(ax: Any) -> None:
+        for stage, curve in found.items():
+            middles = [(low + high) / 2 for low, high in curve["positions"]]
+            ax.plot(
+                middles, curve["loss"], marker="o", markersize=3,
+                color=_color(stage, len(found)), label=stage,
+            )  # fmt: skip
+        ax.set_xlabel("position in the sequence (tokens of context)")
+        ax.set_ylabel("validation loss per token (nats)")
+        ax.legend(fontsize=7)
+
+    caption = (
+        "Loss per token by position, first seed: the early positions have little context; "
+        "a student that keeps the teacher's use of long context stays close to it on the right."
+    )
+    return "<h2>Loss by position</h2>" + _figure(_svg(draw), caption)
 
 
 OUTPUT_KEYS = ("completion", "translation")  # what a model wrote, in a sample record

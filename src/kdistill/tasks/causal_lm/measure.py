@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from kdistill.tasks.causal_lm.pipeline import LMContext
 
+import itertools
 import json
 import math
 import os
@@ -71,6 +72,48 @@ def measure(model: CausalLM, data: LMData, *, batch_size: int, device: Any) -> d
         "tokens": tokens,
         "characters": data.val_characters,
     }
+
+
+def loss_by_position(
+    model: CausalLM, data: LMData, *, batch_size: int, device: Any, buckets: int = 16
+) -> dict[str, Any]:
+    """Validation loss per token (nats) by its position in the sequence, in up to
+    `buckets` equal ranges of positions: how much the context helps each model. The
+    logits are built a few rows at a time (at most ~2^25 values at once)."""
+    from kdistill.losses.lm_chunked import CHUNK_ELEMENTS, IGNORE_INDEX
+
+    length = data.val.shape[1] - 1
+    sums = torch.zeros(length, dtype=torch.float64)
+    counts = torch.zeros(length, dtype=torch.long)
+    per_pass = max(1, min(batch_size, CHUNK_ELEMENTS // max(length * data.vocab_size, 1)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(data.val), per_pass):
+                rows = data.val[start : start + per_pass].to(device)
+                labels = (
+                    rows[:, 1:]
+                    if data.val_labels is None
+                    else data.val_labels[start : start + per_pass].to(device)
+                )
+                logits = model.logits(model(rows[:, :-1])).float()[..., : data.vocab_size]
+                nll = torch.nn.functional.cross_entropy(
+                    logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+                )  # (b, T)
+                counted = labels != IGNORE_INDEX
+                sums += (nll * counted).sum(0).double().cpu()
+                counts += counted.sum(0).cpu()
+    finally:
+        model.train(was_training)
+    edges = torch.linspace(0, length, min(buckets, length) + 1).round().long().tolist()
+    ranges, losses = [], []
+    for low, high in itertools.pairwise(edges):
+        n = int(counts[low:high].sum())
+        if high > low and n:
+            ranges.append([low + 1, high])  # 1-based: tokens of context read
+            losses.append(float(sums[low:high].sum() / n))
+    return {"positions": ranges, "loss": losses}
 
 
 def generate_samples(
@@ -167,6 +210,7 @@ def measure_stage(
         after={"train_tokens": train_tokens},
         main_only=lambda: {
             "cost": _cost(model, data, device),
+            "loss_by_position": loss_by_position(model, data, batch_size=batch, device=device),
             "samples": generate_samples(model, data, ctx.recipe.samples, seed=seed, device=device),
         },
         save=save,
