@@ -26,7 +26,7 @@ import json
 import math
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -208,18 +208,21 @@ def record_backward_losses() -> Iterator[list[float]]:
         torch.Tensor.backward = original  # type: ignore[method-assign]
 
 
-def record(name: str) -> dict[str, Any]:
-    """Run configuration `name` in a temporary folder (one thread) and return its golden values."""
+def record(name: str, look: Callable[[Path], None] | None = None) -> dict[str, Any]:
+    """Run configuration `name` in a temporary folder (one thread) and return its golden
+    values; `look(run_dir)` may read the run folder before it is removed."""
     shipped, overrides = CONFIGS[name]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _record(name, shipped, overrides)
+        return _record(name, shipped, overrides, look)
     finally:
         torch.set_num_threads(threads)
 
 
-def _record(name: str, shipped: str, overrides: list[str]) -> dict[str, Any]:
+def _record(
+    name: str, shipped: str, overrides: list[str], look: Callable[[Path], None] | None = None
+) -> dict[str, Any]:
     import kdistill
 
     with tempfile.TemporaryDirectory() as tmp, record_backward_losses() as losses:
@@ -240,6 +243,8 @@ def _record(name: str, shipped: str, overrides: list[str]) -> dict[str, Any]:
                 "eval": _flatten_quality(evaluation),
                 "weights": weights_checksum(stage_dir / "model.safetensors"),
             }
+        if look is not None:
+            look(run_dir)
     return {"config": {"recipe": shipped, "overrides": overrides}, "losses": losses, **stages}
 
 

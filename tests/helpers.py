@@ -145,3 +145,42 @@ def naive_pad(sequences: list[list[int]], pad_id: int) -> tuple[list[list[int]],
         [s + [pad_id] * (width - len(s)) for s in sequences],
         [[1] * len(s) + [0] * (width - len(s)) for s in sequences],
     )
+
+
+def chromium() -> str | None:
+    """The system's Chromium (KDISTILL_CHROMIUM, chromium, chromium-browser), if any."""
+    import os
+    import shutil
+
+    for name in (os.environ.get("KDISTILL_CHROMIUM"), "chromium", "chromium-browser"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def open_in_chromium(page_path: Path, check: Any = None) -> tuple[list[str], list[str]]:
+    """Open a page in headless Chromium (skips the test when playwright or Chromium is
+    missing); returns (console and page errors, URLs requested). `check(page)` may look
+    at the loaded page before the browser closes."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    executable = chromium()
+    if executable is None:
+        pytest.skip(
+            "no Chromium on this machine (apt-get install -y chromium); .ci/run installs it"
+        )
+    errors: list[str] = []
+    requests: list[str] = []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(page_path.resolve().as_uri())
+            page.wait_for_load_state("load")
+            if check is not None:
+                check(page)
+        finally:
+            browser.close()
+    return errors, requests

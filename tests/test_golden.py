@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from helpers import chromium, open_in_chromium
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,11 +49,25 @@ def test_compare_finds_a_changed_value() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(golden.CONFIGS))
-def test_golden(name: str, shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_golden(
+    name: str, shared_data: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("KDISTILL_DATA", str(shared_data))
     expected = json.loads(golden.golden_path(name).read_text())
-    actual = json.loads(json.dumps(golden.record(name)))  # the same float round trip
+    pages: list[Path] = []
+
+    def keep_report(run_dir: Path) -> None:
+        if (run_dir / "report.html").is_file():
+            pages.append(tmp_path / "report.html")
+            shutil.copy(run_dir / "report.html", pages[0])
+
+    actual = json.loads(json.dumps(golden.record(name, keep_report)))  # the same float round trip
     problems = golden.compare(expected, actual)
     assert not problems, f"{len(problems)} values differ from the golden file:\n" + "\n".join(
         problems[:20]
     )
+    # every shipped recipe's report.html opens in a browser without errors or requests
+    assert pages, "the run wrote no report.html"
+    if chromium() is not None:
+        errors, requests = open_in_chromium(pages[0])
+        assert errors == [] and requests == [pages[0].resolve().as_uri()]

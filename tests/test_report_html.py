@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
-from helpers import fails_cleanly, tiny_lm_recipe, tiny_recipe
+from helpers import fails_cleanly, open_in_chromium, tiny_lm_recipe, tiny_recipe
 
 import kdistill
 from kdistill import api
@@ -66,45 +66,23 @@ def test_report_command_rebuilds_the_page(run: Path, tmp_path: Path) -> None:
     )
 
 
-def _chromium() -> str | None:
-    for name in (os.environ.get("KDISTILL_CHROMIUM"), "chromium", "chromium-browser"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
 def test_the_page_renders_in_headless_chromium(run: Path, tmp_path: Path) -> None:
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    executable = _chromium()
-    if executable is None:
-        pytest.skip(
-            "no Chromium on this machine (apt-get install -y chromium); .ci/run installs it"
-        )
     page_path = (run / "report.html").resolve()
-    errors: list[str] = []
-    requests: list[str] = []
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("request", lambda r: requests.append(r.url))
-            page.goto(page_path.as_uri())
-            page.wait_for_load_state("load")
-            assert errors == []
-            assert requests == [page_path.as_uri()]  # the page itself, nothing else
-            results = json.loads((run / "results.json").read_text())
-            distill = 100 * results["stages"]["distill"]["test"]["accuracy"]
-            assert f"{distill:.2f}" in page.inner_text("table")
-            sizes = page.eval_on_selector_all(
-                "figure.plot svg",
-                "els => els.map(e => [e.getBoundingClientRect().width, e.getBoundingClientRect().height])",
-            )
-            assert len(sizes) >= 6 and all(w > 100 and h > 50 for w, h in sizes)
-            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
-        finally:
-            browser.close()
+    results = json.loads((run / "results.json").read_text())
+    distill = 100 * results["stages"]["distill"]["test"]["accuracy"]
+
+    def check(page: Any) -> None:
+        assert f"{distill:.2f}" in page.inner_text("table")
+        sizes = page.eval_on_selector_all(
+            "figure.plot svg",
+            "els => els.map(e => [e.getBoundingClientRect().width, e.getBoundingClientRect().height])",
+        )
+        assert len(sizes) >= 6 and all(w > 100 and h > 50 for w, h in sizes)
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+
+    errors, requests = open_in_chromium(page_path, check)
+    assert errors == []
+    assert requests == [page_path.as_uri()]  # the page itself, nothing else
     assert (tmp_path / "report.png").stat().st_size > 10_000
 
 
