@@ -4,4 +4,5 @@ source "$(dirname "$0")/setup.sh"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy src
-.venv/bin/pytest -q "$@"
+# one worker per core; a file's tests stay on one worker (they share module fixtures)
+.venv/bin/pytest -q -n auto --dist loadfile "$@"

@@ -184,3 +184,12 @@ def open_in_chromium(page_path: Path, check: Any = None) -> tuple[list[str], lis
         finally:
             browser.close()
     return errors, requests
+
+
+def free_port() -> int:
+    """A TCP port free now, for a multi-process launch (tests may run side by side)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

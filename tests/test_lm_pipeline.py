@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from helpers import fails_cleanly as _fails
-from helpers import fit_lm, tiny_lm_recipe
+from helpers import fit_lm, free_port, tiny_lm_recipe
 from helpers import run_cli as _run
 from helpers import write_recipe as _write
 from safetensors.torch import load_file
@@ -281,7 +281,7 @@ def test_two_processes_match_one(lm_env: None, tmp_path: Path) -> None:
     assert _run(path, tmp_path / "one") == 0
     two = subprocess.run(
         [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
          "-m", "kdistill.cli", "run", str(path), "--output-dir", str(tmp_path / "two"), "--quiet"],
         env=env, capture_output=True, timeout=300, check=False,
     )  # fmt: skip

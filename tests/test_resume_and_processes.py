@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import tiny_recipe
+from helpers import free_port, tiny_recipe
 from safetensors.torch import load_file
 
 
@@ -106,7 +106,7 @@ def test_two_processes_match_one(tmp_path: Path, shared_data: Path) -> None:
     assert one.wait(timeout=600) == 0
     two = subprocess.run(
         [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
          "-m", "kdistill.cli", "run", str(recipe), "--output-dir", str(tmp_path / "two"), "--quiet"],
         env=env, capture_output=True, timeout=600, check=False,
     )  # fmt: skip
