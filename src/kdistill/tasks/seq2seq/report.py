@@ -67,8 +67,11 @@ def _extra(results: dict[str, Any]) -> dict[str, Any]:
 
 def _speed(results: dict[str, Any], stage: dict[str, Any]) -> str:
     teacher = (results["stages"].get("teacher") or {}).get("test") or {}
-    mine = (stage.get("test") or {}).get("tokens_per_second")
-    base = teacher.get("tokens_per_second")
+    # the same test sentences in less time (a model that writes longer translations
+    # earns nothing by it); measured as each stage ended: benchmarks/seq2seq_decode_speed.py
+    # times the models side by side
+    mine = (stage.get("test") or {}).get("sentences_per_second")
+    base = teacher.get("sentences_per_second")
     if not mine or not base:
         return "—"
     return f"{mine / base:.2f}×"
@@ -120,7 +123,9 @@ def metric_sentence(results: dict[str, Any]) -> str:
         "BLEU and chrF on the test pairs, as sacrebleu computes them on detokenized text "
         f"({sig or 'no signature recorded'}); greedy decoding and beam search. tokens/s: "
         "tokens written per second, greedy, batches of sentences of similar length; "
-        "speed-up against the teacher. Mean ± sample standard deviation over seeds." + cut
+        "speed-up: the teacher's time for the test sentences (greedy) over the model's, "
+        "each timed as its stage ended (benchmarks/seq2seq_decode_speed.py times models "
+        "side by side). Mean ± sample standard deviation over seeds." + cut
     )
 
 
