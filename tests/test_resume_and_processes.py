@@ -92,6 +92,13 @@ def test_sigkill_mid_epoch_then_resume_past_a_truncated_checkpoint_gives_same_we
     assert worst <= 1e-6, f"resumed weights differ by {worst}"
     lines = (killed_dir / "baseline" / "seed0" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
+    # each optimizer step logged once, and as the uninterrupted run logged it
+    steps = [
+        [json.loads(x) for x in (d / "baseline" / "seed0" / "steps.jsonl").read_text().splitlines()]
+        for d in (tmp_path / "straight", killed_dir)
+    ]
+    assert [r["step"] for r in steps[1]] == [r["step"] for r in steps[0]]
+    assert [r["loss"] for r in steps[1]] == pytest.approx([r["loss"] for r in steps[0]], rel=1e-5)
 
 
 @pytest.mark.slow

@@ -101,6 +101,12 @@ def log_to_mlflow(run_dir: Path, recipe: Any) -> str:
                 for key, value in record.items():
                     if key not in ("epoch", "step", "split") and _number(value):
                         metrics.append(Metric(prefix + _key(key), float(value), 0, step))
+            for record in read_records(folder / "steps.jsonl"):  # every optimizer step
+                for key, value in record.items():
+                    if key not in ("epoch", "step") and _number(value):
+                        metrics.append(
+                            Metric(_key(f"step/{key}"), float(value), 0, int(record["step"]))
+                        )
             evaluation = read_json_if_any(folder / "eval.json") or {}
             for key, value in flatten_numbers(evaluation):
                 metrics.append(Metric(_key(f"eval/{key}"), value, 0, 0))

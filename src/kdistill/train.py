@@ -210,6 +210,7 @@ def fit(
                 )  # fmt: skip
                 state.step_in_epoch = step + 1
                 units_since += count.total
+                log.step(state, count, step_loss, sum_terms(parts), optimizer.param_groups[0]["lr"])
                 if bar is not None and task is not None:
                     rate = units_since / max(time.perf_counter() - tick, 1e-9)
                     info = log.step_info(epoch, count, step_loss, sum_terms(parts), rate)
@@ -219,11 +220,13 @@ def fit(
                 if settings.eval_every and state.global_step % settings.eval_every == 0:
                     log.validation(state, steps.validate(student_of(trainee)), elapsed())
                 if settings.checkpoint_every and state.global_step % settings.checkpoint_every == 0:
+                    log.flush_steps()
                     checkpoints.save(accelerator, elapsed())
             stopped_early = _end_epoch(
                 state, steps, settings, log, trainee, scheduler, out_dir, accelerator,
                 seconds=elapsed(), epoch_seconds=max(time.perf_counter() - tick, 1e-9),
             )  # fmt: skip
+            log.flush_steps()
             checkpoints.save(accelerator, elapsed())
             if on_epoch is not None and accelerator.is_main_process and log.last is not None:
                 on_epoch(log.last)
@@ -460,10 +463,13 @@ class _MetricsLog:
         self.writer: Any = None
         self.bar: Progress | None = None
         self.last: dict[str, Any] | None = None  # the latest epoch record
+        self.steps_path = out_dir / "steps.jsonl"
+        self.pending: list[dict[str, Any]] = []  # step records not yet in steps.jsonl
 
     def resumed(self, state: FitState, restored: Restored) -> None:
         if self.is_main:
             truncate_metrics(self.path, state.global_step)
+            truncate_metrics(self.steps_path, state.global_step)
             for skipped in restored.skipped:
                 self.console.log(f"[yellow]{self.label}: skipped damaged checkpoint {skipped}")
             self.console.log(
@@ -471,8 +477,9 @@ class _MetricsLog:
             )
 
     def start(self, *, resumed: bool) -> None:
-        if self.is_main and not resumed and self.path.exists():
-            self.path.unlink()
+        if self.is_main and not resumed:
+            self.path.unlink(missing_ok=True)
+            self.steps_path.unlink(missing_ok=True)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.tensorboard and self.is_main:
             self.writer = _tensorboard_writer(self.out_dir)
@@ -498,6 +505,33 @@ class _MetricsLog:
         fields = {k.removeprefix("val_"): v for k, v in validation.fields.items()}
         record = {"epoch": state.epoch + 1, "step": state.global_step, "split": "val", **fields}
         self.write({**record, "seconds": round(seconds, 3)}, state.global_step)
+
+    def step(
+        self, state: FitState, count: StepCount, loss: float, terms: dict[str, float], lr: float
+    ) -> None:
+        """One optimizer step's record for steps.jsonl (written with the next checkpoint
+        or epoch end): the main process's loss per sample or token, its terms, the lr."""
+        if not self.is_main:
+            return
+        per = max(count.local, 1)
+        record: dict[str, Any] = {"step": state.global_step, "epoch": state.epoch + 1}
+        record["loss"] = loss / per
+        record.update({f"loss_{name}": value / per for name, value in terms.items()})
+        record["lr"] = lr
+        self.pending.append(record)
+
+    def flush_steps(self) -> None:
+        """Append the step records to steps.jsonl (and TensorBoard's step/ scalars)."""
+        if not self.is_main or not self.pending:
+            return
+        with open(self.steps_path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in self.pending))
+        if self.writer is not None:
+            for record in self.pending:
+                for key, value in record.items():
+                    if key not in ("step", "epoch"):
+                        self.writer.add_scalar(f"{self.label}/step/{key}", value, record["step"])
+        self.pending = []
 
     def step_info(
         self, epoch: int, count: StepCount, loss: float, terms: dict[str, float], rate: float
