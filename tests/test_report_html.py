@@ -42,9 +42,12 @@ def run(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_a_run_writes_a_self_contained_page(run: Path) -> None:
     page = (run / "report.html").read_text(encoding="utf-8")
     assert len(page.encode()) < 2_000_000
-    assert "<script" not in page.lower()
+    # two inline scripts: plotly.js (basic bundle) and the lines that draw the figures
+    assert page.lower().count("<script") == 2 and "<script src" not in page.lower()
+    assert page.count('class="plotly"') >= 6 and page.count("<noscript>") >= 6
     # no URL the browser would fetch: links within the page and inline data only
-    urls = set(re.findall(r"(?:src|href)=\"([^\"]+)\"", page))
+    markup = re.sub(r"<script>.*?</script>", "", page, flags=re.S)  # plotly.js's own text
+    urls = set(re.findall(r"(?:src|href)=\"([^\"]+)\"", markup))
     assert not {u for u in urls if not u.startswith(("#", "data:image/png;base64,"))}
     results = json.loads((run / "results.json").read_text())
     distill = 100 * results["stages"]["distill"]["test"]["accuracy"]
@@ -74,10 +77,15 @@ def test_the_page_renders_in_headless_chromium(run: Path, tmp_path: Path) -> Non
     def check(page: Any) -> None:
         assert f"{distill:.2f}" in page.inner_text("table")
         sizes = page.eval_on_selector_all(
-            "figure.plot svg",
+            "figure.plot svg.main-svg",  # plotly's drawing (its mode bar icons are small)
             "els => els.map(e => [e.getBoundingClientRect().width, e.getBoundingClientRect().height])",
         )
         assert len(sizes) >= 6 and all(w > 100 and h > 50 for w, h in sizes)
+        # hovering a point of a curve shows its values
+        point = page.locator("figure.plot .scatterlayer .point").first
+        point.scroll_into_view_if_needed()
+        point.hover(force=True)
+        page.wait_for_selector(".hoverlayer .hovertext", timeout=5000)
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
 
     errors, requests = open_in_chromium(page_path, check)
@@ -118,7 +126,7 @@ def test_compare_puts_three_runs_on_one_page(
     t8 = json.loads((tmp_path / "t8" / "results.json").read_text())
     assert f"{t8['stages']['distill']['test']['accuracy']:.4f}" in page
     assert "t8/distill" in page and "run/baseline" in page  # curves overlaid, one series each
-    assert "<script" not in page.lower()
+    assert page.lower().count("<script") == 2 and "<script src" not in page.lower()
 
 
 def test_compare_refuses_unfinished_folders(

@@ -2,9 +2,12 @@
 
 It reads what the run wrote, as the markdown report does: results.md (the task's
 tables, rendered here), results.json, each stage's metrics.jsonl and eval.json,
-recipe.yaml and run.json. The plots are inline SVG drawn with matplotlib, so the page
-has no script and makes no request: it opens from disk, a mail attachment or an
-artifact store the same way, and rebuilds for any old run (`kdistill report`).
+recipe.yaml and run.json. The training curves and the quality-against-cost plots are
+plotly figures (hovering shows each point's values), drawn by plotly.js's basic bundle
+inlined once in the page (about 1.1 MB, kdistill/vendor); each keeps a matplotlib SVG
+for readers without scripts. The other plots are inline SVG. The page makes no
+request: it opens from disk, a mail attachment or an artifact store the same way, and
+rebuilds for any old run (`kdistill report`).
 
     the results     the task's tables (mean ± std over seeds, last and best-on-validation
                     checkpoints, gap recovered), as results.md has them
@@ -20,9 +23,11 @@ from __future__ import annotations
 
 import html
 import io
+import json
 import re
 import statistics
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -315,8 +320,62 @@ def _curve_panels(curves: dict[str, dict[str, dict[int, float]]]) -> str:
             shown = (
                 f"validation {group[0].removeprefix('val_')}" if title == "validation" else title
             )
-            figures.append(_figure(_curve_plot(curves, group, shown), shown))
+            figures.append(
+                _interactive(
+                    _curve_figure(curves, group, shown), _curve_plot(curves, group, shown), shown
+                )
+            )
     return '<div class="grid">' + "".join(figures) + "</div>"
+
+
+def _curve_figure(
+    curves: dict[str, dict[str, dict[int, float]]], keys: list[str], title: str
+) -> dict[str, Any]:
+    """The same curves as `_curve_plot`, as a plotly figure (hover: the epoch's values)."""
+    dashes = ["solid", "dash", "dot", "dashdot"]
+    data = []
+    for stage, metrics in curves.items():
+        for k, key in enumerate(keys):
+            if key not in metrics:
+                continue
+            points = metrics[key]
+            data.append(
+                {
+                    "type": "scatter",
+                    "mode": "lines+markers",
+                    "name": f"{stage} {key}" if len(keys) > 1 else stage,
+                    "x": list(points),
+                    "y": list(points.values()),
+                    "line": {"color": _color(stage, len(curves)), "dash": dashes[k % 4]},
+                    "marker": {"size": 5},
+                }
+            )
+    return {"data": data, "layout": _layout("epoch", title, integer_x=True)}
+
+
+def _layout(x_title: str, y_title: str, *, integer_x: bool = False, log_x: bool = False) -> dict:
+    return {
+        "height": 330,
+        "margin": {"l": 60, "r": 10, "t": 10, "b": 45},
+        "xaxis": {
+            "title": {"text": x_title},
+            **({"dtick": 1} if integer_x else {}),
+            **({"type": "log"} if log_x else {}),
+        },
+        "yaxis": {"title": {"text": y_title}, "exponentformat": "e"},
+        "legend": {"font": {"size": 10}},
+        "hovermode": "closest",
+    }
+
+
+def _interactive(figure: dict[str, Any], svg: str, caption: str) -> str:
+    """A plotly figure drawn by the page's script (hover shows the values); the static
+    SVG stands in where scripts do not run."""
+    data = html.escape(json.dumps(figure, separators=(",", ":")), quote=True)
+    return (
+        f'<figure class="plot"><div class="plotly" data-figure="{data}"></div>'
+        f"<noscript>{svg}</noscript><figcaption>{_e(caption)}</figcaption></figure>"
+    )
 
 
 def _curve_plot(curves: dict[str, dict[str, dict[int, float]]], keys: list[str], title: str) -> str:
@@ -379,7 +438,27 @@ def _quality_and_cost(results: dict[str, Any], score: tuple[str, bool] | None) -
             ax.set_ylabel(f"{split} {metric}")
             ax.legend(fontsize=7)
 
-        figures.append(_figure(_svg(draw), f"{split} {metric} against {label}"))
+        xs = [cost[key] for _, _, _, cost in usable]
+        log_x = min(xs) > 0 and max(xs) / min(xs) > 10
+        figure = {
+            "data": [
+                {
+                    "type": "scatter",
+                    "mode": "markers",
+                    "name": stage,
+                    "x": [cost[key]],
+                    "y": [value],
+                    "error_y": {"type": "data", "array": [spread], "visible": True},
+                    "marker": {"size": 10, "color": _color(stage, len(usable))},
+                    "hovertemplate": f"{_e(stage)}<br>{label} %{{x:,.4g}}<br>{split} "
+                    f"{metric} %{{y:.4g}} ± {spread:.3g}<extra></extra>",
+                }
+                for stage, value, spread, cost in usable
+            ],
+            "layout": _layout(label, f"{split} {metric}", log_x=log_x),
+        }
+        caption = f"{split} {metric} against {label}"
+        figures.append(_interactive(figure, _svg(draw), caption))
     note = (
         "<p>Each point is a stage: mean over its seeds, error bar one standard deviation. "
         "Cost from the stage's eval.json (the lowest seed: seeds share the architecture).</p>"
@@ -666,6 +745,7 @@ th, td {{ border: 1px solid #ddd; padding: 0.25rem 0.55rem; }}
 thead th {{ background: #f4f5f7; }}
 tbody tr:nth-child(even) {{ background: #fafafa; }}
 .facts {{ color: #555; }}
+div.plotly {{ width: 100%; min-height: 330px; }}
 .grid {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(26rem, 1fr)); gap: 1rem; }}
 figure.plot {{ margin: 0; }} figure.plot svg {{ width: 100%; height: auto; }}
 figcaption {{ font-size: 0.8rem; color: #555; text-align: center; }}
@@ -675,9 +755,27 @@ table.samples pre {{ background: none; padding: 0; margin: 0; white-space: pre-w
 </style></head>
 <body>
 {body}
-<footer><p class="facts">Written by kdistill from the run folder's files; no script, no network.</p></footer>
+<footer><p class="facts">Written by kdistill from the run folder's files; no network. The curves
+and cost plots are drawn by plotly.js (basic bundle, MIT license, inlined); without
+scripts their static images show.</p></footer>
+{_scripts(body)}
 </body></html>
 """
+
+
+def _scripts(body: str) -> str:
+    """plotly.js, inlined once, and the lines that draw each interactive figure; nothing
+    when the page has none."""
+    if 'class="plotly"' not in body:
+        return ""
+    library = resources.files("kdistill").joinpath("vendor/plotly-basic.min.js").read_text("utf-8")
+    draw = (
+        "document.querySelectorAll('div.plotly').forEach(function (d) {"
+        " var f = JSON.parse(d.dataset.figure);"
+        " Plotly.newPlot(d, f.data, f.layout, {displaylogo: false, responsive: true,"
+        " modeBarButtonsToRemove: ['toImage', 'sendDataToCloud']}); });"
+    )
+    return f"<script>{library}</script>\n<script>{draw}</script>"
 
 
 def _e(text: str) -> str:
