@@ -21,7 +21,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -485,13 +484,6 @@ def batch(pairs: Pairs, rows: Tensor, *, pad_id: int, start_id: int) -> dict[str
     }
 
 
-def source_mask(sources: Tensor, lengths: Sequence[int]) -> Tensor:
-    mask = torch.zeros_like(sources)
-    for i, n in enumerate(lengths):
-        mask[i, :n] = 1
-    return mask
-
-
 def bucketed_order(
     lengths: Tensor, generator: torch.Generator, batch_size: int, *, pool: int = 50
 ) -> Tensor:
@@ -552,9 +544,3 @@ def texts_digest(texts: Sequence[str]) -> str:
     for text in texts:
         digest.update(text.encode("utf-8") + b"\x1e")
     return digest.hexdigest()
-
-
-def timed(function: Any) -> tuple[Any, float]:
-    start = time.perf_counter()
-    value = function()
-    return value, time.perf_counter() - start

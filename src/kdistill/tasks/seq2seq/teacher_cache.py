@@ -13,6 +13,7 @@ the length limits, k, the temperature and the tail sampling.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -102,8 +103,6 @@ def write_cache(
     device: Any,
 ) -> dict[str, Any]:
     """Write (or finish after a killed job, or verify) the cache; what happened."""
-    import time
-
     from kdistill.cache.manifest import MANIFEST, manifest_or_none
 
     manifest = manifest_or_none(folder)
