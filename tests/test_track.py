@@ -77,6 +77,16 @@ def test_a_run_is_read_back_from_mlflow_and_tensorboard(tiny: dict, tmp_path: Pa
     tags = set(events.Tags()["scalars"])
     assert {"distill seed 1/val_accuracy", "distill seed 1/loss_kd", "distill seed 1/loss"} <= tags
     assert [e.step for e in events.Scalars("distill seed 1/val_accuracy")] == [31, 62]
+    # every optimizer step: steps.jsonl, TensorBoard's step/ scalars and MLflow's step/ metrics
+    folder = tmp_path / "runs" / "tiny" / "distill" / "seed1"
+    steps = [json.loads(line) for line in (folder / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps] == list(range(1, 63))
+    assert {"loss", "loss_kd", "loss_cross_entropy", "lr"} <= set(steps[0])
+    assert [e.step for e in events.Scalars("distill seed 1/step/loss")] == list(range(1, 63))
+    history = client.get_metric_history(children["distill seed 1"].info.run_id, "step/loss")
+    assert sorted((m.step, m.value) for m in history) == [
+        (r["step"], pytest.approx(r["loss"])) for r in steps
+    ]
 
 
 def test_asking_for_a_tracker_that_is_not_installed_names_the_extra(
@@ -96,13 +106,3 @@ def test_asking_for_a_tracker_that_is_not_installed_names_the_extra(
     recipe["output"] = {"track": ["mlflow"]}
     with pytest.raises(RecipeError, match=r"pip install 'kdistill\[mlflow\]'"):
         kdistill.validate(recipe)
-    # every optimizer step: steps.jsonl, TensorBoard's step/ scalars and MLflow's step/ metrics
-    folder = tmp_path / "runs" / "tiny" / "distill" / "seed1"
-    steps = [json.loads(line) for line in (folder / "steps.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in steps] == list(range(1, 63))
-    assert {"loss", "loss_kd", "loss_cross_entropy", "lr"} <= set(steps[0])
-    assert [e.step for e in events.Scalars("distill seed 1/step/loss")] == list(range(1, 63))
-    history = client.get_metric_history(children["distill seed 1"].info.run_id, "step/loss")
-    assert sorted((m.step, m.value) for m in history) == [
-        (r["step"], pytest.approx(r["loss"])) for r in steps
-    ]
