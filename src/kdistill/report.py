@@ -346,7 +346,7 @@ def mean_pm(section: dict[str, Any] | None, name: str, n: int, scale: float = 10
     return f"{mean * scale:.2f} ± {std * scale:.2f}"
 
 
-def best_metric_rows(results: dict[str, Any], metric: str) -> list[list[str]]:
+def best_metric_rows(results: dict[str, Any], metric: str, scale: float = 100.0) -> list[list[str]]:
     """Per stage with best-on-validation checkpoints: stage, seeds, their epochs, the
     validation and test `metric` of those checkpoints."""
     rows = []
@@ -360,8 +360,8 @@ def best_metric_rows(results: dict[str, Any], metric: str) -> list[list[str]]:
                 name,
                 str(n),
                 ", ".join("—" if e is None else str(e) for e in best["epochs"]),
-                mean_pm(best["val"], metric, n),
-                mean_pm(best["test"], metric, n),
+                mean_pm(best["val"], metric, n, scale),
+                mean_pm(best["test"], metric, n, scale),
             ]
         )
     return rows

@@ -140,27 +140,18 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
     ]
     lines += ["## Best-on-validation checkpoints", ""]
-    best = best_metric_rows(results, "bleu")
+    best = best_metric_rows(results, "bleu", scale=1.0)  # BLEU is in points already
     if best:
         lines += [
             "Each seed's checkpoint with the best validation BLEU (greedy), measured on the "
             "test pairs once; they played no part in choosing it.",
             "",
         ]
-        lines += markdown_table(BEST_COLUMNS, [[*r[:3], _plain(r[3]), _plain(r[4])] for r in best])
+        lines += markdown_table(BEST_COLUMNS, best)
     else:
         lines.append("None: the run has no validation pairs.")
     lines += ["", *sample_lines(results)]
     return "\n".join(lines) + "\n"
-
-
-def _plain(value: str) -> str:
-    """best_metric_rows scales by 100; BLEU is already in points."""
-    parts = value.split(" ± ")
-    try:
-        return " ± ".join(f"{float(p) / 100:.2f}" for p in parts)
-    except ValueError:
-        return value
 
 
 def sample_lines(results: dict[str, Any]) -> list[str]:
