@@ -26,6 +26,53 @@ class TaggingFiles(Strict):
     test: str = "test.txt"
 
 
+class TaggingAugmentConfig(Strict):
+    """New sentences made from the training sentences, for the teacher to tag: mention
+    replacement (Dai & Adel 2020) and Tang et al.'s (2019) masking and same-kind word
+    replacement (kdistill.tasks.token_classification.augment)."""
+
+    copies: int = Field(4, ge=1, le=100, description="rounds over the training sentences")
+    p_mention: float = Field(
+        0.5, ge=0, le=1, description="an entity replaced by another of its type from train"
+    )
+    p_mask: float = Field(0.1, ge=0, le=1, description="a word outside entities -> [MASK]")
+    p_word: float = Field(
+        0.1, ge=0, le=1, description="a word outside entities -> a word of the same kind"
+    )
+    max_total: int | None = Field(None, ge=1, description="at most this many sentences in all")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> TaggingAugmentConfig:
+        if self.p_mask + self.p_word > 1:
+            raise ValueError(
+                f"p_mask + p_word is {self.p_mask + self.p_word:g}: the two rules exclude each "
+                "other, so together they must be at most 1"
+            )
+        return self
+
+
+class TaggingTransferConfig(Strict):
+    """Untagged sentences for the distill stage, tagged by the teacher: the student
+    learns its word distributions there, with no label term (baseline never sees them)."""
+
+    file: str | None = Field(
+        None,
+        description="a text file, one sentence a line, words separated by spaces (a "
+        "relative path resolves against the data folder)",
+    )
+    augment: TaggingAugmentConfig | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> TaggingTransferConfig:
+        if self.file is None and self.augment is None:
+            raise ValueError(
+                "data.transfer adds sentences for the distill stage: give a file, an augment "
+                "section (e.g. augment: {copies: 4}), or both"
+            )
+        return self
+
+
 class TaggingDataConfig(Strict):
     source: Literal["conll2003", "conll"] = Field(
         "conll2003",
@@ -43,6 +90,9 @@ class TaggingDataConfig(Strict):
     limit_train: int | None = Field(None, ge=1, description="the first N training sentences")
     limit_val: int | None = Field(None, ge=1)
     limit_test: int | None = Field(None, ge=1)
+    transfer: TaggingTransferConfig | None = Field(
+        None, description="more sentences for the distill stage, tagged by the teacher"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TaggingDataConfig:

@@ -96,6 +96,8 @@ class EncoderTask:
     save_extra: Callable[[nn.Module, Path], None] = lambda model, folder: None
     load_saved: Callable[[Any, Path, Any], nn.Module] | None = None  # non-HF models
     latency_rows: int | None = None  # inputs timed one at a time (default SINGLE_SAMPLES)
+    # the data of a stage that learns from a teacher (a transfer set appended to train)
+    distill_data: Callable[[Any], Any] = lambda data: data
 
 
 def example(task: EncoderTask, data: Any, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -272,6 +274,7 @@ def _student_stage(ctx: Context, stage: str, seed: int, guide: Guide | None) -> 
     if finished_earlier(ctx, stage, seed):
         return guide
     signal = None
+    data = ctx.data
     if stage == "baseline":
         own = [
             t.model_copy(update={"weight": 1.0}) for t in recipe.objective if not reads_teacher(t)
@@ -280,10 +283,13 @@ def _student_stage(ctx: Context, stage: str, seed: int, guide: Guide | None) -> 
     else:
         assert guide is not None
         objective = Objective(recipe.objective)
-        signal = _teacher_signal(ctx, guide) if objective.needs_teacher else None
+        if objective.needs_teacher:
+            data = ctx.task.distill_data(ctx.data)
+            signal = _teacher_signal(ctx, guide, data)
     _train_and_finish(
-        ctx, stage, seed, model, spec, objective, signal, settings=recipe.train, guide=guide
-    )
+        ctx, stage, seed, model, spec, objective, signal,
+        settings=recipe.train, guide=guide, data=data,
+    )  # fmt: skip
     return guide
 
 
@@ -304,10 +310,12 @@ def _train_and_finish(
     *,
     settings: Any,
     guide: Guide | None,
+    data: Any = None,
 ) -> nn.Module:
+    """Train a stage on `data` (default: the run's) and measure it."""
     steps = ctx.task.steps(
         model,
-        data=ctx.data,
+        data=ctx.data if data is None else data,
         objective=objective,
         teacher=signal,
         settings=settings,
@@ -339,15 +347,15 @@ def cache_key(task: EncoderTask, data: Any, teacher_sha256: str) -> str:
     return digest.hexdigest()
 
 
-def _teacher_signal(ctx: Context, guide: Guide) -> list[torch.Tensor]:
-    """The teacher's signal of every training row: from the cache when its key matches,
-    else one pass (written to the cache when teacher.cache is on)."""
+def _teacher_signal(ctx: Context, guide: Guide, data: Any) -> list[torch.Tensor]:
+    """The teacher's signal of every training row of `data`: from the cache when its
+    key matches, else one pass (written to the cache when teacher.cache is on)."""
     recipe, task = ctx.recipe, ctx.task
     folder = ctx.run_dir / "cache" / f"teacher-seed{guide.seed}"
     device = ctx.accelerator.device
     tokenizer = str(getattr(guide.model, "kdistill_tokenizer_key", ""))
     precision = recipe.teacher.precision or "fp32"
-    key = cache_key(task, ctx.data, f"{file_sha256(guide.weights)}/{tokenizer}/{precision}")
+    key = cache_key(task, data, f"{file_sha256(guide.weights)}/{tokenizer}/{precision}")
     if recipe.teacher.cache and (folder / "manifest.json").is_file():
         rows = read_signal(folder, key)
         ctx.console.log(
@@ -359,7 +367,7 @@ def _teacher_signal(ctx: Context, guide: Guide) -> list[torch.Tensor]:
     teacher = copy.deepcopy(guide.model).to(device)
     if precision in ("bf16", "fp16"):
         teacher = teacher.to(torch.bfloat16 if precision == "bf16" else torch.float16)
-    rows = task.signal(teacher, ctx.data, batch_size=recipe.train.eval_batch_size, device=device)
+    rows = task.signal(teacher, data, batch_size=recipe.train.eval_batch_size, device=device)
     seconds = time.perf_counter() - start
     if recipe.teacher.cache and ctx.is_main:
         write_signal(folder, rows, key, seconds=seconds)
@@ -562,7 +570,7 @@ def cache_teacher(
     teacher = require_teacher(recipe)
     run_dir = run_dir_of(recipe, output_dir)
     seed = recipe.seeds[0]
-    data = task.load(recipe.data, data_dir)
+    data = task.distill_data(task.load(recipe.data, data_dir))
     weights = (
         resolve_weights(teacher.checkpoint)
         if teacher.checkpoint

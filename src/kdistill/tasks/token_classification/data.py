@@ -30,17 +30,20 @@ from kdistill.data.paths import resolve_data_root, resolve_user_path
 from kdistill.data.text_batches import length_buckets
 from kdistill.errors import DataError
 from kdistill.recipe.token_classification import TaggingDataConfig
+from kdistill.tasks.token_classification.augment import augment_tagged
 
 IGNORE = -100
+UNLABELLED = -1  # a transfer sentence's words: the teacher's signal only, no label term
 DOCSTART = "-DOCSTART-"
 
 
 @dataclass
 class Sentences:
-    """One split: words and their tag names, sentence by sentence."""
+    """One split: words and their tag names, sentence by sentence (None: a transfer
+    sentence, which has no tags)."""
 
     words: list[list[str]]
-    tags: list[list[str]]
+    tags: list[list[str] | None]
     source: str = ""  # the file, for messages
 
     def __len__(self) -> int:
@@ -55,7 +58,7 @@ def read_conll(path: Path, *, tag_column: int = -1) -> Sentences:
     """The sentences of a CoNLL-format file; a DataError names the file and line of a
     line whose column count differs from the file's first line."""
     words: list[list[str]] = []
-    tags: list[list[str]] = []
+    tags: list[list[str] | None] = []
     current_words: list[str] = []
     current_tags: list[str] = []
     columns: int | None = None
@@ -105,6 +108,8 @@ def check_iob2(split: Sentences) -> None:
     """Refuse tags that are not IOB2, naming the first few with their sentence."""
     bad: list[str] = []
     for index, tags in enumerate(split.tags):
+        if tags is None:
+            continue
         previous = "O"
         for position, tag in enumerate(tags):
             kind, _, entity = tag.partition("-")
@@ -168,13 +173,18 @@ class WordVocab:
 @dataclass
 class TaggedSentences:
     """The splits, the label names (O first, then B-/I- of each type, sorted) and the
-    tokenizations made so far, by (tokenizer key, split)."""
+    tokenizations made so far, by (tokenizer key, split).
+
+    `transfer`: untagged sentences for the distill stage (data.transfer), which
+    `for_distill()` appends to train; their words are labelled UNLABELLED, so the
+    label terms of the objective skip them and the teacher's terms read them."""
 
     train: Sentences
     val: Sentences
     test: Sentences
     label_names: list[str]
     max_length: int
+    transfer: Sentences | None = None
     _encoded: dict[tuple[str, str], Encoded] = field(default_factory=dict, repr=False)
     _labels: dict[str, list[torch.Tensor]] = field(default_factory=dict, repr=False)
 
@@ -189,13 +199,28 @@ class TaggedSentences:
     def split(self, name: str) -> Sentences:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
 
+    def for_distill(self) -> TaggedSentences:
+        """The data of a stage that learns from a teacher: the training sentences, then
+        the transfer sentences (a new object: its own tokenizations of train)."""
+        if self.transfer is None:
+            return self
+        train = Sentences(
+            self.train.words + self.transfer.words,
+            self.train.tags + self.transfer.tags,
+            f"{self.train.source} + {self.transfer.source}",
+        )
+        return TaggedSentences(train, self.val, self.test, self.label_names, self.max_length)
+
     def labels(self, split: str) -> list[torch.Tensor]:
         """Each sentence's label ids (W_i,)."""
         if split not in self._labels:
             ids = {name: i for i, name in enumerate(self.label_names)}
+            sentences = self.split(split)
             self._labels[split] = [
                 torch.tensor([ids[t] for t in tags], dtype=torch.int64)
-                for tags in self.split(split).tags
+                if tags is not None
+                else torch.full((len(words),), UNLABELLED, dtype=torch.int64)
+                for words, tags in zip(sentences.words, sentences.tags, strict=True)
             ]
         return self._labels[split]
 
@@ -314,10 +339,10 @@ def load_tagging(section: TaggingDataConfig, data_dir: str | Path | None) -> Tag
         if limit is not None:
             split = Sentences(split.words[:limit], split.tags[:limit], split.source)
         splits[name] = split
-    types = sorted({t[2:] for tags in splits["train"].tags for t in tags if t != "O"})
+    types = sorted({t[2:] for tags in splits["train"].tags for t in tags or () if t != "O"})
     names = ["O"] + [f"{kind}-{t}" for t in types for kind in ("B", "I")]
     for name in ("val", "test"):
-        unseen = sorted({t for tags in splits[name].tags for t in tags} - set(names))
+        unseen = sorted({t for tags in splits[name].tags for t in tags or ()} - set(names))
         if unseen:
             raise DataError(
                 f"{splits[name].source}: tags {', '.join(unseen)} never occur in the training "
@@ -325,6 +350,48 @@ def load_tagging(section: TaggingDataConfig, data_dir: str | Path | None) -> Tag
                 + (f", the first {section.limit_train}" if section.limit_train else "")
                 + f"), so no model can learn them; the training tags are {', '.join(names)}"
             )
+    transfer = None if section.transfer is None else _transfer(section, splits["train"], root)
     return TaggedSentences(
-        splits["train"], splits["val"], splits["test"], names, section.max_length
+        splits["train"], splits["val"], splits["test"], names, section.max_length, transfer
     )
+
+
+def _transfer(section: TaggingDataConfig, train: Sentences, root: Path | None) -> Sentences:
+    """data.transfer's sentences: the file's, then the augmented training sentences."""
+    settings = section.transfer
+    assert settings is not None
+    words: list[list[str]] = []
+    sources: list[str] = []
+    if settings.file is not None:
+        path = Path(settings.file).expanduser()
+        if not path.is_absolute():
+            path = (root if root is not None else Path.cwd()) / path
+        if not path.is_file():
+            raise DataError(
+                f"data.transfer.file: {path} does not exist (a relative path resolves against "
+                "the data folder: --data-dir, else $KDISTILL_DATA)"
+            )
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"data.transfer.file: cannot read {path}: {exc}") from None
+        words += [line.split() for line in lines if line.strip()]
+        if not words:
+            raise DataError(
+                f"data.transfer.file: {path} holds no sentences (one a line, words separated "
+                "by spaces)"
+            )
+        sources.append(str(path))
+    if settings.augment is not None:
+        a = settings.augment
+        augmented = augment_tagged(
+            train.words, [t or [] for t in train.tags],
+            copies=a.copies, p_mention=a.p_mention, p_mask=a.p_mask, p_word=a.p_word,
+            max_total=a.max_total, seed=a.seed,
+        )  # fmt: skip
+        words += augmented.words
+        sources.append(
+            f"{len(augmented.words)} augmented sentences ({augmented.draws} drawn, "
+            f"{augmented.duplicates} duplicates dropped)"
+        )
+    return Sentences(words, [None] * len(words), " + ".join(sources))

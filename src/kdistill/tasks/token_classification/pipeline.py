@@ -32,9 +32,14 @@ from kdistill.tasks.token_classification.steps import (
 
 
 def _describe(data: TaggedSentences) -> str:
+    transfer = (
+        ""
+        if data.transfer is None
+        else f"; distill adds {len(data.transfer)} untagged sentences ({data.transfer.source})"
+    )
     return (
         f"data: {len(data.train)} train, {len(data.val)} val, {len(data.test)} test "
-        f"sentences, {data.num_labels} labels ({', '.join(data.entity_types)})"
+        f"sentences, {data.num_labels} labels ({', '.join(data.entity_types)}){transfer}"
     )
 
 
@@ -130,6 +135,7 @@ TASK = encoder.EncoderTask(
     extra=_extra,
     save_extra=_save_extra,
     load_saved=_load_saved,
+    distill_data=TaggedSentences.for_distill,
 )
 
 
