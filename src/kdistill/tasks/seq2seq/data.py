@@ -203,10 +203,10 @@ def read_split(section: Seq2SeqDataConfig, name: str, data_dir: Any = None) -> T
         + ", ".join(str(p) for p in folders or searched)
         + f"; relative paths resolve against the current folder, then --data-dir or ${DATA_ENV_VAR})"
     )
+    looked = f"; looked for {', '.join(str(p) for p in tried[:8])}" if tried else ""
     raise DataError(
-        f"data: no split {name!r}: {where}; looked for "
-        + ", ".join(str(p) for p in tried[:8])
-        + ". Give a file pair <name>.<lang>[.gz], a .tsv or .jsonl file, or a saved dataset"
+        f"data: no split {name!r}: {where}{looked}. Give a file pair <name>.<lang>[.gz], a "
+        ".tsv or .jsonl file, or a saved dataset"
     )
 
 
