@@ -71,11 +71,11 @@ def test_plan_of_mnist_quick_lists_every_stage(
     assert distill["teacher"] == "cache" and distill["teacher_bytes"] == 0
     assert distill["cache"]["in_use"] is True
     assert distill["cache"]["bytes"] == 1000 * 10 * 4  # data.limit_train images × classes
-    assert distill["steps_per_epoch"] == 1000 // 64 and distill["epochs"] == 10
+    assert distill["steps_per_epoch"] == 1000 // 64 and distill["epochs"] == 30
 
     assert main(["plan", "mnist_quick", *overrides, "--steps", "1", "--stage", "baseline"]) == 0
     text = capsys.readouterr().out
-    assert "baseline: trains student.model (101,770 parameters)" in text
+    assert "baseline: trains student.model (38,170 parameters)" in text
     assert "estimated peak" in text and "teacher:" not in text
 
 
