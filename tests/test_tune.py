@@ -199,6 +199,29 @@ def test_best_is_chosen_on_validation_and_rerun_on_the_final_seeds(study: dict[s
             assert (folder / "final" / stage / f"seed{seed}" / "eval.json").is_file()
 
 
+def test_study_md_sets_the_chosen_settings_against_the_student_alone(
+    study: dict[str, Any],
+) -> None:
+    folder = study["folder"]
+    verdict = study["summary"]["against_baseline"]
+    final = folder / "final"
+    for row in verdict["rows"]:
+        for name in ("baseline", "distill"):
+            stage = final / name / f"seed{row['seed']}"
+            evaluation = json.loads((stage / "eval.json").read_text())
+            assert row[f"test_{name}"] == evaluation["best"]["test"]["accuracy"]
+            scores = [json.loads(x)["val_accuracy"] for x in (stage / "metrics.jsonl").open()]
+            assert row[f"val_{name}"] == max(scores)
+    gains = [r["test_distill"] - r["test_baseline"] for r in verdict["rows"]]
+    assert verdict["test_gain"] == pytest.approx(sum(gains) / len(gains))
+    assert verdict["better_seeds"] == sum(g > 0 for g in gains)
+    # the tiny recipe's objective: CE 0.5 + KD 0.5
+    assert verdict["teacher_weight_share"] == pytest.approx(0.5)
+    text = (folder / "study.md").read_text()
+    assert "## The chosen settings against the student alone" in text
+    assert verdict["verdict"] in text and text.count("## The chosen settings") == 1
+
+
 def test_teacher_is_trained_once_and_its_cache_read_by_every_trial(study: dict[str, Any]) -> None:
     folder = study["folder"]
     assert (folder / "teacher" / "teacher" / "seed0" / "model.safetensors").is_file()

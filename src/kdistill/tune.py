@@ -364,6 +364,11 @@ def tune(
     if final and summary["left"] == 0 and summary["running"] == 0 and summary["complete"]:
         with _exclusive(folder / "setup.lock"):
             summary["final"] = _final(study, optuna)
+            verdict = _against_baseline(study, folder / "final")
+            if verdict:
+                summary["against_baseline"] = verdict["record"]
+                with (folder / "study.md").open("a", encoding="utf-8") as handle:
+                    handle.write("\n" + "\n".join(verdict["lines"]) + "\n")
     _write_json(folder / STUDY_FILE, {**_fingerprint(study), "state": _state(summary)})
     return summary
 
@@ -935,6 +940,119 @@ def _final(study: Study, optuna: Any) -> dict[str, Any]:
         _write_pareto(study, chosen, runs)
     _plots(study, optuna)
     return runs
+
+
+def _best_score(study: Study, stage: Path) -> float | None:
+    from kdistill.stages import read_metrics
+
+    scores = [
+        float(r[study.score_key])
+        for r in read_metrics(stage / "metrics.jsonl")
+        if r.get("split") == "train" and study.score_key in r
+    ]
+    if not scores:
+        return None
+    return max(scores) if study.higher_is_better else min(scores)
+
+
+def _against_baseline(study: Study, folder: Path) -> dict[str, Any] | None:
+    """The chosen settings' distilled student against the student alone of the same
+    final run, seed by seed: the best validation score, and the test score of the
+    best-on-validation checkpoint. The question a study answers is whether the teacher
+    helps at all; when it does not, say so and how far the search moved from it."""
+    from statistics import mean, stdev
+    from types import SimpleNamespace
+
+    from kdistill.losses.table import reads_teacher
+    from kdistill.stages import stage_dir
+
+    if len(study.config.objectives) != 1 or not (folder / "results.json").is_file():
+        return None
+    stages = json.loads((folder / "results.json").read_text(encoding="utf-8"))["stages"]
+    if "baseline" not in stages or "distill" not in stages:
+        return None
+    metric = study.score_key.removeprefix("val_")
+    sign = 1.0 if study.higher_is_better else -1.0
+    rows: list[dict[str, Any]] = []
+    for seed in study.final_seeds:
+        row: dict[str, Any] = {"seed": seed}
+        for name in ("baseline", "distill"):
+            stage = stage_dir(folder, name, seed)
+            evaluation = json.loads((stage / "eval.json").read_text(encoding="utf-8"))
+            best = (evaluation.get("best") or {}).get("test") or evaluation.get("test") or {}
+            row[f"val_{name}"] = _best_score(study, stage)
+            row[f"test_{name}"] = best.get(metric)
+        rows.append(row)
+    if any(v is None for row in rows for v in row.values()):
+        return None
+    val_gain = [sign * (r["val_distill"] - r["val_baseline"]) for r in rows]
+    test_gain = [sign * (r["test_distill"] - r["test_baseline"]) for r in rows]
+    spread = stdev(test_gain) if len(test_gain) > 1 else 0.0
+    chosen = json.loads((folder / "tuned_trial.json").read_text(encoding="utf-8"))
+    recipe = yaml.safe_load((folder / "recipe.yaml").read_text(encoding="utf-8"))
+    weights = [
+        (t.get("weight", 1.0), reads_teacher(SimpleNamespace(**t)))
+        for t in recipe.get("objective") or []
+    ]
+    share = None
+    if weights and all(isinstance(w, int | float) for w, _ in weights):
+        total = sum(float(w) for w, _ in weights)
+        share = sum(float(w) for w, t in weights if t) / total if total > 0 else None
+    better = "higher" if study.higher_is_better else "lower"
+    lines = [
+        "## The chosen settings against the student alone",
+        "",
+        f"Trial {chosen['trial']}'s settings re-run on seeds {study.final_seeds}, each seed "
+        "with its own baseline (the same student, data and optimizer, no teacher): the "
+        f"best {study.score_key} over the epochs, and {metric} on test of that "
+        f"best-on-validation checkpoint ({better} is better).",
+        "",
+        f"| seed | {study.score_key} alone | distilled | test {metric} alone | distilled |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['seed']} | {r['val_baseline']:.4g} | {r['val_distill']:.4g} | "
+        f"{r['test_baseline']:.4g} | {r['test_distill']:.4g} |"
+        for r in rows
+    ]
+    lines.append("")
+    gain, count = mean(test_gain), sum(g > 0 for g in test_gain)
+    summary = (
+        f"Distilled minus alone, mean over seeds: validation {mean(val_gain):+.4f}, test "
+        f"{gain:+.4f} (better on {count} of {len(rows)} seeds; std of the differences "
+        f"{spread:.4f})."
+    )
+    if count == len(rows) and gain > spread and mean(val_gain) > 0:
+        verdict = "The teacher helps this student: better on every seed, by more than the spread."
+    elif gain > 0:
+        verdict = (
+            "Ahead on average, but not on every seed or not by more than the spread: the "
+            "data do not show that the teacher helps this student."
+        )
+    else:
+        verdict = (
+            "No setting the study tried makes the distilled student better than the "
+            "student alone: on this data the teacher does not help this student."
+        )
+    if share is not None:
+        verdict += (
+            f" The chosen settings give the teacher's terms {100 * share:.0f}% of the "
+            "objective's weight"
+            + (
+                ": the search moved away from the teacher, the best it could do being to "
+                "weigh it little. Try another teacher (a smaller one, or an assistant "
+                "between them), a larger student, or more data (a transfer set)."
+                if share < 0.25
+                else "."
+            )
+        )
+    lines += [summary, "", verdict]
+    record = {
+        "trial": chosen["trial"], "rows": rows, "val_gain": mean(val_gain), "test_gain": gain,
+        "better_seeds": count, "test_gain_std": spread, "teacher_weight_share": share,
+        "verdict": verdict,
+    }  # fmt: skip
+    return {"lines": lines, "record": record}
 
 
 def _write_best_recipe(study: Study, trial: Any, settings: dict[str, Any]) -> None:
