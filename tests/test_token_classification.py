@@ -62,13 +62,17 @@ def synthetic(n: int, seed: int) -> list[list[tuple[str, str]]]:
     return out
 
 
-@pytest.fixture(scope="module")
-def conll_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("conll")
+def write_conll_folder(folder: Path) -> Path:
+    """train.txt (160 synthetic sentences), valid.txt and test.txt (40 each)."""
     write_conll(folder / "train.txt", synthetic(160, 0))
     write_conll(folder / "valid.txt", synthetic(40, 1))
     write_conll(folder / "test.txt", synthetic(40, 2))
     return folder
+
+
+@pytest.fixture(scope="module")
+def conll_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_conll_folder(tmp_path_factory.mktemp("conll"))
 
 
 def tagged(words: list[list[str]], tags: list[list[str]]) -> TaggedSentences:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import fails_cleanly, run_cli, write_recipe
-from test_token_classification import _recipe, _steps, synthetic, tagged, write_conll
+from test_token_classification import _recipe, _steps, synthetic, tagged, write_conll_folder
 from torch.nn import functional as F
 
 from kdistill.errors import RecipeError
@@ -23,11 +23,7 @@ from kdistill.tasks.token_classification.models import make_tagger
 
 @pytest.fixture(scope="module")
 def conll_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("conll")
-    write_conll(folder / "train.txt", synthetic(160, 0))
-    write_conll(folder / "valid.txt", synthetic(40, 1))
-    write_conll(folder / "test.txt", synthetic(40, 2))
-    return folder
+    return write_conll_folder(tmp_path_factory.mktemp("conll"))
 
 
 PEOPLE = [["Anna"], ["Bill", "Clinton"], ["Clara"], ["John", "Major"]]
