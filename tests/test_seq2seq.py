@@ -33,6 +33,7 @@ from kdistill.tasks.seq2seq.data import (
     load_seq2seq,
 )
 from kdistill.tasks.seq2seq.models import Seq2SeqLM, build_model, shrink
+from kdistill.tasks.seq2seq.report import against_baseline
 from kdistill.tasks.seq2seq.steps import LiveSeq2SeqTeacher, Seq2SeqSteps, translate
 
 pytest.importorskip("sacrebleu")
@@ -277,6 +278,19 @@ def test_every_stage_runs_and_the_report_compares_them(tiny_run: Path) -> None:
     assert results["signatures"]["bleu"].startswith("nrefs:1|case:mixed")
     markdown = (tiny_run / "results.md").read_text()
     assert "| seqkd_distill | 1 |" in markdown and "## Translations" in markdown
+    # results.md lists them as Kim & Rush do: word-level, sequence-level, both
+    rows = [line.split("|")[1].strip() for line in markdown.splitlines() if line.startswith("| ")]
+    assert rows[1:6] == ["teacher", "baseline", "distill", "seqkd", "seqkd_distill"]
+    # and each one against the baseline of its seed
+    against = {r["stage"]: r for r in against_baseline(results)}
+    alone = results["stages"]["baseline"]["per_seed"][0]["test"]
+    for name in ("distill", "seqkd", "seqkd_distill"):
+        mine = results["stages"][name]["per_seed"][0]["test"]
+        for metric in ("bleu", "bleu_beam"):
+            assert against[name][metric]["mean"] == pytest.approx(mine[metric] - alone[metric])
+            assert against[name][metric]["better"] == int(mine[metric] > alone[metric])
+        shown = f"{against[name]['bleu']['mean']:+.2f} (min "
+        assert f"| {name} | 1 | {shown}" in markdown
     evaluation = json.loads((tiny_run / "distill" / "seed0" / "eval.json").read_text())
     assert evaluation["shrunk_from_teacher"] == {
         "encoder_layers": [0, 1], "decoder_layers": [1], "init": "teacher",

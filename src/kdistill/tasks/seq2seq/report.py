@@ -44,6 +44,71 @@ STAGE_MEANING = {
 }
 
 
+def ordered(results: dict[str, Any]) -> dict[str, Any]:
+    """The results with the stages in Kim & Rush's order (teacher, baseline, word-level,
+    sequence-level, both), any other stage after them."""
+    stages = results["stages"]
+    names = [n for n in STAGE_MEANING if n in stages] + [
+        n for n in stages if n not in STAGE_MEANING
+    ]
+    return {**results, "stages": {n: stages[n] for n in names}}
+
+
+def against_baseline(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each student stage against the baseline of the same seed: BLEU greedy and beam,
+    the mean difference and on how many seeds the stage is better."""
+    base = results["stages"].get("baseline")
+    if not base:
+        return []
+    alone = {r["seed"]: r.get("test") or {} for r in base.get("per_seed") or []}
+    out = []
+    for name, stage in ordered(results)["stages"].items():
+        if name in ("teacher", "baseline"):
+            continue
+        pairs = [
+            (alone[r["seed"]], r.get("test") or {})
+            for r in stage.get("per_seed") or []
+            if r["seed"] in alone
+        ]
+        row: dict[str, Any] = {"stage": name, "seeds": len(pairs)}
+        for metric in ("bleu", "bleu_beam"):
+            diffs = [t[metric] - b[metric] for b, t in pairs if metric in t and metric in b]
+            if diffs:
+                row[metric] = {
+                    "mean": sum(diffs) / len(diffs),
+                    "better": sum(d > 0 for d in diffs),
+                    "lowest": min(diffs),
+                }
+        out.append(row)
+    return out
+
+
+def _against_lines(results: dict[str, Any]) -> list[str]:
+    rows = against_baseline(results)
+    if not rows:
+        return []
+    lines = [
+        "## Against the student alone",
+        "",
+        "Test BLEU of each stage minus the baseline's of the same seed, mean over seeds "
+        "(the smallest difference; on how many seeds the stage is better).",
+        "",
+        "| stage | seeds | BLEU greedy | BLEU beam |",
+        "|:---|---:|---:|---:|",
+    ]
+    for row in rows:
+        cells = []
+        for metric in ("bleu", "bleu_beam"):
+            d = row.get(metric)
+            cells.append(
+                "—"
+                if d is None
+                else f"{d['mean']:+.2f} (min {d['lowest']:+.2f}; {d['better']}/{row['seeds']})"
+            )
+        lines.append(f"| {row['stage']} | {row['seeds']} | {cells[0]} | {cells[1]} |")
+    return [*lines, ""]
+
+
 def write_report(run_dir: str | Path) -> dict[str, Any]:
     """results.json and results.md in the run folder; returns the results."""
     return write_metric_report(run_dir, "bleu_beam", render_markdown, extra=_extra)
@@ -130,6 +195,7 @@ def metric_sentence(results: dict[str, Any]) -> str:
 
 
 def render_markdown(results: dict[str, Any]) -> str:
+    results = ordered(results)
     lines = [f"# Results: {results['recipe'] or 'unnamed recipe'}", ""]
     lines += markdown_table(COLUMNS, table_rows(results))
     lines += ["", metric_sentence(results), "", _gap_line(results), ""]
@@ -139,6 +205,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         + ".",
         "",
     ]
+    lines += _against_lines(results)
     lines += ["## Best-on-validation checkpoints", ""]
     best = best_metric_rows(results, "bleu", scale=1.0)  # BLEU is in points already
     if best:
@@ -172,6 +239,7 @@ def sample_lines(results: dict[str, Any]) -> list[str]:
 
 
 def print_table(results: dict[str, Any], console: Console) -> None:
+    results = ordered(results)
     title = f"Results: {results['recipe'] or 'unnamed recipe'}"
     show_table(console, title, COLUMNS, table_rows(results), caption=metric_sentence(results))
     console.print(_gap_line(results))
