@@ -187,6 +187,7 @@ class TaggedSentences:
     transfer: Sentences | None = None
     _encoded: dict[tuple[str, str], Encoded] = field(default_factory=dict, repr=False)
     _labels: dict[str, list[torch.Tensor]] = field(default_factory=dict, repr=False)
+    _distill: TaggedSentences | None = field(default=None, repr=False)
 
     @property
     def num_labels(self) -> int:
@@ -204,12 +205,17 @@ class TaggedSentences:
         the transfer sentences (a new object: its own tokenizations of train)."""
         if self.transfer is None:
             return self
+        if self._distill is not None:  # one per run: every seed reads its tokenizations
+            return self._distill
         train = Sentences(
             self.train.words + self.transfer.words,
             self.train.tags + self.transfer.tags,
             f"{self.train.source} + {self.transfer.source}",
         )
-        return TaggedSentences(train, self.val, self.test, self.label_names, self.max_length)
+        self._distill = TaggedSentences(
+            train, self.val, self.test, self.label_names, self.max_length
+        )
+        return self._distill
 
     def labels(self, split: str) -> list[torch.Tensor]:
         """Each sentence's label ids (W_i,)."""
