@@ -817,20 +817,15 @@ def _link_teacher(study: Study, folder: Path) -> None:
 def _values(study: Study, run: Path, seed: int) -> list[float]:
     """A run's objective values, from the files it wrote: the best validation score of
     its distill stage over the epochs, then the costs of its eval.json."""
-    from kdistill.stages import read_metrics, stage_dir
+    from kdistill.stages import stage_dir
 
     stage = stage_dir(run, "distill", seed)
-    scores = [
-        float(record[study.score_key])
-        for record in read_metrics(stage / "metrics.jsonl")
-        if record.get("split") == "train" and study.score_key in record
-    ]
-    if not scores:
+    best = _best_score(study, stage)
+    if best is None:
         raise TuneError(
             f"the distill stage recorded no {study.score_key}: tune chooses on validation "
             "data, so the recipe needs a validation split"
         )
-    best = max(scores) if study.higher_is_better else min(scores)
     if not math.isfinite(best):
         raise TuneError(f"the validation score {study.score_key} is not finite ({best})")
     values = [best]
@@ -943,6 +938,7 @@ def _final(study: Study, optuna: Any) -> dict[str, Any]:
 
 
 def _best_score(study: Study, stage: Path) -> float | None:
+    """The best validation score a stage recorded over its epochs (None: none)."""
     from kdistill.stages import read_metrics
 
     scores = [
