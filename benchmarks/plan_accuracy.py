@@ -5,7 +5,7 @@ target: within 25%), `kdistill.plan.plan(..., measure=True)` reports
 
   estimate   weights + optimizer state + the largest phase of a step, built from
              parameter counts, the activations saved by one real forward + backward
-             (saved-tensor hooks) and the analytic loss figures (kdistill/plan/causal_lm.py);
+             (saved-tensor hooks) and the analytic loss figures (kdistill/plan/sequence.py);
   measured   the peak of live tensor bytes over one warm-up and --steps real training
              steps, from the models' construction on: torch.profiler's CPU allocation
              events (torch.cuda.max_memory_allocated on a GPU). It shares nothing with
@@ -48,9 +48,9 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     import kdistill
-    from kdistill.plan.causal_lm import lm_stages
-    from kdistill.plan.classify import classifier_stages
     from kdistill.recipe.causal_lm import LMRecipe
+    from kdistill.tasks.causal_lm.plan import lm_stages
+    from kdistill.tasks.classification.plan import classifier_stages
 
     recipe = kdistill.load_recipe(args.recipe, args.overrides)
     stages = lm_stages if isinstance(recipe, LMRecipe) else classifier_stages

@@ -612,7 +612,7 @@ def test_recipe_encoding_reaches_the_cache_spec_and_the_plan() -> None:
     and into the plan's size estimate."""
     import kdistill
     from kdistill.errors import RecipeError
-    from kdistill.plan import lm_cache_size
+    from kdistill.tasks.causal_lm.plan import lm_cache_size
     from kdistill.tasks.causal_lm.teacher_cache import cache_spec
 
     data = SimpleNamespace(  # what cache_spec and lm_cache_size read of LMData

@@ -27,7 +27,6 @@ from kdistill.cli import main
 from kdistill.plan import (
     SavedTensors,
     StagePlan,
-    lm_cache_size,
     lm_loss_memory,
     measure_peak,
     plan,
@@ -36,6 +35,7 @@ from kdistill.plan import (
 from kdistill.plan.probes import LayerTensors
 from kdistill.plan.results import NAIVE_LOSS_COPIES
 from kdistill.recipe import validate_recipe
+from kdistill.tasks.causal_lm.plan import lm_cache_size
 
 # the shipped LM recipe's models on a slice of the corpus: seconds per stage
 TINY_SHAKESPEARE = [

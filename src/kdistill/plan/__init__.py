@@ -49,13 +49,15 @@ pass that fills a cache, seqkd's generation and on-policy sampling; several proc
 (each one holds one share of a step). A run also keeps the trained teacher in memory
 next to the distill stage's frozen copy, which the estimate does not count.
 
-The package: `planner` (the `plan()` entry), `classify` and `causal_lm` (each task's
-stages), `stage` (one stage: build, time, probe, add up), `probes` (the measuring
-instruments), `estimate` (the phases and the advice), `results` (the records and the
-constants) and `report` (the text).
+The package knows no task: each task's stages are built by its own module
+(`kdistill.tasks.<task>.plan`, the `plan` entry of its row in `kdistill.tasks.TASKS`)
+from the pieces here: `planner` (the `plan()` entry), `stage` (one stage: build, time,
+probe, add up), `probes` (the measuring instruments), `sequence` (the chunked token
+loss's memory and the probed micro-step of the tasks that use it), `estimate` (the
+phases and the advice), `results` (the records and the constants) and `report` (the
+text).
 """
 
-from kdistill.plan.causal_lm import lm_cache_size, lm_loss_memory
 from kdistill.plan.estimate import estimate_phases
 from kdistill.plan.planner import available_memory, plan
 from kdistill.plan.probes import SavedTensors, profiled_peak
@@ -68,6 +70,7 @@ from kdistill.plan.results import (
     Plan,
     StagePlan,
 )
+from kdistill.plan.sequence import lm_loss_memory
 from kdistill.plan.stage import measure_peak
 
 __all__ = [
@@ -81,7 +84,6 @@ __all__ = [
     "available_memory",
     "estimate_phases",
     "format_plan",
-    "lm_cache_size",
     "lm_loss_memory",
     "measure_peak",
     "plan",

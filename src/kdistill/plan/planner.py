@@ -1,7 +1,7 @@
 """`plan()`: every trained stage of a recipe, planned on this machine's device.
 
-Dispatches on the recipe's task to its stage builder (`kdistill.plan.classify`,
-`kdistill.plan.causal_lm`), plans each stage (`kdistill.plan.stage`) against the memory
+Dispatches on the recipe's task to its stage builder (the `plan` entry of its row in
+`kdistill.tasks.TASKS`: `kdistill.tasks.<task>.plan`), plans each stage (`kdistill.plan.stage`) against the memory
 available (`available_memory`), and optionally measures each stage's true peak.
 """
 

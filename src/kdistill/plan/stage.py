@@ -1,7 +1,7 @@
 """One stage planned: build its models, time its steps, probe one micro-batch, add up.
 
-A stage builder (`kdistill.plan.classify`, `kdistill.plan.causal_lm`) describes a
-stage as a `StageSpec` whose `build()` makes a `Session`: the stage's models and
+A task's stage builder (`kdistill.tasks.<task>.plan`, named by its row in
+`kdistill.tasks.TASKS`) describes a stage as a `StageSpec` whose `build()` makes a `Session`: the stage's models and
 optimizer, a `step(i)` that runs optimizer step i as the run would, and a `probe()`
 that runs one micro-batch under the probes of `kdistill.plan.probes`. `plan_stage`
 turns that into a `StagePlan`: weights, gradients and optimizer state counted, steps

@@ -74,7 +74,7 @@ TASKS: dict[str, Task] = {
         export="kdistill.tasks.classification.export:export_classifier",
         export_summary="kdistill.tasks.classification.export:export_summary",
         score=("val_accuracy", True),
-        plan="kdistill.plan.classify:classifier_stages",
+        plan="kdistill.tasks.classification.plan:classifier_stages",
     ),
     "causal_lm": Task(
         "causal_lm",
@@ -91,7 +91,7 @@ TASKS: dict[str, Task] = {
         export="kdistill.tasks.causal_lm.export:export_lm",
         export_summary="kdistill.tasks.causal_lm.export:export_summary",
         score=("val_loss", False),
-        plan="kdistill.plan.causal_lm:lm_stages",
+        plan="kdistill.tasks.causal_lm.plan:lm_stages",
     ),
     "token_classification": Task(
         "token_classification",
@@ -124,7 +124,7 @@ TASKS: dict[str, Task] = {
         export="kdistill.tasks.seq2seq.pipeline:export_translator",
         export_summary="kdistill.tasks.seq2seq.pipeline:export_summary",
         score=("val_bleu", True),
-        plan="kdistill.plan.seq2seq:seq2seq_stages",
+        plan="kdistill.tasks.seq2seq.plan:seq2seq_stages",
     ),
     "question_answering": Task(
         "question_answering",

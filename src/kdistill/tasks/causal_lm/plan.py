@@ -1,6 +1,5 @@
-"""The stages of a language-model recipe, as `kdistill.tasks.causal_lm.pipeline` runs them; the
-memory of their chunked losses (`lm_loss_memory`) and of a top-k teacher cache
-(`lm_cache_size`).
+"""The stages of a language-model recipe, as `kdistill.tasks.causal_lm.pipeline` runs them, for
+`kdistill plan`; the size of a top-k teacher cache (`lm_cache_size`).
 
 Each stage's micro-step is the real `LMSteps.loss` (kdistill.tasks.causal_lm.steps): its rows
 and labels, the teacher signal the recipe asks for (the live teacher, or the cache
@@ -10,24 +9,17 @@ inside the student's forward, with the plan's probes around it.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from kdistill.plan.probes import (
-    RecordedSignal,
-    SavedTensors,
-    largest_layer,
-    tensor_bytes,
-    weight_storages,
-)
-from kdistill.plan.results import LOSS_COPIES, NAIVE_LOSS_COPIES, CacheSize, LossMemory
+from kdistill.plan.probes import RecordedSignal, SavedTensors
+from kdistill.plan.results import CacheSize, LossMemory
+from kdistill.plan.sequence import objective_loss_memory, probed_token_step
 from kdistill.plan.stage import (
     PlanPlacement,
     Probe,
@@ -41,7 +33,6 @@ from kdistill.plan.stage import (
 
 if TYPE_CHECKING:
     from kdistill.cache import TopKCache
-    from kdistill.tasks.causal_lm.steps import LMSteps
 
 
 def lm_stages(
@@ -100,51 +91,6 @@ def lm_stages(
     return specs, data_bytes, described, notes
 
 
-def lm_loss_memory(
-    *,
-    kind: str,
-    tokens: int,
-    hidden: int,
-    head_rows: int,
-    vocab: int,
-    bias: bool,
-    with_cross_entropy: bool,
-    chunk_size: int | None,
-) -> LossMemory:
-    """The memory of a language-model loss over one micro-batch of `tokens` counted tokens,
-    as kdistill.tasks.causal_lm.steps computes it (chunked) and over full logits (naive).
-
-    kind "cross_entropy" (chunked_cross_entropy: each chunk's logits are recomputed in the
-    backward pass): LOSS_COPIES × chunk × head_rows float32 tensors, plus the gradient of
-    the hidden states. A divergence (chunked_divergence): LOSS_COPIES × chunk × U, U the
-    student's head rows with cross-entropy else the compared vocabulary, plus the
-    gradients it stores in the forward pass, one set per output (divergence, and
-    cross-entropy when weighted): hidden states (tokens, H), head weight and bias.
-    """
-    from kdistill.losses.lm_chunked import CHUNK_ELEMENTS
-
-    copies = LOSS_COPIES[kind]
-    if kind == "cross_entropy":
-        columns = head_rows
-        default = max(1, CHUNK_ELEMENTS // head_rows)
-        stored = tokens * hidden * 4
-    else:
-        columns = head_rows if with_cross_entropy else vocab
-        default = max(1, CHUNK_ELEMENTS // max(vocab, head_rows))
-        outputs = 2 if with_cross_entropy else 1
-        stored = outputs * (tokens * hidden + head_rows * hidden + (head_rows if bias else 0)) * 4
-    chunk = min(chunk_size or default, max(tokens, 1))
-    return LossMemory(
-        kind=kind,
-        tokens=tokens,
-        vocab=columns,
-        chunk_size=chunk,
-        copies=copies,
-        chunked_bytes=copies * chunk * columns * 4 + stored,
-        naive_bytes=NAIVE_LOSS_COPIES[kind] * tokens * columns * 4,
-    )
-
-
 def lm_cache_size(recipe: Any, data: Any) -> CacheSize:
     """The top-k cache of the recipe's teacher over the training sequences, as
     kdistill.cache.topk writes it: bytes per token × tokens."""
@@ -198,25 +144,6 @@ class _TopKStandIn:
         """(ids (b, T, k) int64, log-probabilities (b, T, k) float32), as TopKCache.get."""
         where = torch.tensor([self.position[int(i)] for i in sequence_indices])
         return self.ids[where], self.logprobs[where]
-
-
-class _ProbedLM(nn.Module):
-    """The student as LMSteps.loss calls it, `model(inputs, head_loss=...)`, with the
-    plan's counter between the forward and the loss: the final hidden states counted as
-    the model's output, the chunked loss computed inside the forward left out of the
-    count (`lm_loss_memory` sizes it)."""
-
-    def __init__(self, model: nn.Module, counter: SavedTensors) -> None:
-        super().__init__()
-        self.model, self.counter = model, counter
-
-    def forward(self, input_ids: Tensor, head_loss: Callable[..., Any]) -> Any:
-        def probed(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Any:
-            self.counter.add(hidden)  # (b, T, H)
-            with self.counter.paused():
-                return head_loss(hidden, weight, bias)
-
-        return self.model(input_ids, head_loss=probed)
 
 
 def _lm_stage(
@@ -286,7 +213,10 @@ def _lm_stage(
         )
 
         def micro_step(rows: Tensor, scale: float, counter: SavedTensors | None = None) -> Probe:
-            return _probed_micro_step(lm_steps, model, rows, scale, recorded, teachers, counter)
+            def loss(student: nn.Module) -> Tensor:
+                return lm_steps.loss(student, rows, progress=0.0)[0]
+
+            return probed_token_step(loss, model, scale, recorded, teachers, counter)
 
         def step(i: int) -> None:
             rows = step_rows(order, i, settings.batch_size, steps_per_epoch)
@@ -365,7 +295,6 @@ def _loss_memory(
     """The stage's loss over a micro-batch of `micro_batch` training rows (the first
     ones), for the student's output layer `head` (noted by a build)."""
     from kdistill.data.lm_text import IGNORE_INDEX
-    from kdistill.losses.table import LM_DIVERGENCES
 
     # their own labels with prompt/completion pairs (-100 on the prompt and padding),
     # else the packed sequences shifted by one
@@ -375,50 +304,4 @@ def _loss_memory(
         else data.train_labels[:micro_batch]
     )
     tokens = int((labels != IGNORE_INDEX).sum())
-    if objective.divergence is None:
-        kind, with_ce = "cross_entropy", False
-    else:
-        kind = LM_DIVERGENCES[objective.divergence.loss]
-        with_ce = objective.ce_weight is not None and objective.at(0.0)[0] > 0
-    return lm_loss_memory(
-        kind=kind,
-        tokens=tokens,
-        hidden=head["hidden"],
-        head_rows=head["rows"],
-        vocab=data.vocab_size,
-        bias=bool(head["bias"]),
-        with_cross_entropy=with_ce,
-        chunk_size=settings.chunk_size,
-    )
-
-
-def _probed_micro_step(
-    lm_steps: LMSteps,
-    model: nn.Module,
-    rows: Tensor,
-    scale: float,
-    recorded: RecordedSignal | None,
-    teachers: list[nn.Module],
-    counter: SavedTensors | None,
-) -> Probe:
-    """Forward + loss (`LMSteps.loss`) and backward of one micro-batch, the loss scaled by
-    `scale`; with a counter, what autograd saves for the student's forward and the
-    backward walk, else only the teacher's probes (what it hands the loss, its largest
-    layer)."""
-    student = model if counter is None else _ProbedLM(model, counter)
-    with largest_layer(teachers) as layer, counter or contextlib.nullcontext():
-        total, _ = lm_steps.loss(student, rows, progress=0.0)
-    last = recorded.last if recorded is not None else None
-    handed = tensor_bytes(last, weight_storages(teachers))
-    if counter is None:
-        (total * scale).backward()
-        return Probe(0, 0, handed, layer[0])
-    with counter.gradients_during(model.parameters()):
-        (total * scale).backward()
-    return Probe(
-        counter.bytes,
-        counter.backward_bytes,
-        handed,
-        layer[0],
-        backward_bytes=counter.backward_with_gradients,
-    )
+    return objective_loss_memory(objective, settings, head, tokens, data.vocab_size)

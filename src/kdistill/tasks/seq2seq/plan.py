@@ -11,25 +11,17 @@ yet; they are about as long), without the translation pass before them.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from kdistill.plan.causal_lm import lm_loss_memory
-from kdistill.plan.probes import (
-    RecordedSignal,
-    SavedTensors,
-    largest_layer,
-    tensor_bytes,
-    weight_storages,
-)
+from kdistill.plan.probes import RecordedSignal, SavedTensors
 from kdistill.plan.results import LossMemory
+from kdistill.plan.sequence import objective_loss_memory, probed_token_step
 from kdistill.plan.stage import (
     PlanPlacement,
     Probe,
@@ -97,23 +89,6 @@ def seq2seq_stages(
     return specs, data_bytes, described, notes
 
 
-class _Probed(nn.Module):
-    """The student as Seq2SeqSteps.loss calls it, with the plan's counter between its
-    forward and the chunked loss (which `lm_loss_memory` sizes)."""
-
-    def __init__(self, model: nn.Module, counter: SavedTensors) -> None:
-        super().__init__()
-        self.model, self.counter = model, counter
-
-    def forward(self, head_loss: Callable[..., Any], **inputs: Tensor) -> Any:
-        def probed(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Any:
-            self.counter.add(hidden)
-            with self.counter.paused():
-                return head_loss(hidden, weight, bias)
-
-        return self.model(**inputs, head_loss=probed)
-
-
 def _stage(
     data: Any,
     name: str,
@@ -168,19 +143,10 @@ def _stage(
         )  # fmt: skip
 
         def micro_step(rows: Tensor, scale: float, counter: SavedTensors | None = None) -> Probe:
-            student = model if counter is None else _Probed(model, counter)
-            with largest_layer(teachers) as layer, counter or contextlib.nullcontext():
-                total, _ = steps.loss(student, rows, progress=0.0)
-            handed = tensor_bytes(recorded.last if recorded else None, weight_storages(teachers))
-            if counter is None:
-                (total * scale).backward()
-                return Probe(0, 0, handed, layer[0])
-            with counter.gradients_during(model.parameters()):
-                (total * scale).backward()
-            return Probe(
-                counter.bytes, counter.backward_bytes, handed, layer[0],
-                backward_bytes=counter.backward_with_gradients,
-            )  # fmt: skip
+            def loss(student: nn.Module) -> Tensor:
+                return steps.loss(student, rows, progress=0.0)[0]
+
+            return probed_token_step(loss, model, scale, recorded, teachers, counter)
 
         def rows_of(i: int) -> Tensor:
             step = i % steps_per_epoch
@@ -222,21 +188,7 @@ def _loss_memory(
     data: Any, objective: Any, settings: Any, head: dict[str, int], longest: Tensor, micro: int
 ) -> LossMemory:
     """The chunked loss over a micro-batch of the longest pairs."""
-    from kdistill.losses.table import LM_DIVERGENCES
-
     tokens = int(data.train.target_lengths[longest[:micro]].sum())
-    if objective.divergence is None:
-        kind, with_ce = "cross_entropy", False
-    else:
-        kind = LM_DIVERGENCES[objective.divergence.loss]
-        with_ce = objective.ce_weight is not None and objective.at(0.0)[0] > 0
-    return lm_loss_memory(
-        kind=kind,
-        tokens=tokens,
-        hidden=head["hidden"],
-        head_rows=head["rows"],
-        vocab=data.tokenizers.target.get_vocab_size(),
-        bias=bool(head["bias"]),
-        with_cross_entropy=with_ce,
-        chunk_size=settings.chunk_size,
+    return objective_loss_memory(
+        objective, settings, head, tokens, data.tokenizers.target.get_vocab_size()
     )
