@@ -17,6 +17,7 @@ from helpers import write_recipe
 
 from kdistill.api import run
 from kdistill.cli import main
+from kdistill.losses.lm_objective import LMObjective
 from kdistill.recipe.causal_lm import LMLossTerm, LMTrainConfig
 from kdistill.recipe.seq2seq import (
     DecodeConfig,
@@ -25,7 +26,6 @@ from kdistill.recipe.seq2seq import (
     Seq2SeqTokenizerConfig,
     ShrinkSpec,
 )
-from kdistill.tasks.causal_lm.steps import LMObjective
 from kdistill.tasks.seq2seq.data import (
     IGNORE_INDEX,
     batch,

@@ -82,7 +82,8 @@ def advice(stage: StagePlan, spec: StageSpec, parts: dict[str, int], budget: int
             f"{format_size(stage.teacher_bytes // 2)}); {fits(value)}"
         )
     # 4. no live teacher at all: read its outputs from a cache written once
-    if options.get("cache_possible") and stage.teacher_bytes:
+    setting = options.get("cache_setting")
+    if setting and stage.teacher_bytes:
         value = peak(
             {
                 "weights": parts["weights"] - stage.teacher_bytes,
@@ -90,11 +91,6 @@ def advice(stage: StagePlan, spec: StageSpec, parts: dict[str, int], budget: int
             }
         )
         disk = f"; the cache takes {format_size(stage.cache.bytes)} of disk" if stage.cache else ""
-        setting = (
-            "teacher.signal: cache (--set teacher.signal=cache)"
-            if options.get("task") == "causal_lm"
-            else "teacher.cache: true (--set teacher.cache=true)"
-        )
         lines.append(
             f"set {setting}: no teacher in memory while the student trains{disk}; {fits(value)}"
         )

@@ -68,7 +68,9 @@ class StageSpec:
     steps_per_epoch: int
     loss: Callable[[int], LossMemory] | None  # of the micro-batch size, for LMs
     cache: CacheSize | None
-    options: dict[str, Any]  # what advice may suggest: teacher precision, signal, ...
+    # what the advice may suggest: teacher_precision (the live teacher's), cache_setting
+    # (the setting that replaces the live teacher with a cache, where the stage can)
+    options: dict[str, Any]
     notes: list[str] = field(default_factory=list)
 
 

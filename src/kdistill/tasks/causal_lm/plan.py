@@ -244,14 +244,12 @@ def _lm_stage(
         loss=functools.partial(_loss_memory, data, objective, settings, head),
         cache=lm_cache_size(recipe, data) if reads_teacher else None,
         options={
-            "task": "causal_lm",
             "teacher_precision": precision if live else None,
-            "cache_possible": bool(
-                live
-                and (
-                    getattr(recipe, "on_policy", None) is None or recipe.on_policy.probability == 0
-                )
-            ),
+            # the setting that takes the teacher out of memory, where this stage can
+            "cache_setting": "teacher.signal: cache (--set teacher.signal=cache)"
+            if live
+            and (getattr(recipe, "on_policy", None) is None or recipe.on_policy.probability == 0)
+            else None,
         },
     )
 

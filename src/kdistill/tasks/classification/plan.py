@@ -243,15 +243,15 @@ def _classifier_stage(
         loss=None,
         cache=cache,
         options={
-            "task": "classifier",
             "teacher_precision": precision if reads_teacher and not cached else None,
-            "cache_possible": bool(
-                reads_teacher
-                and not cached
-                and len(teachers) == 1
-                and not Objective(objective_terms).feature_terms
-                and not settings.augment.random
-            ),
+            # the setting that takes the teacher out of memory, where this stage can
+            "cache_setting": "teacher.cache: true (--set teacher.cache=true)"
+            if reads_teacher
+            and not cached
+            and len(teachers) == 1
+            and not Objective(objective_terms).feature_terms
+            and not settings.augment.random
+            else None,
         },
         notes=notes,
     )

@@ -50,6 +50,7 @@ from kdistill.errors import (
     RecipeError,
 )
 from kdistill.evaluate import cost
+from kdistill.losses.lm_objective import LMObjective
 from kdistill.models.hf import quiet_transformers, weights_follow
 from kdistill.recipe.seq2seq import (
     TEACHER_TRANSLATION_STAGES,
@@ -79,7 +80,6 @@ from kdistill.stages import (
     trained_teacher,
 )
 from kdistill.steps import TrainSteps
-from kdistill.tasks.causal_lm.steps import LMObjective
 from kdistill.tasks.seq2seq.data import (
     Pairs,
     Seq2SeqData,

@@ -36,7 +36,7 @@ def seq2seq_stages(
     recipe: Any, data_dir: str | Path | None, device: torch.device, steps: int
 ) -> tuple[list[StageSpec], int, str, list[str]]:
     """The trained stages: teacher, baseline, distill, seqkd, seqkd_distill."""
-    from kdistill.tasks.causal_lm.steps import LMObjective
+    from kdistill.losses.lm_objective import LMObjective
     from kdistill.tasks.seq2seq.data import load_seq2seq
     from kdistill.tasks.seq2seq.models import build_model
 
@@ -180,7 +180,7 @@ def _stage(
         steps_per_epoch=steps_per_epoch,
         loss=functools.partial(_loss_memory, data, objective, settings, head, longest),
         cache=None,
-        options={"task": "seq2seq", "teacher_precision": precision if reads else None},
+        options={"teacher_precision": precision if reads else None},
     )
 
 

@@ -8,8 +8,8 @@ target (teacher forcing); the loss of a micro-batch is
     w_ce · Σ CE + w_div · Σ D
 
 summed over its counted target tokens (padding is -100), and `fit` divides it by the
-counted tokens of the whole step (all processes), as in the causal-LM task whose
-chunked losses this task reuses (`kdistill.tasks.causal_lm.steps.step_losses`): no
+counted tokens of the whole step (all processes), with the token-level objective the
+language-model task computes too (`kdistill.losses.lm_objective.step_losses`): no
 (B, T, V) float32 logits of either model exist. Word-level KD compares the teacher's
 and the student's distributions at every target position, the teacher reading the
 same source and target prefix.
@@ -30,10 +30,10 @@ import torch
 from torch import Tensor
 
 from kdistill.errors import DataError, TrainingError
+from kdistill.losses.lm_objective import LMObjective, step_losses
 from kdistill.recipe.causal_lm import LMTrainConfig
 from kdistill.recipe.seq2seq import DecodeConfig
 from kdistill.steps import Placement, StepCount, Validation, autocast_of
-from kdistill.tasks.causal_lm.steps import LMObjective, step_losses
 from kdistill.tasks.seq2seq.data import IGNORE_INDEX, Pairs, batch, bucketed_order, pad
 from kdistill.tasks.seq2seq.models import Seq2SeqLM
 
