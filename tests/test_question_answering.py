@@ -287,6 +287,12 @@ def test_a_run_trains_measures_and_reports_em_and_f1(
     assert "SQuAD v1.1" in (out / "results.md").read_text()
     assert (out / "cache" / "teacher-seed0" / "manifest.json").is_file()
     capsys.readouterr()
+    # the plan sizes that cache from the windows' shapes, without running a teacher
+    assert main(["plan", str(recipe), "--stage", "distill", "--steps", "1", "--json"]) == 0
+    (planned,) = json.loads(capsys.readouterr().out)["stages"]
+    written = (out / "cache" / "teacher-seed0" / "signal.safetensors").stat().st_size
+    assert 0 <= written - planned["cache"]["bytes"] < 512  # the safetensors header
+    assert planned["teacher"] == "one pass" and planned["activation_bytes"] > 0
     assert main(["eval", str(out / "distill" / "seed0"), "--json"]) == 0
     measured = json.loads(capsys.readouterr().out)
     assert measured["test"]["f1"] == pytest.approx(results["stages"]["distill"]["test"]["f1"])

@@ -346,6 +346,12 @@ def test_a_run_trains_measures_and_reports_entity_f1(
     assert (out / "cache" / "teacher-seed0" / "manifest.json").is_file()
     text = (out / "results.md").read_text()
     assert "Entity F1 per type" in text and "strict" in text
+    # the plan sizes that cache from the shapes of the teacher's signal, without a teacher
+    capsys.readouterr()
+    assert main(["plan", str(recipe), "--stage", "distill", "--steps", "1", "--json"]) == 0
+    (planned,) = json.loads(capsys.readouterr().out)["stages"]
+    written = (out / "cache" / "teacher-seed0" / "signal.safetensors").stat().st_size
+    assert 0 <= written - planned["cache"]["bytes"] < 512  # the safetensors header
     # kdistill eval rebuilds the stage from its folder and measures the same F1
     capsys.readouterr()
     assert main(["eval", str(out / "distill" / "seed1"), "--json"]) == 0
@@ -415,12 +421,20 @@ def test_export_writes_onnx_that_tags_every_test_word_as_pytorch_does(
     fails_cleanly(capsys, ["export", str(out / "teacher" / "seed0")], "already holds files")
 
 
-def test_plan_says_it_is_not_built_for_this_task(
+def test_plan_runs_every_stage_s_own_steps_and_its_estimate_holds(
     tmp_path: Path, conll_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """kdistill plan builds teacher, baseline and distill as the run does (the distill
+    stage on zeros of the teacher signal's shapes, no teacher in memory) and its
+    estimated peak is within 25% of the peak measured on the same steps."""
     recipe = write_recipe(tmp_path / "r.yaml", _recipe(conll_dir))
-    fails_cleanly(
-        capsys,
-        ["plan", str(recipe)],
-        "kdistill plan is not built for task token_classification yet",
-    )
+    assert main(["plan", str(recipe), "--steps", "2", "--measure", "--json"]) == 0
+    stages = {s["stage"]: s for s in json.loads(capsys.readouterr().out)["stages"]}
+    assert list(stages) == ["teacher", "baseline", "distill"]
+    for stage in stages.values():
+        assert 0.75 <= stage["peak_bytes"] / stage["measured_peak_bytes"] <= 1.25
+        assert stage["activation_bytes"] > 0
+    distill = stages["distill"]
+    assert distill["teacher"] == "one pass" and distill["teacher_bytes"] == 0
+    assert distill["teacher_output_bytes"] > 0  # the batch's word logits, handed to the loss
+    assert stages["baseline"]["teacher"] is None and stages["baseline"]["cache"] is None

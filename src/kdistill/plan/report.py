@@ -74,7 +74,7 @@ def _memory_rows(stage: StagePlan) -> list[tuple[str, int, str]]:
     rows = [
         ("parameters", stage.parameter_bytes, "trained, " + _dtypes_note(stage)),
     ]
-    if stage.teacher is not None and stage.teacher != "cache":
+    if stage.teacher is not None and stage.teacher_parameters:  # a frozen model in memory
         rows.append(
             (
                 "teacher",

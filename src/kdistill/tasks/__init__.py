@@ -108,6 +108,7 @@ TASKS: dict[str, Task] = {
         export="kdistill.tasks.token_classification.pipeline:export_tagger",
         export_summary="kdistill.tasks.encoder_export:export_summary",
         score=("val_f1", True),
+        plan="kdistill.tasks.token_classification.pipeline:plan_stages",
     ),
     "seq2seq": Task(
         "seq2seq",
@@ -141,6 +142,7 @@ TASKS: dict[str, Task] = {
         export="kdistill.tasks.question_answering.pipeline:export_reader",
         export_summary="kdistill.tasks.encoder_export:export_summary",
         score=("val_f1", True),
+        plan="kdistill.tasks.question_answering.pipeline:plan_stages",
     ),
 }
 

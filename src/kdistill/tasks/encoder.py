@@ -98,6 +98,9 @@ class EncoderTask:
     latency_rows: int | None = None  # inputs timed one at a time (default SINGLE_SAMPLES)
     # the data of a stage that learns from a teacher (a transfer set appended to train)
     distill_data: Callable[[Any], Any] = lambda data: data
+    # (data, teacher) -> zeros of the shapes `signal` returns for those training rows,
+    # without running the teacher (`kdistill plan`)
+    signal_stand_in: Callable[[Any, nn.Module], list[torch.Tensor]] = lambda data, teacher: []
 
 
 def example(task: EncoderTask, data: Any, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -276,10 +279,7 @@ def _student_stage(ctx: Context, stage: str, seed: int, guide: Guide | None) -> 
     signal = None
     data = ctx.data
     if stage == "baseline":
-        own = [
-            t.model_copy(update={"weight": 1.0}) for t in recipe.objective if not reads_teacher(t)
-        ]
-        objective = Objective(own or [LossTerm(loss="cross_entropy")])
+        objective = baseline_objective(recipe)
     else:
         assert guide is not None
         objective = Objective(recipe.objective)
@@ -291,6 +291,13 @@ def _student_stage(ctx: Context, stage: str, seed: int, guide: Guide | None) -> 
         settings=recipe.train, guide=guide, data=data,
     )  # fmt: skip
     return guide
+
+
+def baseline_objective(recipe: Any) -> Objective:
+    """The student alone: the objective's terms that read no teacher, each at weight 1
+    (cross-entropy when there are none)."""
+    own = [t.model_copy(update={"weight": 1.0}) for t in recipe.objective if not reads_teacher(t)]
+    return Objective(own or [LossTerm(loss="cross_entropy")])
 
 
 STAGES = StageTable(

@@ -22,7 +22,7 @@ from torch import nn
 from kdistill.errors import ModelError
 from kdistill.recipe import ModelSpec, TrainConfig
 from kdistill.recipe.question_answering import QADataConfig
-from kdistill.tasks import encoder
+from kdistill.tasks import encoder, encoder_plan
 from kdistill.tasks.encoder_export import export_encoder
 from kdistill.tasks.question_answering.data import QAData, load_qa
 from kdistill.tasks.question_answering.report import write_report
@@ -82,6 +82,10 @@ def _signal(teacher: nn.Module, data: QAData, *, batch_size: int, device: Any):
     return window_scores(teacher, data, "train", batch_size=batch_size, device=device)
 
 
+def _signal_stand_in(data: QAData, teacher: nn.Module) -> list[torch.Tensor]:
+    return [torch.zeros(len(ids), 2) for ids in data.windows(teacher, "train").ids]
+
+
 def _predict(model: nn.Module, data: QAData, split: str, *, batch_size: int, device: Any):
     settings = TrainConfig(eval_batch_size=batch_size)
     return predict_spans(model, data, split, settings=settings, device=device)
@@ -119,6 +123,7 @@ TASK = encoder.EncoderTask(
     make_model=make_reader,
     steps=SpanSteps,
     signal=_signal,
+    signal_stand_in=_signal_stand_in,
     content=_content,
     predict=_predict,
     score=_score,
@@ -140,3 +145,4 @@ inspect_recipe = partial(encoder.inspect_recipe, TASK)
 cache_teacher = partial(encoder.cache_teacher, TASK)
 check_recipe = partial(encoder.check_recipe, TASK)
 export_reader = partial(export_encoder, TASK)
+plan_stages = partial(encoder_plan.encoder_stages, TASK)

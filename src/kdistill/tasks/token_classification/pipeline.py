@@ -17,7 +17,7 @@ from torch import nn
 
 from kdistill.recipe import ModelSpec
 from kdistill.recipe.token_classification import TaggingDataConfig
-from kdistill.tasks import encoder
+from kdistill.tasks import encoder, encoder_plan
 from kdistill.tasks.encoder_export import export_encoder
 from kdistill.tasks.token_classification.data import TaggedSentences, WordVocab, load_tagging
 from kdistill.tasks.token_classification.models import BiLSTMTagger, make_tagger
@@ -51,6 +51,12 @@ def _signal(teacher: nn.Module, data: TaggedSentences, *, batch_size: int, devic
     return predict_words(
         teacher, data, "train", batch_size=batch_size, device=device, missing="nan"
     )
+
+
+def _signal_stand_in(data: TaggedSentences, teacher: nn.Module) -> list[torch.Tensor]:
+    return [
+        torch.zeros(len(first), data.num_labels) for first in data.encode(teacher, "train").first
+    ]
 
 
 def _predict(model: nn.Module, data: TaggedSentences, split: str, *, batch_size: int, device: Any):
@@ -121,6 +127,7 @@ TASK = encoder.EncoderTask(
     make_model=make_tagger,
     steps=TaggerSteps,
     signal=_signal,
+    signal_stand_in=_signal_stand_in,
     content=_content,
     predict=_predict,
     score=entity_scores,
@@ -151,3 +158,4 @@ inspect_recipe = partial(encoder.inspect_recipe, TASK)
 cache_teacher = partial(encoder.cache_teacher, TASK)
 check_recipe = partial(encoder.check_recipe, TASK)
 export_tagger = partial(export_encoder, TASK)
+plan_stages = partial(encoder_plan.encoder_stages, TASK)
