@@ -413,6 +413,15 @@ def test_distill_stage_reads_the_cache_once_for_every_seed(
     assert "teacher top-16 cached in" in err and "teacher top-16 cache hit" in err
     assert (out / "cache" / "topk-teacher-seed0" / "manifest.json").is_file()
     assert main(["cache", str(path), "--output-dir", str(out), "--data-dir", str(data_root)]) == 0
+    # the plan reads a stand-in of that cache (no teacher in memory) and sizes it as written
+    capsys.readouterr()
+    argv = ["plan", str(path), "--stage", "distill", "--steps", "1", "--json"]
+    assert main([*argv, "--data-dir", str(data_root)]) == 0
+    (planned,) = json.loads(capsys.readouterr().out)["stages"]
+    assert planned["teacher"] == "cache" and planned["teacher_bytes"] == 0
+    assert planned["teacher_output_bytes"] > 0  # the batch's top-16 ids and log-probabilities
+    shards = (out / "cache" / "topk-teacher-seed0").glob("shard-*.bin")
+    assert planned["cache"]["bytes"] == sum(shard.stat().st_size for shard in shards)
 
 
 def test_plan_runs_the_stages_own_steps(data_root: Path) -> None:
@@ -430,3 +439,7 @@ def test_plan_runs_the_stages_own_steps(data_root: Path) -> None:
     assert by_name["distill"].teacher_output_bytes > 0 and by_name["baseline"].activation_bytes > 0
     loss = by_name["distill"].loss
     assert loss is not None and loss.kind == "kl" and loss.tokens > 32
+    # a live teacher: the cache it could read instead is sized, and the advice may name it
+    cache = by_name["distill"].cache
+    assert cache is not None and not cache.in_use and cache.bytes > 0
+    assert by_name["seqkd_distill"].cache is None  # its targets are not the references

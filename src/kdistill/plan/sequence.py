@@ -1,7 +1,8 @@
 """What the plan measures the same way for every task whose loss is a chunked loss over
 output tokens (language models, translation): the loss's memory (`lm_loss_memory`),
 the student with the plan's counter between its forward and that loss (`ProbedHead`),
-and one probed micro-step (`probed_token_step`).
+one probed micro-step (`probed_token_step`) and a stand-in for a top-k teacher cache
+not written yet (`TopKStandIn`).
 
 The tasks' stage builders (`kdistill.tasks.causal_lm.plan`, `kdistill.tasks.seq2seq.plan`)
 differ only in their rows, their teacher signal and how their steps call the loss.
@@ -13,6 +14,7 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from kdistill.plan.probes import (
@@ -145,3 +147,28 @@ def probed_token_step(
         layer[0],
         backward_bytes=counter.backward_with_gradients,
     )
+
+
+class TopKStandIn:
+    """In place of a top-k cache that does not exist yet (kdistill.cache.TopKCache):
+    ids and log-probabilities of the right shapes and dtypes for given rows, which the
+    task's real cache reader (CachedLMTeacher, CachedSeq2SeqTeacher) reads as it reads
+    the cache."""
+
+    def __init__(self, rows: Tensor, seq_len: int, vocab: int, k: int, temperature: float):
+        from kdistill.cache.topk_teacher import teacher_topk
+
+        self.position = {int(row): i for i, row in enumerate(rows.tolist())}
+        generator = torch.Generator().manual_seed(0)
+        ids, logprobs = [], []
+        for _ in range(len(rows)):
+            logits = torch.randn(1, seq_len, vocab, generator=generator)
+            one_ids, one_logprobs = teacher_topk(logits, k=k, temperature=temperature)
+            ids.append(one_ids.long())
+            logprobs.append(one_logprobs.float())
+        self.ids, self.logprobs = torch.cat(ids), torch.cat(logprobs)  # (n, T, k)
+
+    def get(self, sequence_indices: Tensor) -> tuple[Tensor, Tensor]:
+        """(ids (b, T, k) int64, log-probabilities (b, T, k) float32), as TopKCache.get."""
+        where = torch.tensor([self.position[int(i)] for i in sequence_indices])
+        return self.ids[where], self.logprobs[where]

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from kdistill.plan.probes import RecordedSignal, SavedTensors
 from kdistill.plan.results import CacheSize, LossMemory
-from kdistill.plan.sequence import objective_loss_memory, probed_token_step
+from kdistill.plan.sequence import TopKStandIn, objective_loss_memory, probed_token_step
 from kdistill.plan.stage import (
     PlanPlacement,
     Probe,
@@ -120,30 +120,6 @@ def lm_cache_size(recipe: Any, data: Any) -> CacheSize:
         f"{per_token} bytes/token (top {spec.k}{compact}) × {tokens:,} tokens",
         in_use=recipe.teacher.signal == "cache",
     )
-
-
-class _TopKStandIn:
-    """In place of a top-k cache that does not exist yet (kdistill.cache.TopKCache):
-    ids and log-probabilities of the right shapes and dtypes for given rows, which the
-    real CachedLMTeacher reads as it reads the cache."""
-
-    def __init__(self, rows: Tensor, seq_len: int, vocab: int, k: int, temperature: float):
-        from kdistill.cache.topk_teacher import teacher_topk
-
-        self.position = {int(row): i for i, row in enumerate(rows.tolist())}
-        generator = torch.Generator().manual_seed(0)
-        ids, logprobs = [], []
-        for _ in range(len(rows)):
-            logits = torch.randn(1, seq_len, vocab, generator=generator)
-            one_ids, one_logprobs = teacher_topk(logits, k=k, temperature=temperature)
-            ids.append(one_ids.long())
-            logprobs.append(one_logprobs.float())
-        self.ids, self.logprobs = torch.cat(ids), torch.cat(logprobs)  # (n, T, k)
-
-    def get(self, sequence_indices: Tensor) -> tuple[Tensor, Tensor]:
-        """(ids (b, T, k) int64, log-probabilities (b, T, k) float32), as TopKCache.get."""
-        where = torch.tensor([self.position[int(i)] for i in sequence_indices])
-        return self.ids[where], self.logprobs[where]
 
 
 def _lm_stage(
@@ -258,7 +234,7 @@ def _teacher_signal(
     data: Any,
     teacher_cfg: Any,
     precision: str,
-    stand_in: _TopKStandIn | None,
+    stand_in: TopKStandIn | None,
     device: torch.device,
 ) -> tuple[Any, list[nn.Module]]:
     """(the teacher signal the recipe asks for, the frozen models it runs): the (untrained)
@@ -273,12 +249,12 @@ def _teacher_signal(
     return CachedLMTeacher(cast("TopKCache", stand_in), device), []
 
 
-def _top_k_stand_in(rows: Tensor, data: Any, teacher_cfg: Any, objective: Any) -> _TopKStandIn:
+def _top_k_stand_in(rows: Tensor, data: Any, teacher_cfg: Any, objective: Any) -> TopKStandIn:
     """The stand-in for the top-k cache over `rows`, at the divergence's first temperature
     (the one the cache is written at)."""
     divergence = objective.divergence
     temperature = divergence.temperature if divergence.temperature else 1.0
-    return _TopKStandIn(
+    return TopKStandIn(
         rows,
         data.seq_len,
         data.vocab_size,

@@ -2,7 +2,9 @@
 for `kdistill plan`.
 
 Each stage's micro-step is the real `Seq2SeqSteps.loss` (its padded batch, the live
-teacher when the stage reads one, the chunked loss inside the student's forward) with
+teacher when the stage reads one, or the real cache reader over a stand-in of the
+top-k cache's shapes when the distill stage reads the cache, the chunked loss inside
+the student's forward) with
 the plan's probes around it; batches come in length buckets, so the timed steps use
 the epoch's own order and one untimed step on the longest pairs sets the peak. The
 seqkd stages are planned on the references (the teacher's translations do not exist
@@ -14,14 +16,18 @@ from __future__ import annotations
 import functools
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from kdistill.plan.probes import RecordedSignal, SavedTensors
-from kdistill.plan.results import LossMemory
-from kdistill.plan.sequence import objective_loss_memory, probed_token_step
+from kdistill.plan.results import CacheSize, LossMemory
+from kdistill.plan.sequence import TopKStandIn, objective_loss_memory, probed_token_step
+
+if TYPE_CHECKING:
+    from kdistill.cache import TopKCache
+
 from kdistill.plan.stage import (
     PlanPlacement,
     Probe,
@@ -67,23 +73,23 @@ def seq2seq_stages(
                 _stage(
                     data, name, (teacher_cfg.model, "teacher.model"), LMObjective(ce_weight=1.0),
                     recipe.teacher_train(), "teacher.train", device, seed, None, None,
+                    cache=None, recipe=recipe, steps=steps,
                 )
             )  # fmt: skip
             continue
         word_kd = name in ("distill", "seqkd_distill")
         objective = LMObjective.of(recipe.objective) if word_kd else LMObjective(ce_weight=1.0)
+        # the distill stage is the one that may read the teacher's top-k cache
+        cache = _cache_size(recipe, data) if name == "distill" and word_kd else None
         stage = _stage(
             data, name, (recipe.student.model, "student.model"), objective, recipe.train,
             "train", device, seed, untrained_teacher,
             teacher_cfg.precision if teacher_cfg is not None else None,
+            cache=cache, recipe=recipe, steps=steps,
         )  # fmt: skip
         if name.startswith("seqkd"):
             stage.notes.append(
                 "planned on the references; the teacher's translation pass before it is not planned"
-            )
-        if name == "distill" and recipe.reads_teacher_cache():
-            stage.notes.append(
-                "planned with the live teacher; teacher.signal: cache reads its top-k"
             )
         specs.append(stage)
     return specs, data_bytes, described, notes
@@ -100,14 +106,20 @@ def _stage(
     seed: int,
     teacher_model: Any,
     precision: str | None,
+    *,
+    cache: CacheSize | None,
+    recipe: Any,
+    steps: int,
 ) -> StageSpec:
     from kdistill.optim import make_optimizer
     from kdistill.tasks.seq2seq.data import bucketed_order
     from kdistill.tasks.seq2seq.models import build_model
     from kdistill.tasks.seq2seq.steps import LiveSeq2SeqTeacher, Seq2SeqSteps
+    from kdistill.tasks.seq2seq.teacher_cache import CachedSeq2SeqTeacher
 
     spec, where = trained
     reads = objective.needs_teacher
+    cached = reads and cache is not None and cache.in_use
     n_train = len(data.train)
     steps_per_epoch = steps_in_epoch(n_train, settings, name, "pairs")
     micro = settings.batch_size // settings.grad_accum
@@ -116,6 +128,16 @@ def _stage(
     )
     longest = torch.argsort(data.train.target_lengths, descending=True, stable=True)
     head: dict[str, int] = {}
+    stand_in = None
+    if cached:  # the cache's rows that the planned steps read, of its shapes
+        used = torch.cat(
+            [order[: (steps + 1) * settings.batch_size], longest[: settings.batch_size]]
+        )
+        stand_in = TopKStandIn(
+            used.unique(), data.section.max_target_length,
+            data.tokenizers.target.get_vocab_size(), recipe.teacher.cache.top_k,
+            recipe.cache_temperature(),
+        )  # fmt: skip
 
     def build() -> Session:
         torch.manual_seed(seed)
@@ -124,7 +146,9 @@ def _stage(
         head.update(bias=int(model.head_bias is not None))
         teachers: list[nn.Module] = []
         recorded = None
-        if reads:
+        if stand_in is not None:
+            recorded = RecordedSignal(CachedSeq2SeqTeacher(cast("TopKCache", stand_in), device))
+        elif reads:
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
                 precision or "", torch.float32
             )
@@ -175,12 +199,36 @@ def _stage(
         where=where,
         prefix=prefix,
         settings=settings,
-        teacher="teacher.model" if reads else None,
+        teacher=("cache" if cached else "teacher.model") if reads else None,
         build=build,
         steps_per_epoch=steps_per_epoch,
         loss=functools.partial(_loss_memory, data, objective, settings, head, longest),
-        cache=None,
-        options={"teacher_precision": precision if reads else None},
+        cache=cache,
+        options={
+            "teacher_precision": precision if reads and not cached else None,
+            "cache_setting": "teacher.signal: cache (--set teacher.signal=cache)"
+            if cache is not None and not cached
+            else None,
+        },
+    )
+
+
+def _cache_size(recipe: Any, data: Any) -> CacheSize:
+    """The teacher's top-k cache of the training pairs, as the run writes it: bytes per
+    position × pairs × the target length limit (every pair is one cache sequence)."""
+    from kdistill.cache.codec import bytes_per_token
+    from kdistill.cache.manifest import new_manifest
+    from kdistill.tasks.seq2seq.teacher_cache import cache_spec
+
+    spec = cache_spec(recipe, data, "plan")
+    per_token = bytes_per_token(new_manifest(spec))
+    positions = spec.num_sequences * spec.seq_len
+    compact = ", compact" if spec.encoding == "compact" else ""
+    return CacheSize(
+        "top-k",
+        per_token * positions,
+        f"{per_token} bytes/position (top {spec.k}{compact}) × {positions:,} positions",
+        in_use=recipe.reads_teacher_cache(),
     )
 
 
