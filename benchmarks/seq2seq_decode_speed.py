@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from kdistill.recipe.seq2seq import DecodeConfig
-from kdistill.tasks.seq2seq.pipeline import _recipe_of, load_stage
+from kdistill.tasks.seq2seq.pipeline import load_stage, recipe_of
 from kdistill.tasks.seq2seq.steps import translate
 
 
@@ -43,7 +43,7 @@ def main() -> None:
     for folder in args.stages:
         model, data = load_stage(folder / "model.safetensors", args.data_dir)
         models.append((str(folder), model, data))
-    recipe = _recipe_of(args.stages[0] / "model.safetensors")
+    recipe = recipe_of(args.stages[0] / "model.safetensors")
     beam = recipe.evaluation.beam
     settings = {
         "greedy": DecodeConfig(

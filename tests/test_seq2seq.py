@@ -17,6 +17,7 @@ from helpers import write_recipe
 
 from kdistill.api import run
 from kdistill.cli import main
+from kdistill.errors import KdistillError
 from kdistill.losses.lm_objective import LMObjective
 from kdistill.recipe.causal_lm import LMLossTerm, LMTrainConfig
 from kdistill.recipe.seq2seq import (
@@ -327,15 +328,28 @@ def test_resume_skips_finished_stages_and_reuses_the_translations(
 
 
 def test_eval_and_export_of_a_stage(tiny_run: Path, data_root: Path, tmp_path: Path) -> None:
-    from kdistill.tasks.seq2seq.pipeline import evaluate_checkpoint, export_translator
+    from kdistill.tasks.seq2seq.export import export_translator
+    from kdistill.tasks.seq2seq.pipeline import evaluate_checkpoint
 
     weights = tiny_run / "seqkd" / "seed0" / "model.safetensors"
     measured = evaluate_checkpoint(weights, data_dir=data_root)
     stored = json.loads((tiny_run / "seqkd" / "seed0" / "eval.json").read_text())
     assert measured["test"]["bleu"] == pytest.approx(stored["test"]["bleu"])
-    exported = export_translator(weights, output=tmp_path / "exp", data_dir=data_root)
-    assert exported["same_translation"] == 1.0
+    exported = export_translator(weights, output=tmp_path / "exp", data_dir=data_root, threads=1)
+    # the reloaded folder translates the whole test split as the stage does, same BLEU
+    parity = exported["parity"]
+    assert parity["same_translation"] == 1.0 and parity["sentences"] == 16  # limit_test
+    assert parity["exported"]["bleu"] == pytest.approx(parity["pytorch"]["bleu"])
+    assert parity["pytorch"]["bleu"] == pytest.approx(stored["test"]["bleu"])
     assert (tmp_path / "exp" / "tokenizer.json").is_file()
+    engines = [row["engine"] for row in exported["latency"]]
+    assert engines == ["exported student, PyTorch FP32", "teacher, PyTorch FP32"]
+    assert all(row["batch_1"]["median_ms"] > 0 for row in exported["latency"])
+    card = (tmp_path / "exp" / "README.md").read_text()
+    assert "translations identical" in card and "teacher, PyTorch FP32" in card
+    # an export folder that holds files is refused without overwrite
+    with pytest.raises(KdistillError, match="already holds files"):
+        export_translator(weights, output=tmp_path / "exp", data_dir=data_root)
 
 
 # ---------------------------------------------------------------------- top-k cache

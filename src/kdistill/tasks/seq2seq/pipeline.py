@@ -737,7 +737,7 @@ def evaluate_checkpoint(
         )
     require_sacrebleu()
     net, loaded = load_stage(weights, data_dir)
-    recipe = _recipe_of(weights)
+    recipe = recipe_of(weights)
     start = time.perf_counter()
     values, _ = measure_model(net, loaded, recipe, device="cpu")
     return {
@@ -748,7 +748,7 @@ def evaluate_checkpoint(
     }
 
 
-def _recipe_of(weights: Path) -> Seq2SeqRecipe:
+def recipe_of(weights: Path) -> Seq2SeqRecipe:
     """The recipe of the run a stage belongs to (its evaluation settings), or the
     defaults when the stage folder stands alone."""
     from kdistill.recipe import read_yaml
@@ -839,61 +839,3 @@ def cache_teacher(
         folder, spec, model, data, batch_size=recipe.train.eval_batch_size,
         shard_sequences=section.cache.shard_sequences, device="cpu",
     )  # fmt: skip
-
-
-def export_translator(
-    weights: Path,
-    *,
-    output: Path,
-    overwrite: bool = False,
-    int8: bool = False,
-    threads: int | None = None,
-    data_dir: Any = None,
-) -> dict[str, Any]:
-    """`kdistill export` of a seq2seq stage: a Hugging Face folder (save_pretrained,
-    safetensors, the tokenizers), reloaded and checked to translate the test sources as
-    the stage did (greedy). Decoding stays in PyTorch (transformers' generate): no ONNX
-    graph of the autoregressive decoder is written."""
-    if int8:
-        raise RecipeError(
-            "kdistill export --int8 is not built for seq2seq: the translator is exported as a "
-            "PyTorch (Hugging Face) folder, whose decoding loop stays in PyTorch"
-        )
-    output = Path(output)
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise CheckpointError(f"{output} is not empty; pass --overwrite to replace it")
-    if threads:
-        torch.set_num_threads(threads)
-    model, data = load_stage(weights, data_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    with quiet_transformers():
-        model.hf.save_pretrained(str(output), safe_serialization=True)
-    model.kdistill_tokenizers.save(output)
-    reloaded = build_model(Seq2SeqModelSpec(path=str(output)), data.tokenizers, where="export")
-    reloaded.eval()
-    count = min(64, len(data.test))
-    settings = DecodeConfig(num_beams=1, max_new_tokens=data.section.max_target_length)
-    original = translate(model, data.test.sources[:count], settings, device="cpu").texts
-    again = translate(reloaded, data.test.sources[:count], settings, device="cpu").texts
-    same = sum(a == b for a, b in zip(original, again))
-    result = {
-        "format": "huggingface",
-        "folder": str(output),
-        "checked_sentences": count,
-        "same_translation": same / max(count, 1),
-        "note": "decoding runs in PyTorch (transformers' generate); no ONNX decoder is written",
-    }
-    atomic_write_json(output / "export.json", result)
-    if same != count:
-        raise CheckpointError(
-            f"the exported model translates {count - same} of {count} test sentences differently "
-            f"from the stage it came from ({output}); the export is not faithful"
-        )
-    return result
-
-
-def export_summary(result: dict[str, Any]) -> str:
-    return (
-        f"{result['folder']}: Hugging Face folder; reloaded, {100 * result['same_translation']:.0f}% "
-        f"of {result['checked_sentences']} test translations identical (decoding in PyTorch)"
-    )
