@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from kdistill.recipe.seq2seq import DecodeConfig
-from kdistill.tasks.seq2seq.pipeline import load_stage, recipe_of
+from kdistill.tasks.seq2seq.measure import load_stage, recipe_of
 from kdistill.tasks.seq2seq.steps import translate
 
 

@@ -329,7 +329,7 @@ def test_resume_skips_finished_stages_and_reuses_the_translations(
 
 def test_eval_and_export_of_a_stage(tiny_run: Path, data_root: Path, tmp_path: Path) -> None:
     from kdistill.tasks.seq2seq.export import export_translator
-    from kdistill.tasks.seq2seq.pipeline import evaluate_checkpoint
+    from kdistill.tasks.seq2seq.measure import evaluate_checkpoint
 
     weights = tiny_run / "seqkd" / "seed0" / "model.safetensors"
     measured = evaluate_checkpoint(weights, data_dir=data_root)

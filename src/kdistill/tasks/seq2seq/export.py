@@ -27,8 +27,8 @@ from kdistill.errors import CheckpointError, RecipeError
 from kdistill.export import BATCH, claim_export_dir, latency_markdown, latency_rows, run_teacher
 from kdistill.models.hf import quiet_transformers
 from kdistill.recipe.seq2seq import DecodeConfig, Seq2SeqModelSpec
+from kdistill.tasks.seq2seq.measure import load_stage, recipe_of
 from kdistill.tasks.seq2seq.models import Seq2SeqLM, build_model
-from kdistill.tasks.seq2seq.pipeline import load_stage, recipe_of
 from kdistill.tasks.seq2seq.steps import corpus_scores, translate
 
 LATENCY_SENTENCES = 32  # test sources translated one at a time for the latency per sentence
