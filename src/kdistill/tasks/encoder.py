@@ -100,7 +100,7 @@ class EncoderTask:
     distill_data: Callable[[Any], Any] = lambda data: data
     # (data, teacher) -> zeros of the shapes `signal` returns for those training rows,
     # without running the teacher (`kdistill plan`)
-    signal_stand_in: Callable[[Any, nn.Module], list[torch.Tensor]] = lambda data, teacher: []
+    signal_stand_in: Callable[[Any, nn.Module], list[torch.Tensor]] | None = None
 
 
 def example(task: EncoderTask, data: Any, model: nn.Module) -> dict[str, torch.Tensor]:

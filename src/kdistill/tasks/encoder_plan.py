@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kdistill.errors import RecipeError
 from kdistill.plan.probes import LayerTensors, SavedTensors
 from kdistill.plan.results import CacheSize
 from kdistill.plan.stage import (
@@ -94,7 +95,14 @@ def _stage(
     reads = objective.needs_teacher
     stage_data = task.distill_data(data) if reads else data
     source = teacher if where == "student.model" else None
-    signal = task.signal_stand_in(stage_data, teacher) if reads else None
+    signal = None
+    if reads:
+        if task.signal_stand_in is None:
+            raise RecipeError(
+                f"kdistill plan cannot plan the {name} stage of task {task.name}: the task "
+                "does not describe the shapes of its teacher signal (signal_stand_in)"
+            )
+        signal = task.signal_stand_in(stage_data, teacher)
 
     def make() -> nn.Module:
         torch.manual_seed(seed)
