@@ -438,3 +438,9 @@ def test_plan_runs_every_stage_s_own_steps_and_its_estimate_holds(
     assert distill["teacher"] == "one pass" and distill["teacher_bytes"] == 0
     assert distill["teacher_output_bytes"] > 0  # the batch's word logits, handed to the loss
     assert stages["baseline"]["teacher"] is None and stages["baseline"]["cache"] is None
+    # a recipe without a teacher plans its baseline
+    alone = _recipe(conll_dir, stages=["baseline"])
+    del alone["teacher"]
+    recipe = write_recipe(tmp_path / "alone.yaml", alone)
+    assert main(["plan", str(recipe), "--steps", "1", "--json"]) == 0
+    assert [s["stage"] for s in json.loads(capsys.readouterr().out)["stages"]] == ["baseline"]

@@ -49,8 +49,10 @@ def encoder_stages(
     teacher_cfg, seed = recipe.teacher, recipe.seeds[0]
     # the plan counts memory and time, not accuracy: an untrained teacher will do for
     # the shapes of its signal and as the source of a student cut from its layers
-    torch.manual_seed(seed)
-    teacher = task.make_model(data, teacher_cfg.model, where="teacher.model")
+    teacher = None
+    if teacher_cfg is not None:  # a baseline-only recipe has none
+        torch.manual_seed(seed)
+        teacher = task.make_model(data, teacher_cfg.model, where="teacher.model")
     for name in recipe.stages:
         if name == "teacher":
             if teacher_cfg.checkpoint is not None:
@@ -86,7 +88,7 @@ def _stage(
     prefix: str,
     device: torch.device,
     seed: int,
-    teacher: nn.Module,
+    teacher: nn.Module | None,
 ) -> StageSpec:
     from kdistill.optim import make_optimizer
     from kdistill.steps import order_seed
@@ -102,6 +104,7 @@ def _stage(
                 f"kdistill plan cannot plan the {name} stage of task {task.name}: the task "
                 "does not describe the shapes of its teacher signal (signal_stand_in)"
             )
+        assert teacher is not None  # the recipe's checks: distill needs a teacher
         signal = task.signal_stand_in(stage_data, teacher)
 
     def make() -> nn.Module:
