@@ -24,7 +24,7 @@ from kdistill.plan.probes import (
     tensor_bytes,
     weight_storages,
 )
-from kdistill.plan.results import LOSS_COPIES, NAIVE_LOSS_COPIES, LossMemory
+from kdistill.plan.results import LOSS_COPIES, NAIVE_LOSS_COPIES, CacheSize, LossMemory
 from kdistill.plan.stage import Probe
 
 
@@ -172,3 +172,20 @@ class TopKStandIn:
         """(ids (b, T, k) int64, log-probabilities (b, T, k) float32), as TopKCache.get."""
         where = torch.tensor([self.position[int(i)] for i in sequence_indices])
         return self.ids[where], self.logprobs[where]
+
+
+def topk_cache_size(spec: Any, *, in_use: bool, unit: str = "token") -> CacheSize:
+    """The top-k cache a spec (kdistill.cache.manifest.TopKCacheSpec) describes, as
+    kdistill.cache.topk writes it: bytes per position × sequences × their length."""
+    from kdistill.cache.codec import bytes_per_token
+    from kdistill.cache.manifest import new_manifest
+
+    per_token = bytes_per_token(new_manifest(spec))
+    positions = spec.num_sequences * spec.seq_len
+    compact = ", compact" if spec.encoding == "compact" else ""
+    return CacheSize(
+        "top-k",
+        per_token * positions,
+        f"{per_token} bytes/{unit} (top {spec.k}{compact}) × {positions:,} {unit}s",
+        in_use=in_use,
+    )

@@ -19,7 +19,12 @@ from torch import Tensor, nn
 
 from kdistill.plan.probes import RecordedSignal, SavedTensors
 from kdistill.plan.results import CacheSize, LossMemory
-from kdistill.plan.sequence import TopKStandIn, objective_loss_memory, probed_token_step
+from kdistill.plan.sequence import (
+    TopKStandIn,
+    objective_loss_memory,
+    probed_token_step,
+    topk_cache_size,
+)
 from kdistill.plan.stage import (
     PlanPlacement,
     Probe,
@@ -94,8 +99,7 @@ def lm_stages(
 def lm_cache_size(recipe: Any, data: Any) -> CacheSize:
     """The top-k cache of the recipe's teacher over the training sequences, as
     kdistill.cache.topk writes it: bytes per token × tokens."""
-    from kdistill.cache.codec import bytes_per_token
-    from kdistill.cache.manifest import TopKCacheSpec, new_manifest
+    from kdistill.cache.manifest import TopKCacheSpec
 
     assert recipe.teacher is not None
     term = recipe.divergence()
@@ -111,15 +115,7 @@ def lm_cache_size(recipe: Any, data: Any) -> CacheSize:
         vocab_size=data.vocab_size,
         encoding=recipe.teacher.cache.encoding,
     )
-    per_token = bytes_per_token(new_manifest(spec))
-    tokens = len(data.train) * data.seq_len
-    compact = ", compact" if spec.encoding == "compact" else ""
-    return CacheSize(
-        "top-k",
-        per_token * tokens,
-        f"{per_token} bytes/token (top {spec.k}{compact}) × {tokens:,} tokens",
-        in_use=recipe.teacher.signal == "cache",
-    )
+    return topk_cache_size(spec, in_use=recipe.teacher.signal == "cache")
 
 
 def _lm_stage(

@@ -23,7 +23,12 @@ from torch import Tensor, nn
 
 from kdistill.plan.probes import RecordedSignal, SavedTensors
 from kdistill.plan.results import CacheSize, LossMemory
-from kdistill.plan.sequence import TopKStandIn, objective_loss_memory, probed_token_step
+from kdistill.plan.sequence import (
+    TopKStandIn,
+    objective_loss_memory,
+    probed_token_step,
+    topk_cache_size,
+)
 
 if TYPE_CHECKING:
     from kdistill.cache import TopKCache
@@ -214,22 +219,12 @@ def _stage(
 
 
 def _cache_size(recipe: Any, data: Any) -> CacheSize:
-    """The teacher's top-k cache of the training pairs, as the run writes it: bytes per
-    position × pairs × the target length limit (every pair is one cache sequence)."""
-    from kdistill.cache.codec import bytes_per_token
-    from kdistill.cache.manifest import new_manifest
+    """The teacher's top-k cache of the training pairs, as the run writes it (every pair
+    is one cache sequence of the target length limit)."""
     from kdistill.tasks.seq2seq.teacher_cache import cache_spec
 
     spec = cache_spec(recipe, data, "plan")
-    per_token = bytes_per_token(new_manifest(spec))
-    positions = spec.num_sequences * spec.seq_len
-    compact = ", compact" if spec.encoding == "compact" else ""
-    return CacheSize(
-        "top-k",
-        per_token * positions,
-        f"{per_token} bytes/position (top {spec.k}{compact}) × {positions:,} positions",
-        in_use=recipe.reads_teacher_cache(),
-    )
+    return topk_cache_size(spec, in_use=recipe.reads_teacher_cache(), unit="position")
 
 
 def _loss_memory(
