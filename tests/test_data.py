@@ -145,6 +145,10 @@ def test_limits_take_the_first_samples(mnist_bundle, shared_data: Path) -> None:
     assert torch.equal(small.val.y, mnist_bundle.val.y)  # limits do not move the split
     assert torch.equal(small.test.y, mnist_bundle.test.y[:500])
     assert small.fingerprint != mnist_bundle.fingerprint
+    fewer_val = build(cfg.model_copy(update={"limit_val": 200}), shared_data)
+    assert len(fewer_val.val) == 200 and torch.equal(fewer_val.val.y, mnist_bundle.val.y[:200])
+    assert torch.equal(fewer_val.train.x, small.train.x)  # the split itself does not move
+    assert fewer_val.fingerprint not in (small.fingerprint, mnist_bundle.fingerprint)
 
 
 # ---------------------------------------------------------------- MNIST, bad files
@@ -310,8 +314,9 @@ def test_fingerprint_follows_content_and_settings(npz_folder: Path, tmp_path: Pa
         fingerprint(val_fraction=0.2),
         fingerprint(limit_train=10),
         fingerprint(limit_test=10),
+        fingerprint(limit_val=5),
     ]
-    assert len({base, *changed}) == 5
+    assert len({base, *changed}) == 6
     moved = tmp_path / "moved"
     shutil.copytree(npz_folder, moved)
     assert fingerprint(moved) == base  # content, not location

@@ -214,6 +214,21 @@ def test_load_text_files_carves_validation_unless_given(tmp_path: Path) -> None:
     assert with_val.settings["val_fraction"] is None
 
 
+def test_recipe_limits_take_the_first_rows_of_each_split(tmp_path: Path) -> None:
+    from kdistill.data import build
+    from kdistill.recipe import DataConfig
+
+    rows = "".join(f"text {i},{'ab'[i % 2]}\n" for i in range(50))
+    _write(tmp_path / "train.csv", "text,label\n" + rows)
+    _write(tmp_path / "test.csv", "text,label\nfoo,b\nbar,a\nbaz,a\n")
+    settings = {"source": "text_files", "path": str(tmp_path), "val_fraction": 0.2}
+    whole = build(DataConfig(**settings)).bundle
+    limited = build(DataConfig(**settings, limit_train=7, limit_val=4, limit_test=2)).bundle
+    for name, size in (("train", 7), ("val", 4), ("test", 2)):
+        split, full = getattr(limited, name), getattr(whole, name)
+        assert split.texts == full.texts[:size], name
+
+
 def test_fingerprint_follows_content_not_location(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     train = _write(tmp_path / "a" / "train.csv", "text,label\nx,0\ny,1\nz,1\n")

@@ -47,6 +47,8 @@ def build(cfg: DataConfig, data_dir: str | Path | None = None) -> DataBundle | T
     train, val = _split_validation(loaded.train, cfg.val_fraction, cfg.split_seed)
     if cfg.limit_train is not None:
         train = train.subset(slice(0, cfg.limit_train))
+    if cfg.limit_val is not None:
+        val = val.subset(slice(0, cfg.limit_val))
     test = loaded.test
     if cfg.limit_test is not None:
         test = test.subset(slice(0, cfg.limit_test))
@@ -64,6 +66,8 @@ def build(cfg: DataConfig, data_dir: str | Path | None = None) -> DataBundle | T
         "split_seed": cfg.split_seed,
         "limit_train": cfg.limit_train,
         "limit_test": cfg.limit_test,
+        # only when set, so that the fingerprints of runs that never set it stay as they were
+        **({"limit_val": cfg.limit_val} if cfg.limit_val is not None else {}),
     }
     fingerprint = hashlib.sha256(
         json.dumps({"content": loaded.content_digest, **settings}, sort_keys=True).encode()

@@ -223,6 +223,8 @@ def load_text_data(cfg: Any, root: Path) -> TextData:
         )
     if cfg.limit_train is not None:
         bundle.train = bundle.train.subset(slice(0, cfg.limit_train))
+    if cfg.limit_val is not None:
+        bundle.val = bundle.val.subset(slice(0, cfg.limit_val))
     if cfg.limit_test is not None:
         bundle.test = bundle.test.subset(slice(0, cfg.limit_test))
     return TextData(

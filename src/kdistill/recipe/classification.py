@@ -125,6 +125,9 @@ class DataConfig(Strict):
     limit_train: int | None = Field(
         None, gt=0, description="use only the first N training samples (quick runs)"
     )
+    limit_val: int | None = Field(
+        None, gt=0, description="use only the first N validation samples (quick runs)"
+    )
     limit_test: int | None = Field(None, gt=0, description="use only the first N test samples")
 
     @model_validator(mode="after")
