@@ -346,6 +346,28 @@ def mean_pm(section: dict[str, Any] | None, name: str, n: int, scale: float = 10
     return f"{mean * scale:.2f} ± {std * scale:.2f}"
 
 
+def metric_rows(results: dict[str, Any], metrics: tuple[str, ...]) -> list[list[str]]:
+    """Per stage: stage, seeds, each of `metrics` on test (×100, mean ± std), then its
+    cost (parameters, FLOPs, latency of one input, size in MB) and training time."""
+    rows = []
+    for name, stage in results["stages"].items():
+        test, cost = stage["test"] or {}, stage["cost"] or {}
+        n = len(stage["seeds"])
+        rows.append(
+            [
+                name,
+                str(n),
+                *(mean_pm(test, metric, n) for metric in metrics),
+                format_value(cost.get("params"), format_si),
+                format_value(cost.get("flops"), format_si),
+                format_value(cost.get("latency_ms_single"), "{:.2f}"),
+                format_value(cost.get("size_bytes"), lambda b: f"{b / 1e6:.2f}"),
+                format_value(stage["train_seconds"], format_duration),
+            ]
+        )
+    return rows
+
+
 def best_metric_rows(results: dict[str, Any], metric: str, scale: float = 100.0) -> list[list[str]]:
     """Per stage with best-on-validation checkpoints: stage, seeds, their epochs, the
     validation and test `metric` of those checkpoints."""

@@ -13,12 +13,9 @@ from rich.console import Console
 
 from kdistill.report import (
     best_metric_rows,
-    format_duration,
-    format_si,
-    format_value,
     markdown_table,
-    mean_pm,
     metric_gap_line,
+    metric_rows,
     show_table,
     write_metric_report,
 )
@@ -71,28 +68,9 @@ def per_type(results: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
 
 
 def table_rows(results: dict[str, Any]) -> list[list[str]]:
-    rows = []
-    for name, stage in results["stages"].items():
-        test, cost = stage["test"] or {}, stage["cost"] or {}
-        n = len(stage["seeds"])
-        rows.append(
-            [
-                name,
-                str(n),
-                mean_pm(test, "f1", n),
-                mean_pm(test, "precision", n),
-                mean_pm(test, "recall", n),
-                mean_pm(test, "f1_conlleval", n),
-                mean_pm(test, "token_accuracy", n),
-                mean_pm(test, "agreement", n),
-                format_value(cost.get("params"), format_si),
-                format_value(cost.get("flops"), format_si),
-                format_value(cost.get("latency_ms_single"), "{:.2f}"),
-                format_value(cost.get("size_bytes"), lambda b: f"{b / 1e6:.2f}"),
-                format_value(stage["train_seconds"], format_duration),
-            ]
-        )
-    return rows
+    return metric_rows(
+        results, ("f1", "precision", "recall", "f1_conlleval", "token_accuracy", "agreement")
+    )
 
 
 def type_rows(results: dict[str, Any]) -> tuple[tuple[str, ...], list[list[str]]]:
