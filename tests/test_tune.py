@@ -171,6 +171,10 @@ def test_study_folder_holds_every_file(study: dict[str, Any]) -> None:
     assert set(rows[0]) >= {"val_accuracy", "objective.1.temperature", "train.optimizer.lr"}
     assert json.loads((folder / "study.json").read_text())["state"] == "finished"
     assert study["summary"]["complete"] == 3 and study["summary"]["left"] == 0
+    for trial in ("0000", "0001", "0002"):  # a trial writes its tables, no pictures
+        assert (folder / "trials" / trial / "results.md").is_file()
+        assert not (folder / "trials" / trial / "plots").exists()
+        assert not (folder / "trials" / trial / "report.html").exists()
 
 
 def test_trial_zero_runs_the_recipes_own_settings(study: dict[str, Any]) -> None:

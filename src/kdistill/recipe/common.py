@@ -87,7 +87,12 @@ class TrainConfig(Strict):
 class OutputConfig(Strict):
     dir: str | None = Field(None, description="run folder; default runs/<recipe name>")
     tensorboard: bool = False
-    plots: bool = True
+    plots: bool = Field(
+        True,
+        description="pictures: report.html and, for classifiers, plots/*.png (curves, "
+        "reliability, quality against cost); false writes the tables alone (results.md, "
+        "results.json), as `kdistill tune`'s trials do",
+    )
     track: list[Literal["mlflow", "tensorboard"]] = Field(
         default_factory=list,
         description="experiment trackers: mlflow (the resolved recipe as parameters, every "

@@ -19,6 +19,7 @@ import contextlib
 import copy
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,7 @@ def run(recipe: Recipe, options: RunOptions) -> dict[str, Any]:
             f"{data.num_classes} classes",
         )
         _run_stages(ctx)
-        return finish_run(ctx, write_report)
+        return finish_run(ctx, partial(write_report, plots=recipe.output.plots))
 
 
 def _run_stages(ctx: Context) -> None:

@@ -67,8 +67,9 @@ BEST_SENTENCE = (
 )
 
 
-def write_report(run_dir: str | Path) -> dict[str, Any]:
-    """Write `results.json`, `results.md` and `plots/*.png` into the run folder.
+def write_report(run_dir: str | Path, *, plots: bool = True) -> dict[str, Any]:
+    """Write `results.json`, `results.md` and (unless `plots` is false: the recipe's
+    output.plots) `plots/*.png` into the run folder.
 
     Every file is written atomically (a temporary file, then `os.replace`), so an
     interrupted report never leaves a half-written file. Plots are skipped, with a
@@ -81,8 +82,8 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     results = collect(run_dir)
     files = write_results(run_dir, results, render_markdown(results))
-    plots, notes = _write_plots(run_dir, results)
-    return {**results, "report": {"files": files + plots, "notes": notes}}
+    pictures, notes = _write_plots(run_dir, results) if plots else ([], [])
+    return {**results, "report": {"files": files + pictures, "notes": notes}}
 
 
 def table_rows(results: dict[str, Any]) -> list[list[str]]:
