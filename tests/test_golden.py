@@ -1,7 +1,9 @@
 """Golden values: every shipped recipe, reduced to a few steps per stage, must train to the
 same losses, metrics, quality numbers and final weights as the code that wrote
 tests/golden/*.json (float32 values at 1e-6 relative). The files are read-only here;
-`python scripts/golden.py` regenerates them, in a commit of its own that says why."""
+`python scripts/golden.py` regenerates them, in a commit of its own that says why. Each
+processor maker has its own set (the last digits differ between makers; see the
+script)."""
 
 from __future__ import annotations
 
@@ -36,7 +38,28 @@ def test_every_shipped_recipe_has_a_golden_configuration() -> None:
     covered = {recipe for recipe, _ in golden.CONFIGS.values()}
     assert covered == set(shipped()), "add the new recipe to scripts/golden.py CONFIGS"
     for name in golden.CONFIGS:
-        assert golden.golden_path(name).is_file(), f"run: python scripts/golden.py {name}"
+        base = golden.golden_path(name, golden.BASE_VENDOR)
+        assert base.is_file(), f"{base} is missing: run python scripts/golden.py {name}"
+
+
+def test_each_processor_maker_has_its_own_set(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    assert golden.golden_path("x", golden.BASE_VENDOR) == golden.GOLDEN_DIR / "x.json"
+    assert golden.golden_path("x", "AuthenticAMD") == golden.GOLDEN_DIR / "AuthenticAMD/x.json"
+    assert golden.vendor() != ""
+    monkeypatch.setattr(golden, "GOLDEN_DIR", tmp_path)
+    monkeypatch.setattr(golden, "vendor", lambda: "AuthenticAMD")
+    (tmp_path / "x.json").write_text("{}")
+    (tmp_path / "Other").mkdir()
+    (tmp_path / "Other" / "x.json").write_text("{}")
+    (tmp_path / "AuthenticAMD").mkdir()
+    (tmp_path / "AuthenticAMD" / "x.json").write_text("{}")
+    assert golden.golden_path("x") == tmp_path / "AuthenticAMD" / "x.json"
+    assert golden.other_makers("x") == {
+        golden.BASE_VENDOR: tmp_path / "x.json",
+        "Other": tmp_path / "Other" / "x.json",
+    }
 
 
 def test_compare_finds_a_changed_value() -> None:
@@ -66,7 +89,15 @@ def check_golden(
     """The configuration trains to its golden values, and its report.html opens in a
     browser without errors or requests."""
     monkeypatch.setenv("KDISTILL_DATA", str(shared_data))
-    expected = json.loads(golden.golden_path(name).read_text())
+    path = golden.golden_path(name)
+    if not path.is_file():
+        others = ", ".join(golden.other_makers(name)) or "none"
+        pytest.fail(
+            f"{path} is missing: no golden values of {name} were recorded on a processor of "
+            f"this maker ({golden.vendor()}; recorded on: {others}). Check that the code's "
+            f"numbers did not change, then record them: python scripts/golden.py {name}"
+        )
+    expected = json.loads(path.read_text())
     pages: list[Path] = []
 
     def keep_report(run_dir: Path) -> None:
