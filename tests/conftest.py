@@ -21,3 +21,17 @@ def shared_data() -> Path:
 def tiny(shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
     monkeypatch.setenv("KDISTILL_DATA", str(shared_data))
     return tiny_recipe()
+
+
+def _quick_timing() -> None:
+    """Latency numbers over a few passes: the tests check what is measured and written,
+    not how fast (BENCHMARKS.md's scripts time with the defaults)."""
+    import kdistill.evaluate
+    import kdistill.export
+
+    quick = kdistill.evaluate.Timing(repeats=2, singles=4, warmup=1)
+    kdistill.evaluate.TIMING = quick
+    kdistill.export.TIMING = quick
+
+
+_quick_timing()

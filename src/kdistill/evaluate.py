@@ -13,6 +13,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,18 @@ def _calibration_bins(
     return correct_sum, confidence_sum, torch.bincount(bins, minlength=n_bins)
 
 
+@dataclass(frozen=True)
+class Timing:
+    """How many forward passes a latency number is the median of. The test suite
+    lowers them (tests/conftest.py): it checks what is measured, not how fast."""
+
+    repeats: int = 20  # passes of a whole batch
+    singles: int = 64  # samples timed one at a time, for the latency per sample
+    warmup: int = 3  # untimed passes first
+
+
+TIMING = Timing()  # a run's cost columns (kdistill.export has its own, for its table)
+
 MAX_CONFUSION_CLASSES = 50  # a larger confusion matrix is not written (C² numbers)
 
 
@@ -208,8 +221,8 @@ def cost(
     input_shape: Sequence[int] | None = None,
     device: str | torch.device,
     batch_size: int = 256,
-    repeats: int = 20,
-    warmup: int = 3,
+    repeats: int | None = None,
+    warmup: int | None = None,
     example_input: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
     single: int = 0,
 ) -> dict[str, Any]:
@@ -227,7 +240,8 @@ def cost(
                              is 2 FLOPs; element-wise ops are not counted), divided by
                              the batch size
       latency_ms             median wall time of one forward pass of the batch over
-                             `repeats` passes after `warmup` untimed ones
+                             `repeats` passes after `warmup` untimed ones (default:
+                             TIMING's)
       latency_ms_per_sample  latency_ms / batch_size
       latency_ms_single      with `single` > 0: the median wall time of one forward pass
                              of one sample (batch 1), over the batch's first `single`
@@ -238,6 +252,8 @@ def cost(
       device                 the device, as a string
       threads                torch.get_num_threads() at measurement time
     """
+    repeats = TIMING.repeats if repeats is None else repeats
+    warmup = TIMING.warmup if warmup is None else warmup
     if repeats < 1 or warmup < 0:
         raise ValueError(
             f"repeats must be >= 1 and warmup >= 0. Got repeats={repeats}, warmup={warmup}."

@@ -39,10 +39,11 @@ import torch
 from torch import nn
 
 from kdistill.errors import ExportError
+from kdistill.evaluate import Timing
 
 OPSET = 18
 MIN_AGREEMENT = 0.995  # float32 parity: top-1 (next-token) agreement with PyTorch
-SINGLE_SAMPLES = 100  # latency: rows timed one at a time
+TIMING = Timing(repeats=20, singles=100)  # the latency table: 100 rows one at a time
 BATCH = 64  # latency: rows timed at once
 CALIBRATION = 512  # static INT8: training samples that set the activation ranges
 EXTRA = "pip install 'kdistill[export]' (onnx, onnxruntime, onnxscript)"
@@ -231,9 +232,11 @@ class OnnxModel:
         return self.session.run(None, dict(zip(self.names, inputs, strict=True)))[0]
 
 
-def timed(call: Callable[[], object], *, repeats: int, warmup: int = 3) -> dict[str, float]:
+def timed(
+    call: Callable[[], object], *, repeats: int, warmup: int | None = None
+) -> dict[str, float]:
     """Median, 10th and 90th percentile of `repeats` calls, in milliseconds."""
-    for _ in range(warmup):
+    for _ in range(TIMING.warmup if warmup is None else warmup):
         call()
     times = []
     for _ in range(repeats):
@@ -286,16 +289,16 @@ def latency_rows(
                 {
                     "engine": name,
                     "batch_1": timed(one, repeats=len(singles)),
-                    f"batch_{len(batch[0])}": timed(all_at_once, repeats=20),
+                    f"batch_{len(batch[0])}": timed(all_at_once, repeats=TIMING.repeats),
                 }
             )
     return rows
 
 
 def first_rows(x: torch.Tensor) -> tuple[list[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]:
-    """`latency_rows`' inputs from one input tensor: its first SINGLE_SAMPLES rows one at
-    a time, and its first BATCH rows."""
-    return [(x[i : i + 1],) for i in range(min(SINGLE_SAMPLES, len(x)))], (x[:BATCH],)
+    """`latency_rows`' inputs from one input tensor: its first `TIMING.singles` rows one
+    at a time, and its first BATCH rows."""
+    return [(x[i : i + 1],) for i in range(min(TIMING.singles, len(x)))], (x[:BATCH],)
 
 
 def _as_is(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:

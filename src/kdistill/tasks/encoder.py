@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import kdistill.evaluate
 from kdistill import __version__
 from kdistill.checkpoint import atomic_write_json, file_sha256, load_weights
 from kdistill.errors import CacheError, CheckpointError, KdistillError, ModelError, RecipeError
@@ -63,7 +64,7 @@ from kdistill.stages import (
     trained_teacher,
 )
 
-SINGLE_SAMPLES = 64  # inputs timed one at a time for the latency per input
+EXAMPLE_ROWS = 64  # test inputs in the batch that cost() times (and counts FLOPs of)
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ class EncoderTask:
     extra: Callable[[Any, nn.Module], dict[str, Any]] = lambda data, model: {}  # for eval.json
     save_extra: Callable[[nn.Module, Path], None] = lambda model, folder: None
     load_saved: Callable[[Any, Path, Any], nn.Module] | None = None  # non-HF models
-    latency_rows: int | None = None  # inputs timed one at a time (default SINGLE_SAMPLES)
+    latency_rows: int | None = None  # rows of the cost example (default EXAMPLE_ROWS)
     # the data of a stage that learns from a teacher (a transfer set appended to train)
     distill_data: Callable[[Any], Any] = lambda data: data
     # (data, teacher) -> zeros of the shapes `signal` returns for those training rows,
@@ -107,7 +108,7 @@ def example(task: EncoderTask, data: Any, model: nn.Module) -> dict[str, torch.T
     """The first test inputs (training ones when there is no test split), as one batch:
     what cost and inspect run the model on."""
     split = "test" if len(data.split("test")) else "train"
-    count = min(task.latency_rows or SINGLE_SAMPLES, len(task.lengths(data, model, split)))
+    count = min(task.latency_rows or EXAMPLE_ROWS, len(task.lengths(data, model, split)))
     return task.inputs(data, model, split, torch.arange(count))
 
 
@@ -461,7 +462,7 @@ def encoder_cost(task: EncoderTask, data: Any, model: nn.Module, device: Any) ->
     """evaluate.cost on the task's first test inputs (padded to one batch, and one at a
     time for the latency per input)."""
     batch = {k: v.to(device) for k, v in example(task, data, model).items()}
-    return cost(model, device=device, example_input=batch, single=SINGLE_SAMPLES)
+    return cost(model, device=device, example_input=batch, single=kdistill.evaluate.TIMING.singles)
 
 
 def save_model(task: EncoderTask, model: nn.Module, folder: Path, spec: ModelSpec, recipe: Any):

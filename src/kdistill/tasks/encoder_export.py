@@ -27,13 +27,13 @@ import numpy as np
 import torch
 from torch import nn
 
+import kdistill.export
 from kdistill.checkpoint import atomic_write_json, atomic_write_text
 from kdistill.errors import ExportError
 from kdistill.export import (
     BATCH,
     CALIBRATION,
     OPSET,
-    SINGLE_SAMPLES,
     OnnxModel,
     card_header,
     check_parity,
@@ -198,9 +198,10 @@ def export_encoder(
 def _latency_inputs(task: EncoderTask, data: Any, net: nn.Module):
     """The first test inputs one at a time, and the first BATCH at once (for a task with
     heavy inputs, its own `latency_rows` count)."""
-    count = min(len(task.lengths(data, net, "test")), task.latency_rows or SINGLE_SAMPLES)
+    rows = len(task.lengths(data, net, "test"))
+    count = min(rows, task.latency_rows or kdistill.export.TIMING.singles)
     singles = [_feed(task, data, net, "test", torch.tensor([i]))[1] for i in range(count)]
-    batch = _feed(task, data, net, "test", torch.arange(min(BATCH, count)))[1]
+    batch = _feed(task, data, net, "test", torch.arange(min(rows, task.latency_rows or BATCH)))[1]
     return singles, batch
 
 

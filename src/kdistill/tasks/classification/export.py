@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import kdistill.export
 from kdistill.checkpoint import atomic_write_json, atomic_write_text
 from kdistill.data import DataBundle
 from kdistill.data.text_task import TextData
@@ -44,7 +45,6 @@ from kdistill.export import (
     BATCH,
     CALIBRATION,
     OPSET,
-    SINGLE_SAMPLES,
     OnnxModel,
     card_header,
     check_parity,
@@ -150,7 +150,9 @@ def text_feed(net: nn.Module, data: TextData) -> Feed:
         },
         batches=[inputs(order[i : i + 256]) for i in range(0, count, 256)],
         labels=data.test.y[order],
-        singles=[inputs(torch.tensor([i])) for i in range(min(SINGLE_SAMPLES, count))],
+        singles=[
+            inputs(torch.tensor([i])) for i in range(min(kdistill.export.TIMING.singles, count))
+        ],
         batch=inputs(torch.arange(min(BATCH, count))),
         calibration=[inputs(rows, train) for rows in calibration.split(32)],
         input={

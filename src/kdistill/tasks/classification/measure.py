@@ -21,6 +21,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
+import kdistill.evaluate
 from kdistill import __version__
 from kdistill.checkpoint import (
     atomic_write_json,
@@ -43,19 +44,18 @@ from kdistill.teachers import (
     combine_members,
 )
 
-SINGLE_SAMPLES = 64
-
 
 def data_cost(
     data: DataBundle | TextData, model: nn.Module, device: str | torch.device
 ) -> dict[str, Any]:
     """evaluate.cost on this data's input: real token ids for text (the first test
     sentences), a random batch of the input shape otherwise; with the latency of one
-    sample at a time over the first SINGLE_SAMPLES of them."""
+    sample at a time over the first `TIMING.singles` of them."""
+    single = kdistill.evaluate.TIMING.singles
     example = data.example_input(model)
     if example is not None:
-        return cost(model, device=device, example_input=example, single=SINGLE_SAMPLES)
-    return cost(model, input_shape=data.input_shape, device=device, single=SINGLE_SAMPLES)
+        return cost(model, device=device, example_input=example, single=single)
+    return cost(model, input_shape=data.input_shape, device=device, single=single)
 
 
 def measure_stage(
