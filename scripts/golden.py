@@ -2,6 +2,7 @@
 
     python scripts/golden.py            # rewrite tests/golden/*.json from the code as it is
     python scripts/golden.py mnist_quick shakespeare_gpt_small_from_gpt
+    python scripts/golden.py --code-changed NAME  # a meant change: other makers' NAME go
 
 Each configuration is a shipped recipe with overrides that shrink its data and
 training to seconds (one thread, the recipe's own seeds cut to the ones listed). For
@@ -23,9 +24,10 @@ The same code gives different last digits on processors of different makers (the
 math library takes another code path on each: after a few steps an Intel Xeon's values
 and an AMD EPYC's differ by 1e-7 to 1e-3 relative), so each maker has its own set:
 tests/golden/*.json were recorded on BASE_VENDOR, tests/golden/<vendor id>/*.json on the
-others. The script writes the set of the processor it runs on. After a meant change,
-the other makers' files of the regenerated configurations are stale: the script says
-which, and they are recorded again on such a processor.
+others. The script writes the set of the processor it runs on. After a meant change
+(`--code-changed`) it deletes the other makers' files of the configurations it
+regenerates, since they are stale: the test on such a processor then says that they are
+missing and how to record them.
 """
 
 from __future__ import annotations
@@ -321,7 +323,7 @@ def other_makers(name: str) -> dict[str, Path]:
     return {maker: path for maker, path in found.items() if maker != vendor() and path.is_file()}
 
 
-def main(names: list[str]) -> None:
+def main(names: list[str], *, code_changed: bool = False) -> None:
     for name in names or list(CONFIGS):
         values = record(name)
         path = golden_path(name)
@@ -329,13 +331,20 @@ def main(names: list[str]) -> None:
         path.write_text(json.dumps(values, indent=1, sort_keys=True) + "\n")
         print(f"{name}: {len(values['losses'])} backward passes -> {path}")
         for maker, other in other_makers(name).items():
+            if code_changed:
+                other.unlink()
+                print(f"  {maker}'s values ({other}) were stale: deleted")
+                continue
             differ = compare(json.loads(other.read_text()), values, rel=1e-3)
             print(
                 f"  {maker}'s values ({other}): {len(differ)} differ beyond 1e-3 relative; "
-                "if the code's numbers changed, they are stale and must be recorded again "
-                "on such a processor"
+                "if the code's numbers changed, they are stale: rerun with --code-changed"
             )
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    arguments = sys.argv[1:]
+    main(
+        [a for a in arguments if a != "--code-changed"],
+        code_changed="--code-changed" in arguments,
+    )
