@@ -155,6 +155,46 @@ def test_the_torchscript_exporter_takes_over_when_dynamo_fails_and_both_failing_
         )
 
 
+class _ShapeTest(torch.nn.Module):
+    """A forward that tests its input's length: torch.export fixes that axis."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if x.shape[1] == 5 else x + 1
+
+
+def test_an_exporter_that_fixes_a_dynamic_axis_is_not_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dynamo exporter writes a graph whose length axis is 5 without an error; the
+    TorchScript exporter keeps it dynamic; when both fix an axis, the error names it."""
+    dynamic = {"x": {0: "batch", 1: "sequence"}}
+    path = tmp_path / "a.onnx"
+    used = export.to_onnx(
+        _ShapeTest(), (torch.ones(2, 5),), path, input_names=["x"], dynamic=dynamic
+    )
+    assert used == "torchscript" and export.fixed_axes(path, dynamic) == []
+    assert export.OnnxModel(path, threads=1)(np.ones((3, 7), np.float32)).shape == (3, 7)
+
+    real = torch.onnx.export
+
+    def static_shapes(*args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("dynamic_shapes", None)
+        kwargs.pop("dynamic_axes", None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", static_shapes)
+    with pytest.raises(ExportError) as caught:
+        export.to_onnx(
+            torch.nn.Linear(5, 2),
+            (torch.ones(2, 5),),
+            tmp_path / "b.onnx",
+            input_names=["x"],
+            dynamic={"x": {0: "batch"}},
+        )
+    assert "dynamo exporter fixed x axis 0 (batch) = 2" in str(caught.value)
+    assert "TorchScript exporter fixed x axis 0 (batch) = 2" in str(caught.value)
+
+
 def test_without_the_export_extra_the_error_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 

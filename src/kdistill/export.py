@@ -110,7 +110,13 @@ def to_onnx(
                 opset_version=OPSET,
                 external_data=False,
             )
-        return "dynamo"
+        fixed = fixed_axes(path, dynamic)
+        if not fixed:
+            return "dynamo"
+        # torch.export can specialise a dynamic axis without an error (a shape test in
+        # forward, or state left by an earlier export in the process): the graph would
+        # refuse every other length
+        failures.append(f"dynamo exporter fixed {', '.join(fixed)}")
     except Exception as exc:  # any exporter failure: try the other exporter
         failures.append(f"dynamo exporter: {type(exc).__name__}: {_first_line(exc)}")
     try:
@@ -125,7 +131,10 @@ def to_onnx(
                 dynamic_axes={name: dict(axes) for name, axes in dynamic.items()},
                 opset_version=OPSET,
             )
-        return "torchscript"
+        fixed = fixed_axes(path, dynamic)
+        if not fixed:
+            return "torchscript"
+        failures.append(f"TorchScript exporter fixed {', '.join(fixed)}")
     except Exception as exc:
         failures.append(f"TorchScript exporter: {type(exc).__name__}: {_first_line(exc)}")
     raise ExportError(
@@ -133,6 +142,21 @@ def to_onnx(
         "branches on tensor values cannot be traced; make the branch a fixed setting, or "
         "export the module without it"
     )
+
+
+def fixed_axes(path: Path, dynamic: dict[str, dict[int, str]]) -> list[str]:
+    """The axes asked to be dynamic that the ONNX file at `path` fixed to a number, as
+    "input_ids axis 1 (sequence) = 49"."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    dims = {value.name: value.type.tensor_type.shape.dim for value in graph.input}
+    return [
+        f"{name} axis {axis} ({label}) = {dims[name][axis].dim_value}"
+        for name, axes in dynamic.items()
+        for axis, label in axes.items()
+        if name in dims and axis < len(dims[name]) and dims[name][axis].HasField("dim_value")
+    ]
 
 
 INT8_MODES = ("dynamic", "static")
