@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from kdistill.errors import DataError, KdistillError
-from kdistill.evaluate import cost, predict, quality
+from kdistill.evaluate import cost, latency_of_requests, predict, quality
 
 # Four samples, two classes, probabilities chosen so every number is checkable by hand.
 PROBS = torch.tensor([[0.95, 0.05], [0.15, 0.85], [0.75, 0.25], [0.35, 0.65]])
@@ -207,6 +207,34 @@ def test_cost_single_sample_latency_runs_each_text_unpadded():
         )["latency_ms_single"]
         is None
     )
+
+
+def test_latency_of_requests_runs_each_request_once_as_one_batch():
+    """A request (a question's windows, say) is one forward pass of all its rows; the
+    median is over the requests, after warm-up passes of the first."""
+
+    class Recorder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.shapes: list[tuple[int, ...]] = []
+
+        def forward(self, input_ids):
+            self.shapes.append(tuple(input_ids.shape))
+            return self.embed(input_ids).sum(1)
+
+    model = Recorder()
+    model.train()
+    requests = [
+        {"input_ids": torch.ones(3, 5, dtype=torch.long)},
+        {"input_ids": torch.ones(1, 2, dtype=torch.long)},
+    ]
+    ms = latency_of_requests(model, requests, device="cpu", warmup=2)
+    assert ms > 0
+    assert model.shapes == [(3, 5), (3, 5), (3, 5), (1, 2)]
+    assert model.training  # put back as it was
+    with pytest.raises(ValueError, match="at least one request"):
+        latency_of_requests(model, [], device="cpu")
 
 
 def test_cost_integer_example_input_and_tied_weights():

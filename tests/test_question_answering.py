@@ -18,7 +18,7 @@ from kdistill.losses.objective import Objective
 from kdistill.recipe import LossTerm, ModelSpec, TrainConfig, validate_recipe
 from kdistill.recipe.question_answering import QADataConfig
 from kdistill.tasks.question_answering.data import QAData, Question, make_windows, read_squad
-from kdistill.tasks.question_answering.pipeline import check_pair, make_reader
+from kdistill.tasks.question_answering.pipeline import TASK, check_pair, make_reader
 from kdistill.tasks.question_answering.steps import (
     SpanSteps,
     answer_f1,
@@ -137,6 +137,13 @@ def test_long_paragraphs_become_windows_whose_targets_are_the_answer(squad: Path
         first, last = windows.offsets[w][start], windows.offsets[w][end]
         assert normalize_answer(q.context[first[0] : last[1]]) == normalize_answer(q.answers[0])
     assert found >= len(questions)  # each answer inside at least one window
+    # a request (what answering one question runs) is exactly that question's windows
+    assert TASK.requests is not None
+    requests = TASK.requests(data, model, "test")
+    assert len(requests) == len(questions)
+    assert torch.equal(torch.cat(requests).sort().values, torch.arange(len(windows.ids)))
+    for q, rows in enumerate(requests):
+        assert len(rows) > 1 and all(int(windows.question[r]) == q for r in rows)
 
 
 def test_decoding_takes_the_best_valid_span_over_windows(squad: Path) -> None:
@@ -285,6 +292,10 @@ def test_a_run_trains_measures_and_reports_em_and_f1(
         assert stage["test"]["questions"] == 24
     assert 0.0 <= results["stages"]["distill"]["test"]["agreement"] <= 1.0
     assert "SQuAD v1.1" in (out / "results.md").read_text()
+    # latency per question: all of a question's windows in one batch
+    cost = results["stages"]["distill"]["cost"]
+    assert cost["latency_ms_request"] > 0 and cost["requests_timed"] > 0
+    assert "latency ms/question" in (out / "results.md").read_text()
     assert (out / "cache" / "teacher-seed0" / "manifest.json").is_file()
     capsys.readouterr()
     # the plan sizes that cache from the windows' shapes, without running a teacher
@@ -296,6 +307,7 @@ def test_a_run_trains_measures_and_reports_em_and_f1(
     assert main(["eval", str(out / "distill" / "seed0"), "--json"]) == 0
     measured = json.loads(capsys.readouterr().out)
     assert measured["test"]["f1"] == pytest.approx(results["stages"]["distill"]["test"]["f1"])
+    assert measured["cost"]["latency_ms_request"] > 0
     # the export reads its answers from ONNX Runtime as from PyTorch
     assert main(["export", str(out / "distill" / "seed0")]) == 0
     record = json.loads((out / "distill" / "seed0" / "export" / "export.json").read_text())

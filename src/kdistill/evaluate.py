@@ -318,6 +318,31 @@ def cost(
     }
 
 
+def latency_of_requests(
+    model: nn.Module,
+    requests: Sequence[torch.Tensor | Mapping[str, torch.Tensor]],
+    *,
+    device: str | torch.device,
+    warmup: int | None = None,
+) -> float:
+    """Median wall time in ms of one forward pass per request, each request once after
+    `warmup` untimed passes of the first (default: TIMING's). A request is the whole
+    input one served query needs, as one batch: a question's windows, say."""
+    if not requests:
+        raise ValueError("latency_of_requests() needs at least one request; got none.")
+    device = torch.device(device)
+    _check_model_device(model, device)
+    warmup = TIMING.warmup if warmup is None else warmup
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            calls = [_forward(model, _to_device(r, device)) for r in requests]
+            return _median_ms(calls, warmup, device)
+    finally:
+        model.train(was_training)
+
+
 def _forward(
     model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor]
 ) -> Callable[[], Any]:

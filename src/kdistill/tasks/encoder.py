@@ -32,7 +32,7 @@ import kdistill.evaluate
 from kdistill import __version__
 from kdistill.checkpoint import atomic_write_json, file_sha256, load_weights
 from kdistill.errors import CacheError, CheckpointError, KdistillError, ModelError, RecipeError
-from kdistill.evaluate import cost
+from kdistill.evaluate import cost, latency_of_requests
 from kdistill.losses.objective import Objective, reads_teacher
 from kdistill.models.hf import (
     HFClassifier,
@@ -97,6 +97,9 @@ class EncoderTask:
     save_extra: Callable[[nn.Module, Path], None] = lambda model, folder: None
     load_saved: Callable[[Any, Path, Any], nn.Module] | None = None  # non-HF models
     latency_rows: int | None = None  # rows of the cost example (default EXAMPLE_ROWS)
+    # (data, model, split) -> the rows of each request a served model answers at once (a
+    # question's windows); the cost then has latency_ms_request, one pass per request
+    requests: Callable[[Any, nn.Module, str], list[torch.Tensor]] | None = None
     # the data of a stage that learns from a teacher (a transfer set appended to train)
     distill_data: Callable[[Any], Any] = lambda data: data
     # (data, teacher) -> zeros of the shapes `signal` returns for those training rows,
@@ -104,10 +107,15 @@ class EncoderTask:
     signal_stand_in: Callable[[Any, nn.Module], list[torch.Tensor]] | None = None
 
 
+def timed_split(data: Any) -> str:
+    """The split whose inputs cost() times: test, or train when there is no test split."""
+    return "test" if len(data.split("test")) else "train"
+
+
 def example(task: EncoderTask, data: Any, model: nn.Module) -> dict[str, torch.Tensor]:
     """The first test inputs (training ones when there is no test split), as one batch:
     what cost and inspect run the model on."""
-    split = "test" if len(data.split("test")) else "train"
+    split = timed_split(data)
     count = min(task.latency_rows or EXAMPLE_ROWS, len(task.lengths(data, model, split)))
     return task.inputs(data, model, split, torch.arange(count))
 
@@ -460,9 +468,18 @@ def _measure_stage(
 
 def encoder_cost(task: EncoderTask, data: Any, model: nn.Module, device: Any) -> dict[str, Any]:
     """evaluate.cost on the task's first test inputs (padded to one batch, and one at a
-    time for the latency per input)."""
+    time for the latency per input), and with `task.requests` the latency per request
+    (its first TIMING.singles test requests, each as one batch)."""
+    timing = kdistill.evaluate.TIMING
     batch = {k: v.to(device) for k, v in example(task, data, model).items()}
-    return cost(model, device=device, example_input=batch, single=kdistill.evaluate.TIMING.singles)
+    out = cost(model, device=device, example_input=batch, single=timing.singles)
+    split = timed_split(data)
+    if task.requests is not None and len(data.split(split)):
+        rows = task.requests(data, model, split)[: timing.singles]
+        inputs = [task.inputs(data, model, split, r) for r in rows]
+        out["latency_ms_request"] = latency_of_requests(model, inputs, device=device)
+        out["requests_timed"] = len(rows)
+    return out
 
 
 def save_model(task: EncoderTask, model: nn.Module, folder: Path, spec: ModelSpec, recipe: Any):

@@ -1,6 +1,7 @@
 """The question-answering results: SQuAD v1.1 exact match and F1 on the held-out
-articles, agreement with the teacher's answers, the cost per window, mean ± std over
-seeds; the gap the teacher closed (on F1). Built from the run folder's files alone."""
+articles, agreement with the teacher's answers, the cost per window and per question,
+mean ± std over seeds; the gap the teacher closed (on F1). Built from the run folder's
+files alone."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from rich.console import Console
 
 from kdistill.report import (
     best_metric_rows,
+    format_value,
     markdown_table,
     metric_gap_line,
     metric_rows,
@@ -27,6 +29,7 @@ COLUMNS = (
     "params",
     "FLOPs/window",
     "latency ms/window",
+    "latency ms/question",
     "size MB",
     "train time",
 )
@@ -35,7 +38,9 @@ METRIC_SENTENCE = (
     "Exact match and F1 ×100 on the test articles, as SQuAD v1.1's evaluation script "
     "computes them (answers normalised: lower case, no punctuation or articles; the best "
     "over a question's reference answers); answer agreement: the student's answer is the "
-    "teacher's, normalised. Mean ± sample standard deviation over seeds."
+    "teacher's, normalised. Latency: one window alone (ms/window), and all of a "
+    "question's windows in one batch (ms/question), median over the first test questions, "
+    "decoding not included. Mean ± sample standard deviation over seeds."
 )
 
 
@@ -45,7 +50,12 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
 
 
 def table_rows(results: dict[str, Any]) -> list[list[str]]:
-    return metric_rows(results, ("exact", "f1", "agreement"))
+    rows = metric_rows(results, ("exact", "f1", "agreement"))
+    at = COLUMNS.index("latency ms/question")
+    for row, stage in zip(rows, results["stages"].values(), strict=True):
+        per_question = (stage["cost"] or {}).get("latency_ms_request")
+        row.insert(at, format_value(per_question, "{:.2f}"))
+    return rows
 
 
 def render_markdown(results: dict[str, Any]) -> str:
@@ -77,5 +87,6 @@ def eval_summary(result: dict[str, Any]) -> str:
     return (
         f"{result['checkpoint']}: test EM {100 * test['exact']:.2f}, F1 {100 * test['f1']:.2f} "
         f"over {test['questions']} questions; {cost['params']:,} params, "
-        f"{cost.get('latency_ms_single', 0):.2f} ms/window"
+        f"{cost.get('latency_ms_single', 0):.2f} ms/window, "
+        f"{cost.get('latency_ms_request', 0):.2f} ms/question (all its windows)"
     )
