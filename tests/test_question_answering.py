@@ -4,6 +4,7 @@ and a whole run on a small SQuAD-format file."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from helpers import fails_cleanly, run_cli, write_recipe
 from torch.nn import functional as F
 
 from kdistill.cli import main
-from kdistill.errors import DataError, ModelError, RecipeError
+from kdistill.errors import DataError, ModelError, RecipeError, TrainingError
 from kdistill.losses.objective import Objective
 from kdistill.recipe import LossTerm, ModelSpec, TrainConfig, validate_recipe
 from kdistill.recipe.question_answering import QADataConfig
@@ -232,6 +233,52 @@ def test_the_span_loss_is_ce_and_kd_on_start_and_end(squad: Path) -> None:
     assert torch.allclose(total, expected, rtol=1e-4)
 
 
+def test_feature_terms_read_the_live_teacher_on_the_same_windows(squad: Path) -> None:
+    """hidden_mse between the student and a teacher that runs live on each batch: zero
+    against an exact copy of the student, positive against another model."""
+    questions = [q for article in read_squad(squad) for q in article][:3]
+    data = _data(questions, max_length=64, doc_stride=16, max_question_length=16)
+    data.train = questions
+    torch.manual_seed(0)
+    spec = ModelSpec(name="hf_student", args={"location": MINILM, "num_layers": 2})
+    student = make_reader(data, spec, where="m").eval()
+    rows = torch.tensor([0, 1, 2])
+    windows = data.windows(student, "train")
+    sample = windows.batch(rows)
+    scores = [torch.zeros(len(ids), 2) for ids in windows.ids]  # no term reads them
+    terms = [
+        LossTerm(loss="cross_entropy"),
+        LossTerm(
+            loss="hidden_mse",
+            student="hf.bert.encoder.layer.*",
+            teacher="hf.bert.encoder.layer.*",
+        ),
+    ]
+    other = ModelSpec(
+        name="hf_student", args={"location": MINILM, "num_layers": 2, "layers": [4, 5]}
+    )
+    parts = {}
+    for name, teacher in (
+        ("copy", copy.deepcopy(student)),
+        ("other", make_reader(data, other, where="t")),
+    ):
+        objective = Objective(terms)
+        objective.bind(student, {"main": teacher.eval()}, sample=sample, num_train=3)
+        steps = SpanSteps(
+            student, data=data, objective=objective, teacher=scores,
+            settings=TrainConfig(batch_size=3), accelerator=_CPU(), live_teacher=teacher,
+        )  # fmt: skip
+        _, parts[name] = steps.loss(student, rows, progress=0.0)
+        objective.unbind()
+    assert float(parts["copy"]["hidden_mse"]) == pytest.approx(0.0, abs=1e-8)
+    assert float(parts["other"]["hidden_mse"]) > 1e-3
+    with pytest.raises(TrainingError, match="no live teacher"):
+        SpanSteps(
+            student, data=data, objective=Objective(terms), teacher=scores,
+            settings=TrainConfig(batch_size=3), accelerator=_CPU(),
+        )  # fmt: skip
+
+
 def test_a_student_with_another_tokenizer_is_refused(squad: Path) -> None:
     data = _data([q for article in read_squad(squad) for q in article][:2])
     teacher = make_reader(data, ModelSpec(name="hf", args={"location": MINILM}), where="t")
@@ -314,6 +361,55 @@ def test_a_run_trains_measures_and_reports_em_and_f1(
     assert record["parity"]["fp32"]["top1_agreement"] >= 0.995
     assert "f1_change" in record["parity"]["int8"]
     assert record["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
+
+
+def test_a_run_distils_hidden_states_and_attention_relations(
+    tmp_path: Path, squad: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = _recipe(squad)
+    recipe["teacher"]["model"]["args"]["num_layers"] = 2
+    recipe["stages"] = ["teacher", "distill"]
+    recipe["objective"] += [
+        {"loss": "hidden_mse", "student": "hf.bert.encoder.layer.*",
+         "teacher": "hf.bert.encoder.layer.*", "layer_map": "uniform"},
+        {"loss": "minilm_relation_kl", "student": "hf.bert.encoder.layer.0.attention.self.query",
+         "teacher": "hf.bert.encoder.layer.1.attention.self.query",
+         "params": {"num_relation_heads": 12}},
+    ]  # fmt: skip
+    out = tmp_path / "run"
+    recipe_file = write_recipe(tmp_path / "r.yaml", recipe)
+    assert run_cli(recipe_file, out) == 0
+    (epoch,) = [
+        json.loads(line)
+        for line in (out / "distill" / "seed0" / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line).get("split") == "train"
+    ]
+    assert epoch["loss_hidden_mse"] > 0 and epoch["loss_minilm_relation_kl"] > 0
+    results = json.loads((out / "results.json").read_text())
+    assert 0.0 <= results["stages"]["distill"]["test"]["f1"] <= 1.0
+    # the plan runs the live teacher in its steps and counts its weights
+    capsys.readouterr()
+    assert main(["plan", str(recipe_file), "--stage", "distill", "--steps", "1", "--json"]) == 0
+    (planned,) = json.loads(capsys.readouterr().out)["stages"]
+    assert planned["teacher"] == "one pass + live"
+
+
+def test_crd_is_refused_and_feature_terms_are_taken() -> None:
+    recipe = _recipe(Path("squad.json"))
+    recipe["objective"].append(
+        {
+            "loss": "hidden_mse",
+            "student": "hf.bert.encoder.layer.0",
+            "teacher": "hf.bert.encoder.layer.0",
+        }
+    )
+    validate_recipe(recipe)
+    recipe["objective"].append(
+        {"loss": "crd", "student": {"path": "hf.bert.pooler", "read": "output"},
+         "teacher": {"path": "hf.bert.pooler", "read": "output"}}
+    )  # fmt: skip
+    with pytest.raises(RecipeError, match="rows of different lengths"):
+        validate_recipe(recipe)
 
 
 def test_articles_beyond_the_file_are_refused(

@@ -1,7 +1,8 @@
 """The recipe sections of tasks on a text encoder (token classification, question
 answering; `kdistill.tasks.encoder` runs them): the teacher, the student, an objective
-of logit terms, and the checks they share. A task's recipe narrows `task`, gives its
-data section and names its models (`ZOO`) and what its terms compare (`COMPARES`)."""
+of logit terms (and feature terms where the task allows them, `FEATURES`), and the
+checks they share. A task's recipe narrows `task`, gives its data section and names
+its models (`ZOO`) and what its terms compare (`COMPARES`)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,9 @@ class EncoderRecipe(RecipeBase):
     ZOO: ClassVar[tuple[str, ...]]
     KIND: ClassVar[str]  # "token-classification", for messages
     COMPARES: ClassVar[str]  # what the objective's terms compare, for messages
+    # whether the distill stage may read features of the student's and the teacher's
+    # modules (hidden states, attention relations), with the teacher run live beside it
+    FEATURES: ClassVar[bool] = False
     STAGES = "teacher, baseline, distill"
 
     data: Any
@@ -66,14 +70,20 @@ class EncoderRecipe(RecipeBase):
     @field_validator("objective")
     @classmethod
     def _logit_terms(cls, objective: list[LossTerm]) -> list[LossTerm]:
-        raise_all(
-            [
-                f"objective[{i}]: loss {term.loss!r} reads features; {cls.COMPARES}, so use "
-                "logit terms (cross_entropy, kd, kl, jsd, logit_mse, dkd, ...)"
-                for i, term in enumerate(objective)
-                if is_feature_loss(term.loss) or term.loss == "crd" or term.student is not None
-            ]
-        )
+        problems = []
+        for i, term in enumerate(objective):
+            if term.loss == "crd":
+                problems.append(
+                    f"objective[{i}]: loss 'crd' contrasts one feature vector per training "
+                    f"row; {cls.COMPARES}, rows of different lengths, so it does not apply. "
+                    "Use hidden_mse, attention_mse or minilm_relation_kl for features"
+                )
+            elif not cls.FEATURES and is_feature_loss(term.loss):
+                problems.append(
+                    f"objective[{i}]: loss {term.loss!r} reads features; {cls.COMPARES}, so use "
+                    "logit terms (cross_entropy, kd, kl, jsd, logit_mse, dkd, ...)"
+                )
+        raise_all(problems)
         return objective
 
     @property

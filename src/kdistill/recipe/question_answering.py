@@ -78,6 +78,7 @@ class QARecipe(EncoderRecipe):
     ZOO = QA_ZOO
     KIND = "question-answering"
     COMPARES = "question answering compares the start and end distributions"
+    FEATURES = True  # teacher and student share the windows, token for token
 
     task: Literal["question_answering"] = Field(
         description="the task (kdistill.tasks.TASKS); this schema's is question_answering"

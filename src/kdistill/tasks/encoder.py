@@ -328,23 +328,43 @@ def _train_and_finish(
     guide: Guide | None,
     data: Any = None,
 ) -> nn.Module:
-    """Train a stage on `data` (default: the run's) and measure it."""
+    """Train a stage on `data` (default: the run's) and measure it. Feature terms hook
+    the student and the guide's teacher, which then runs live beside the student."""
+    data = ctx.data if data is None else data
+    live = None
+    # learned temperatures (CTKD) train with the student
+    extras = objective.extras.to(ctx.accelerator.device) if len(objective.extras) else None
+    if objective.feature_terms:
+        assert guide is not None  # the recipe allows feature terms in the distill stage only
+        live = guide.model.eval()
+        model.to(ctx.accelerator.device)
+        sample = {
+            k: v.to(ctx.accelerator.device)
+            for k, v in ctx.task.inputs(data, model, "train", torch.arange(2)).items()
+        }
+        extras = objective.bind(
+            model, {"main": live}, sample=sample, num_train=len(data.train), seed=seed
+        )
     steps = ctx.task.steps(
         model,
-        data=ctx.data if data is None else data,
+        data=data,
         objective=objective,
         teacher=signal,
         settings=settings,
         accelerator=ctx.accelerator,
         label=label(stage, seed),
+        **({"live_teacher": live} if live is not None else {}),
     )
-    # learned temperatures (CTKD) train with the student
-    extras = objective.extras.to(ctx.accelerator.device) if len(objective.extras) else None
     # the encoder tasks run the teacher once over the training rows, cached or not
     source = None if signal is None else "cache" if ctx.recipe.reads_teacher_cache() else "one pass"
-    result = train_stage(
-        ctx, stage, seed, model, steps, settings=settings, extras=extras, teacher=source
-    )
+    if live is not None:
+        source = f"{source} + live for features"
+    try:
+        result = train_stage(
+            ctx, stage, seed, model, steps, settings=settings, extras=extras, teacher=source
+        )
+    finally:
+        objective.unbind()
     model = ctx.accelerator.unwrap_model(model)
     _measure_stage(ctx, stage, seed, model, spec, guide, train_seconds=result.seconds)
     ctx.accelerator.free_memory()

@@ -106,6 +106,8 @@ def _stage(
             )
         assert teacher is not None  # the recipe's checks: distill needs a teacher
         signal = task.signal_stand_in(stage_data, teacher)
+    # feature terms hook the teacher, which then runs live beside the student
+    live = teacher.to(device).eval() if teacher is not None and objective.feature_terms else None
 
     def make() -> nn.Module:
         torch.manual_seed(seed)
@@ -120,10 +122,17 @@ def _stage(
 
     def build() -> Session:
         model = make()
+        if live is not None:
+            sample = {
+                k: v.to(device)
+                for k, v in task.inputs(stage_data, model, "train", torch.arange(2)).items()
+            }
+            objective.bind(model, {"main": live}, sample=sample, num_train=n_train, seed=seed)
         optimizer = make_optimizer(model, settings.optimizer)
         steps = task.steps(
             model, data=stage_data, objective=objective, teacher=signal, settings=settings,
             accelerator=PlanPlacement(device, settings.precision), label=name,
+            **({"live_teacher": live} if live is not None else {}),
         )  # fmt: skip
         generator = torch.Generator().manual_seed(order_seed(seed, 0))
         order = steps.epoch_order(generator, settings.batch_size)
@@ -166,7 +175,7 @@ def _stage(
 
         return Session(
             model,
-            [],
+            [] if live is None else [live],
             optimizer,
             lambda i: run(step_rows(order, i, settings.batch_size, steps_per_epoch)),
             probe,
@@ -186,18 +195,24 @@ def _stage(
         "activations measured on the micro-batch of the longest rows; the step time is of "
         "ordinary batches"
     ]
-    if reads:
+    if reads and live is None:
         notes.append(
             "the teacher's signal comes from one pass over the training rows before the stage "
             "(not planned); the run keeps the trained teacher in memory beside the student, "
             "which the estimate does not count"
+        )
+    elif live is not None:
+        notes.append(
+            "the teacher's scores come from one pass over the training rows before the stage "
+            "(not planned); its features come from a forward pass on each batch: the "
+            "estimate counts its weights and the time of that pass"
         )
     return StageSpec(
         name=name,
         where=where,
         prefix=prefix,
         settings=settings,
-        teacher="one pass" if reads else None,
+        teacher=None if not reads else "one pass" if live is None else "one pass + live",
         build=build,
         steps_per_epoch=steps_per_epoch,
         loss=None,

@@ -6,7 +6,11 @@ end distribution of each window, (2B, T), so `cross_entropy` is the span loss of
 BERT's SQuAD recipe and `kd` the T²-scaled KL of DistilBERT's
 `run_squad_w_distillation` on each, and the step's loss is divided by two per window
 (their mean). The teacher's scores of the training windows come from one pass before
-the stage, read by row. Validation: F1 (SQuAD v1.1's), higher is better.
+the stage, read by row. Feature terms (hidden_mse, minilm_relation_kl, ...) compare
+modules of the student and of the teacher, which then runs live on each batch (the
+windows are the same tokens for both), over each window's real tokens; they are one
+value per window, so after the division by two a feature term's weight w counts as
+w/2 per window. Validation: F1 (SQuAD v1.1's), higher is better.
 """
 
 from __future__ import annotations
@@ -56,12 +60,20 @@ class SpanSteps:
         settings: TrainConfig,
         accelerator: Placement,
         label: str = "train",
+        live_teacher: nn.Module | None = None,
     ) -> None:
         if objective.needs_teacher and teacher is None:
             raise TrainingError(f"{label}: the objective needs a teacher, but none was given")
+        if objective.feature_terms and live_teacher is None:
+            raise TrainingError(
+                f"{label}: the objective reads the teacher's features, but no live teacher "
+                "was given"
+            )
         self.student, self.data, self.objective, self.settings = student, data, objective, settings
         # the teacher's (T_i, 2) start/end scores of each training window
         self.teacher_scores = teacher if objective.needs_teacher else None
+        # the teacher the feature terms hooked: it runs on each batch to fill its taps
+        self.live_teacher = live_teacher if objective.feature_terms else None
         self.device = accelerator.device
         self.autocast = autocast_of(accelerator)
         self.windows: Windows = data.windows(student, "train")
@@ -97,8 +109,13 @@ class SpanSteps:
         self.padded += batch["attention_mask"].numel()
         self.data_seconds += time.perf_counter() - tick
         with self.autocast():
+            if self.live_teacher is not None:
+                with torch.no_grad():
+                    self.live_teacher(**batch)
             scores = span_logits(model, batch)
-        inputs = LossInputs(as_rows(scores), labels.to(self.device), teacher)
+        inputs = LossInputs(
+            as_rows(scores), labels.to(self.device), teacher, attention_mask=batch["attention_mask"]
+        )
         return self.objective(inputs, progress)
 
     def validate(self, student: nn.Module) -> Validation | None:
