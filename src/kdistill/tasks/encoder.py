@@ -302,6 +302,27 @@ def _student_stage(ctx: Context, stage: str, seed: int, guide: Guide | None) -> 
     return guide
 
 
+def bind_features(
+    task: EncoderTask,
+    objective: Objective,
+    student: nn.Module,
+    teacher: nn.Module,
+    data: Any,
+    *,
+    device: Any,
+    seed: int,
+) -> nn.ModuleDict:
+    """Hook the feature terms' modules of the student and of the teacher (which then runs
+    live on each batch), sized on the first training rows; returns the modules that
+    train with the student (projectors)."""
+    student.to(device)
+    rows = torch.arange(min(2, len(task.lengths(data, student, "train"))))
+    sample = {k: v.to(device) for k, v in task.inputs(data, student, "train", rows).items()}
+    return objective.bind(
+        student, {"main": teacher}, sample=sample, num_train=len(data.train), seed=seed
+    )
+
+
 def baseline_objective(recipe: Any) -> Objective:
     """The student alone: the objective's terms that read no teacher, each at weight 1
     (cross-entropy when there are none)."""
@@ -337,13 +358,8 @@ def _train_and_finish(
     if objective.feature_terms:
         assert guide is not None  # the recipe allows feature terms in the distill stage only
         live = guide.model.eval()
-        model.to(ctx.accelerator.device)
-        sample = {
-            k: v.to(ctx.accelerator.device)
-            for k, v in ctx.task.inputs(data, model, "train", torch.arange(2)).items()
-        }
-        extras = objective.bind(
-            model, {"main": live}, sample=sample, num_train=len(data.train), seed=seed
+        extras = bind_features(
+            ctx.task, objective, model, live, data, device=ctx.accelerator.device, seed=seed
         )
     steps = ctx.task.steps(
         model,

@@ -33,7 +33,7 @@ from kdistill.plan.stage import (
     steps_in_epoch,
     training_step,
 )
-from kdistill.tasks.encoder import EncoderTask, baseline_objective
+from kdistill.tasks.encoder import EncoderTask, baseline_objective, bind_features
 
 
 def encoder_stages(
@@ -123,11 +123,7 @@ def _stage(
     def build() -> Session:
         model = make()
         if live is not None:
-            sample = {
-                k: v.to(device)
-                for k, v in task.inputs(stage_data, model, "train", torch.arange(2)).items()
-            }
-            objective.bind(model, {"main": live}, sample=sample, num_train=n_train, seed=seed)
+            bind_features(task, objective, model, live, stage_data, device=device, seed=seed)
         optimizer = make_optimizer(model, settings.optimizer)
         steps = task.steps(
             model, data=stage_data, objective=objective, teacher=signal, settings=settings,
