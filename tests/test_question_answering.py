@@ -18,7 +18,14 @@ from kdistill.errors import DataError, ModelError, RecipeError, TrainingError
 from kdistill.losses.objective import Objective
 from kdistill.recipe import LossTerm, ModelSpec, TrainConfig, validate_recipe
 from kdistill.recipe.question_answering import QADataConfig
-from kdistill.tasks.question_answering.data import QAData, Question, make_windows, read_squad
+from kdistill.tasks.question_answering.data import (
+    UNLABELLED,
+    QAData,
+    Question,
+    load_qa,
+    make_windows,
+    read_squad,
+)
 from kdistill.tasks.question_answering.pipeline import TASK, check_pair, make_reader
 from kdistill.tasks.question_answering.steps import (
     SpanSteps,
@@ -289,6 +296,101 @@ def test_a_student_with_another_tokenizer_is_refused(squad: Path) -> None:
         check_pair(teacher, student)
 
 
+# ------------------------------------------------------------------- transfer set
+
+
+def _transfer_section(squad: Path, **transfer: object) -> QADataConfig:
+    return QADataConfig(
+        path=str(squad),
+        train={"start": 0, "end": 1},
+        val={"start": 2, "end": 2},
+        test={"start": 3, "end": 3},
+        max_length=64,
+        doc_stride=24,
+        max_question_length=16,
+        transfer=transfer,
+    )
+
+
+def test_transfer_pairs_ask_training_questions_of_their_articles_other_paragraphs(
+    squad: Path,
+) -> None:
+    data = load_qa(_transfer_section(squad, other_paragraphs=5), None)
+    assert data.transfer is not None and len(data.train) == 48
+    # 3 paragraphs an article: each question is asked of the 2 others (fewer than 5)
+    assert len(data.transfer) == 2 * len(data.train)
+    own = {(q.id, q.question): q for q in data.train}  # the file's ids repeat per kind
+    for pair in data.transfer:
+        asked = own[(pair.id.split("~")[0], pair.question)]
+        assert pair.article == asked.article <= 1
+        assert pair.context != asked.context and not pair.labelled and pair.answers == []
+        assert pair.context in {q.context for q in data.train if q.article == asked.article}
+    one = load_qa(_transfer_section(squad, other_paragraphs=1), None)
+    again = load_qa(_transfer_section(squad, other_paragraphs=1), None)
+    other_seed = load_qa(_transfer_section(squad, other_paragraphs=1, seed=1), None)
+    assert one.transfer is not None and again.transfer is not None
+    assert [q.context for q in one.transfer] == [q.context for q in again.transfer]
+    assert [q.context for q in one.transfer] != [q.context for q in other_seed.transfer or []]
+    # the distill stage reads train, then the pairs; their windows have no target
+    distill = data.for_distill()
+    assert distill.train == data.train + data.transfer and distill is data.for_distill()
+    assert distill.val is data.val and distill.test is data.test
+    model = make_reader(data, ModelSpec(name="hf", args={"location": MINILM}), where="m")
+    mine, theirs = data.windows(model, "train"), distill.windows(model, "train")
+    labelled = len(mine.ids)
+    assert torch.equal(theirs.start[:labelled], mine.start) and (mine.start >= 0).all()
+    assert len(theirs.ids) > labelled
+    assert (theirs.start[labelled:] == UNLABELLED).all()
+    assert (theirs.end[labelled:] == UNLABELLED).all()
+
+
+def test_a_transfer_window_teaches_the_teachers_scores_and_no_span(squad: Path) -> None:
+    questions = [q for article in read_squad(squad) for q in article][:2]
+    pair = copy.copy(questions[1])
+    pair.start, pair.answers = UNLABELLED, []
+    data = _data(questions, max_length=128, doc_stride=16, max_question_length=16)
+    data.train = [questions[0], pair]  # a window each
+    torch.manual_seed(0)
+    model = make_reader(data, ModelSpec(name="hf", args={"location": MINILM}), where="m").eval()
+    windows = data.windows(model, "train")
+    assert windows.start[0] > 0 and windows.start[1] == UNLABELLED == windows.end[1]
+    teacher = [torch.randn(len(ids), 2) for ids in windows.ids]
+    objective = Objective(
+        [LossTerm(loss="cross_entropy", weight=0.5), LossTerm(loss="kd", weight=0.5, temperature=2)]
+    )
+    steps = SpanSteps(
+        model, data=data, objective=objective, teacher=teacher,
+        settings=TrainConfig(batch_size=2), accelerator=_CPU(),
+    )  # fmt: skip
+    _, parts = steps.loss(model, torch.tensor([1]), progress=0.0)
+    assert parts["cross_entropy"] == 0.0 and parts["kd"] > 0
+    _, both = steps.loss(model, torch.tensor([0]), progress=0.0)
+    assert both["cross_entropy"] > 0
+
+
+def test_a_transfer_file_joins_unlabelled_and_may_not_hold_measured_paragraphs(
+    tmp_path: Path, squad: Path
+) -> None:
+    extra = squad_file(tmp_path / "extra.json", articles=2)
+    raw = json.loads(extra.read_text())
+    for article in raw["data"]:  # other paragraphs; no answers needed
+        for paragraph in article["paragraphs"]:
+            paragraph["context"] = "Then " + paragraph["context"]
+            for qa in paragraph["qas"]:
+                del qa["answers"]
+    extra.write_text(json.dumps(raw))
+    data = load_qa(_transfer_section(squad, file=str(extra)), None)
+    assert data.transfer is not None and len(data.transfer) == 48
+    assert not any(q.labelled for q in data.transfer)
+    assert "48 questions of" in data.transfer_source
+    with pytest.raises(DataError, match=r"3 paragraphs of .* are validation or test paragraphs"):
+        load_qa(_transfer_section(squad, file=str(squad_file(tmp_path / "same.json", 3))), None)
+    with pytest.raises(DataError, match=r"data\.transfer\.file: no SQuAD file .nowhere\.json."):
+        load_qa(_transfer_section(squad, file="nowhere.json"), tmp_path)
+    with pytest.raises(RecipeError, match="give other_paragraphs"):
+        validate_recipe(_recipe(squad) | {"data": {"transfer": {"seed": 3}}})
+
+
 # ------------------------------------------------------------------- a run
 
 
@@ -392,6 +494,35 @@ def test_a_run_distils_hidden_states_and_attention_relations(
     assert main(["plan", str(recipe_file), "--stage", "distill", "--steps", "1", "--json"]) == 0
     (planned,) = json.loads(capsys.readouterr().out)["stages"]
     assert planned["teacher"] == "one pass + live"
+
+
+def test_a_run_distils_on_the_transfer_pairs_too(
+    tmp_path: Path, squad: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = _recipe(squad)
+    recipe["data"]["transfer"] = {"other_paragraphs": 1}
+    recipe["stages"] = ["teacher", "distill"]
+    out = tmp_path / "run"
+    recipe_file = write_recipe(tmp_path / "r.yaml", recipe)
+    capsys.readouterr()
+    assert run_cli(recipe_file, out) == 0
+    captured = capsys.readouterr()
+    log = " ".join((captured.out + captured.err).split())
+    assert "distill adds 48 unlabelled pairs" in log
+    manifest = json.loads((out / "cache" / "teacher-seed0" / "manifest.json").read_text())
+    assert manifest["rows"] >= 2 * 48  # a window or more for each question and each pair
+    # the teacher's cache holds the training windows and the pairs' windows
+    capsys.readouterr()
+    assert main(["plan", str(recipe_file), "--stage", "distill", "--steps", "1", "--json"]) == 0
+    (planned,) = json.loads(capsys.readouterr().out)["stages"]
+    written = (out / "cache" / "teacher-seed0" / "signal.safetensors").stat().st_size
+    assert 0 <= written - planned["cache"]["bytes"] < 1024
+    without = _recipe(squad)
+    without["stages"] = ["teacher", "distill"]
+    assert main(["plan", str(write_recipe(tmp_path / "w.yaml", without)), "--stage",
+                 "distill", "--steps", "1", "--json"]) == 0  # fmt: skip
+    (plain,) = json.loads(capsys.readouterr().out)["stages"]
+    assert planned["cache"]["bytes"] > 1.5 * plain["cache"]["bytes"]
 
 
 def test_crd_is_refused_and_feature_terms_are_taken() -> None:

@@ -33,6 +33,37 @@ class ArticleRange(Strict):
         return self
 
 
+class QATransferConfig(Strict):
+    """Unlabelled question-paragraph pairs for the distill stage, answered by the teacher:
+    the student learns its start and end distributions there, with no span term (the
+    baseline never sees them). SQuAD's train file is not always at hand; the training
+    articles' own questions asked of their other paragraphs are (the teacher still
+    points at the span that reads most like an answer), and so are users' own
+    questions."""
+
+    other_paragraphs: int = Field(
+        0,
+        ge=0,
+        description="each training question also asked of this many other paragraphs of "
+        "its article (chosen at random, never its own; fewer when the article has fewer)",
+    )
+    file: str | None = Field(
+        None,
+        description="a SQuAD-format JSON file whose questions join unlabelled (answers, if "
+        "any, are ignored; a relative path resolves against the data folder)",
+    )
+    seed: int = Field(0, description="the random choice of paragraphs")
+
+    @model_validator(mode="after")
+    def _check(self) -> QATransferConfig:
+        if self.other_paragraphs == 0 and self.file is None:
+            raise ValueError(
+                "data.transfer adds question-paragraph pairs for the distill stage: give "
+                "other_paragraphs (e.g. other_paragraphs: 1), a file, or both"
+            )
+        return self
+
+
 class QADataConfig(Strict):
     source: Literal["squad"] = "squad"
     path: str = Field(
@@ -52,6 +83,10 @@ class QADataConfig(Strict):
     limit_train: int | None = Field(None, ge=1, description="the first N training questions")
     limit_val: int | None = Field(None, ge=1)
     limit_test: int | None = Field(None, ge=1)
+    transfer: QATransferConfig | None = Field(
+        None,
+        description="more question-paragraph pairs for the distill stage, answered by the teacher",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> QADataConfig:

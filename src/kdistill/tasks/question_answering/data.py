@@ -7,11 +7,17 @@ the character offsets of its paragraph tokens. In training, a window's target is
 answer's first and last token when the whole answer is inside it, else the [CLS]
 token (position 0: "not in this window"), as BERT's SQuAD recipe does. In decoding,
 every window of a question proposes its best spans and the best score wins.
+
+A transfer set (data.transfer) adds unlabelled question-paragraph pairs to the
+distill stage's training windows: the training questions asked of other paragraphs
+of their article, and the questions of a file. Their windows' targets are UNLABELLED,
+so the span term skips them and the teacher's terms read them.
 """
 
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +28,9 @@ from torch import nn
 from kdistill.data.paths import candidates, resolve_data_root
 from kdistill.data.text_batches import length_buckets
 from kdistill.errors import DataError
-from kdistill.recipe.question_answering import ArticleRange, QADataConfig
+from kdistill.recipe.question_answering import ArticleRange, QADataConfig, QATransferConfig
+
+UNLABELLED = -1  # a transfer window's target: the teacher's scores only, no span term
 
 
 @dataclass
@@ -30,9 +38,13 @@ class Question:
     id: str
     question: str
     context: str
-    answers: list[str]  # the reference answers' texts
-    start: int  # the first answer's first character in the context
+    answers: list[str]  # the reference answers' texts (none: a transfer question)
+    start: int  # the first answer's first character in the context (UNLABELLED: none)
     article: int
+
+    @property
+    def labelled(self) -> bool:
+        return self.start != UNLABELLED
 
 
 @dataclass
@@ -43,7 +55,9 @@ class Windows:
     type_ids: list[torch.Tensor] | None  # (T_i,) the tokenizer's; None: the model takes none
     offsets: list[list[tuple[int, int] | None]]  # per token: its paragraph characters, or None
     question: torch.Tensor  # (N,) the question of each window
-    start: torch.Tensor  # (N,) target start token (0: the answer is not in the window)
+    # (N,) target start token (0: the answer is not in the window; UNLABELLED: a
+    # transfer window, no target)
+    start: torch.Tensor
     end: torch.Tensor  # (N,)
     pad_id: int
 
@@ -75,10 +89,24 @@ class QAData:
     test: list[Question]
     section: QADataConfig
     source: str
+    transfer: list[Question] | None = None  # unlabelled pairs for the distill stage
+    transfer_source: str = ""
     _windows: dict[tuple[str, str], Windows] = field(default_factory=dict, repr=False)
+    _distill: QAData | None = field(default=None, repr=False)
 
     def split(self, name: str) -> list[Question]:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
+
+    def for_distill(self) -> QAData:
+        """The data of a stage that learns from a teacher: the training questions, then
+        the transfer pairs (a new object, one per run: its own windows of train)."""
+        if not self.transfer:
+            return self
+        if self._distill is None:
+            self._distill = QAData(
+                self.train + self.transfer, self.val, self.test, self.section, self.source
+            )
+        return self._distill
 
     def windows(self, model: nn.Module, split: str) -> Windows:
         key = (str(model.kdistill_tokenizer_key), split)
@@ -98,10 +126,11 @@ class QAData:
         return sorted({q.article for q in self.split(split)})
 
 
-def read_squad(path: Path) -> list[list[Question]]:
+def read_squad(path: Path, *, labelled: bool = True) -> list[list[Question]]:
     """The questions of a SQuAD v1.1 file, article by article. Refused, naming the
     question id: a question without an answer, an answer whose text is not the
-    context's text at its answer_start."""
+    context's text at its answer_start. Not `labelled` (a transfer file): answers are
+    neither needed nor read."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -117,6 +146,11 @@ def read_squad(path: Path) -> list[list[Question]]:
         for paragraph in article.get("paragraphs", []):
             context = paragraph["context"]
             for qa in paragraph.get("qas", []):
+                if not labelled:
+                    questions.append(
+                        Question(str(qa["id"]), qa["question"].strip(), context, [], UNLABELLED, a)
+                    )
+                    continue
                 answers = qa.get("answers") or []
                 if not answers:
                     raise DataError(
@@ -172,13 +206,71 @@ def load_qa(section: QADataConfig, data_dir: str | Path | None) -> QAData:
         chosen = [q for a in articles[r.start : r.end + 1] for q in a]
         return chosen[:limit] if limit is not None else chosen
 
-    return QAData(
+    data = QAData(
         pick(section.train, section.limit_train, "train"),
         pick(section.val, section.limit_val, "val"),
         pick(section.test, section.limit_test, "test"),
         section,
         str(path),
     )
+    if section.transfer is not None:
+        data.transfer, data.transfer_source = _transfer(
+            section.transfer, data, articles[section.train.start : section.train.end + 1], root
+        )
+    return data
+
+
+def _transfer(
+    settings: QATransferConfig,
+    data: QAData,
+    train_articles: list[list[Question]],
+    root: Path | None,
+) -> tuple[list[Question], str]:
+    """data.transfer's unlabelled pairs, and what they are, for the run's log."""
+    pairs: list[Question] = []
+    sources = []
+    if settings.other_paragraphs:
+        rng = random.Random(settings.seed)
+        paragraphs: dict[int, list[str]] = {}
+        for article in train_articles:
+            for q in article:
+                found = paragraphs.setdefault(q.article, [])
+                if not found or found[-1] != q.context:
+                    found.append(q.context)
+        for q in data.train:
+            others = [p for p in paragraphs.get(q.article, []) if p != q.context]
+            for k in sorted(
+                rng.sample(range(len(others)), min(settings.other_paragraphs, len(others)))
+            ):
+                pairs.append(
+                    Question(f"{q.id}~p{k}", q.question, others[k], [], UNLABELLED, q.article)
+                )
+        sources.append(
+            f"{len(pairs)} training questions asked of other paragraphs of their article"
+        )
+    if settings.file is not None:
+        found_files = [c for c in candidates(settings.file, root) if c.is_file()]
+        if not found_files:
+            raise DataError(
+                f"data.transfer.file: no SQuAD file {settings.file!r} (looked at "
+                + ", ".join(str(c) for c in candidates(settings.file, root))
+                + "); give an absolute path or one under the data folder"
+            )
+        extra = [q for article in read_squad(found_files[0], labelled=False) for q in article]
+        if not extra:
+            raise DataError(f"data.transfer.file: {found_files[0]} holds no questions")
+        measured = {q.context for q in data.val + data.test}
+        leaked = {q.context for q in extra} & measured
+        if leaked:
+            raise DataError(
+                f"data.transfer.file: {len(leaked)} paragraphs of {found_files[0]} are "
+                "validation or test paragraphs of this recipe; the student would learn the "
+                "teacher's answers on the questions it is measured on. Leave those articles "
+                "out of the transfer file"
+            )
+        pairs.extend(extra)
+        sources.append(f"{len(extra)} questions of {found_files[0]}")
+    return pairs, "; ".join(sources)
 
 
 def make_windows(tokenizer: Any, questions: list[Question], section: QADataConfig) -> Windows:
@@ -203,12 +295,15 @@ def make_windows(tokenizer: Any, questions: list[Question], section: QADataConfi
                 tuple(span) if sequence[t] == 1 else None
                 for t, span in enumerate(out["offset_mapping"][w])
             ]
-            first_char, last_char = q.start, q.start + len(q.answers[0])
-            start = end = 0
+            start = end = 0 if q.labelled else UNLABELLED
             inside = [t for t, s in enumerate(spans) if s is not None]
-            if inside and spans[inside[0]][0] <= first_char and spans[inside[-1]][1] >= last_char:  # type: ignore[index]
-                start = next(t for t in inside if spans[t][1] > first_char)  # type: ignore[index]
-                end = next(t for t in reversed(inside) if spans[t][0] < last_char)  # type: ignore[index]
+            if q.labelled and inside:
+                first_char, last_char = q.start, q.start + len(q.answers[0])
+                low, high = spans[inside[0]], spans[inside[-1]]
+                assert low is not None and high is not None
+                if low[0] <= first_char and high[1] >= last_char:
+                    start = next(t for t in inside if spans[t][1] > first_char)  # type: ignore[index]
+                    end = next(t for t in reversed(inside) if spans[t][0] < last_char)  # type: ignore[index]
             ids.append(torch.tensor(out["input_ids"][w], dtype=torch.int64))
             if "token_type_ids" in out:
                 types.append(torch.tensor(out["token_type_ids"][w], dtype=torch.int64))

@@ -61,10 +61,15 @@ def check_pair(teacher: nn.Module, student: nn.Module) -> None:
 
 
 def _describe(data: QAData) -> str:
+    transfer = (
+        f"; distill adds {len(data.transfer)} unlabelled pairs ({data.transfer_source})"
+        if data.transfer
+        else ""
+    )
     return (
         f"data: {len(data.train)} train, {len(data.val)} val, {len(data.test)} test questions "
         f"(articles {_range(data.articles('train'))} / {_range(data.articles('val'))} / "
-        f"{_range(data.articles('test'))} of {data.source})"
+        f"{_range(data.articles('test'))} of {data.source}){transfer}"
     )
 
 
@@ -146,6 +151,7 @@ TASK = encoder.EncoderTask(
     summary=_summary,
     write_report=write_report,
     check_pair=check_pair,
+    distill_data=QAData.for_distill,
 )
 
 run = partial(encoder.run, TASK)
