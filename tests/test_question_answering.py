@@ -384,7 +384,9 @@ def test_a_transfer_file_joins_unlabelled_and_may_not_hold_measured_paragraphs(
     assert "48 questions of" in data.transfer_source
     with pytest.raises(DataError, match=r"3 paragraphs of .* are validation or test paragraphs"):
         load_qa(_transfer_section(squad, file=str(squad_file(tmp_path / "same.json", 3))), None)
-    with pytest.raises(DataError, match=r"data\.transfer\.file: no SQuAD file .nowhere\.json."):
+    with pytest.raises(
+        DataError, match=r"data\.transfer\.file 'nowhere\.json' \(source 'squad'\) is not a file"
+    ):
         load_qa(_transfer_section(squad, file="nowhere.json"), tmp_path)
     with pytest.raises(RecipeError, match="give other_paragraphs"):
         validate_recipe(_recipe(squad) | {"data": {"transfer": {"seed": 3}}})

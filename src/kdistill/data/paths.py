@@ -54,7 +54,9 @@ def resolve_user_path(
     )
 
 
-def resolve_user_file(path: str, data_root: Path, *, field: str, source: str, expects: str) -> Path:
+def resolve_user_file(
+    path: str, data_root: Path | None, *, field: str, source: str, expects: str
+) -> Path:
     """A file the recipe names (`field`: data.train, data.test), resolved as `data.path`
     is: absolute as is; relative against the current directory if it is a file there,
     else against the data folder."""

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdistill.data.paths import candidates, resolve_data_root
+from kdistill.data.paths import candidates, resolve_data_root, resolve_user_file
 from kdistill.data.text_batches import length_buckets
 from kdistill.errors import DataError
 from kdistill.recipe.question_answering import ArticleRange, QADataConfig, QATransferConfig
@@ -231,12 +231,11 @@ def _transfer(
     sources = []
     if settings.other_paragraphs:
         rng = random.Random(settings.seed)
-        paragraphs: dict[int, list[str]] = {}
-        for article in train_articles:
-            for q in article:
-                found = paragraphs.setdefault(q.article, [])
-                if not found or found[-1] != q.context:
-                    found.append(q.context)
+        paragraphs = {  # each training article's paragraphs, in order
+            article[0].article: list(dict.fromkeys(q.context for q in article))
+            for article in train_articles
+            if article
+        }
         for q in data.train:
             others = [p for p in paragraphs.get(q.article, []) if p != q.context]
             for k in sorted(
@@ -249,27 +248,24 @@ def _transfer(
             f"{len(pairs)} training questions asked of other paragraphs of their article"
         )
     if settings.file is not None:
-        found_files = [c for c in candidates(settings.file, root) if c.is_file()]
-        if not found_files:
-            raise DataError(
-                f"data.transfer.file: no SQuAD file {settings.file!r} (looked at "
-                + ", ".join(str(c) for c in candidates(settings.file, root))
-                + "); give an absolute path or one under the data folder"
-            )
-        extra = [q for article in read_squad(found_files[0], labelled=False) for q in article]
+        path = resolve_user_file(
+            settings.file, root, field="data.transfer.file", source="squad",
+            expects="a SQuAD-format JSON file of questions",
+        )  # fmt: skip
+        extra = [q for article in read_squad(path, labelled=False) for q in article]
         if not extra:
-            raise DataError(f"data.transfer.file: {found_files[0]} holds no questions")
+            raise DataError(f"data.transfer.file: {path} holds no questions")
         measured = {q.context for q in data.val + data.test}
         leaked = {q.context for q in extra} & measured
         if leaked:
             raise DataError(
-                f"data.transfer.file: {len(leaked)} paragraphs of {found_files[0]} are "
+                f"data.transfer.file: {len(leaked)} paragraphs of {path} are "
                 "validation or test paragraphs of this recipe; the student would learn the "
                 "teacher's answers on the questions it is measured on. Leave those articles "
                 "out of the transfer file"
             )
         pairs.extend(extra)
-        sources.append(f"{len(extra)} questions of {found_files[0]}")
+        sources.append(f"{len(extra)} questions of {path}")
     return pairs, "; ".join(sources)
 
 
