@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -297,3 +298,31 @@ def test_static_int8_is_calibrated_on_training_data(
     assert not list((tmp_path / "s").glob("*prepared*")) and not list(work.iterdir())
     with pytest.raises(ExportError, match="int8 must be one of dynamic, static"):
         kdistill.api.export(mnist_run / "distill" / "seed0", output=tmp_path / "t", int8="int4")
+
+
+def test_dynamic_int8_per_channel_gives_each_output_channel_its_weight_scale(
+    tmp_path: Path,
+) -> None:
+    """One large row in a linear layer: with one weight scale per tensor the other rows
+    round to a few steps; per output channel each row keeps its own precision."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(64, 8).eval()
+    with torch.no_grad():
+        net.weight[0] *= 100
+    source = tmp_path / "fp32.onnx"
+    export.to_onnx(net, (torch.randn(2, 64),), source, input_names=["x"], dynamic={"x": {0: "b"}})
+    x = torch.randn(32, 64)
+    with torch.no_grad():
+        reference = net(x).numpy()
+    scales, errors = {}, {}
+    for mode in ("dynamic", "dynamic-per-channel"):
+        target = tmp_path / f"{mode}.onnx"
+        export.quantize_int8(source, target, mode=mode)
+        graph = onnx.load(str(target)).graph
+        scale = next(i for i in graph.initializer if i.name.endswith("_scale"))
+        scales[mode] = tuple(scale.dims)
+        out = export.OnnxModel(target, threads=1)(x.numpy())
+        errors[mode] = float(np.abs(out - reference)[:, 1:].max())  # the small rows
+    assert scales["dynamic"] == () and scales["dynamic-per-channel"] == (8,)
+    assert errors["dynamic-per-channel"] < errors["dynamic"] / 10
+    assert "dynamic-per-channel" in export.INT8_MODES

@@ -82,3 +82,20 @@ def test_the_qat_stage_trains_the_distilled_student_on_and_quantizes_it(
 def test_qat_needs_the_distill_stage() -> None:
     with pytest.raises(RecipeError, match="'qat' stage trains on from the distill stage"):
         kdistill.api.as_recipe(tiny_recipe(stages=["teacher", "qat"]))
+
+
+def test_dynamic_per_channel_rounds_each_output_channel_on_its_own_scale() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 3)
+    with torch.no_grad():
+        layer.weight[0] *= 50
+    qat.prepare(layer, "dynamic-per-channel")
+    x = torch.randn(16, 8)
+    scale = layer.weight.abs().amax(dim=1, keepdim=True) / 127
+    weight = torch.round(layer.weight / scale).clamp(-127, 127) * scale
+    low, high = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+    x_scale = (high - low) / 255
+    zero = round(-low / x_scale)
+    rounded = (torch.round(x / x_scale) + zero).clamp(0, 255)
+    expected = F.linear((rounded - zero) * x_scale, weight, layer.bias)
+    assert torch.allclose(layer(x), expected, atol=1e-5)

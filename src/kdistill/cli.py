@@ -144,10 +144,11 @@ def _export_command(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace what the export folder holds")
     p.add_argument(
         "--int8",
-        choices=["dynamic", "static", "none"],
+        choices=["dynamic", "dynamic-per-channel", "static", "none"],
         default="dynamic",
-        help="INT8 model: dynamic (no data), static (activation ranges from training data), "
-        "or none (default dynamic)",
+        help="INT8 model: dynamic (no data), dynamic-per-channel (one weight scale per "
+        "output channel), static (activation ranges from training data), or none "
+        "(default dynamic)",
     )
     p.add_argument("--no-int8", action="store_true", help="the same as --int8 none")
     p.add_argument(

@@ -8,6 +8,7 @@ The rounding mirrors what `kdistill.export.quantize_int8` asks ONNX Runtime for:
 
 - dynamic: int8 weights, symmetric, one scale per tensor; inputs uint8, asymmetric,
   their range taken from each batch (ONNX Runtime computes it per call at run time);
+- dynamic-per-channel: the same with one weight scale per output channel;
 - static: int8 weights, symmetric, one scale per output channel; inputs int8,
   asymmetric, over a range fixed from calibration data (here: a running min/max of
   the training batches, frozen when training ends).
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-MODES = ("dynamic", "static")
+MODES = ("dynamic", "dynamic-per-channel", "static")
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 MOMENTUM = 0.01  # static: how fast the running input range follows the batches
 
@@ -72,7 +73,7 @@ def plain(model: nn.Module) -> Iterator[nn.Module]:
 
 def _forward(self: Any, x: Tensor) -> Tensor:
     mode = self.kdistill_qat
-    weight = _weight(self.weight, per_channel=mode == "static")
+    weight = _weight(self.weight, per_channel=mode != "dynamic")
     x = _input(self, x, mode)
     if isinstance(self, nn.Linear):
         return F.linear(x, weight, self.bias)
@@ -96,7 +97,7 @@ def _input(self: Any, x: Tensor, mode: str) -> Tensor:
         return x
     low = x.detach().min().clamp(max=0)
     high = x.detach().max().clamp(min=0)
-    if mode == "dynamic":
+    if mode != "static":
         qmin, qmax = 0, 255
     else:
         qmin, qmax = -128, 127

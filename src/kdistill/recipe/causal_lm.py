@@ -120,7 +120,7 @@ class LMQuantizeConfig(Strict):
     stage: Literal["distill", "baseline", "seqkd"] = Field(
         "distill", description="the stage whose model is quantized, per seed"
     )
-    mode: Literal["dynamic", "static"] = "dynamic"
+    mode: Literal["dynamic", "dynamic-per-channel", "static"] = "dynamic"
 
 
 class LMModelSpec(Strict):

@@ -387,10 +387,11 @@ class QuantizeConfig(Strict):
     stage: Literal["distill", "baseline", "qat"] = Field(
         "distill", description="the stage whose model is quantized, per seed"
     )
-    mode: Literal["dynamic", "static"] = Field(
+    mode: Literal["dynamic", "dynamic-per-channel", "static"] = Field(
         "dynamic",
-        description="dynamic: int8 weights, activations quantized per batch at run time; "
-        "static: activation ranges fixed on training batches",
+        description="dynamic: int8 weights (one scale per tensor), activations quantized "
+        "per batch at run time; dynamic-per-channel: the same, one weight scale per output "
+        "channel; static: activation ranges fixed on training batches",
     )
 
 
