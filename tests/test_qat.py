@@ -20,19 +20,24 @@ from kdistill.compress import qat
 from kdistill.errors import RecipeError
 
 
+def _dynamic_int8(layer: nn.Linear, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """What ONNX Runtime's dynamic INT8 computes: weights rounded to int8 steps of
+    `scale` (one, or one per output channel), the input to uint8 over its own range."""
+    weight = torch.round(layer.weight / scale).clamp(-127, 127) * scale
+    low, high = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+    x_scale = (high - low) / 255
+    zero = round(-low / x_scale)
+    rounded = (torch.round(x / x_scale) + zero).clamp(0, 255)
+    return F.linear((rounded - zero) * x_scale, weight, layer.bias)
+
+
 def test_a_linear_layer_computes_on_int8_weights_and_uint8_inputs() -> None:
     torch.manual_seed(0)
     layer = nn.Linear(8, 4)
     plain = copy.deepcopy(layer)
     assert qat.prepare(layer, "dynamic") == [""]
     x = torch.randn(16, 8)
-    scale = layer.weight.abs().max() / 127
-    weight = torch.round(layer.weight / scale).clamp(-127, 127) * scale
-    low, high = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
-    x_scale = (high - low) / 255
-    zero = round(-low / x_scale)
-    rounded = (torch.round(x / x_scale) + zero).clamp(0, 255)
-    expected = F.linear((rounded - zero) * x_scale, weight, layer.bias)
+    expected = _dynamic_int8(layer, x, layer.weight.abs().max() / 127)
     assert torch.allclose(layer(x), expected, atol=1e-6)
     assert not torch.allclose(layer(x), plain(x), atol=1e-6)  # the rounding is there
     assert list(layer.state_dict()) == list(plain.state_dict())
@@ -91,11 +96,5 @@ def test_dynamic_per_channel_rounds_each_output_channel_on_its_own_scale() -> No
         layer.weight[0] *= 50
     qat.prepare(layer, "dynamic-per-channel")
     x = torch.randn(16, 8)
-    scale = layer.weight.abs().amax(dim=1, keepdim=True) / 127
-    weight = torch.round(layer.weight / scale).clamp(-127, 127) * scale
-    low, high = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
-    x_scale = (high - low) / 255
-    zero = round(-low / x_scale)
-    rounded = (torch.round(x / x_scale) + zero).clamp(0, 255)
-    expected = F.linear((rounded - zero) * x_scale, weight, layer.bias)
+    expected = _dynamic_int8(layer, x, layer.weight.abs().amax(dim=1, keepdim=True) / 127)
     assert torch.allclose(layer(x), expected, atol=1e-5)
