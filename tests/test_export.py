@@ -296,7 +296,9 @@ def test_static_int8_is_calibrated_on_training_data(
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # activations quantized too
     assert record["parity"]["int8"]["top1_agreement"] > 0.95
     assert not list((tmp_path / "s").glob("*prepared*")) and not list(work.iterdir())
-    with pytest.raises(ExportError, match="int8 must be one of dynamic, dynamic-per-channel, static"):
+    with pytest.raises(
+        ExportError, match="int8 must be one of dynamic, dynamic-per-channel, static"
+    ):
         kdistill.api.export(mnist_run / "distill" / "seed0", output=tmp_path / "t", int8="int4")
 
 
