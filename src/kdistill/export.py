@@ -218,7 +218,7 @@ def quantize_int8(
         raise ExportError(
             f"ONNX Runtime cannot quantize {source.name} to INT8 ({mode}; "
             f"{type(exc).__name__}: {_first_line(exc)}); try --int8 "
-            f"{'dynamic' if mode == 'static' else 'none'}"
+            f"{'none' if mode == 'dynamic' else 'dynamic'}"
         ) from None
 
 
