@@ -4,7 +4,6 @@ the teacher once, and every trial reads the teacher's cache."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +52,12 @@ def test_a_question_answering_study_maximises_validation_f1(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-def test_a_translation_study_maximises_validation_bleu(tmp_path: Path) -> None:
+def test_a_translation_study_maximises_validation_bleu(tmp_path: Path, shared_data: Path) -> None:
     from test_seq2seq import tiny_mt_recipe
 
-    data_root = Path(os.environ.get("KDISTILL_DATA", ""))
-    if not (data_root / "multi30k" / "train.en.gz").is_file():
+    if not (shared_data / "multi30k" / "train.en.gz").is_file():
         pytest.skip("Multi30k is not in the data folder ($KDISTILL_DATA)")
     recipe = tiny_mt_recipe(stages=["teacher", "distill"], seeds=[0])
     recipe["teacher"]["signal"] = "cache"  # top-k of the teacher, written once per study
-    summary = _study(recipe, tmp_path / "mt", data_dir=data_root)
+    summary = _study(recipe, tmp_path / "mt", data_dir=shared_data)
     _check(summary, tmp_path / "mt", "tiny_mt", "val_bleu", "pairs read from")

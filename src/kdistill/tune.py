@@ -8,8 +8,8 @@ A study is a folder:
                         --resume refuses a folder made from anything else
     teacher/            the one teacher of the study (a run of stage teacher) and, when
                         the recipe reads one, its output cache: written once, read by all
-    trials/NNNN/        one run folder per trial (its teacher/, cache/ and a trained
-                        tokenizer/ link to the study's), with trial.log, its own log
+    trials/NNNN/        one run folder per trial (its teacher/, cache/ and the task's
+                        run_folders link to the study's), with trial.log, its own log
     trials.csv          every trial: state, values, settings, error
     study.md            the study in short: trials by state, the best settings
     best_recipe.yaml    the recipe with the winning settings: `kdistill run` reproduces it
@@ -806,10 +806,11 @@ def _short(value: Any) -> str:
 
 def _link_teacher(study: Study, folder: Path) -> None:
     """A trial's run folder sees the study's teacher (and cache) as its own, so its
-    teacher stage finds them finished and reuses them; and the run's tokenizer where
-    the task trains one (translation), which the teacher and its cache were made with."""
+    teacher stage finds them finished and reuses them; and the task's other run-level
+    folders (`Task.run_folders`: a translation run's tokenizer, which the teacher and
+    its cache were made with)."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name in ("teacher", "cache", "tokenizer"):
+    for name in ("teacher", "cache", *study.task.run_folders):
         target, link = study.teacher_run / name, folder / name
         if target.exists() and not link.exists():
             link.symlink_to(os.path.relpath(target, folder), target_is_directory=True)

@@ -46,6 +46,9 @@ class Task:
     # (recipe, data_dir, device, steps) -> (stage specs, data bytes, data text, notes) of
     # `kdistill plan`; None: no estimate for this task yet (plan says so)
     plan: str | None = None
+    # run-level folders every stage reads besides teacher/ and cache/ (translation: the
+    # tokenizer trained once per run); a `kdistill tune` trial links the study's
+    run_folders: tuple[str, ...] = ()
 
     def function(self, which: str) -> Callable[..., Any]:
         entry = getattr(self, which)
@@ -126,6 +129,7 @@ TASKS: dict[str, Task] = {
         export_summary="kdistill.tasks.seq2seq.export:export_summary",
         score=("val_bleu", True),
         plan="kdistill.tasks.seq2seq.plan:seq2seq_stages",
+        run_folders=("tokenizer",),
     ),
     "question_answering": Task(
         "question_answering",
